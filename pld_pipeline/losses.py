@@ -1,0 +1,409 @@
+"""Distillation losses: Plackett-Luce (PLD), KD, DIST and CE, from full teacher logits or a top-k cache.
+
+Every loss takes the teacher through :class:`TeacherTargets`, which holds exactly what the cache stores
+(top-k ranking, log-probabilities, log-partition at one temperature). Built from full logits with
+``k = C`` it is lossless, so the cached and the online paths run the same code.
+
+PLD (arXiv 2506.12542): the target ranking is the true label first, then the other classes by descending
+teacher logit (ties: lower class index first). Step k costs ``logsumexp(s over classes not yet chosen) -
+s[pi_k]`` weighted by ``softmax(t / T)[pi_k]`` (not renormalised). From a top-k ranking the loss is the
+exact first K' steps: the classes outside the head enter only through one masked logsumexp ``R``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "TeacherTargets", "pld_loss", "pld_loss_from_ranking", "kd_loss", "dist_loss", "ce_loss",
+    "PLDLoss", "LOSSES", "create_loss", "loss_needs_teacher",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _reduce(per_sample: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"Unsupported reduction '{reduction}'. Use one of: mean, sum, none.")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Accumulate in float32 under bf16/fp16 autocast; keep float64 for gradcheck and references.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+
+
+def _check_student(student_logits: Tensor, labels: Tensor, num_classes: int | None = None) -> None:
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [batch, classes], got shape {tuple(student_logits.shape)}.")
+    batch, classes = student_logits.shape
+    if labels.ndim != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must be [batch={batch}], got shape {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of class indices, got {labels.dtype}.")
+    if num_classes is not None and classes != num_classes:
+        raise ValueError(
+            f"student has {classes} classes but the teacher targets have {num_classes}; "
+            "build the student with the teacher's num_classes.")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(
+            f"labels must lie in [0, {classes}), got min {int(labels.min())} max {int(labels.max())}.")
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The teacher's side of a distillation loss for one batch, at one temperature.
+
+    ``topk_idx[b]`` lists K classes by descending teacher logit (K may equal C); ``topk_logp`` and
+    ``label_logp`` are ``log_softmax(t)`` at temperature 1 (shift-invariant, so no raw logits are needed);
+    ``logz = logsumexp(log_softmax(t) / T)`` turns them into exact probabilities at temperature T:
+    ``p = exp(logp / T - logz)``.
+    """
+
+    topk_idx: Tensor
+    topk_logp: Tensor
+    label_logp: Tensor
+    logz: Tensor
+    temperature: float
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
+        if self.topk_idx.ndim != 2 or self.topk_logp.shape != self.topk_idx.shape:
+            raise ValueError(
+                f"topk_idx and topk_logp must both be [batch, k], got {tuple(self.topk_idx.shape)} "
+                f"and {tuple(self.topk_logp.shape)}.")
+        batch, k = self.topk_idx.shape
+        if self.label_logp.shape != (batch,) or self.logz.shape != (batch,):
+            raise ValueError(
+                f"label_logp and logz must be [batch={batch}], got {tuple(self.label_logp.shape)} "
+                f"and {tuple(self.logz.shape)}.")
+        if k < 1 or k > self.num_classes:
+            raise ValueError(f"k must lie in [1, num_classes={self.num_classes}], got k={k}.")
+
+    @classmethod
+    def from_logits(
+            cls, teacher_logits: Tensor, labels: Tensor, *, k: int | None = None, temperature: float = 1.0,
+    ) -> "TeacherTargets":
+        """Exact targets from full teacher logits; ``k=None`` keeps all C classes (lossless)."""
+        _check_temperature(temperature)
+        if teacher_logits.ndim != 2:
+            raise ValueError(f"teacher_logits must be [batch, classes], got {tuple(teacher_logits.shape)}.")
+        num_classes = teacher_logits.shape[1]
+        k = num_classes if k is None else int(k)
+        if not 1 <= k <= num_classes:
+            raise ValueError(f"k must lie in [1, num_classes={num_classes}], got k={k}.")
+        t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+        if not torch.isfinite(t).all():
+            raise ValueError("teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs.")
+        _check_student(t, labels)
+        logp = torch.log_softmax(t, dim=1)
+        # A stable sort pins the order of tied logits (lower class index first); topk() does not.
+        order = torch.sort(t, dim=1, descending=True, stable=True).indices[:, :k]
+        return cls(
+            topk_idx=order,
+            topk_logp=logp.gather(1, order),
+            label_logp=logp.gather(1, labels[:, None].long()).squeeze(1),
+            logz=torch.logsumexp(logp / temperature, dim=1),
+            temperature=float(temperature),
+            num_classes=num_classes,
+        )
+
+    @property
+    def k(self) -> int:
+        return self.topk_idx.shape[1]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TeacherTargets":
+        move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TeacherTargets(move(self.topk_idx), move(self.topk_logp), move(self.label_logp),
+                              move(self.logz), self.temperature, self.num_classes)
+
+    def topk_log_probs(self) -> Tensor:
+        """log p_T of the top-k classes, exact: ``logp / T - logz``."""
+        dtype = _compute_dtype(self.topk_logp)
+        return self.topk_logp.to(dtype) / self.temperature - self.logz.to(dtype)[:, None]
+
+    def label_log_prob(self) -> Tensor:
+        dtype = _compute_dtype(self.label_logp)
+        return self.label_logp.to(dtype) / self.temperature - self.logz.to(dtype)
+
+    def tail_mass(self) -> Tensor:
+        """Teacher probability (at T) outside the top-k: what a top-k cache leaves unranked."""
+        return (1.0 - self.topk_log_probs().exp().sum(1)).clamp_min(0.0)
+
+    def dense_probs(self) -> Tensor:
+        """[B, C] teacher probabilities at T: exact on the top-k, the tail mass spread evenly over the
+        rest (the maximum-entropy fill; exact when k = C). Only DIST needs a dense vector."""
+        top = self.topk_log_probs().exp()
+        rest = self.num_classes - self.k
+        fill = self.tail_mass() / rest if rest else torch.zeros_like(top[:, 0])
+        dense = fill[:, None].expand(-1, self.num_classes)
+        return dense.scatter(1, self.topk_idx.long(), top)
+
+
+def _ranking_head(topk_idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Head of the PLD ranking: [label, top-k minus label], padded to K+1 slots without a sort.
+
+    Returns ``head_idx`` [B, K+1] (class per slot), ``valid`` [B, K+1] (False for the pad slot left when
+    the label was inside the top-k) and ``src`` [B, K] (top-k position feeding slots 1..K).
+    """
+    batch, k = topk_idx.shape
+    topk_idx = topk_idx.long()
+    labels = labels.long()
+    is_label = topk_idx == labels[:, None]
+    label_pos = torch.where(is_label.any(1), is_label.int().argmax(1), k)
+    slot = torch.arange(k, device=topk_idx.device)[None, :]
+    src = slot + (slot >= label_pos[:, None]).long()  # skip over the label's own position
+    valid_tail = src < k
+    src = src.clamp(max=k - 1)
+    head_idx = torch.cat([labels[:, None], topk_idx.gather(1, src)], dim=1)
+    valid = torch.cat([torch.ones_like(valid_tail[:, :1]), valid_tail], dim=1)
+    return head_idx, valid, src
+
+
+#: Beyond this spread of student logits in a row, exp-space cumulative sums could underflow even in
+#: float64 (exp(-745) == 0); such batches take the slower log-space scan instead.
+_EXP_SPACE_MAX_SPREAD = 600.0
+
+
+def _row_spread(s: Tensor, rest_lse: Tensor) -> float:
+    return float((torch.maximum(s.amax(1), rest_lse) - s.amin(1)).max()) if s.numel() else 0.0
+
+
+class _PlackettLuceHead(torch.autograd.Function):
+    """Per-sample NLL of the first K' steps of a weighted Plackett-Luce ranking.
+
+    Forward: ``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
+    Backward, closed form (autograd through a reversed logcumsumexp is several times slower):
+    ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside
+    the head (present in every suffix) ``exp(s_c) * sum_k alpha_k exp(-D_k)``. Both cumulative sums run
+    in exp space in float64 with a per-row shift (a plain cumsum is far cheaper than logcumsumexp); rows
+    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` fall back to logcumsumexp.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        dtype = _compute_dtype(s)
+        s = s.to(dtype)
+        alpha = alpha.to(dtype)
+        neg_inf = torch.tensor(-math.inf, dtype=dtype, device=s.device)
+        s_head = s.gather(1, head_idx)
+        if not bool(valid.all()):
+            s_head = torch.where(valid, s_head, neg_inf)
+        if head_idx.shape[1] >= s.shape[1] and bool(valid.all()):
+            in_head = None  # the head is a full permutation: nothing is left outside it
+            rest_lse = torch.full_like(s[:, 0], -math.inf)
+        else:
+            # scatter_add counts are deterministic even where the pad slot repeats a class index.
+            in_head = torch.zeros_like(s, dtype=torch.int32).scatter_add_(1, head_idx, valid.int()) > 0
+            rest_lse = torch.logsumexp(torch.where(in_head, neg_inf, s), dim=1)
+        exp_space = _row_spread(s, rest_lse) < _EXP_SPACE_MAX_SPREAD
+        if exp_space:
+            shift = torch.maximum(s.amax(1), rest_lse)[:, None]
+            tail = torch.exp((s_head - shift).double()).flip(1).cumsum(1).flip(1)
+            lse_remaining = (tail + torch.exp((rest_lse[:, None] - shift).double())).log().to(dtype) + shift
+        else:
+            suffix = torch.logcumsumexp(s_head.flip(1), dim=1).flip(1)
+            lse_remaining = torch.logaddexp(rest_lse[:, None], suffix)
+        loss = torch.where(valid, alpha * (lse_remaining - s_head), 0.0).sum(1)
+        ctx.save_for_backward(s, head_idx, valid, alpha, s_head, lse_remaining, in_head)
+        ctx.exp_space = exp_space
+        ctx.in_dtype = s.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        s, head_idx, valid, alpha, s_head, lse_remaining, in_head = ctx.saved_tensors
+        neg_inf = torch.tensor(-math.inf, dtype=s.dtype, device=s.device)
+        log_w = torch.where(valid & (alpha > 0), alpha.log() - lse_remaining, neg_inf)
+        if ctx.exp_space:
+            shift = log_w.amax(1, keepdim=True)
+            cum = torch.exp((log_w - shift).double()).cumsum(1)
+            g_head = torch.exp((s_head + shift).double()) * cum
+            g_rest = torch.exp((s + shift).double()) * cum[:, -1:]
+        else:
+            cum = torch.logcumsumexp(log_w, dim=1)
+            g_head = torch.exp(s_head + cum)
+            g_rest = torch.exp(s + cum[:, -1:])
+        g_head = torch.where(valid, g_head.to(s.dtype) - alpha, 0.0)
+        g = g_rest.to(s.dtype)
+        g = torch.zeros_like(s) if in_head is None else g.masked_fill(in_head, 0.0)
+        g = g.scatter_add(1, head_idx, g_head)
+        return (g * grad_loss.to(s.dtype)[:, None]).to(ctx.in_dtype), None, None, None
+
+
+def pld_loss_from_ranking(
+        student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, reduction: Reduction = "mean",
+) -> Tensor:
+    """Exact PLD head from a precomputed ranking: O(C + K), no sort.
+
+    With ``k = C`` this equals :func:`pld_loss`; with ``k < C`` it equals the first K' terms of the full
+    loss (the exact Plackett-Luce likelihood of the top-K' ordering, the rest unordered).
+    """
+    _check_student(student_logits, labels, targets.num_classes)
+    head_idx, valid, src = _ranking_head(targets.topk_idx, labels)
+    topk_p = targets.topk_log_probs().exp().gather(1, src)
+    alpha = torch.cat([targets.label_log_prob().exp()[:, None], topk_p], dim=1) * valid
+    return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
+
+
+def pld_loss(
+        student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0,
+        reduction: Reduction = "mean",
+) -> Tensor:
+    """Plackett-Luce distillation loss from full teacher logits (one sort per batch, vectorized)."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            "must have the same shape.")
+    _check_student(student_logits, labels)
+    _check_temperature(temperature)
+    t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+    if not torch.isfinite(t).all():
+        raise ValueError("teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs.")
+    # One stable sort with the label forced to the front gives the whole ranking (ties: lower index first),
+    # the same order TeacherTargets builds from a top-k list.
+    labels = labels.long()
+    forced = t.scatter(1, labels[:, None], math.inf)
+    head_idx = torch.sort(forced, dim=1, descending=True, stable=True).indices
+    alpha = torch.softmax(t / temperature, dim=1).gather(1, head_idx)
+    valid = torch.ones_like(head_idx, dtype=torch.bool)
+    return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
+
+
+class PLDLoss(torch.nn.Module):
+    """Drop-in for the paper's reference ``PLDLoss(temperature)``: ``forward(student, teacher, labels)``."""
+
+    def __init__(self, temperature: float = 1.0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+        self.reduction = reduction
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+        return pld_loss(student_logits, teacher_logits, labels, self.temperature, self.reduction)
+
+
+def ce_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None, *,
+            reduction: Reduction = "mean") -> Tensor:
+    """Cross-entropy on the true label (float32 accumulation); ignores the teacher."""
+    _check_student(student_logits, labels)
+    s = student_logits.to(_compute_dtype(student_logits))
+    return F.cross_entropy(s, labels.long(), reduction=reduction)
+
+
+def _masked_logsumexp(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """logsumexp over ``mask``; rows with an empty mask give 0 with a zero (not NaN) gradient."""
+    has_any = mask.any(1)
+    filled = torch.where(mask, x, torch.where(has_any[:, None], -math.inf, 0.0))
+    return torch.logsumexp(filled, dim=1), has_any
+
+
+def kd_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
+            reduction: Reduction = "mean") -> Tensor:
+    """Hinton KD: ``alpha * CE + (1 - alpha) * T^2 * KL(p_T || q_T)``.
+
+    From a top-k target the KL runs over K+1 bins (the K classes and one "rest" bin holding the remaining
+    mass on both sides), which is exact for those coarsened distributions; with k = C it is standard KD.
+    A softmax over the top-k alone would be biased.
+    """
+    _check_student(student_logits, labels, targets.num_classes)
+    temp = targets.temperature
+    s = student_logits.to(_compute_dtype(student_logits))
+    log_q = torch.log_softmax(s / temp, dim=1)
+    idx = targets.topk_idx.long()
+    log_p_top = targets.topk_log_probs().to(s.dtype)
+    kl_top = (log_p_top.exp() * (log_p_top - log_q.gather(1, idx))).sum(1)
+    rest = torch.ones_like(log_q, dtype=torch.bool).scatter(1, idx, False)
+    log_q_rest, has_rest = _masked_logsumexp(log_q, rest)
+    p_rest = torch.where(has_rest, (1.0 - log_p_top.exp().sum(1)).clamp_min(0.0), 0.0)
+    kl_rest = torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+    kd = (temp ** 2) * (kl_top + kl_rest)
+    ce = F.cross_entropy(s, labels.long(), reduction="none")
+    return _reduce(alpha * ce + (1.0 - alpha) * kd, reduction)
+
+
+def _pearson(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    return F.cosine_similarity(x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True), dim=1, eps=eps)
+
+
+def dist_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
+              beta: float = 0.45, gamma: float = 0.45, reduction: Reduction = "mean") -> Tensor:
+    """DIST (Huang et al. 2022): ``alpha * CE + T^2 * (beta * inter + gamma * intra)``.
+
+    inter = 1 - mean Pearson correlation of student/teacher probabilities per sample, intra = the same per
+    class across the batch. Needs a dense teacher vector: exact for k = C; from a top-k cache the tail
+    mass is spread evenly (:meth:`TeacherTargets.dense_probs`). The relation terms are batch-level, so
+    ``reduction="none"`` adds them to every sample's CE.
+    """
+    _check_student(student_logits, labels, targets.num_classes)
+    temp = targets.temperature
+    s = student_logits.to(_compute_dtype(student_logits))
+    y_s = torch.softmax(s / temp, dim=1)
+    y_t = targets.dense_probs().to(s.dtype)
+    inter = 1.0 - _pearson(y_s, y_t).mean()
+    intra = 1.0 - _pearson(y_s.T, y_t.T).mean()
+    relation = (temp ** 2) * (beta * inter + gamma * intra)
+    ce = F.cross_entropy(s, labels.long(), reduction="none")
+    return _reduce(alpha * ce + relation, reduction)
+
+
+def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *,
+               reduction: Reduction = "mean") -> Tensor:
+    return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)
+
+
+LossFn = Callable[..., Tensor]
+
+#: name -> (function, needs teacher targets, default temperature). The trainer picks a loss by name.
+LOSSES: dict[str, tuple[LossFn, bool, float]] = {
+    "pld": (_pld_named, True, 1.0),
+    "kd": (kd_loss, True, 2.0),
+    "dist": (dist_loss, True, 1.0),
+    "ce": (ce_loss, False, 1.0),
+}
+
+
+def loss_needs_teacher(name: str) -> bool:
+    return _lookup(name)[1]
+
+
+def default_temperature(name: str) -> float:
+    return _lookup(name)[2]
+
+
+def _lookup(name: str) -> tuple[LossFn, bool, float]:
+    if name not in LOSSES:
+        raise ValueError(f"Unsupported loss '{name}'. Use one of: {', '.join(LOSSES)}.")
+    return LOSSES[name]
+
+
+def create_loss(name: str, **params: float) -> Callable[[Tensor, Tensor, TeacherTargets | None], Tensor]:
+    """``loss(student_logits, labels, targets)`` for a loss name and its keyword parameters
+    (``alpha`` for kd/dist, ``beta``/``gamma`` for dist). Unknown parameters fail here, not mid-run."""
+    fn, needs_teacher, _ = _lookup(name)
+    allowed = {"kd": {"alpha"}, "dist": {"alpha", "beta", "gamma"}}.get(name, set())
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"Loss '{name}' takes no parameter(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}.")
+
+    def loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None) -> Tensor:
+        if needs_teacher and targets is None:
+            raise ValueError(f"Loss '{name}' needs teacher targets (a cache); only 'ce' trains without one.")
+        return fn(student_logits, labels, targets, **params)
+
+    return loss

@@ -1,0 +1,266 @@
+"""Every loss against a brute-force reference (values and gradients) plus the properties the paper states."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pld_pipeline import losses
+from pld_pipeline.losses import (
+    PLDLoss, TeacherTargets, create_loss, dist_loss, kd_loss, pld_loss, pld_loss_from_ranking,
+)
+
+
+def ranking(teacher_row: torch.Tensor, label: int) -> list[int]:
+    """True label first, then the other classes by descending teacher logit, ties by lower index."""
+    rest = sorted((c for c in range(len(teacher_row)) if c != label), key=lambda c: (-float(teacher_row[c]), c))
+    return [label] + rest
+
+
+def plackett_luce_terms(s_row, weights, order) -> list[float]:
+    """The literal sequential Plackett-Luce NLL: step k picks order[k] from the classes not yet chosen."""
+    terms = []
+    for k, cls in enumerate(order):
+        remaining = order[k:]
+        lse = math.log(sum(math.exp(float(s_row[c])) for c in remaining)) if max(
+            abs(float(s_row[c])) for c in remaining) < 700 else float(torch.logsumexp(s_row[remaining].double(), 0))
+        terms.append(float(weights[cls]) * (lse - float(s_row[cls])))
+    return terms
+
+
+def brute_pld(s, t, y, temperature=1.0, steps=None) -> torch.Tensor:
+    out = []
+    for b in range(s.shape[0]):
+        p = torch.softmax(t[b].double() / temperature, 0)
+        terms = plackett_luce_terms(s[b].double(), p, ranking(t[b], int(y[b])))
+        out.append(sum(terms[:steps] if steps is not None else terms))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def make(batch, classes, scale=3.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(batch, classes, generator=g, dtype=dtype) * scale
+    t = torch.randn(batch, classes, generator=g, dtype=dtype) * scale
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return s, t, y
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 100])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_pld_matches_the_sequential_plackett_luce_likelihood(classes, temperature):
+    s, t, y = make(6, classes, seed=classes)
+    got = pld_loss(s, t, y, temperature, reduction="none")
+    torch.testing.assert_close(got, brute_pld(s, t, y, temperature), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 37])
+def test_pld_gradients_pass_gradcheck(classes):
+    s, t, y = make(4, classes, seed=1)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: pld_loss(x, t, y, 1.5, reduction="none"), (s,))
+    tg = TeacherTargets.from_logits(t, y, k=min(classes, 5), temperature=2.0)
+    assert torch.autograd.gradcheck(lambda x: pld_loss_from_ranking(x, y, tg, reduction="none"), (s,))
+
+
+def test_pld_gradient_matches_autograd_through_the_brute_force_formula():
+    s, t, y = make(5, 12, seed=3)
+    s1 = s.clone().requires_grad_(True)
+    pld_loss(s1, t, y, reduction="sum").backward()
+    s2 = s.clone().requires_grad_(True)
+    total = 0
+    for b in range(5):
+        p = torch.softmax(t[b] / 1.0, 0)
+        order = ranking(t[b], int(y[b]))
+        for k, cls in enumerate(order):
+            total = total + p[cls] * (torch.logsumexp(s2[b, order[k:]], 0) - s2[b, cls])
+    total.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-10, rtol=0)
+
+
+def test_pld_with_ties_orders_tied_classes_by_lower_index():
+    s, _, y = make(4, 8, seed=4)
+    t = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 0.0, -1.0, 2.0]] * 4, dtype=torch.float64)
+    torch.testing.assert_close(pld_loss(s, t, y, reduction="none"), brute_pld(s, t, y), atol=1e-6, rtol=0)
+    tg = TeacherTargets.from_logits(t, y, k=3)
+    assert tg.topk_idx[0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("scale", [60.0, 400.0])
+def test_pld_is_stable_and_exact_for_extreme_logits(scale):
+    """std 400 spreads wider than exp space allows and takes the log-space path; both must stay exact."""
+    s, t, y = make(5, 50, scale=scale, seed=5)
+    torch.testing.assert_close(pld_loss(s, t, y, reduction="none"), brute_pld(s, t, y), atol=1e-6, rtol=1e-9)
+    s32 = s.float().requires_grad_(True)
+    loss = pld_loss(s32, t.float(), y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s32.grad).all()
+    s64 = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: pld_loss(x, t, y, reduction="none"), (s64,))
+
+
+def test_pld_is_translation_invariant_in_student_and_teacher():
+    s, t, y = make(8, 20, seed=6)
+    base = pld_loss(s, t, y, reduction="none")
+    shift = torch.randn(8, 1, dtype=torch.float64) * 50
+    torch.testing.assert_close(pld_loss(s + shift, t, y, reduction="none"), base)
+    torch.testing.assert_close(pld_loss(s, t - shift, y, reduction="none"), base)
+
+
+def test_one_hot_weights_give_cross_entropy_and_uniform_weights_give_listmle():
+    s, t, y = make(6, 10, seed=7)
+    head_idx = torch.stack([torch.tensor(ranking(t[b], int(y[b]))) for b in range(6)])
+    valid = torch.ones_like(head_idx, dtype=torch.bool)
+    one_hot = torch.zeros(6, 10, dtype=torch.float64)
+    one_hot[:, 0] = 1.0
+    got_ce = losses._PlackettLuceHead.apply(s, head_idx, valid, one_hot)
+    torch.testing.assert_close(got_ce, F.cross_entropy(s, y, reduction="none"))
+    uniform = torch.full((6, 10), 0.1, dtype=torch.float64)
+    got_listmle = losses._PlackettLuceHead.apply(s, head_idx, valid, uniform)
+    listmle = torch.tensor([
+        sum(plackett_luce_terms(s[b], torch.ones(10), head_idx[b].tolist())) / 10 for b in range(6)],
+        dtype=torch.float64)
+    torch.testing.assert_close(got_listmle, listmle)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9, 10])
+def test_topk_head_equals_the_first_steps_of_the_full_loss(k):
+    s, t, y = make(16, 10, seed=8)
+    tg = TeacherTargets.from_logits(t, y, k=k, temperature=2.0)
+    got = pld_loss_from_ranking(s, y, tg, reduction="none")
+    for b in range(16):
+        steps = k if int(y[b]) in tg.topk_idx[b].tolist() else k + 1
+        want = brute_pld(s[b:b + 1], t[b:b + 1], y[b:b + 1], 2.0, steps=steps)
+        torch.testing.assert_close(got[b:b + 1], want, atol=1e-9, rtol=0)
+
+
+def test_full_ranking_equals_pld_loss():
+    s, t, y = make(32, 100, seed=9, dtype=torch.float32)
+    tg = TeacherTargets.from_logits(t, y, temperature=1.0)
+    torch.testing.assert_close(pld_loss_from_ranking(s, y, tg), pld_loss(s, t, y), atol=1e-5, rtol=1e-6)
+
+
+def test_dropped_tail_gradient_is_bounded_by_twice_the_tail_mass():
+    s, t, y = make(32, 50, seed=10)
+    for k in (2, 5, 20):
+        tg = TeacherTargets.from_logits(t, y, k=k)
+        s_full = s.clone().requires_grad_(True)
+        pld_loss(s_full, t, y, reduction="sum").backward()
+        s_head = s.clone().requires_grad_(True)
+        pld_loss_from_ranking(s_head, y, tg, reduction="sum").backward()
+        tail_grad_l1 = (s_full.grad - s_head.grad).abs().sum(1)
+        # The tail mass excludes the label's weight whether or not the label made the top-k.
+        alpha_head = torch.stack([
+            torch.softmax(t[b], 0)[list({int(y[b]), *tg.topk_idx[b].tolist()})].sum() for b in range(32)])
+        tail_mass = 1.0 - alpha_head
+        assert (tail_grad_l1 <= 2 * tail_mass + 1e-9).all()
+        assert (tail_grad_l1 > 0).any()
+
+
+def test_pld_module_is_a_drop_in_and_float32_accumulates_under_bf16():
+    s, t, y = make(8, 10, seed=11, dtype=torch.float32)
+    assert torch.allclose(PLDLoss(2.0)(s, t, y), pld_loss(s, t, y, 2.0))
+    got = pld_loss(s.bfloat16(), t.bfloat16(), y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, pld_loss(s.bfloat16().float(), t.bfloat16().float(), y))
+
+
+def standard_kd(s, t, y, temperature, alpha):
+    kl = F.kl_div(torch.log_softmax(s / temperature, 1), torch.softmax(t / temperature, 1), reduction="batchmean")
+    return alpha * F.cross_entropy(s, y) + (1 - alpha) * temperature ** 2 * kl
+
+
+def test_kd_with_k_equal_c_is_standard_kd():
+    s, t, y = make(8, 10, seed=12)
+    tg = TeacherTargets.from_logits(t, y, temperature=2.0)
+    torch.testing.assert_close(kd_loss(s, y, tg, alpha=0.3), standard_kd(s, t, y, 2.0, 0.3))
+    s_req = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, y, tg, reduction="none"), (s_req,))
+
+
+def test_topk_kd_is_the_exact_kl_over_k_plus_one_bins():
+    s, t, y = make(8, 10, seed=13)
+    k, temperature = 3, 2.0
+    tg = TeacherTargets.from_logits(t, y, k=k, temperature=temperature)
+    want = []
+    for b in range(8):
+        p = torch.softmax(t[b] / temperature, 0)
+        q = torch.softmax(s[b] / temperature, 0)
+        top = tg.topk_idx[b].tolist()
+        rest = [c for c in range(10) if c not in top]
+        p_bins = torch.cat([p[top], p[rest].sum()[None]])
+        q_bins = torch.cat([q[top], q[rest].sum()[None]])
+        kl = (p_bins * (p_bins / q_bins).log()).sum()
+        want.append(0.1 * F.cross_entropy(s[b:b + 1], y[b:b + 1]) + 0.9 * temperature ** 2 * kl)
+    torch.testing.assert_close(kd_loss(s, y, tg, reduction="none"), torch.stack(want))
+    s_req = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, y, tg, reduction="none"), (s_req,))
+
+
+def test_topk_kd_differs_from_the_biased_softmax_over_the_topk_alone():
+    s, t, y = make(8, 10, seed=14)
+    tg = TeacherTargets.from_logits(t, y, k=3)
+    biased_p = torch.softmax(t.gather(1, tg.topk_idx), 1)
+    biased = (biased_p * (biased_p.log() - torch.log_softmax(s.gather(1, tg.topk_idx), 1))).sum(1)
+    assert not torch.allclose(kd_loss(s, y, tg, alpha=0.0, reduction="none"), biased)
+
+
+def direct_dist(s, t, y, temperature=1.0, alpha=0.1, beta=0.45, gamma=0.45):
+    """DIST from its formula with explicit means and standard deviations."""
+    ys, yt = torch.softmax(s / temperature, 1), torch.softmax(t / temperature, 1)
+
+    def corr(a, b):  # Pearson per row
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.pow(2).sum(1).sqrt() * b.pow(2).sum(1).sqrt())
+
+    inter = 1 - corr(ys, yt).mean()
+    intra = 1 - corr(ys.T, yt.T).mean()
+    return alpha * F.cross_entropy(s, y) + temperature ** 2 * (beta * inter + gamma * intra)
+
+
+def test_dist_matches_its_formula():
+    s, t, y = make(16, 10, seed=15)
+    tg = TeacherTargets.from_logits(t, y, temperature=2.0)
+    torch.testing.assert_close(dist_loss(s, y, tg), direct_dist(s, t, y, 2.0))
+    s_req = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: dist_loss(x, y, tg), (s_req,))
+
+
+def test_topk_dist_spreads_the_tail_mass_evenly():
+    s, t, y = make(4, 10, seed=16)
+    tg = TeacherTargets.from_logits(t, y, k=4)
+    dense = tg.dense_probs()
+    torch.testing.assert_close(dense.sum(1), torch.ones(4, dtype=torch.float64))
+    exact = torch.softmax(t, 1)
+    torch.testing.assert_close(dense.gather(1, tg.topk_idx), exact.gather(1, tg.topk_idx))
+
+
+def test_losses_are_picked_by_name_with_checked_parameters():
+    s, t, y = make(4, 10, seed=17, dtype=torch.float32)
+    tg = TeacherTargets.from_logits(t, y, temperature=2.0)
+    assert torch.allclose(create_loss("pld")(s, y, tg), pld_loss(s, t, y, 2.0))
+    assert torch.allclose(create_loss("kd", alpha=0.5)(s, y, tg), kd_loss(s, y, tg, alpha=0.5))
+    assert torch.allclose(create_loss("ce")(s, y, None), F.cross_entropy(s, y))
+    with pytest.raises(ValueError, match="Unsupported loss 'mse'"):
+        create_loss("mse")
+    with pytest.raises(ValueError, match="takes no parameter"):
+        create_loss("pld", alpha=0.1)
+    with pytest.raises(ValueError, match="needs teacher targets"):
+        create_loss("kd")(s, y, None)
+
+
+@pytest.mark.parametrize("case, match", [
+    (lambda s, t, y: pld_loss(s[:, :5], t, y), "same shape"),
+    (lambda s, t, y: pld_loss(s, t, y + 10), r"labels must lie in \[0, 10\)"),
+    (lambda s, t, y: pld_loss(s, t, y[:2]), "labels must be"),
+    (lambda s, t, y: pld_loss(s, t.index_fill(1, torch.tensor([0]), float("nan")), y), "NaN or Inf"),
+    (lambda s, t, y: pld_loss(s, t, y, temperature=0.0), "temperature must be"),
+    (lambda s, t, y: TeacherTargets.from_logits(t, y, k=11), r"k must lie in \[1, num_classes=10\]"),
+    (lambda s, t, y: pld_loss_from_ranking(s[:, :9], y.clamp(max=8), TeacherTargets.from_logits(t, y)),
+     "student has 9 classes"),
+    (lambda s, t, y: pld_loss(s, t, y.float()), "integer tensor"),
+])
+def test_bad_input_gets_a_clear_value_error(case, match):
+    s, t, y = make(4, 10, seed=18)
+    with pytest.raises(ValueError, match=match):
+        case(s, t, y)
