@@ -1,0 +1,72 @@
+"""Opening a cache by path or fsspec URL, and the raw-object operations zarr's Group API lacks."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .format import UNITS_GROUP, CacheError
+
+
+def _normalise(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def open_root(url: str, mode: str) -> zarr.Group:
+    """The cache's root group; ``mode='r'`` opens read-only (a shared cache is never modified by readers)."""
+    url = _normalise(str(url))
+    try:
+        return zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
+    except ImportError as e:  # e.g. s3:// without s3fs
+        raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
+
+
+def cache_exists(url: str) -> bool:
+    try:
+        zarr.open_group(_normalise(str(url)), mode="r")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means "no cache here"
+        return False
+
+
+def write_marker(root: zarr.Group, name: str, record: dict[str, Any]) -> None:
+    """Mark a unit complete: one leaf group's zarr.json, written as a single object.
+
+    A single ``store.set`` is atomic on LocalStore (temp file + rename) and on object stores (one PUT), so a
+    reader sees either no marker or a whole one. Written directly so no parent metadata is ever rewritten.
+    """
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": record}
+    key = f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())
+    sync(root.store.set(key, buf))
+
+
+def list_markers(root: zarr.Group) -> list[str]:
+    prefix = f"{root.store_path.path}/{UNITS_GROUP}".lstrip("/")
+
+    async def _ls() -> list[str]:
+        return [name async for name in root.store.list_dir(prefix)]
+
+    return sorted(n for n in sync(_ls()) if n != "zarr.json")
+
+
+def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:
+    key = f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+    buf = sync(root.store.get(key, default_buffer_prototype()))
+    if buf is None:
+        raise CacheError(f"Unit marker {name} is missing.")
+    return json.loads(buf.to_bytes())["attributes"]
+
+
+def store_nbytes(url: str) -> int | None:
+    """Bytes on disk of a local cache (None for remote stores)."""
+    path = _normalise(str(url))
+    if "://" in path or not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)

@@ -1,0 +1,318 @@
+"""The cache format: round trips, extension, crash safety, concurrent writers, corruption, plain-zarr reads."""
+import json
+import multiprocessing as mp
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pld_pipeline.cache import (
+    CacheError, CacheMeta, CacheReader, CacheWriter, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord,
+    inspect_cache, verify_cache,
+)
+from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
+from pld_pipeline.losses import TeacherTargets, pld_loss, pld_loss_from_ranking
+
+C = 10
+SHARD_SIZES = [7, 5, 6]
+
+
+def shard_records(sizes=SHARD_SIZES):
+    return [ShardRecord(name=f"train-{i:06d}.tar", url=f"/data/train-{i:06d}.tar", nsamples=n, nbytes=1000 + n,
+                        sha256=f"{i:064x}", quick_hash=f"q{i}") for i, n in enumerate(sizes)]
+
+
+def teacher_record(tid="t1", k=4, temps=(1.0, 2.0), sha="abc"):
+    return TeacherRecord(id=tid, source="fake", checkpoint=None, checkpoint_sha256=sha,
+                         preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [3, 8, 8]},
+                         k=k, temperatures=tuple(temps), index_dtype="int16")
+
+
+def request(views=2, teachers=(), sizes=SHARD_SIZES, seed=0):
+    return CacheMeta(num_classes=C, rows_per_shard=max(sizes), key_bytes=12, shards=shard_records(sizes),
+                     recipe={"name": "cifar", "size": 8, "pad": 1}, num_views=views, seed=seed,
+                     teachers={t.id: t for t in teachers}, class_names=[f"c{i}" for i in range(C)])
+
+
+def fake_logits(shard, n, views, tid="t1"):
+    g = torch.Generator().manual_seed(zlib.crc32(f"{shard}:{tid}".encode()))
+    return torch.randn(n, views, C, generator=g) * 3
+
+
+def shard_samples(shard, n):
+    keys = [f"s{shard}_k{i:03d}" for i in range(n)]
+    labels = np.array([(shard + i) % C for i in range(n)], dtype=np.int32)
+    return keys, labels
+
+
+def write_shard(writer, shard, views=(0, 2), teachers=("t1",), crash_before_marker=False):
+    n = writer.meta.shards[shard].nsamples
+    keys, labels = shard_samples(shard, n)
+    done = writer.done_units()
+    if fmt.samples_unit(shard) not in done:
+        writer.write_samples(shard, keys, labels, np.full(n, SampleStatus.OK, np.uint8))
+    if fmt.views_unit(shard, views) not in done:
+        params = np.arange(n * (views[1] - views[0]) * 5, dtype=np.int32).reshape(n, -1, 5) + 100 * views[0]
+        writer.write_views(shard, views, params)
+    for tid in teachers:
+        rec = writer.meta.teachers[tid]
+        v = views[1] - views[0]
+        logits = fake_logits(shard, n, writer.meta.num_views, tid)[:, views[0]:views[1]].reshape(n * v, C)
+        enc = encode_teacher_logits(logits, torch.as_tensor(labels).repeat_interleave(v), k=rec.k,
+                                    temperatures=rec.temperatures)
+        block = TeacherBlock(
+            topk_idx=enc["topk_idx"].reshape(n, v, -1).numpy(), topk_logp=enc["topk_logp"].reshape(n, v, -1).numpy(),
+            label_logp=enc["label_logp"].reshape(n, v).numpy(), logz=enc["logz"].reshape(n, v, -1).numpy(),
+            correct=int(enc["correct"].sum()), count=n * v)
+        if crash_before_marker:
+            # Write the data but die before the marker: exactly what a killed writer leaves behind.
+            for name in fmt.TEACHER_ARRAYS:
+                writer._write(fmt.teacher_array(tid, name), shard, getattr(block, name), views)
+            return
+        writer.write_teacher(shard, tid, views, block)
+
+
+@pytest.fixture
+def cache_url(tmp_path):
+    return str(tmp_path / "cache.zarr")
+
+
+def filled(cache_url, teachers=(teacher_record(),), views=2):
+    w = CacheWriter.create_or_extend(cache_url, request(views, teachers))
+    for s in range(len(SHARD_SIZES)):
+        write_shard(w, s, (0, views), [t.id for t in teachers])
+    return w
+
+
+def test_every_field_round_trips(cache_url):
+    filled(cache_url)
+    r = CacheReader(cache_url)
+    assert r.meta.num_classes == C and r.meta.class_names[3] == "c3"
+    for shard, n in enumerate(SHARD_SIZES):
+        block = r.read_block(shard, "t1", temperature=2.0)
+        keys, labels = shard_samples(shard, n)
+        assert block.keys == keys
+        np.testing.assert_array_equal(block.labels, labels)
+        assert (block.status == SampleStatus.OK).all()
+        assert block.params.shape == (n, 2, 5) and block.params[0, 0, 0] == 0
+        logits = fake_logits(shard, n, 2)
+        for v in range(2):
+            want = TeacherTargets.from_logits(logits[:, v], torch.as_tensor(labels).long(), k=4, temperature=2.0)
+            np.testing.assert_array_equal(block.topk_idx[:, v], want.topk_idx.numpy())
+            got = targets_from_arrays(block.topk_idx[:, v], block.topk_logp[:, v], block.label_logp[:, v],
+                                      block.logz[:, v], temperature=2.0, num_classes=C)
+            # The stored dtypes (float16 log-probs) keep every weight within 1e-3 of exact.
+            err = (got.topk_log_probs().exp() - want.topk_log_probs().exp()).abs().max()
+            assert err < 1e-3
+            assert (got.label_log_prob().exp() - want.label_log_prob().exp()).abs().max() < 1e-3
+    index = r.key_index()
+    assert index["s1_k004"] == (1, 4) and len(index) == sum(SHARD_SIZES)
+
+
+def test_full_mode_reproduces_the_full_pld_loss(cache_url):
+    filled(cache_url, teachers=(teacher_record(k=C, temps=(1.0,)),))
+    r = CacheReader(cache_url)
+    block = r.read_block(0, "t1")
+    labels = torch.as_tensor(block.labels).long()
+    logits = fake_logits(0, SHARD_SIZES[0], 2)[:, 1]
+    student = torch.randn(len(labels), C)
+    tg = targets_from_arrays(block.topk_idx[:, 1], block.topk_logp[:, 1], block.label_logp[:, 1], block.logz[:, 1],
+                             temperature=1.0, num_classes=C)
+    torch.testing.assert_close(pld_loss_from_ranking(student, labels, tg), pld_loss(student, logits, labels),
+                               atol=2e-3, rtol=1e-3)
+
+
+def test_several_teachers_and_adding_one_later(cache_url):
+    filled(cache_url, teachers=(teacher_record("t1"), teacher_record("t2", k=3, sha="def")))
+    w = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record("t3", k=C, temps=(1.0,), sha="x")]))
+    assert set(w.meta.teachers) == {"t1", "t2", "t3"}
+    r = CacheReader(cache_url)
+    with pytest.raises(CacheError, match="Teacher 't3' is not complete"):
+        r.read_block(0, "t3")
+    before = np.asarray(r.array(fmt.teacher_array("t1", "topk_logp"))[:])
+    for s in range(3):
+        write_shard(w, s, (0, 2), ["t3"])
+    r = CacheReader(cache_url)
+    assert r.read_block(2, "t3").topk_idx.shape == (6, 2, C)
+    np.testing.assert_array_equal(np.asarray(r.array(fmt.teacher_array("t1", "topk_logp"))[:]), before)
+    assert verify_cache(cache_url).ok
+
+
+def test_adding_views_later_keeps_what_exists(cache_url):
+    filled(cache_url, views=2)
+    r = CacheReader(cache_url)
+    old = r.read_block(1, "t1")
+    w = CacheWriter.create_or_extend(cache_url, request(4, [teacher_record()]))
+    assert CacheReader(cache_url).missing_units("t1")  # views 2, 3 not yet written
+    for s in range(3):
+        write_shard(w, s, (2, 4))
+    new = CacheReader(cache_url).read_block(1, "t1")
+    assert new.topk_idx.shape[1] == 4
+    np.testing.assert_array_equal(new.topk_idx[:, :2], old.topk_idx)
+    np.testing.assert_array_equal(new.params[:, :2], old.params)
+    assert verify_cache(cache_url).ok
+
+
+def test_a_unit_killed_before_its_marker_is_invisible_and_redone(cache_url):
+    w = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    write_shard(w, 0)
+    write_shard(w, 1, crash_before_marker=True)
+    r = CacheReader(cache_url)
+    with pytest.raises(CacheError, match="not complete"):
+        r.read_block(1, "t1")
+    assert any("s000001.teacher.t1" in m for m in r.missing_units("t1"))
+    report = verify_cache(cache_url)
+    assert not report.ok and any("incomplete" in p for p in report.problems)
+    # Resume: a fresh writer redoes exactly the units without a marker.
+    w2 = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    for s in range(3):
+        write_shard(w2, s)
+    assert verify_cache(cache_url).ok
+
+
+def _write_in_subprocess(url, shards):
+    w = CacheWriter(url)
+    for s in shards:
+        write_shard(w, s)
+
+
+def test_two_processes_write_disjoint_units_concurrently(cache_url, tmp_path):
+    CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_in_subprocess, args=(cache_url, part)) for part in ([0, 2], [1])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    serial = str(tmp_path / "serial.zarr")
+    filled(serial)
+    a, b = CacheReader(cache_url), CacheReader(serial)
+    for s in range(3):
+        x, y = a.read_block(s, "t1"), b.read_block(s, "t1")
+        np.testing.assert_array_equal(x.topk_logp, y.topk_logp)
+        np.testing.assert_array_equal(x.params, y.params)
+    assert verify_cache(cache_url).ok
+
+
+def test_plain_zarr_reads_the_cache_by_the_spec(cache_url):
+    """What docs/cache-format.md tells another team, with no import of pld_pipeline."""
+    filled(cache_url)
+    root = zarr.open_group(cache_url, mode="r")
+    meta = root.attrs["pld_cache"]
+    assert meta["format"] == "pld-cache" and meta["version"] == 1
+    s = meta["rows_per_shard"]
+    shard = 1
+    n = meta["shards"][shard]["nsamples"]
+    rows = slice(shard * s, shard * s + n)
+    keys = [bytes(k).rstrip(b"\0").decode() for k in root["samples/key"][rows]]
+    assert keys == shard_samples(shard, n)[0]
+    t = meta["teachers"]["t1"]
+    idx = root["teachers/t1/topk_idx"][rows, 0]
+    logp = root["teachers/t1/topk_logp"][rows, 0].astype(np.float64)
+    logz = root["teachers/t1/logz"][rows, 0, t["temperatures"].index(2.0)]
+    p = np.exp(logp / 2.0 - logz[:, None])
+    want = torch.softmax(fake_logits(shard, n, 2)[:, 0] / 2.0, 1).numpy()
+    np.testing.assert_allclose(p, np.take_along_axis(want, idx.astype(np.int64), 1), atol=1e-3)
+    done = sorted(root["units"].group_keys())
+    assert "s000001.teacher.t1.0-2" in done
+    assert root["units"]["s000001.samples"].attrs["rows"] == n
+
+
+def _chunk_file(cache_url, path, *chunk_coords):
+    """One chunk's file under zarr v3's default key encoding: <array>/c/<i>/<j>/<k>."""
+    return os.path.join(cache_url, path, "c", *map(str, chunk_coords))
+
+
+def test_a_flipped_byte_fails_loudly_in_verify_and_the_reader(cache_url):
+    filled(cache_url)
+    chunk = _chunk_file(cache_url, fmt.teacher_array("t1", "topk_logp"), 1, 1, 0)
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    report = verify_cache(cache_url)
+    assert not report.ok and any("s000001.teacher.t1" in p and "unreadable" in p for p in report.problems)
+    with pytest.raises(CacheError, match="pld verify"):
+        CacheReader(cache_url).read_block(1, "t1")
+    CacheReader(cache_url).read_block(0, "t1")  # other shards still read
+
+
+def test_a_missing_chunk_is_caught_by_verify(cache_url):
+    filled(cache_url)
+    os.remove(_chunk_file(cache_url, fmt.teacher_array("t1", "topk_idx"), 2, 0, 0))
+    report = verify_cache(cache_url)
+    assert not report.ok
+    assert any("s000002.teacher.t1" in p and "checksum mismatch" in p for p in report.problems)
+
+
+def test_verify_catches_semantic_damage_written_with_valid_checksums(cache_url):
+    w = filled(cache_url)
+    arr = w.root[fmt.teacher_array("t1", "topk_idx")]
+    block = np.asarray(arr[0:7, 0:1])
+    block[0, 0, 1] = block[0, 0, 0]  # a repeated class
+    block[1, 0, 0] = 99  # out of range
+    arr[0:7, 0:1] = block
+    problems = " ".join(verify_cache(cache_url).problems)
+    assert "repeated class index" in problems and "outside [0, 10)" in problems
+
+
+def test_inspect_summarises_the_cache(cache_url):
+    filled(cache_url, teachers=(teacher_record("t1", k=3),))
+    info = inspect_cache(cache_url)
+    assert info["shards_done"] == 3 and info["views"] == 2 and info["samples"] == 18
+    t = info["teachers"]["t1"]
+    assert t["k"] == 3 and t["temperatures"] == [1.0, 2.0] and t["shards_done"] == 3
+    assert 0 <= t["accuracy_on_cached_views"] <= 1
+    assert 0 < t["tail_mass"]["p50"] <= t["tail_mass"]["max"] < 1
+    assert info["bytes_on_disk"] > 0 and info["bytes_per_view"] > 0
+    json.dumps(info)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda r: setattr(r, "num_classes", 11), "different num_classes"),
+    (lambda r: setattr(r, "shards", shard_records([7, 5, 6])[:2]), "different dataset"),
+    (lambda r: r.recipe.update(pad=2), "different view recipe"),
+    (lambda r: setattr(r, "seed", 1), "different view seed"),
+    (lambda r: r.teachers.update(t1=teacher_record(sha="other")), "Teacher 't1' already in .* differs in checkpoint_sha256"),
+])
+def test_a_rerun_that_conflicts_with_the_cache_is_refused(cache_url, change, match):
+    filled(cache_url)
+    req = request(2, [teacher_record()])
+    change(req)
+    with pytest.raises(CacheError, match=match):
+        CacheWriter.create_or_extend(cache_url, req)
+
+
+def test_reader_mismatch_errors_name_the_fix(cache_url):
+    filled(cache_url, teachers=(teacher_record("t1"), teacher_record("t2", sha="d")))
+    r = CacheReader(cache_url)
+    with pytest.raises(CacheError, match="several teachers"):
+        r.teacher()
+    with pytest.raises(CacheError, match="'nope' is not in"):
+        r.teacher("nope")
+    with pytest.raises(CacheError, match=r"Temperature 4 is not in .*grid \(1, 2\)"):
+        r.read_block(0, "t1", temperature=4.0)
+    with pytest.raises(CacheError, match="not covered"):
+        r.shard_for(name="other.tar")
+    with pytest.raises(CacheError, match="No cache at"):
+        CacheReader(cache_url + "-missing")
+
+
+def test_readers_open_read_only(cache_url):
+    filled(cache_url)
+    r = CacheReader(cache_url)
+    with pytest.raises(Exception):
+        r.array(fmt.LABEL_ARRAY)[0:1] = np.array([3], dtype=np.int32)
+
+
+def test_memory_url_round_trip():
+    url = "memory://pld-test-cache"
+    w = CacheWriter.create_or_extend(url, request(2, [teacher_record()]), overwrite=True)
+    for s in range(3):
+        write_shard(w, s)
+    assert CacheReader(url).read_block(2, "t1").keys == shard_samples(2, 6)[0]
+    assert verify_cache(url).ok
