@@ -1,0 +1,197 @@
+"""The `pld` command line: parses options, calls one library function per command, renders the result."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .progress import ProgressReporter
+
+app = typer.Typer(
+    name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Plackett-Luce distillation from cached teacher logits: cache the teacher once, train many students.")
+out = Console()
+err = Console(stderr=True)
+
+DATA = "Data"
+TEACHER = "Teacher"
+VIEWS = "Views"
+CACHE = "Cache"
+RUN = "Run"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends in one line naming the problem and the fix, not a traceback (PLD_DEBUG=1 shows it)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            if os.environ.get("PLD_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+    return wrapper
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}.") from None
+
+
+def _class_names(path: Optional[Path], data: str) -> Optional[list[str]]:
+    from pld_pipeline.data import expand_shards
+    from pld_pipeline.shards import read_classes
+    if path is not None:
+        doc = json.loads(path.read_text())
+        return list(doc["class_names"] if isinstance(doc, dict) else doc)
+    return read_classes(expand_shards(data)[0])
+
+
+@app.command("cache-teacher")
+@friendly_errors
+def cache_teacher_cmd(
+    data: Annotated[str, typer.Option(help="Webdataset shards: path, fsspec URL, pipe:, or brace pattern.", rich_help_panel=DATA)],
+    out_: Annotated[str, typer.Option("--out", help="Cache location (local path or fsspec URL).", rich_help_panel=CACHE)],
+    teacher: Annotated[list[str], typer.Option(help="Teacher: timm name or module.path:factory. Repeat for several teachers (decoded once).", rich_help_panel=TEACHER)],
+    teacher_checkpoint: Annotated[Optional[list[str]], typer.Option(help="Checkpoint for each --teacher, in order (.pth/.pt/.th/.safetensors).", rich_help_panel=TEACHER)] = None,
+    teacher_name: Annotated[Optional[list[str]], typer.Option(help="Id to store each --teacher under (default: from its name).", rich_help_panel=TEACHER)] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: the teacher's output width).", rich_help_panel=TEACHER)] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Override the teachers' normalisation mean, e.g. 0.5,0.5,0.5.", rich_help_panel=TEACHER)] = None,
+    std: Annotated[Optional[str], typer.Option(help="Override the teachers' normalisation std.", rich_help_panel=TEACHER)] = None,
+    views: Annotated[int, typer.Option(help="Augmented views per sample (rerun with more to add views).", rich_help_panel=VIEWS)] = 8,
+    recipe: Annotated[str, typer.Option(help="View recipe: cifar (pad+crop+flip), imagenet (RandomResizedCrop+flip), none (eval view).", rich_help_panel=VIEWS)] = "cifar",
+    size: Annotated[Optional[int], typer.Option(help="View size in pixels (default: the first teacher's input size).", rich_help_panel=VIEWS)] = None,
+    pad: Annotated[int, typer.Option(help="cifar recipe: padding before the random crop.", rich_help_panel=VIEWS)] = 4,
+    scale: Annotated[str, typer.Option(help="imagenet recipe: RandomResizedCrop scale range.", rich_help_panel=VIEWS)] = "0.08,1.0",
+    ratio: Annotated[str, typer.Option(help="imagenet recipe: RandomResizedCrop aspect range.", rich_help_panel=VIEWS)] = "0.75,1.3333333",
+    crop_pct: Annotated[float, typer.Option(help="Eval view: centre crop fraction (imagenet/none).", rich_help_panel=VIEWS)] = 0.875,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="Never flip views horizontally.", rich_help_panel=VIEWS)] = False,
+    clean_view: Annotated[bool, typer.Option(help="Make view 0 the clean eval view.", rich_help_panel=VIEWS)] = False,
+    seed: Annotated[int, typer.Option(help="Global view seed.", rich_help_panel=VIEWS)] = 0,
+    top_k: Annotated[int, typer.Option(help="Classes stored per view, by teacher rank.", rich_help_panel=CACHE)] = 32,
+    full: Annotated[bool, typer.Option(help="Store all classes (k = num_classes).", rich_help_panel=CACHE)] = False,
+    temperatures: Annotated[str, typer.Option(help="Temperature grid for exact teacher weights, e.g. 1,2,4.", rich_help_panel=CACHE)] = "1,2,4",
+    class_names: Annotated[Optional[Path], typer.Option(help="JSON list (or {class_names: [...]}) of class names; default: classes.json beside the shards.", rich_help_panel=DATA)] = None,
+    image_field: Annotated[str, typer.Option(help="Image extension(s), ;-separated.", rich_help_panel=DATA)] = "jpg;jpeg;png;webp",
+    label_field: Annotated[str, typer.Option(help="Label extension.", rich_help_panel=DATA)] = "cls",
+    on_bad_sample: Annotated[str, typer.Option(help="error: stop on an undecodable image; skip: record and skip it.", rich_help_panel=DATA)] = "error",
+    batch_size: Annotated[int, typer.Option(help="Views per teacher forward.", rich_help_panel=RUN)] = 256,
+    workers: Annotated[int, typer.Option(help="DataLoader decode workers.", rich_help_panel=RUN)] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=RUN)] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Delete what is at --out and start over.", rich_help_panel=CACHE)] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
+) -> None:
+    """Run teachers once over sharded data and store their top-k logits per (sample, view) in a Zarr v3 cache.
+
+    Rerunning the same command resumes; adding --teacher or raising --views extends the cache. Under
+    `torchrun --nproc_per_node N` the shards are split across processes.
+    """
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+
+    checkpoints = teacher_checkpoint or []
+    names = teacher_name or []
+    if checkpoints and len(checkpoints) != len(teacher):
+        raise ValueError(f"Got {len(teacher)} --teacher but {len(checkpoints)} --teacher-checkpoint; give one per teacher.")
+    if names and len(names) != len(teacher):
+        raise ValueError(f"Got {len(teacher)} --teacher but {len(names)} --teacher-name; give one per teacher.")
+    for ckpt in checkpoints:
+        if ckpt and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist.")
+    specs = [TeacherSpec(source=t, checkpoint=(checkpoints[i] or None) if checkpoints else None,
+                         name=names[i] if names else None,
+                         mean=_floats(mean, "--mean") if mean else None, std=_floats(std, "--std") if std else None)
+             for i, t in enumerate(teacher)]
+    overrides: dict[str, Any] = {"pad": pad, "scale": _floats(scale, "--scale"), "ratio": _floats(ratio, "--ratio"),
+                                 "crop_pct": crop_pct, "flip": not no_flip}
+    cfg = CacheTeacherConfig(
+        data=data, out=out_, teachers=specs, views=views, recipe=recipe, size=size, recipe_overrides=overrides,
+        clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
+        num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
+        device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
+        overwrite=overwrite)
+    summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    if _rank() != 0:
+        return
+    if json_:
+        out.print_json(data=summary)
+        return
+    acc = ", ".join(f"{t}: {a * 100:.2f}%" for t, a in summary["teacher_accuracy"].items() if a is not None)
+    out.print(f"cached {summary['items']} views from {summary['shards_written']} shard(s) in {summary['seconds']:.1f}s "
+              f"({summary['items_per_s']:.0f} views/s) -> {summary['cache']}"
+              + (f" | teacher top-1 on cached views: {acc}" if acc else "")
+              + (f" | skipped {summary['skipped_samples']} bad sample(s)" if summary["skipped_samples"] else ""))
+
+
+@app.command("inspect")
+@friendly_errors
+def inspect_cmd(
+    cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show what a cache holds: teachers, classes, k, views, temperatures, completion, size, teacher tail mass."""
+    from pld_pipeline.cache import inspect_cache
+    info = inspect_cache(cache)
+    if json_:
+        out.print_json(data=info)
+        return
+    t = Table(title=f"{info['url']}  ({info['format']})", show_header=False)
+    t.add_row("classes", str(info["num_classes"]) + (f"  ({', '.join(info['class_names'][:10])}{'...' if len(info['class_names']) > 10 else ''})" if info["class_names"] else ""))
+    t.add_row("samples", f"{info['samples']:,} in {info['shards_total']} shard(s), {info['shards_done']} complete")
+    t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, seed {info['seed']}")
+    if info["bytes_on_disk"] is not None:
+        t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
+    out.print(t)
+    tt = Table(title="teachers")
+    for col in ("id", "source", "k", "temperatures", "shards done", "top-1 on cached views", "tail mass p50/p90/max"):
+        tt.add_column(col)
+    for tid, d in info["teachers"].items():
+        tm = d["tail_mass"]
+        acc = d["accuracy_on_cached_views"]
+        tt.add_row(tid, d["source"], f"{d['k']}{' (full)' if d['full'] else ''}", ",".join(f"{x:g}" for x in d["temperatures"]),
+                   f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
+                   "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
+    out.print(tt)
+
+
+@app.command("verify")
+@friendly_errors
+def verify_cmd(
+    cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every unit: complete, checksums match, indices valid and distinct, values finite. Exit 1 if not."""
+    from pld_pipeline.cache import verify_cache
+    report = verify_cache(cache)
+    if json_:
+        out.print_json(data=report.to_dict())
+    elif report.ok:
+        out.print(f"ok: {report.units_checked} unit(s) verified in {cache}")
+    else:
+        err.print(f"[bold red]{len(report.problems)} problem(s)[/] in {cache} ({report.units_checked} unit(s) checked):")
+        for p in report.problems:
+            err.print(f"  {p}", highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    app(prog_name="pld")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Render the library's progress events: a rich bar on a terminal, plain log lines otherwise, or nothing."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True)
+
+
+class ProgressReporter:
+    """A callable taking the library's ``{"event": ...}`` dicts."""
+
+    def __init__(self, quiet: bool = False, rank: int = 0) -> None:
+        self.quiet = quiet or rank != 0
+        self.live = err.is_terminal and not self.quiet
+        self.progress: Progress | None = None
+        self.task = None
+        self.done = 0
+        self.total = 0
+        self.shards = 0
+        self.t0 = time.perf_counter()
+        self.last_log = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        kind = event["event"]
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def _log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # cache-teacher ------------------------------------------------------------------------------
+    def _on_indexing(self, e: dict[str, Any]) -> None:
+        self._log(f"indexing {e['shards']} shard(s) (sample counts and content hashes)")
+
+    def _on_start(self, e: dict[str, Any]) -> None:
+        self.total, self.t0 = e["items"], time.perf_counter()
+        if e.get("skipped_shards"):
+            self._log(f"resuming: {e['skipped_shards']} shard(s) already complete")
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>8.0f} views/s"), TextColumn("shards {task.fields[shards]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+            self.task = self.progress.add_task("cache-teacher", total=self.total, rate=0.0,
+                                               shards=f"0/{e['shards']}")
+            self.progress.start()
+        self.n_shards = e["shards"]
+
+    def _on_batch(self, e: dict[str, Any]) -> None:
+        self.done += e["items"]
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        if self.progress is not None:
+            self.progress.update(self.task, advance=e["items"], rate=rate)
+        elif time.perf_counter() - self.last_log > 10:
+            self.last_log = time.perf_counter()
+            self._log(f"cache-teacher {self.done}/{self.total} views, {rate:.0f} views/s")
+
+    def _on_shard_done(self, e: dict[str, Any]) -> None:
+        self.shards += 1
+        if self.progress is not None:
+            self.progress.update(self.task, shards=f"{self.shards}/{self.n_shards}")
+        else:
+            self._log(f"shard {e['shard']} written ({self.shards}/{self.n_shards})")
+
+    def _on_end(self, e: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    # distill ------------------------------------------------------------------------------------
+    def _on_train_start(self, e: dict[str, Any]) -> None:
+        self.t0 = time.perf_counter()
+        self._log(f"distill: {e['loss']} | student {e['student']} ({e['params'] / 1e6:.2f}M params) | "
+                  f"{e['epochs']} epoch(s) | device {e['device']} | world {e['world_size']}")
+        if e.get("resumed_epoch"):
+            self._log(f"resumed after epoch {e['resumed_epoch']}")
+
+    def _on_epoch_start(self, e: dict[str, Any]) -> None:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:>6.0f} img/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self.task = self.progress.add_task("train", total=e.get("steps"), epoch=e["epoch"], loss=0.0, rate=0.0)
+            self.progress.start()
+
+    def _on_step(self, e: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=e["loss"], rate=e["samples_per_s"])
+
+    def _on_epoch_end(self, e: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self._log(f"epoch {e['epoch']}: train_loss {e['train_loss']:.4f}  val_top1 {e['val_top1']:.2f}  "
+                  f"val_top5 {e['val_top5']:.2f}  val_loss {e['val_loss']:.4f}  {e['epoch_seconds']:.1f}s "
+                  f"({e['samples_per_s']:.0f} img/s)")

@@ -1,0 +1,404 @@
+"""Stage 1: run one or more teachers once over sharded data and fill the cache.
+
+tar -> decode (DataLoader workers) -> view params from a stable hash -> replayed uint8 views -> pinned batch ->
+every teacher on the device (inference_mode, channels_last, bf16 autocast on CUDA) -> top-k record ->
+per-shard buffer -> background thread writes the unit and its marker. Each rank owns whole shards, so ranks
+never write the same chunk; rerunning the same command resumes from the markers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import distributed as D
+from .cache import CacheMeta, CacheWriter, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
+from .cache import format as fmt
+from .cache.encode import encode_teacher_logits
+from .cache.format import CacheError, ShardRecord, index_dtype
+from .cache.reader import CacheReader
+from .cache.store import cache_exists
+from .data import (
+    IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
+    parse_label, pick_field, quick_hash, shard_name,
+)
+from .models import file_sha256, load_model, preprocessing_of
+from .views import ViewRecipe, decode_image, normalize, replay_view, view_params
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher: a timm name or ``module.path:factory``, optional checkpoint, optional cache id."""
+    source: str
+    checkpoint: str | None = None
+    name: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    @property
+    def id(self) -> str:
+        return fmt.check_teacher_id(self.name) if self.name else teacher_id_from_name(self.source)
+
+
+@dataclass
+class CacheTeacherConfig:
+    data: str | list[str]
+    out: str
+    teachers: list[TeacherSpec]
+    views: int = 8
+    recipe: str = "cifar"
+    size: int | None = None  # default: the first teacher's input size
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)  # pad, scale, ratio, crop_pct, ...
+    clean_view: bool = False
+    seed: int = 0
+    k: int | None = 32  # None or >= num_classes: full mode
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    image_field: str = IMAGE_FIELDS
+    label_field: str = LABEL_FIELD
+    on_bad_sample: str = "error"  # or "skip"
+    overwrite: bool = False
+    compression_level: int = 3
+    channels_last: bool = True
+
+
+@dataclass
+class _Job:
+    """What this rank computes for one shard: which views, and which units to write."""
+    shard: int
+    url: str
+    nsamples: int
+    views: list[int]  # views to compute (union of all missing units)
+    write_samples: bool
+    param_runs: list[tuple[int, int]]
+    teacher_runs: dict[str, list[tuple[int, int]]]
+
+
+def _runs(views: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of sorted view indices: one unit (and marker) per run."""
+    runs: list[tuple[int, int]] = []
+    for v in sorted(views):
+        if runs and runs[-1][1] == v:
+            runs[-1] = (runs[-1][0], v + 1)
+        else:
+            runs.append((v, v + 1))
+    return runs
+
+
+class _ViewItems(IterableDataset):
+    """One item per (sample, view): decoded once per sample, every needed view replayed from its params."""
+
+    def __init__(self, jobs: list[_Job], recipe: ViewRecipe, seed: int, cfg: CacheTeacherConfig,
+                 num_classes: int, expected_keys: dict[int, list[str]]) -> None:
+        self.jobs, self.recipe, self.seed, self.cfg = jobs, recipe, seed, cfg
+        self.num_classes, self.expected_keys = num_classes, expected_keys
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
+        size = self.recipe.size
+        for job in jobs:
+            expected = self.expected_keys.get(job.shard)
+            for i, sample in enumerate(iter_shard(job.url)):
+                key = sample["__key__"]
+                if expected is not None and (i >= len(expected) or expected[i] != key):
+                    raise DataError(f"Shard {job.url} changed since it was indexed (sample {i} is {key!r}); "
+                                    "rerun with --overwrite to re-index it.")
+                label = parse_label(sample, self.cfg.label_field, self.num_classes)
+                status, image = SampleStatus.OK, None
+                try:
+                    data = pick_field(sample, self.cfg.image_field)
+                    if data is None:
+                        raise DataError(f"no '{self.cfg.image_field}' field")
+                    image = decode_image(data)
+                except Exception as e:  # noqa: BLE001 - undecodable input is a data problem, reported by key
+                    if self.cfg.on_bad_sample != "skip":
+                        raise DataError(f"Cannot decode image of sample {key!r} in shard {job.url}: {e}. "
+                                        "Fix the data or pass --on-bad-sample skip.") from None
+                    status = SampleStatus.SKIPPED
+                for v in job.views:
+                    if image is None:
+                        params = np.zeros(5, np.int32)
+                        view = torch.zeros(3, size, size, dtype=torch.uint8)
+                    else:
+                        params = view_params(self.recipe, self.seed, key, v, image.shape[1], image.shape[2])
+                        view = replay_view(image, params, self.recipe)
+                    yield job.shard, i, v, key, label, status, view, torch.from_numpy(params)
+            if expected is not None and i + 1 != len(expected):
+                raise DataError(f"Shard {job.url} has {i + 1} samples, the index says {len(expected)}; "
+                                "rerun with --overwrite to re-index it.")
+
+
+class _ShardBuffer:
+    """Accumulates one shard's results until every (sample, view) item has arrived."""
+
+    def __init__(self, job: _Job, teachers: dict[str, TeacherRecord]) -> None:
+        n, v = job.nsamples, len(job.views)
+        self.job, self.pos = job, {view: p for p, view in enumerate(job.views)}
+        self.keys: list[str] = [""] * n
+        self.labels = np.full(n, -1, np.int32)
+        self.status = np.zeros(n, np.uint8)
+        self.params = np.zeros((n, v, 5), np.int32)
+        self.out = {tid: {"topk_idx": np.full((n, v, t.k), -1, np.dtype(t.index_dtype)),
+                          "topk_logp": np.full((n, v, t.k), np.nan, np.float32),
+                          "label_logp": np.full((n, v), np.nan, np.float32),
+                          "logz": np.full((n, v, len(t.temperatures)), np.nan, np.float32),
+                          "correct": np.zeros((n, v), bool)} for tid, t in teachers.items()}
+        self.remaining = n * v
+
+    def add(self, rows: np.ndarray, views: np.ndarray, keys: list[str], labels: np.ndarray, status: np.ndarray,
+            params: np.ndarray, encoded: dict[str, dict[str, np.ndarray]], sel: np.ndarray) -> None:
+        pos = np.array([self.pos[int(v)] for v in views[sel]], dtype=np.int64)
+        r = rows[sel]
+        for row, i in zip(r, np.flatnonzero(sel)):
+            self.keys[row] = keys[i]
+        self.labels[r], self.status[r], self.params[r, pos] = labels[sel], status[sel], params[sel]
+        for tid, enc in encoded.items():
+            for name, arr in enc.items():
+                self.out[tid][name][r, pos] = arr[sel]
+        self.remaining -= int(sel.sum())
+
+    def teacher_block(self, tid: str, run: tuple[int, int]) -> TeacherBlock:
+        cols = [self.pos[v] for v in range(*run)]
+        o = self.out[tid]
+        ok = self.status == SampleStatus.OK
+        block = TeacherBlock(o["topk_idx"][:, cols], o["topk_logp"][:, cols], o["label_logp"][:, cols],
+                             o["logz"][:, cols], correct=int(o["correct"][ok][:, cols].sum()),
+                             count=int(ok.sum()) * len(cols))
+        # Skipped samples keep the arrays' fill values (-1 / NaN): nothing was computed for them.
+        block.topk_idx[~ok], block.topk_logp[~ok], block.label_logp[~ok], block.logz[~ok] = -1, np.nan, np.nan, np.nan
+        return block
+
+
+def _write_shard(writer: CacheWriter, buf: _ShardBuffer) -> str:
+    job = buf.job
+    if job.write_samples:
+        writer.write_samples(job.shard, buf.keys, buf.labels, buf.status)
+    for run in job.param_runs:
+        writer.write_views(job.shard, run, buf.params[:, [buf.pos[v] for v in range(*run)]])
+    for tid, runs in job.teacher_runs.items():
+        for run in runs:
+            writer.write_teacher(job.shard, tid, run, buf.teacher_block(tid, run))
+    return writer.meta.shards[job.shard].name
+
+
+def _index(urls: list[str], known: list[ShardRecord], known_key_bytes: int, dist: D.DistInfo) -> tuple[list[ShardRecord], int, dict[int, list[str]]]:
+    """Shard records, key width and (for freshly indexed shards) the expected key order.
+
+    Shards already fingerprinted in the cache are matched by their quick hash (cheap) instead of re-read;
+    the rest are read and hashed once, split across ranks."""
+    by_name = {r.name: r for r in known}
+    mine: dict[int, Any] = {}
+    for i in range(dist.rank, len(urls), dist.world_size):
+        rec = by_name.get(shard_name(urls[i]))
+        if rec is not None and rec.quick_hash == quick_hash(urls[i]):
+            mine[i] = ShardIndex(ShardRecord(**{**rec.__dict__, "url": urls[i]}), known_key_bytes, [])
+        else:
+            mine[i] = index_shard(urls[i])
+    merged: dict[int, ShardIndex] = {}
+    for part in D.all_gather_objects(mine, dist):
+        merged.update(part)
+    indexes = [merged[i] for i in range(len(urls))]
+    check_unique_keys([ix for ix in indexes if ix.keys])
+    keys = {i: ix.keys for i, ix in enumerate(indexes) if ix.keys and dist.rank == i % dist.world_size}
+    return [ix.record for ix in indexes], max(ix.max_key_bytes for ix in indexes), keys
+
+
+def _plan(writer: CacheWriter, shards: Sequence[int], num_views: int, teacher_ids: list[str]) -> list[_Job]:
+    reader = CacheReader(writer.url)
+    jobs = []
+    for s in shards:
+        missing_params = [v for v in range(num_views) if v not in reader.views_done.get(s, set())]
+        missing = {tid: [v for v in range(num_views) if v not in reader.teacher_done.get((s, tid), set())]
+                   for tid in teacher_ids}
+        need_samples = s not in reader.samples_done
+        views = sorted(set(missing_params).union(*missing.values())) or ([0] if need_samples else [])
+        if not views:
+            continue
+        rec = writer.meta.shards[s]
+        jobs.append(_Job(s, rec.url, rec.nsamples, views, need_samples, _runs(missing_params),
+                         {tid: _runs(v) for tid, v in missing.items() if v}))
+    return jobs
+
+
+def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
+    models, prep = {}, {}
+    for i, spec in enumerate(cfg.teachers):
+        # Seeded so a teacher without a checkpoint (random init) is the same model on every rank and resume.
+        torch.manual_seed(cfg.seed + i)
+        if spec.id in models:
+            raise ValueError(f"Two teachers share the id '{spec.id}'; give them distinct --teacher-name values.")
+        model = load_model(spec.source, num_classes=cfg.num_classes, checkpoint=spec.checkpoint)
+        model = model.to(device).eval()
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[spec.id] = model
+        prep[spec.id] = preprocessing_of(model, mean=spec.mean, std=spec.std)
+    return models, prep
+
+
+def _num_classes(models: dict[str, torch.nn.Module], cfg: CacheTeacherConfig) -> int:
+    widths = {tid: getattr(m, "num_classes", None) for tid, m in models.items()}
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    values = {w for w in widths.values() if w}
+    if len(values) != 1:
+        raise ValueError(f"Cannot tell num_classes from the teachers ({widths}); pass --num-classes.")
+    return values.pop()
+
+
+def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Fill ``cfg.out`` with every teacher's top-k record for every (sample, view). Resumable; torchrun-aware."""
+    if not cfg.teachers:
+        raise ValueError("No teacher given; pass --teacher NAME (timm name or module.path:factory).")
+    if cfg.on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"--on-bad-sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}.")
+    if cfg.views < 1:
+        raise ValueError(f"--views must be >= 1, got {cfg.views}.")
+    emit = progress or (lambda event: None)
+    device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = D.init_distributed(device)
+    try:
+        return _run(cfg, device, dist, emit)
+    finally:
+        D.cleanup(dist)
+
+
+def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: ProgressFn) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    models, prep = _load_teachers(cfg, device)
+    num_classes = _num_classes(models, cfg)
+    first = cfg.teachers[0].id
+    size = cfg.size or int(prep[first]["input_size"][-1])
+    recipe = ViewRecipe(name=cfg.recipe, size=size, clean_view=cfg.clean_view,
+                        interpolation=prep[first]["interpolation"] if prep[first]["interpolation"] in ("bilinear", "bicubic", "nearest") else "bilinear",
+                        **cfg.recipe_overrides)
+    k = num_classes if cfg.k is None else min(int(cfg.k), num_classes)
+    if k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {cfg.k}.")
+    temps = tuple(float(t) for t in cfg.temperatures)
+    if not temps or any(t <= 0 for t in temps):
+        raise ValueError(f"--temperatures must be positive numbers, got {cfg.temperatures}.")
+
+    urls = expand_shards(cfg.data)
+    known: list[ShardRecord] = []
+    known_key_bytes = 1
+    if not cfg.overwrite and cache_exists(cfg.out):
+        try:
+            existing = CacheReader(cfg.out).meta
+            known, known_key_bytes = existing.shards, existing.key_bytes
+        except CacheError:
+            pass
+    emit({"event": "indexing", "shards": len(urls)})
+    records, key_bytes, expected_keys = _index(urls, known, known_key_bytes, dist)
+    teachers = {}
+    for spec in cfg.teachers:
+        p = prep[spec.id]
+        p["input_size"] = [3, size, size]
+        teachers[spec.id] = TeacherRecord(
+            id=spec.id, source=spec.source, checkpoint=os.path.basename(spec.checkpoint) if spec.checkpoint else None,
+            checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else None, preprocessing=p,
+            k=k, temperatures=temps, index_dtype=str(index_dtype(num_classes)),
+            num_params=sum(x.numel() for x in models[spec.id].parameters()))
+    request = CacheMeta(num_classes=num_classes, rows_per_shard=max(r.nsamples for r in records),
+                        key_bytes=key_bytes, shards=records, recipe=recipe.to_dict(), num_views=cfg.views,
+                        seed=cfg.seed, teachers=teachers, class_names=cfg.class_names)
+    if dist.is_main:
+        CacheWriter.create_or_extend(cfg.out, request, overwrite=cfg.overwrite, compression_level=cfg.compression_level)
+    D.barrier(dist)  # every array and group exists before any unit is written
+    writer = CacheWriter(cfg.out)
+    my_shards = list(range(dist.rank, len(records), dist.world_size))
+    jobs = _plan(writer, my_shards, cfg.views, list(teachers))
+    total_items = sum(j.nsamples * len(j.views) for j in jobs)
+    emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
+          "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
+    stats = _process(cfg, jobs, writer, models, prep, teachers, recipe, num_classes, device, expected_keys, emit)
+    totals = D.all_reduce_sum([stats["items"], stats["skipped"], *[stats["correct"][t] for t in teachers],
+                               *[stats["count"][t] for t in teachers]], dist, device)
+    D.barrier(dist)  # rank 0 reports only after every rank's units are written
+    elapsed = time.perf_counter() - t_start
+    n_t = len(teachers)
+    summary = {
+        "cache": cfg.out, "shards": len(records), "shards_written": stats["shards"], "items": int(totals[0]),
+        "skipped_samples": int(totals[1]), "seconds": elapsed, "items_per_s": totals[0] / max(elapsed, 1e-9),
+        "teacher_accuracy": {tid: (totals[2 + n_t + i] and totals[2 + i] / totals[2 + n_t + i]) or None
+                             for i, tid in enumerate(teachers)},
+        "num_classes": num_classes, "k": k, "views": cfg.views, "world_size": dist.world_size,
+    }
+    emit({"event": "end", **summary})
+    return summary
+
+
+def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, models: dict[str, torch.nn.Module],
+             prep: dict[str, dict], teachers: dict[str, TeacherRecord], recipe: ViewRecipe, num_classes: int,
+             device: torch.device, expected_keys: dict[int, list[str]], emit: ProgressFn) -> dict[str, Any]:
+    stats: dict[str, Any] = {"items": 0, "skipped": 0, "shards": 0, "correct": dict.fromkeys(teachers, 0),
+                             "count": dict.fromkeys(teachers, 0)}
+    if not jobs:
+        return stats
+    dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected_keys)
+    workers = min(cfg.workers, len(jobs))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    buffers = {j.shard: _ShardBuffer(j, teachers) for j in jobs}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
+        for shard_ids, rows, views, keys, labels, status, images, params in loader:
+            x = images.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            labels_dev = labels.to(device, non_blocking=True).long()
+            encoded: dict[str, dict[str, np.ndarray]] = {}
+            with torch.inference_mode(), autocast:
+                for tid, model in models.items():
+                    logits = model(normalize(x, prep[tid]["mean"], prep[tid]["std"])).float()
+                    bad = ~torch.isfinite(logits).all(1) & (status.to(device) == SampleStatus.OK)
+                    if bad.any():
+                        i = int(bad.nonzero()[0])
+                        raise DataError(f"Teacher '{tid}' produced NaN/Inf logits for sample {keys[i]!r} view "
+                                        f"{int(views[i])}; check the checkpoint and preprocessing.")
+                    logits = torch.nan_to_num(logits)
+                    enc = encode_teacher_logits(logits, labels_dev, k=teachers[tid].k,
+                                                temperatures=teachers[tid].temperatures)
+                    encoded[tid] = {name: t.cpu().numpy() for name, t in enc.items()}
+            shard_np, rows_np, views_np = shard_ids.numpy(), rows.numpy(), views.numpy()
+            status_np = status.numpy().astype(np.uint8)
+            for shard in np.unique(shard_np):
+                sel = shard_np == shard
+                buf = buffers[int(shard)]
+                buf.add(rows_np, views_np, list(keys), labels.numpy().astype(np.int32), status_np,
+                        params.numpy(), encoded, sel)
+                if buf.remaining == 0:
+                    ok = buf.status == SampleStatus.OK
+                    for tid in teachers:
+                        stats["correct"][tid] += int(buf.out[tid]["correct"][ok].sum())
+                        stats["count"][tid] += int(ok.sum()) * len(buf.job.views)
+                    stats["skipped"] += int((buf.status == SampleStatus.SKIPPED).sum())
+                    pending.append(pool.submit(_write_shard, writer, buffers.pop(int(shard))))
+            stats["items"] += len(keys)
+            emit({"event": "batch", "items": len(keys)})
+            while pending and (pending[0].done() or len(pending) > 2):  # bounded memory; surface write errors
+                name = pending.pop(0).result()
+                stats["shards"] += 1
+                emit({"event": "shard_done", "shard": name})
+        for fut in pending:
+            emit({"event": "shard_done", "shard": fut.result()})
+            stats["shards"] += 1
+    if buffers:
+        raise DataError(f"Shards ended early: {', '.join(writer.meta.shards[s].name for s in buffers)}.")
+    return stats

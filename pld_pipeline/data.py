@@ -1,0 +1,167 @@
+"""Webdataset shards: expanding specs, indexing (sample count + content hash in one pass), reading samples.
+
+Keys follow webdataset's rule (basename up to the first dot). A shard is identified by its content, not its
+path, so a cache made from ``/data/x.tar`` serves a team whose copy lives at ``s3://bucket/x.tar``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Sequence
+
+import fsspec
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .cache.format import ShardRecord
+
+IMAGE_FIELDS = "jpg;jpeg;png;webp"
+LABEL_FIELD = "cls"
+_QUICK_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the shard and key and says what to do."""
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Brace patterns (``train-{000000..000099}.tar``), ``::``-joined lists, or a list of those."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for u in wds.shardlists.expand_urls(str(s))]
+    if not urls:
+        raise DataError(f"No shards in {spec!r}; pass a path, URL or brace pattern like 'train-{{000000..000009}}.tar'.")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    return os.path.basename(url.rstrip("/").split("::")[-1]) or url
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """``pipe:`` through webdataset's gopen; anything else (paths, file://, s3://, http://) through fsspec."""
+    if url.startswith("pipe:"):
+        return wds.gopen(url, "rb")
+    try:
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError as e:
+        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from e
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through: index a shard in the same pass that reads it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.sha, self.nbytes = raw, hashlib.sha256(), 0
+        self.head = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.nbytes += len(data)
+        if len(self.head) < _QUICK_BYTES:
+            self.head += data[: _QUICK_BYTES - len(self.head)]
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _iter_tar(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+    return group_by_keys(files)
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__`` and one bytes entry per extension) in tar order."""
+    stream = open_shard(url)
+    try:
+        yield from _iter_tar(stream, url)
+    finally:
+        stream.close()
+
+
+def quick_hash(url: str) -> str | None:
+    """sha256 over (size, first MiB, last MiB): a cheap identity check; None where the source can't seek."""
+    if url.startswith("pipe:"):
+        return None
+    with fsspec.open(url, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        head = f.read(_QUICK_BYTES)
+        f.seek(max(0, size - _QUICK_BYTES))
+        tail = f.read(_QUICK_BYTES)
+    return _quick(size, head, tail)
+
+
+def _quick(size: int, head: bytes, tail: bytes) -> str:
+    h = hashlib.sha256(str(size).encode() + b"\0")
+    h.update(head)
+    h.update(tail)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardIndex:
+    record: ShardRecord
+    max_key_bytes: int
+    keys: list[str]
+
+
+def index_shard(url: str) -> ShardIndex:
+    """Count samples, collect keys and hash the whole file in one read. Duplicate keys fail here."""
+    raw = open_shard(url)
+    stream = _HashingReader(raw)
+    keys: list[str] = []
+    seen: set[str] = set()
+    try:
+        for sample in _iter_tar(stream, url):
+            key = sample["__key__"]
+            if key in seen:
+                raise DataError(f"Duplicate key {key!r} in shard {url}; keys must be unique (webdataset keys end at the first dot).")
+            seen.add(key)
+            keys.append(key)
+        stream.drain()
+    except DataError:
+        raise
+    except Exception as e:  # tarfile/stream errors: name the shard
+        raise DataError(f"Cannot read shard {url}: {type(e).__name__}: {e}") from e
+    finally:
+        raw.close()
+    tail_hash = quick_hash(url)
+    record = ShardRecord(name=shard_name(url), url=url, nsamples=len(keys), nbytes=stream.nbytes,
+                         sha256=stream.sha.hexdigest(), quick_hash=tail_hash or stream.sha.hexdigest())
+    if record.nsamples == 0:
+        raise DataError(f"Shard {url} holds no samples; remove it from the pattern.")
+    return ShardIndex(record, max((len(k.encode("utf-8")) for k in keys), default=1), keys)
+
+
+def check_unique_keys(indexes: Sequence[ShardIndex]) -> None:
+    owner: dict[str, str] = {}
+    for idx in indexes:
+        for key in idx.keys:
+            if key in owner:
+                raise DataError(f"Duplicate key {key!r} in shards {owner[key]} and {idx.record.url}; keys must be unique.")
+            owner[key] = idx.record.url
+
+
+def pick_field(sample: dict[str, Any], fields: str) -> Any:
+    for name in fields.split(";"):
+        if name in sample:
+            return sample[name]
+    return None
+
+
+def parse_label(sample: dict[str, Any], field: str, num_classes: int | None) -> int:
+    raw = sample.get(field)
+    where = f"sample {sample['__key__']!r} of shard {sample.get('__url__')}"
+    if raw is None:
+        raise DataError(f"No '{field}' label in {where}; set --label-field to the label's extension.")
+    try:
+        label = int(raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw)
+    except ValueError as e:
+        raise DataError(f"Label {raw!r} of {where} is not an integer class index.") from e
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise DataError(f"Label {label} of {where} is outside [0, {num_classes}); check --num-classes or the data.")
+    return label

@@ -1,0 +1,207 @@
+"""Models: CIFAR ResNets registered into timm, and loading any model by name, factory path or checkpoint.
+
+The CIFAR ResNets follow He et al. 2016's CIFAR design with "option A" (parameter-free) shortcuts, key for key
+compatible with the widely used akamaster/pytorch_resnet_cifar10 checkpoints (``conv1``, ``bn1``,
+``layer{1,2,3}.{i}.conv{1,2}``, ``linear``). ``pretrained=True`` is never needed (no hub access).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import create_model, register_model
+
+__all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of"]
+
+_CIFAR_CFG = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+              "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 10, "first_conv": "conv1",
+              "classifier": "linear"}
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        # Option A: subsample spatially and zero-pad channels; no weights.
+        self.pad = (planes - in_planes) // 2 if stride != 1 or in_planes != planes else None
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.pad is not None:
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, global average pool, linear head."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, **_: Any) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}.")
+        n = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._stage(16, 16, n, 1)
+        self.layer2 = self._stage(16, 32, n, 2)
+        self.layer3 = self._stage(32, 64, n, 2)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [_BasicBlock(in_planes, planes, stride)]
+        layers += [_BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cifar_resnet(depth: int, pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    if pretrained:
+        raise ValueError("CIFAR ResNets have no hub weights; pass --teacher-checkpoint / --init-checkpoint instead.")
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "features_only", "cache_dir"):
+        kwargs.pop(k, None)
+    model = CifarResNet(depth, **kwargs)
+    model.pretrained_cfg = dict(_CIFAR_CFG, num_classes=model.num_classes)
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+@register_model
+def cifar_resnet8(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(8, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet14(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(14, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(20, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(32, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(44, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(56, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    return _cifar_resnet(110, pretrained, **kwargs)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors / .pth / .pt / .th, unwrapping ``{"state_dict"|"model"|"state_dict_ema":
+    ...}`` and stripping DataParallel/DDP ``module.`` prefixes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state: Any = load_file(path, device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - older checkpoints pickle numpy scalars next to the weights
+            import numpy as np
+            with torch.serialization.safe_globals([np.core.multiarray.scalar, np.dtype, type(np.dtype("float64"))]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors.")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _classes_in_state(state: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the last 2-D weight (the classifier), to size the model before loading."""
+    for key in reversed(list(state)):
+        if key.endswith("weight") and state[key].ndim == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def load_model(source: str, *, num_classes: int | None = None, checkpoint: str | None = None,
+               **kwargs: Any) -> nn.Module:
+    """A model from a timm name (incl. the registered ``cifar_resnet*``) or ``module.path:factory``,
+    optionally with a checkpoint. ``num_classes`` defaults to the checkpoint's classifier width."""
+    state = load_state_dict(checkpoint) if checkpoint else None
+    if num_classes is None and state is not None:
+        num_classes = _classes_in_state(state)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if ":" in source:
+        module_name, _, attr = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"Cannot import model factory {source!r}: {e}.") from e
+        model = factory(**kwargs)
+    else:
+        try:
+            model = create_model(source, pretrained=False, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"Unknown model {source!r}: not a timm model name (see timm.list_models()) "
+                                 "nor a module.path:factory.") from e
+            raise
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {first[1].strip() if len(first) > 1 else first[0]}") from e
+    return model
+
+
+def preprocessing_of(model: nn.Module, **overrides: Any) -> dict[str, Any]:
+    """Input preprocessing from the model's ``pretrained_cfg`` (timm convention), with explicit overrides."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    out = {
+        "input_size": list(cfg.get("input_size", (3, 224, 224))),
+        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+    }
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items() if v is not None})
+    return out
