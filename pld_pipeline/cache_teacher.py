@@ -30,7 +30,7 @@ from .data import (
     parse_label, pick_field, quick_hash, shard_name,
 )
 from .models import file_sha256, load_model, preprocessing_of
-from .views import ViewRecipe, decode_image, normalize, replay_view, view_params
+from .views import ViewRecipe, decode_image, normalize, replay_view, stable_int, view_params
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -236,9 +236,10 @@ def _plan(writer: CacheWriter, shards: Sequence[int], num_views: int, teacher_id
 
 def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
     models, prep = {}, {}
-    for i, spec in enumerate(cfg.teachers):
-        # Seeded so a teacher without a checkpoint (random init) is the same model on every rank and resume.
-        torch.manual_seed(cfg.seed + i)
+    for spec in cfg.teachers:
+        # Seeded by (seed, id) so a teacher without a checkpoint (random init) is the same model on every rank,
+        # resume and later extension, wherever it sits in the --teacher list.
+        torch.manual_seed(stable_int(cfg.seed, spec.id) % 2**63)
         if spec.id in models:
             raise ValueError(f"Two teachers share the id '{spec.id}'; give them distinct --teacher-name values.")
         model = load_model(spec.source, num_classes=cfg.num_classes, checkpoint=spec.checkpoint)

@@ -1,0 +1,49 @@
+"""Tiny generated datasets and teachers: tests never need ../shared or a network."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pld_pipeline.models import load_model
+from pld_pipeline.shards import split_arrays
+
+sys.path.insert(0, os.path.dirname(__file__))  # so `fake_models:factory` resolves in-process
+
+NUM_CLASSES = 10
+
+
+def make_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-dependent blobs so a small model can learn them in a few steps, with noise so views differ."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        cy, cx = (c // 4) * size / 3 + 2, (c % 4) * size / 4 + 2
+        blob = 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+        noise = rng.normal(0, 20, (size, size, 3))
+        images[i] = np.clip(blob[..., None] * np.array([1.0, 0.6 + 0.04 * c, 0.3]) + noise + 20, 0, 255)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """train: 3 shards (16, 16, 8 samples); val: 1 shard (12 samples); 16x16 PNG, 10 classes."""
+    root = tmp_path_factory.mktemp("data")
+    images, labels = make_images(52)
+    splits = split_arrays(images, labels, [f"class{i}" for i in range(NUM_CLASSES)], str(root),
+                          val_fraction=12 / 52, shard_size=16, seed=0)
+    return splits
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A random (seeded) cifar_resnet8 saved as safetensors, wrapped the way real checkpoints are."""
+    from safetensors.torch import save_file
+    torch.manual_seed(123)
+    model = load_model("cifar_resnet8", num_classes=NUM_CLASSES)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

@@ -1,0 +1,256 @@
+"""Stage 1 on tiny generated shards: exactness against a direct forward, replay, extension, faults, torchrun."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pld_pipeline.cache import CacheError, CacheReader, SampleStatus, verify_cache
+from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.data import DataError, iter_shard
+from pld_pipeline.losses import TeacherTargets
+from pld_pipeline.models import load_model, preprocessing_of
+from pld_pipeline.shards import write_split
+from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
+
+from conftest import NUM_CLASSES, make_images
+
+
+def config(tiny_data, out, teacher_ckpt=None, **kw):
+    teachers = kw.pop("teachers", None) or [TeacherSpec("cifar_resnet8", checkpoint=teacher_ckpt, name="r8")]
+    base = dict(data=tiny_data["train"].pattern, out=str(out), teachers=teachers, views=3, size=16, k=4,
+                batch_size=10, workers=0, num_classes=NUM_CLASSES, device="cpu")
+    base.update(kw)
+    return CacheTeacherConfig(**base)
+
+
+def arrays(url, tid="r8"):
+    r = CacheReader(url)
+    names = [fmt.KEY_ARRAY, fmt.LABEL_ARRAY, fmt.STATUS_ARRAY, fmt.PARAMS_ARRAY] + [
+        fmt.teacher_array(tid, n) for n in fmt.TEACHER_ARRAYS]
+    return {n: np.asarray(r.array(n)[:]) for n in names}
+
+
+def assert_same_cache(a, b, tid="r8"):
+    x, y = arrays(a, tid), arrays(b, tid)
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_cached_values_equal_a_direct_teacher_forward_on_replayed_views(tiny_data, teacher_ckpt, tmp_path):
+    cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt)
+    summary = cache_teacher(cfg)
+    assert summary["items"] == 40 * 3 and summary["shards_written"] == 3
+    reader = CacheReader(cfg.out)
+    teacher = load_model("cifar_resnet8", checkpoint=teacher_ckpt).eval()
+    prep = preprocessing_of(teacher)
+    recipe = ViewRecipe.from_dict(reader.meta.recipe)
+    for shard, url in enumerate(tiny_data["train"].shards):
+        block = reader.read_block(shard, "r8", temperature=2.0)
+        samples = list(iter_shard(url))
+        assert block.keys == [s["__key__"] for s in samples]
+        for i, sample in enumerate(samples):
+            image = decode_image(sample["png"])
+            for v in range(3):
+                want_params = view_params(recipe, 0, sample["__key__"], v, *image.shape[1:])
+                np.testing.assert_array_equal(block.params[i, v], want_params)
+            x = torch.stack([replay_view(image, block.params[i, v], recipe) for v in range(3)])
+            with torch.no_grad():
+                logits = teacher(normalize(x, prep["mean"], prep["std"]))
+            want = TeacherTargets.from_logits(logits, torch.full((3,), int(block.labels[i])), k=4, temperature=2.0)
+            np.testing.assert_array_equal(block.topk_idx[i], want.topk_idx.numpy())
+            np.testing.assert_allclose(block.topk_logp[i].astype(np.float32), want.topk_logp.numpy(), atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(block.label_logp[i].astype(np.float32), want.label_logp.numpy(), atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(block.logz[i], want.logz.numpy(), atol=1e-4, rtol=1e-5)
+    assert verify_cache(cfg.out).ok
+
+
+def test_view_params_come_from_a_stable_hash_and_replay_bit_for_bit():
+    recipe = ViewRecipe("imagenet", size=24, scale=(0.2, 1.0))
+    code = ("from pld_pipeline.views import ViewRecipe, view_params; "
+            "print(view_params(ViewRecipe('imagenet', size=24, scale=(0.2, 1.0)), 7, 'key_1', 3, 40, 50).tolist())")
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    params = view_params(recipe, 7, "key_1", 3, 40, 50)
+    assert other_process.strip() == str(params.tolist())
+    assert not np.array_equal(params, view_params(recipe, 7, "key_1", 4, 40, 50))
+    image = torch.from_numpy(make_images(1, size=40)[0][0]).permute(2, 0, 1).contiguous()
+    a, b = replay_view(image, params, recipe), replay_view(image.clone(), params.copy(), recipe)
+    assert a.dtype == torch.uint8 and a.shape == (3, 24, 24) and torch.equal(a, b)
+
+
+def test_cifar_views_pad_with_zeros_and_flip():
+    recipe = ViewRecipe("cifar", size=8, pad=2)
+    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
+    out = replay_view(image, [-2, 1, 8, 8, 1], recipe)
+    want = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    want[:, 2:, :7] = image[:, :6, 1:]
+    assert torch.equal(out, want.flip(-1))
+    clean = ViewRecipe("cifar", size=8, clean_view=True)
+    assert view_params(clean, 0, "k", 0, 8, 8).tolist() == [0, 0, 8, 8, 0]
+
+
+def test_several_teachers_in_one_pass_and_a_teacher_added_later(tiny_data, teacher_ckpt, tmp_path):
+    both = [TeacherSpec("cifar_resnet8", checkpoint=teacher_ckpt, name="r8"), TeacherSpec("cifar_resnet14", name="r14")]
+    cfg = config(tiny_data, tmp_path / "both.zarr", teachers=both)
+    cache_teacher(cfg)
+    reader = CacheReader(cfg.out)
+    assert set(reader.meta.teachers) == {"r8", "r14"}
+    assert reader.meta.teachers["r14"].checkpoint_sha256 is None
+    later = config(tiny_data, tmp_path / "later.zarr", teacher_ckpt)
+    cache_teacher(later)
+    summary = cache_teacher(config(tiny_data, later.out, teachers=[TeacherSpec("cifar_resnet14", name="r14")]))
+    assert summary["items"] == 120  # only the new teacher's units were computed
+    assert_same_cache(cfg.out, later.out, "r8")
+    assert_same_cache(cfg.out, later.out, "r14")
+    assert verify_cache(later.out).ok
+
+
+def test_more_views_later_equals_all_views_at_once(tiny_data, teacher_ckpt, tmp_path):
+    at_once = config(tiny_data, tmp_path / "once.zarr", teacher_ckpt, views=4)
+    cache_teacher(at_once)
+    grown = config(tiny_data, tmp_path / "grown.zarr", teacher_ckpt, views=2)
+    cache_teacher(grown)
+    summary = cache_teacher(config(tiny_data, grown.out, teacher_ckpt, views=4))
+    assert summary["items"] == 40 * 2
+    assert_same_cache(at_once.out, grown.out)
+    assert "s000000.teacher.r8.2-4" in CacheReader(grown.out).markers
+
+
+def test_rerun_resumes_and_refuses_a_changed_teacher_or_recipe(tiny_data, teacher_ckpt, tmp_path):
+    cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt)
+    cache_teacher(cfg)
+    assert cache_teacher(cfg)["items"] == 0
+    other_ckpt = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    torch.manual_seed(9)
+    save_file(load_model("cifar_resnet8", num_classes=NUM_CLASSES).state_dict(), str(other_ckpt))
+    with pytest.raises(CacheError, match="Teacher 'r8' already in .* differs in checkpoint_sha256.*--teacher-name"):
+        cache_teacher(config(tiny_data, cfg.out, str(other_ckpt)))
+    with pytest.raises(CacheError, match="different view recipe"):
+        cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, recipe_overrides={"pad": 2}))
+    with pytest.raises(CacheError, match="different dataset"):
+        cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, data=tiny_data["train"].shards[0]))
+    summary = cache_teacher(config(tiny_data, cfg.out, str(other_ckpt), overwrite=True))
+    assert summary["items"] == 120
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "pld_pipeline", "cache-teacher", *args]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, teacher_ckpt):
+    images, labels = make_images(160, seed=5)
+    split = write_split(((f"k{i:04d}", __import__("pld_pipeline.shards", fromlist=["x"]).encode_png(images[i]), "png",
+                          int(labels[i])) for i in range(160)), str(tmp_path / "d"), "train", 16)
+    args = ["--data", split.pattern, "--teacher", "cifar_resnet14", "--teacher-name", "r14", "--views", "6",
+            "--size", "16", "--num-classes", "10", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--top-k", "5", "--quiet"]
+    ref = str(tmp_path / "ref.zarr")
+    subprocess.run(_cli("--out", ref, *args), check=True, capture_output=True)
+    killed = str(tmp_path / "killed.zarr")
+    proc = subprocess.Popen(_cli("--out", killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    units = os.path.join(killed, "units")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(units) and any(".teacher." in n for n in os.listdir(units)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make the test data larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = CacheReader(killed)
+    assert 0 < len([m for m in partial.markers if ".teacher." in m]) < 10
+    assert not verify_cache(killed).ok  # the reader knows the cache is incomplete
+    done = subprocess.run(_cli("--out", killed, *args[:-1], "--json"), check=True, capture_output=True, text=True)
+    assert '"skipped_samples": 0' in done.stdout
+    assert verify_cache(killed).ok
+    assert_same_cache(ref, killed, "r14")
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_equals_one_process(tiny_data, teacher_ckpt, tmp_path):
+    one = str(tmp_path / "one.zarr")
+    two = str(tmp_path / "two.zarr")
+    args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
+            "--teacher-name", "r8", "--views", "3", "--size", "16", "--top-k", "4", "--batch-size", "10",
+            "--workers", "0", "--device", "cpu", "--quiet"]
+    subprocess.run(_cli("--out", one, *args), check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 1000), "-m", "pld_pipeline", "cache-teacher", "--out", two, *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert_same_cache(one, two)
+    assert verify_cache(two).ok
+
+
+def bad_shards(tmp_path, samples):
+    return write_split(iter(samples), str(tmp_path / "bad"), "bad", 100).pattern
+
+
+def png(i):
+    from pld_pipeline.shards import encode_png
+    return encode_png(make_images(1, seed=i)[0][0])
+
+
+def test_an_undecodable_image_fails_naming_shard_and_key_or_is_skipped_and_recorded(tiny_data, tmp_path, teacher_ckpt):
+    data = bad_shards(tmp_path, [("a0", png(0), "png", 1), ("broken", b"not an image", "png", 2), ("a2", png(2), "png", 3)])
+    cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, data=data)
+    with pytest.raises(DataError, match=r"Cannot decode image of sample 'broken' in shard .*bad-000000.tar.*--on-bad-sample skip"):
+        cache_teacher(cfg)
+    cfg = config(tiny_data, tmp_path / "c2.zarr", teacher_ckpt, data=data, on_bad_sample="skip")
+    summary = cache_teacher(cfg)
+    assert summary["skipped_samples"] == 1
+    block = CacheReader(cfg.out).read_block(0, "r8")
+    assert block.keys == ["a0", "broken", "a2"]
+    assert block.status.tolist() == [SampleStatus.OK, SampleStatus.SKIPPED, SampleStatus.OK]
+    assert (block.topk_idx[1] == -1).all() and (block.topk_idx[0] >= 0).all()
+    assert verify_cache(cfg.out).ok
+
+
+@pytest.mark.parametrize("samples, match", [
+    ([("a", None, "png", 1), ("a", None, "png", 2)], "Duplicate key 'a'"),
+    ([("a", None, "png", 1), ("b", None, "png", 12)], r"Label 12 of sample 'b' .* outside \[0, 10\)"),
+])
+def test_bad_keys_and_labels_fail_naming_the_sample(tiny_data, tmp_path, teacher_ckpt, samples, match):
+    if "Duplicate" in match:  # a TarWriter happily writes duplicates; webdataset would merge them silently
+        import webdataset as wds
+        path = tmp_path / "dup-000000.tar"
+        with wds.TarWriter(str(path)) as w:
+            w.write({"__key__": "x", "png": png(0), "cls": b"1"})
+            w.write({"__key__": "y", "png": png(1), "cls": b"1"})
+        path2 = tmp_path / "dup-000001.tar"
+        with wds.TarWriter(str(path2)) as w:
+            w.write({"__key__": "x", "png": png(0), "cls": b"1"})
+        data, match = str(tmp_path / "dup-{000000..000001}.tar"), "Duplicate key 'x' in shards"
+    else:
+        data = bad_shards(tmp_path, [(k, png(i), e, lab) for i, (k, _, e, lab) in enumerate(samples)])
+    with pytest.raises(DataError, match=match):
+        cache_teacher(config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, data=data))
+
+
+def test_a_missing_label_fails_naming_the_fix(tiny_data, tmp_path, teacher_ckpt):
+    import webdataset as wds
+    path = tmp_path / "nolabel-000000.tar"
+    with wds.TarWriter(str(path)) as w:
+        w.write({"__key__": "x", "png": png(0)})
+    with pytest.raises(DataError, match=r"No 'cls' label in sample 'x' .*--label-field"):
+        cache_teacher(config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, data=str(path)))
+
+
+def test_non_finite_teacher_outputs_fail_naming_the_key(tiny_data, tmp_path):
+    cfg = config(tiny_data, tmp_path / "c.zarr", teachers=[TeacherSpec("fake_models:nan_model", name="nan")])
+    with pytest.raises(DataError, match=r"Teacher 'nan' produced NaN/Inf logits for sample '\w+' view 0"):
+        cache_teacher(cfg)
+
+
+def test_missing_data_and_unknown_teacher_are_clear_errors(tiny_data, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        cache_teacher(config(tiny_data, tmp_path / "c.zarr", data=str(tmp_path / "none-000000.tar")))
+    with pytest.raises(ValueError, match="Unknown model 'no_such_net'"):
+        cache_teacher(config(tiny_data, tmp_path / "c.zarr", teachers=[TeacherSpec("no_such_net")]))
