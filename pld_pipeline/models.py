@@ -138,11 +138,10 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         state: Any = load_file(path, device="cpu")
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - older checkpoints pickle numpy scalars next to the weights
-            import numpy as np
-            with torch.serialization.safe_globals([np.core.multiarray.scalar, np.dtype, type(np.dtype("float64"))]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary code
+        except Exception as e:  # noqa: BLE001 - torch raises a long UnpicklingError
+            raise ValueError(f"{path} is not a plain weights file torch can load safely ({type(e).__name__}); "
+                             "re-save its state_dict with torch.save or as .safetensors.") from None
     for wrapper in ("state_dict_ema", "state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
