@@ -189,6 +189,80 @@ def verify_cmd(
         raise typer.Exit(code=1)
 
 
+STUDENT = "Student"
+LOSS = "Loss"
+OPTIM = "Optimisation"
+
+
+@app.command("distill")
+@friendly_errors
+def distill_cmd(
+    data: Annotated[str, typer.Option(help="Training shards (the cached ones, or a subset).", rich_help_panel=DATA)],
+    student: Annotated[str, typer.Option(help="Student: timm name (incl. cifar_resnet*) or module.path:factory.", rich_help_panel=STUDENT)],
+    out_: Annotated[str, typer.Option("--out", help="Run directory: checkpoints, metrics, config.json.", rich_help_panel=RUN)],
+    cache: Annotated[Optional[str], typer.Option(help="Teacher cache from `pld cache-teacher` (not needed for --loss ce).", rich_help_panel=DATA)] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch on the clean view.", rich_help_panel=DATA)] = None,
+    loss: Annotated[str, typer.Option(help="pld (default), kd, dist or ce.", rich_help_panel=LOSS)] = "pld",
+    teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several.", rich_help_panel=LOSS)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default pld 1, kd 2, dist 1); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="kd/dist: weight of the true-label cross-entropy (default 0.1).", rich_help_panel=LOSS)] = None,
+    beta: Annotated[Optional[float], typer.Option(help="dist: inter-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="dist: intra-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
+    view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
+    init_checkpoint: Annotated[Optional[str], typer.Option(help="Start the student from these weights.", rich_help_panel=STUDENT)] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes, only without --cache (default: classes.json beside the shards).", rich_help_panel=STUDENT)] = None,
+    recipe: Annotated[str, typer.Option(help="Without --cache: augmentation recipe (cifar, imagenet, none).", rich_help_panel=STUDENT)] = "cifar",
+    size: Annotated[int, typer.Option(help="Without --cache: input size.", rich_help_panel=STUDENT)] = 32,
+    epochs: Annotated[int, typer.Option(help="Epochs.", rich_help_panel=OPTIM)] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size per process.", rich_help_panel=OPTIM)] = 128,
+    opt: Annotated[str, typer.Option(help="timm optimizer: adamw, lamb, sgd, ...", rich_help_panel=OPTIM)] = "adamw",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPTIM)] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)] = 0.05,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=OPTIM)] = 0.9,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.", rich_help_panel=OPTIM)] = 1.0,
+    min_lr: Annotated[float, typer.Option(help="Final learning rate of the cosine schedule.", rich_help_panel=OPTIM)] = 1e-6,
+    clip_grad: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value.", rich_help_panel=OPTIM)] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights with this decay (e.g. 0.999).", rich_help_panel=OPTIM)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for init, data order and views.", rich_help_panel=RUN)] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel=RUN)] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=RUN)] = "auto",
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="No bf16 autocast on CUDA.", rich_help_panel=RUN)] = False,
+    no_channels_last: Annotated[bool, typer.Option("--no-channels-last", help="Keep NCHW memory format.", rich_help_panel=RUN)] = False,
+    shuffle_buffer: Annotated[int, typer.Option(help="Samples in the shuffle buffer per worker.", rich_help_panel=RUN)] = 1000,
+    image_field: Annotated[str, typer.Option(help="Image extension(s), ;-separated.", rich_help_panel=DATA)] = "jpg;jpeg;png;webp",
+    label_field: Annotated[str, typer.Option(help="Label extension (only without --cache).", rich_help_panel=DATA)] = "cls",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished epoch.", rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
+) -> None:
+    """Train a student from cached teacher logits (no teacher is loaded), or with --loss ce from labels alone.
+
+    Writes best/last checkpoints (.safetensors + .json), metrics.jsonl, metrics.csv and config.json to --out.
+    Under `torchrun --nproc_per_node N` it trains with DDP (gloo on CPU, nccl on GPU).
+    """
+    from pld_pipeline.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        data=data, out=out_, student=student, loss=loss, cache=cache, val_data=val_data, teacher=teacher,
+        temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, view_policy=view_policy, epochs=epochs,
+        batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
+        channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,
+        init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size},
+        shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume)
+    summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    if _rank() != 0:
+        return
+    if json_:
+        out.print_json(data=summary)
+        return
+    best = summary["best_val_top1"]
+    out.print(f"done: {summary['loss']} -> {summary['student']} | "
+              + (f"best val top-1 {best:.2f}% (epoch {summary['best_epoch']}), last {summary['last_val_top1']:.2f}% | "
+                 if best is not None else "")
+              + f"train {summary['train_seconds']:.1f}s, total {summary['seconds']:.1f}s | {summary['out']}")
+
+
 def main() -> None:
     app(prog_name="pld")
 

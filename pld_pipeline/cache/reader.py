@@ -165,6 +165,10 @@ class CacheReader:
             block.logz = self._read(fmt.teacher_array(rec.id, "logz"), region)[..., col]
         return block
 
+    def ok_samples(self, shard: int) -> int:
+        """Rows of a shard that hold a usable sample (skipped undecodable samples excluded)."""
+        return int((self._read(fmt.STATUS_ARRAY, (self._rows(shard),)) == SampleStatus.OK).sum())
+
     def key_index(self) -> dict[str, tuple[int, int]]:
         """key -> (shard, row within shard), built in RAM from one read of the key array per shard."""
         index: dict[str, tuple[int, int]] = {}

@@ -1,0 +1,364 @@
+"""Stage 2: train a student from the cache, with no teacher anywhere.
+
+config -> setup (torchrun, device, seeds) -> data (cache blocks joined by key) -> student (scratch / init /
+resume) -> timm optimizer + cosine schedule -> loop -> eval each epoch -> checkpoints and metrics. Resuming
+restarts at the last finished epoch; every epoch's data order depends only on (seed, epoch), so a resumed run
+ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import distributed as D
+from .cache.format import CacheError
+from .cache.reader import CacheReader
+from .data import expand_shards, index_shard, quick_hash, shard_name
+from .losses import create_loss, default_temperature, loss_needs_teacher
+from .models import load_model, preprocessing_of
+from .shards import read_classes
+from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets
+from .views import ViewRecipe, normalize
+
+ProgressFn = Callable[[dict[str, Any]], None]
+STATE_FILE = "last_state.pt"
+
+
+@dataclass
+class DistillConfig:
+    data: str
+    out: str
+    student: str
+    loss: str = "pld"
+    cache: str | None = None
+    val_data: str | None = None
+    teacher: str | None = None  # which cached teacher (needed when the cache holds several)
+    temperature: float | None = None  # default: the loss's (pld 1, kd 2, dist 1)
+    alpha: float | None = None  # kd/dist: weight of the true-label cross-entropy (default 0.1)
+    beta: float | None = None  # dist: inter-class weight (default 0.45)
+    gamma: float | None = None  # dist: intra-class weight (default 0.45)
+    view_policy: str = "rotate"
+    epochs: int = 10
+    batch_size: int = 128
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    clip_grad: float | None = None
+    ema_decay: float | None = None
+    channels_last: bool = True
+    amp: bool = True  # bf16 autocast on CUDA (CPU runs in float32)
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    init_checkpoint: str | None = None
+    num_classes: int | None = None  # only without a cache
+    recipe: dict[str, Any] = field(default_factory=lambda: {"name": "cifar", "size": 32})  # only without a cache
+    shuffle_buffer: int = 1000
+    image_field: str = "jpg;jpeg;png;webp"
+    label_field: str = "cls"
+    resume: bool = False
+
+    def loss_params(self) -> dict[str, float]:
+        names = {"kd": ("alpha",), "dist": ("alpha", "beta", "gamma")}.get(self.loss, ())
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# -- setup ------------------------------------------------------------------------------------------
+def _train_shards(cfg: DistillConfig, reader: CacheReader | None) -> list[TrainShard]:
+    urls = expand_shards(cfg.data)
+    if reader is None:
+        return [TrainShard(u, index_shard(u).record.nsamples, None) for u in urls]
+    shards = []
+    for url in urls:
+        qh = quick_hash(url)
+        try:
+            idx = reader.shard_for(quick_hash=qh) if qh is not None else reader.shard_for(name=shard_name(url))
+        except CacheError:
+            raise CacheError(f"Training shard {url} is not one the cache {reader.url} covers (by content hash); "
+                             "train on the cached shards (a subset is fine) or cache these first.") from None
+        shards.append(TrainShard(url, reader.ok_samples(idx), idx))
+    return shards
+
+
+def _check_run_dir(cfg: DistillConfig) -> dict[str, Any] | None:
+    """The state to resume from, or None for a fresh run; refuses to silently clobber another run."""
+    state_path = os.path.join(cfg.out, STATE_FILE)
+    if cfg.resume:
+        if not os.path.isfile(state_path):
+            raise ValueError(f"--resume: no {STATE_FILE} in {cfg.out}; start without --resume.")
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            saved = json.load(f)["config"]
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device")}
+        diff = sorted(k for k, v in mine.items() if saved.get(k) != v)
+        if diff:
+            raise ValueError(f"--resume with different settings ({', '.join(diff)}) than {cfg.out}/config.json; "
+                             "resume with the same command, or use another --out.")
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    if os.path.isfile(state_path):
+        raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out.")
+    return None
+
+
+def _cache_fingerprint(reader: CacheReader, teacher_id: str | None) -> dict[str, Any]:
+    meta = reader.meta
+    return {"url": reader.url, "num_classes": meta.num_classes, "num_views": meta.num_views, "seed": meta.seed,
+            "recipe": meta.recipe, "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
+            "teacher": meta.teachers[teacher_id].to_dict() if teacher_id else None}
+
+
+# -- one epoch --------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], device: torch.device,
+             dist: D.DistInfo, channels_last: bool, autocast: Any) -> dict[str, float]:
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True).long()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(normalize(x, prep["mean"], prep["std"])).float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += float((topk[:, 0] == y).sum())
+        top5 += float((topk == y[:, None]).any(1).sum())
+        count += len(y)
+    loss_sum, top1, top5, count = D.all_reduce_sum([loss_sum, top1, top5, count], dist, device)
+    n = max(count, 1.0)
+    return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_samples": int(count)}
+
+
+def _write_metrics(out: str, history: list[dict[str, Any]]) -> None:
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _save_weights(model: torch.nn.Module, path: str, meta: dict[str, Any]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path + ".tmp", metadata={"pld": json.dumps(meta)[:60000]})
+    os.replace(path + ".tmp", path)
+    with open(path.replace(".safetensors", ".json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train ``cfg.student`` on ``cfg.data`` with ``cfg.loss`` from the cache. Returns the final summary."""
+    if cfg.view_policy not in VIEW_POLICIES:
+        raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
+    needs_teacher = loss_needs_teacher(cfg.loss)
+    create_loss(cfg.loss, **cfg.loss_params())  # validate the loss name and parameters before any work
+    if needs_teacher and not cfg.cache:
+        raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--epochs and --batch-size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    emit = progress or (lambda event: None)
+    device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = D.init_distributed(device)
+    try:
+        return _run(cfg, device, dist, needs_teacher, emit)
+    finally:
+        D.cleanup(dist)
+
+
+def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teacher: bool,
+         emit: ProgressFn) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    state = _check_run_dir(cfg)
+    reader = CacheReader(cfg.cache) if cfg.cache else None
+    teacher_id, temperature = None, cfg.temperature or default_temperature(cfg.loss)
+    if reader is not None:
+        num_classes = reader.meta.num_classes
+        recipe = ViewRecipe.from_dict(reader.meta.recipe)
+        if needs_teacher:
+            rec = reader.teacher(cfg.teacher)
+            teacher_id = rec.id
+            reader.temperature_column(rec, temperature)  # refuses a temperature outside the cached grid
+    else:
+        recipe = ViewRecipe.from_dict({**ViewRecipe().to_dict(), **cfg.recipe})
+        classes = read_classes(expand_shards(cfg.data)[0])
+        num_classes = cfg.num_classes or (len(classes) if classes else None)
+        if num_classes is None:
+            raise ValueError("Training without a cache needs --num-classes (or a classes.json beside the shards).")
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"--num-classes {cfg.num_classes} differs from the cache's {num_classes} classes.")
+    shards = _train_shards(cfg, reader)
+    if reader is not None:
+        reader.require_complete(teacher_id, [s.cache_shard for s in shards])
+
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint)
+    out_features = getattr(model, "num_classes", num_classes)
+    if out_features != num_classes:
+        raise ValueError(f"Student {cfg.student} has {out_features} classes, the data has {num_classes}.")
+    prep = preprocessing_of(model)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    # Every rank takes the same number of steps (DDP needs it), whatever shards the epoch deals it.
+    rank_budget = _fewest_samples_per_rank(shards, dist.world_size)
+    steps_per_epoch = rank_budget // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {rank_budget} samples a rank is sure to see per "
+                         f"epoch ({len(shards)} shard(s) over {dist.world_size} process(es)); lower --batch-size.")
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
+                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+                                  warmup_lr_init=cfg.lr * 1e-3 if cfg.warmup_epochs else cfg.lr, t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    start_epoch, best, history = 0, {"val_top1": -1.0, "epoch": -1}, []
+    if state is not None:
+        model.load_state_dict(load_file(os.path.join(cfg.out, "last.safetensors"), device=str(device)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    loss_fn = create_loss(cfg.loss, **cfg.loss_params())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext()
+
+    train_set = TrainSamples(shards, recipe=recipe, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
+                             cache_url=reader.url if reader else None, teacher=teacher_id, temperature=temperature,
+                             num_views=reader.meta.num_views if reader else 1, view_policy=cfg.view_policy,
+                             shuffle_buffer=cfg.shuffle_buffer, image_field=cfg.image_field,
+                             label_field=cfg.label_field, num_classes=num_classes)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                     prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    val_loader = None
+    if cfg.val_data:
+        val_set = EvalSamples(expand_shards(cfg.val_data), recipe=recipe, rank=dist.rank, world=dist.world_size,
+                              num_classes=num_classes, image_field=cfg.image_field, label_field=cfg.label_field)
+        val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, **{**loader_kw, "num_workers": min(cfg.workers, 1)})
+
+    if dist.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        run_config = {"config": asdict(cfg), "num_classes": num_classes, "recipe": recipe.to_dict(),
+                      "temperature": temperature if needs_teacher else None, "steps_per_epoch": steps_per_epoch,
+                      "world_size": dist.world_size, "student_preprocessing": prep,
+                      "cache": _cache_fingerprint(reader, teacher_id) if reader else None,
+                      "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in shards]}
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=1)
+    params = sum(p.numel() for p in model.parameters())
+    emit({"event": "train_start", "loss": cfg.loss, "student": cfg.student, "params": params, "epochs": cfg.epochs,
+          "device": str(device), "world_size": dist.world_size, "resumed_epoch": start_epoch or None})
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout/drop-path: a function of (seed, epoch) alone
+        train_set.set_epoch(epoch)
+        loader = rebatch(DataLoader(train_set, batch_size=cfg.batch_size, **loader_kw), cfg.batch_size)
+        emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
+        train_model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        for step, batch in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True).long()
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets = batch_targets(batch, temperature, num_classes, device)
+            with autocast:
+                logits = train_model(normalize(x, prep["mean"], prep["std"]))
+            loss = loss_fn(logits.float(), y, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            if ema is not None:
+                ema.update(model, step=epoch * steps_per_epoch + step)
+            loss_sum += loss.detach()
+            seen += len(y)
+            if step % 10 == 0 or step + 1 == steps_per_epoch:
+                # .item() is a device sync: only every few steps, for the progress bar.
+                emit({"event": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
+                      "samples_per_s": seen * dist.world_size / max(time.perf_counter() - t0, 1e-9),
+                      "lr": optimizer.param_groups[0]["lr"]})
+        if seen < steps_per_epoch * cfg.batch_size:
+            raise RuntimeError(f"Epoch {epoch} produced {seen} samples, expected {steps_per_epoch * cfg.batch_size}; "
+                               "were samples skipped at cache time? Lower --batch-size.")
+        train_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / steps_per_epoch,
+                               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_seconds,
+                               "samples_per_s": seen * dist.world_size / max(train_seconds, 1e-9)}
+        if val_loader is not None:
+            row.update(evaluate(model, val_loader, prep, device, dist, cfg.channels_last, autocast))
+            if ema is not None:
+                ema_metrics = evaluate(ema.module, val_loader, prep, device, dist, cfg.channels_last, autocast)
+                row.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "val_samples"})
+        else:
+            row.update({"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan})
+        history.append(row)
+        if dist.is_main:
+            meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": num_classes, "loss": cfg.loss}
+            improved = val_loader is not None and row["val_top1"] > best["val_top1"]
+            if improved or val_loader is None:
+                best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
+                _save_weights(model, os.path.join(cfg.out, "best.safetensors"), meta)
+            _save_weights(model, os.path.join(cfg.out, "last.safetensors"), meta)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
+                        "history": history}, os.path.join(cfg.out, STATE_FILE + ".tmp"))
+            os.replace(os.path.join(cfg.out, STATE_FILE + ".tmp"), os.path.join(cfg.out, STATE_FILE))
+            _write_metrics(cfg.out, history)
+        D.barrier(dist)
+        emit({"event": "epoch_end", **row})
+
+    last = history[-1] if history else {}
+    summary = {"out": cfg.out, "loss": cfg.loss, "student": cfg.student, "epochs": cfg.epochs,
+               "best_val_top1": best["val_top1"] if cfg.val_data else None, "best_epoch": best["epoch"],
+               "last_val_top1": last.get("val_top1"), "seconds": time.perf_counter() - t_run,
+               "train_seconds": sum(r["epoch_seconds"] for r in history), "params": params}
+    emit({"event": "end", **summary})
+    return summary
+
+
+def _fewest_samples_per_rank(shards: list[TrainShard], world: int) -> int:
+    """The fewest samples any rank can be dealt in an epoch, for any shard order: a safe per-rank step budget."""
+    sizes = sorted(s.nsamples for s in shards)
+    return sum(sizes[: len(shards) // world])
+
+
+def rebatch(batches: Any, batch_size: int) -> Any:
+    """Exact ``batch_size`` batches from a loader whose workers end on partial batches (drop_last per worker
+    would drop up to one batch per worker and shard pass); tensors are concatenated, not re-collated."""
+    pending: list[dict[str, torch.Tensor]] = []
+    have = 0
+    for batch in batches:
+        pending.append(batch)
+        have += len(batch["label"])
+        while have >= batch_size:
+            joined = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            rest = {k: v[batch_size:] for k, v in joined.items()}
+            have -= batch_size
+            pending = [rest] if have else []
