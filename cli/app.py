@@ -213,6 +213,7 @@ def distill_cmd(
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, only without --cache (default: classes.json beside the shards).", rich_help_panel=STUDENT)] = None,
     recipe: Annotated[str, typer.Option(help="Without --cache: augmentation recipe (cifar, imagenet, none).", rich_help_panel=STUDENT)] = "cifar",
     size: Annotated[int, typer.Option(help="Without --cache: input size.", rich_help_panel=STUDENT)] = 32,
+    pad: Annotated[int, typer.Option(help="Without --cache, cifar recipe: padding before the random crop.", rich_help_panel=STUDENT)] = 4,
     epochs: Annotated[int, typer.Option(help="Epochs.", rich_help_panel=OPTIM)] = 10,
     batch_size: Annotated[int, typer.Option(help="Batch size per process.", rich_help_panel=OPTIM)] = 128,
     opt: Annotated[str, typer.Option(help="timm optimizer: adamw, lamb, sgd, ...", rich_help_panel=OPTIM)] = "adamw",
@@ -248,7 +249,7 @@ def distill_cmd(
         batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
         channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,
-        init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size},
+        init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size, "pad": pad},
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
@@ -261,6 +262,86 @@ def distill_cmd(
               + (f"best val top-1 {best:.2f}% (epoch {summary['best_epoch']}), last {summary['last_val_top1']:.2f}% | "
                  if best is not None else "")
               + f"train {summary['train_seconds']:.1f}s, total {summary['seconds']:.1f}s | {summary['out']}")
+
+
+@app.command("demo")
+@friendly_errors
+def demo_cmd(
+    out_: Annotated[str, typer.Option("--out", help="Directory for the demo's data, cache, runs and results.")] = "pld-demo",
+    quick: Annotated[bool, typer.Option(help="A seconds-long smoke run (tiny epochs), for tests.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """The whole pipeline on real bundled data (scikit-learn's handwritten digits, no download).
+
+    Writes shards, trains a teacher with --loss ce, caches its logits with several views, distills the same
+    student with CE, KD and PLD from the cache, then prints a results table and saves a plot.
+    """
+    from pld_pipeline.demo import DemoConfig, run_demo
+
+    reporter = ProgressReporter(quiet=quiet)
+
+    def stage(event: dict[str, Any]) -> None:
+        if not quiet:
+            err.print(f"[bold cyan]== {event['stage']}[/]: {event['detail']}")
+
+    results = run_demo(DemoConfig(out=out_, quick=quick, device=device), reporter, stage)
+    t = Table(title="pld demo: digits (1,797 real 8x8 handwritten digits, upscaled to 16x16)")
+    for col in ("run", "model", "params", "best val top-1", "last val top-1", "train time"):
+        t.add_column(col)
+    te = results["teacher"]
+    t.add_row("teacher (ce)", te["model"], f"{te['params']:,}", f"{te['best_val_top1']:.2f}%", "-", f"{te['train_seconds']:.1f}s")
+    for r in results["students"]:
+        t.add_row(r["run"], r["model"], f"{r['params']:,}", f"{r['best_val_top1']:.2f}%", f"{r['last_val_top1']:.2f}%",
+                  f"{r['train_seconds']:.1f}s")
+    out.print(t)
+    c = results["cache"]
+    out.print(f"cache: {c['url']} ({c['bytes'] / 1024:.1f} KiB, {c['bytes_per_view']:.1f} bytes per view, "
+              f"{c['views']} views per sample); plot: {results['plot']}; table: {os.path.join(out_, 'results.md')}")
+    out.print("\nThe same on your own data:")
+    for line in results["commands"]:
+        out.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+@app.command("make-shards")
+@friendly_errors
+def make_shards_cmd(
+    source: Annotated[str, typer.Argument(help="digits (bundled with scikit-learn), cifar (python pickle batches) or folder (ImageFolder tree).")],
+    path: Annotated[Optional[Path], typer.Argument(help="cifar: the cifar-10-batches-py / cifar-100-python folder; folder: the root of CLASS/IMAGE files.")] = None,
+    out_: Annotated[Path, typer.Option("--out", help="Output directory for the shards and classes.json.")] = Path("shards"),
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    val_fraction: Annotated[float, typer.Option(help="Fraction held out as val (digits, folder; CIFAR uses its test split).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Shuffle seed (samples are shuffled before sharding).")] = 0,
+    upscale: Annotated[int, typer.Option(help="digits: integer upscale of the 8x8 images.")] = 2,
+) -> None:
+    """Write webdataset shards (unique dot-free keys, `cls` labels, classes.json) and print the patterns to use."""
+    from pld_pipeline import shards as S
+
+    if shard_size < 1 or not 0 <= val_fraction < 1:
+        raise ValueError(f"--shard-size must be >= 1 and --val-fraction in [0, 1), got {shard_size} and {val_fraction}.")
+    if source == "digits":
+        images, labels, names = S.digits_arrays(upscale=upscale)
+        splits = S.split_arrays(images, labels, names, str(out_), val_fraction=val_fraction, shard_size=shard_size, seed=seed)
+    elif source in ("cifar", "folder"):
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(f"make-shards {source} needs PATH, an existing directory (got {path}).")
+        if source == "cifar":
+            splits = {}
+            for split, name in (("train", "train"), ("test", "val")):
+                images, labels, names = S.cifar_arrays(str(path), split)
+                order = __import__("numpy").random.default_rng(seed).permutation(len(images))
+                gen = ((f"{name}_{S._safe(names[int(labels[i])])}_{int(i):06d}", S.encode_png(images[i]), "png", int(labels[i]))
+                       for i in order)
+                splits[name] = S.write_split(gen, str(out_), name, shard_size)
+            S.write_classes(str(out_), names)
+        else:
+            paths, labels, names = S.image_folder(str(path))
+            splits = S.split_files(paths, labels, names, str(out_), val_fraction=val_fraction, shard_size=shard_size, seed=seed)
+    else:
+        raise ValueError(f"Unsupported source '{source}'. Use one of: digits, cifar, folder.")
+    for split in splits.values():
+        out.print(f"{split.name}: {split.samples} samples in {len(split.shards)} shard(s): {split.pattern}", highlight=False)
+    out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False)
 
 
 def main() -> None:

@@ -77,8 +77,8 @@ class DistillConfig:
     resume: bool = False
 
     def loss_params(self) -> dict[str, float]:
-        names = {"kd": ("alpha",), "dist": ("alpha", "beta", "gamma")}.get(self.loss, ())
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        """The loss parameters the user set; create_loss refuses those the loss does not take."""
+        return {n: getattr(self, n) for n in ("alpha", "beta", "gamma") if getattr(self, n) is not None}
 
 
 # -- setup ------------------------------------------------------------------------------------------

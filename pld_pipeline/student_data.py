@@ -90,8 +90,9 @@ class TrainSamples(IterableDataset):
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
                 params = block.params[row, v]
                 label = int(block.labels[row])
-                item.update(topk_idx=block.topk_idx[row, v].astype(np.int64), topk_logp=block.topk_logp[row, v],
-                            label_logp=block.label_logp[row, v], logz=block.logz[row, v])
+                if block.topk_idx is not None:  # --loss ce reads no teacher arrays
+                    item.update(topk_idx=block.topk_idx[row, v].astype(np.int64), topk_logp=block.topk_logp[row, v],
+                                label_logp=block.label_logp[row, v], logz=block.logz[row, v])
                 image = decode_image(pick_field(sample, self.image_field))
             else:
                 label = parse_label(sample, self.label_field, self.num_classes)

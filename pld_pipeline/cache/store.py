@@ -48,12 +48,15 @@ def write_marker(root: zarr.Group, name: str, record: dict[str, Any]) -> None:
 
 
 def list_markers(root: zarr.Group) -> list[str]:
-    prefix = f"{root.store_path.path}/{UNITS_GROUP}".lstrip("/")
+    """Names of complete units: those whose marker object exists (an empty folder left by a crash between
+    mkdir and rename does not count)."""
+    prefix = f"{root.store_path.path}/{UNITS_GROUP}/".lstrip("/")
 
     async def _ls() -> list[str]:
-        return [name async for name in root.store.list_dir(prefix)]
+        return [key async for key in root.store.list_prefix(prefix)]
 
-    return sorted(n for n in sync(_ls()) if n != "zarr.json")
+    names = (key[len(prefix):].rsplit("/", 1) for key in sync(_ls()))
+    return sorted(parts[0] for parts in names if len(parts) == 2 and parts[1] == "zarr.json")
 
 
 def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:

@@ -1,0 +1,226 @@
+"""Stage 2 end to end on tiny generated shards: it learns, writes its files, resumes exactly, refuses bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pld_pipeline.cache import CacheError
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.distill import DistillConfig, distill, rebatch
+from pld_pipeline.student_data import TrainSamples, TrainShard, choose_view
+from pld_pipeline.views import ViewRecipe, decode_image, replay_view
+
+from conftest import NUM_CLASSES
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_data, tmp_path_factory):
+    """A teacher trained with --loss ce (how users train one), saved as a checkpoint."""
+    out = tmp_path_factory.mktemp("teacher_run")
+    distill(DistillConfig(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet14", loss="ce",
+                          val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0,
+                          device="cpu", num_classes=NUM_CLASSES, recipe={"name": "cifar", "size": 16, "pad": 2}))
+    return str(out / "best.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_data, teacher_run, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("cache") / "c.zarr")
+    cache_teacher(CacheTeacherConfig(
+        data=tiny_data["train"].pattern, out=url, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
+        views=4, size=16, k=5, temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu",
+        recipe_overrides={"pad": 2}))
+    return url
+
+
+def cfg(tiny_data, cache_url, out, **kw):
+    base = dict(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet8", loss="pld", cache=cache_url,
+                val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0, device="cpu")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.mark.parametrize("loss", ["pld", "kd", "dist", "ce"])
+def test_every_loss_trains_from_the_cache_and_writes_its_files(tiny_data, cache, tmp_path, loss):
+    summary = distill(cfg(tiny_data, cache, tmp_path / loss, loss=loss, epochs=2))
+    run = tmp_path / loss
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "metrics.jsonl", "metrics.csv",
+                 "config.json", "last_state.pt"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_top1"] <= 100 for r in rows)
+    config = json.load(open(run / "config.json"))
+    assert config["cache"]["shards"][0]["sha256"] and config["config"]["loss"] == loss
+    if loss != "ce":
+        assert config["cache"]["teacher"]["id"] == "r14" and config["temperature"] == (2.0 if loss == "kd" else 1.0)
+    assert summary["best_val_top1"] is not None
+
+
+def test_pld_training_loss_decreases(tiny_data, cache, tmp_path):
+    distill(cfg(tiny_data, cache, tmp_path / "run", epochs=4))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+class CrashAfterEpoch(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_same_final_weights(tiny_data, cache, tmp_path):
+    distill(cfg(tiny_data, cache, tmp_path / "whole", workers=2, ema_decay=0.9))
+
+    def crash(event):
+        if event["event"] == "epoch_end" and event["epoch"] == 1:
+            raise CrashAfterEpoch
+
+    with pytest.raises(CrashAfterEpoch):
+        distill(cfg(tiny_data, cache, tmp_path / "crashed", workers=2, ema_decay=0.9), crash)
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        distill(cfg(tiny_data, cache, tmp_path / "crashed", workers=2, ema_decay=0.9))
+    with pytest.raises(ValueError, match=r"different settings \(lr\)"):
+        distill(cfg(tiny_data, cache, tmp_path / "crashed", workers=2, ema_decay=0.9, lr=1.0, resume=True))
+    distill(cfg(tiny_data, cache, tmp_path / "crashed", workers=2, ema_decay=0.9, resume=True))
+    a = load_file(str(tmp_path / "whole" / "last.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "last.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    whole = open(tmp_path / "whole" / "metrics.csv").read().splitlines()
+    resumed = open(tmp_path / "crashed" / "metrics.csv").read().splitlines()
+    assert len(whole) == len(resumed) == 4
+    assert [r.split(",")[1] for r in whole] == [r.split(",")[1] for r in resumed]  # same train losses
+
+
+def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cache):
+    from pld_pipeline.cache import CacheReader
+    reader = CacheReader(cache)
+    recipe = ViewRecipe.from_dict(reader.meta.recipe)
+    shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]
+    ds = TrainSamples(shards, recipe=recipe, seed=0, rank=0, world=1, cache_url=cache, teacher="r14",
+                      num_views=4, shuffle_buffer=1)
+    ds.set_epoch(2)
+    from pld_pipeline.data import iter_shard
+    images = {s["__key__"]: decode_image(s["png"]) for u in tiny_data["train"].shards for s in iter_shard(u)}
+    index = reader.key_index()
+    seen = 0
+    for item in ds:
+        matches = []
+        for key, image in images.items():
+            shard, row = index[key]
+            v = choose_view("rotate", 0, key, 2, 4)
+            params = reader.read_block(shard, "r14").params[row, v]
+            if torch.equal(replay_view(image, params, recipe), item["image"]):
+                matches.append(key)
+        assert len(matches) >= 1  # the item's tensor is, bit for bit, the cached view of its own sample
+        seen += 1
+        if seen == 6:
+            break
+
+
+def test_views_rotate_through_all_cached_views():
+    views = [choose_view("rotate", 0, "some_key", epoch, 4) for epoch in range(8)]
+    assert sorted(views[:4]) == [0, 1, 2, 3] and views[:4] == views[4:]
+    assert len({choose_view("rotate", 0, f"k{i}", 0, 4) for i in range(50)}) == 4  # per-sample offsets
+
+
+def test_rebatch_gives_exact_batches_across_partial_worker_batches():
+    parts = [{"label": torch.arange(n), "image": torch.zeros(n, 2)} for n in (5, 3, 7, 2)]
+    out = list(rebatch(iter(parts), 4))
+    assert [len(b["label"]) for b in out] == [4, 4, 4, 4]
+    assert torch.cat([b["label"] for b in out]).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0]
+
+
+def test_no_teacher_is_loaded_the_teachers_code_and_weights_can_be_gone(tiny_data, tmp_path):
+    module_dir = tmp_path / "mods"
+    module_dir.mkdir()
+    (module_dir / "vanishing_teacher.py").write_text(textwrap.dedent("""
+        from pld_pipeline.models import load_model
+        def build(num_classes=10, **kw):
+            return load_model("cifar_resnet8", num_classes=num_classes)
+    """))
+    url = str(tmp_path / "c.zarr")
+    sys.path.insert(0, str(module_dir))
+    try:
+        cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=url, views=2, size=16, k=3, workers=0,
+                                         teachers=[TeacherSpec("vanishing_teacher:build", name="gone")],
+                                         num_classes=NUM_CLASSES, device="cpu"))
+    finally:
+        sys.path.remove(str(module_dir))
+        sys.modules.pop("vanishing_teacher", None)
+    shutil.rmtree(module_dir)
+    code = textwrap.dedent(f"""
+        import sys, builtins
+        real_import = builtins.__import__
+        def guard(name, *a, **k):
+            assert "vanishing_teacher" not in name, "distill tried to load the teacher"
+            return real_import(name, *a, **k)
+        builtins.__import__ = guard
+        from pld_pipeline.distill import DistillConfig, distill
+        distill(DistillConfig(data={tiny_data['train'].pattern!r}, out={str(tmp_path / 'run')!r},
+                              student="cifar_resnet8", cache={url!r}, epochs=1, batch_size=8, workers=0, device="cpu"))
+        print("trained")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "trained" in run.stdout, run.stderr[-2000:]
+
+
+def test_a_subset_of_the_cached_shards_is_fine(tiny_data, cache, tmp_path):
+    summary = distill(cfg(tiny_data, cache, tmp_path / "sub", data=tiny_data["train"].shards[1], epochs=1))
+    assert summary["epochs"] == 1
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(student="cifar_resnet8", init_checkpoint="WRONG_CLASSES"), ValueError, "does not fit model"),
+    (dict(data="VAL"), CacheError, "is not one the cache .* covers"),
+    (dict(teacher="nope"), CacheError, "'nope' is not in"),
+    (dict(temperature=4.0), CacheError, r"Temperature 4 is not in teacher 'r14''s cached grid \(1, 2\)"),
+    (dict(loss="kd", alpha=0.2, beta=0.3), ValueError, "takes no parameter"),
+    (dict(cache=None), ValueError, "--loss pld needs --cache"),
+    (dict(view_policy="sideways"), ValueError, "Unsupported view policy"),
+    (dict(batch_size=1000), ValueError, "exceeds the .* samples a rank is sure to see"),
+    (dict(num_classes=5), ValueError, "differs from the cache's 10 classes"),
+])
+def test_bad_distill_input_is_refused_clearly(tiny_data, cache, tmp_path, change, error, match):
+    change = dict(change)
+    if change.get("init_checkpoint") == "WRONG_CLASSES":
+        path = tmp_path / "wrong.pth"
+        from pld_pipeline.models import load_model
+        torch.save(load_model("cifar_resnet8", num_classes=3).state_dict(), str(path))
+        change["init_checkpoint"] = str(path)
+    if change.get("data") == "VAL":
+        change["data"] = tiny_data["val"].pattern
+    with pytest.raises(error, match=match):
+        distill(cfg(tiny_data, cache, tmp_path / "run", **change))
+
+
+def test_an_incomplete_cache_is_refused(tiny_data, cache, tmp_path):
+    partial = str(tmp_path / "partial.zarr")
+    shutil.copytree(cache, partial)
+    os.remove(os.path.join(partial, "units", "s000001.teacher.r14.0-4", "zarr.json"))
+    with pytest.raises(CacheError, match="is incomplete: 1 unit.*Rerun the same `pld cache-teacher`"):
+        distill(cfg(tiny_data, partial, tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_distill(tiny_data, cache, tmp_path):
+    out = tmp_path / "ddp"
+    run = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        str(30500 + os.getpid() % 1000), "-m", "pld_pipeline", "distill", "--data", tiny_data["train"].pattern,
+        "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student", "cifar_resnet8", "--out", str(out),
+        "--epochs", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["best_val_top1"] is not None
+    config = json.load(open(out / "config.json"))
+    assert config["world_size"] == 2
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(rows) == 2 and rows[0]["val_samples"] == 12  # both ranks' eval shards counted once
