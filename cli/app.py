@@ -17,8 +17,8 @@ from .progress import ProgressReporter
 app = typer.Typer(
     name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Plackett-Luce distillation from cached teacher logits: cache the teacher once, train many students.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # paths and commands must stay copy-pasteable
+err = Console(stderr=True, soft_wrap=True)
 
 DATA = "Data"
 TEACHER = "Teacher"
@@ -297,7 +297,8 @@ def demo_cmd(
     out.print(t)
     c = results["cache"]
     out.print(f"cache: {c['url']} ({c['bytes'] / 1024:.1f} KiB, {c['bytes_per_view']:.1f} bytes per view, "
-              f"{c['views']} views per sample); plot: {results['plot']}; table: {os.path.join(out_, 'results.md')}")
+              f"{c['views']} views per sample); plot: {results['plot']}; table: {os.path.join(out_, 'results.md')}",
+              soft_wrap=True)
     out.print("\nThe same on your own data:")
     for line in results["commands"]:
         out.print(f"  {line}", highlight=False, soft_wrap=True)
@@ -340,8 +341,9 @@ def make_shards_cmd(
     else:
         raise ValueError(f"Unsupported source '{source}'. Use one of: digits, cifar, folder.")
     for split in splits.values():
-        out.print(f"{split.name}: {split.samples} samples in {len(split.shards)} shard(s): {split.pattern}", highlight=False)
-    out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False)
+        out.print(f"{split.name}: {split.samples} samples in {len(split.shards)} shard(s): {split.pattern}",
+                  highlight=False, soft_wrap=True)
+    out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

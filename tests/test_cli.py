@@ -1,0 +1,123 @@
+"""The `pld` command line: the demo, make-shards from every source, errors in one line, docs in sync."""
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pld_pipeline.data import expand_shards, iter_shard
+from pld_pipeline_cli.app import app
+from pld_pipeline_cli.reference import render
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_demo_quick_runs_every_stage_end_to_end(tmp_path):
+    result = invoke("demo", "--quick", "--out", tmp_path / "demo", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["run"] for r in results["students"]] == ["student ce", "student kd", "student pld"]
+    assert (tmp_path / "demo" / "val_top1.png").stat().st_size > 1000
+    assert "pld cache-teacher" in result.output and "pld distill --loss pld" in result.output
+    assert "student pld" in result.output
+    info = json.loads(invoke("inspect", tmp_path / "demo" / "cache.zarr", "--json").output)
+    assert info["shards_done"] == info["shards_total"] and info["teachers"]["cifar_resnet8"]["full"]
+
+
+def test_make_shards_from_digits(tmp_path):
+    result = invoke("make-shards", "digits", "--out", tmp_path, "--shard-size", 500, "--val-fraction", 0.2)
+    assert result.exit_code == 0, result.output
+    pattern = re.search(r"train: 1438 samples in 3 shard\(s\): (\S+)", result.output).group(1)
+    samples = [s for url in expand_shards(pattern) for s in iter_shard(url)]
+    keys = [s["__key__"] for s in samples]
+    assert len(keys) == len(set(keys)) == 1438 and not any("." in k for k in keys)
+    assert json.loads((tmp_path / "classes.json").read_text())["class_names"][3] == "3"
+    assert {int(s["cls"]) for s in samples} == set(range(10))
+
+
+def test_make_shards_from_cifar_pickles(tmp_path):
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(src / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 9]}, f)
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    result = invoke("make-shards", "cifar", src, "--out", tmp_path / "out", "--shard-size", 8)
+    assert result.exit_code == 0, result.output
+    assert "train: 20 samples in 3 shard(s)" in result.output and "val: 4 samples in 1 shard(s)" in result.output
+    first = next(iter_shard(str(tmp_path / "out" / "train-000000.tar")))
+    assert np.asarray(Image.open(__import__("io").BytesIO(first["png"]))).shape == (32, 32, 3)
+
+
+def test_make_shards_from_an_image_folder(tmp_path):
+    for cls in ("cats", "dogs"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / cls / f"im.{i}.jpg")
+    result = invoke("make-shards", "folder", tmp_path / "imgs", "--out", tmp_path / "out", "--val-fraction", 0.34)
+    assert result.exit_code == 0, result.output
+    samples = [s for split in ("train", "val") for s in iter_shard(str(tmp_path / "out" / f"{split}-000000.tar"))]
+    assert len(samples) == 6 and all("jpg" in s for s in samples)
+    assert sorted(int(s["cls"]) for s in samples) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/nonexistent/cache.zarr"], "error: No cache at /nonexistent/cache.zarr"),
+    (["make-shards", "imagenet"], "Unsupported source 'imagenet'"),
+    (["make-shards", "cifar", "/nonexistent"], "needs PATH, an existing directory"),
+    (["cache-teacher", "--data", "x.tar", "--out", "c", "--teacher", "a", "--teacher", "b",
+      "--teacher-checkpoint", "k.pth"], "Got 2 --teacher but 1 --teacher-checkpoint"),
+    (["cache-teacher", "--data", "x.tar", "--out", "c", "--teacher", "a", "--temperatures", "1,x"],
+     "--temperatures must be comma-separated numbers"),
+    (["distill", "--data", "x.tar", "--out", "r", "--student", "cifar_resnet8", "--loss", "kd"],
+     "--loss kd needs --cache"),
+])
+def test_bad_input_ends_in_one_line_naming_the_fix(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert message in text and "Traceback" not in result.output
+
+
+def test_verify_exits_non_zero_and_lists_bad_units(tmp_path):
+    assert invoke("demo", "--quick", "--out", tmp_path / "d", "--device", "cpu", "--quiet").exit_code == 0
+    cache = tmp_path / "d" / "cache.zarr"
+    ok = invoke("verify", cache)
+    assert ok.exit_code == 0 and "unit(s) verified" in ok.output
+    os.remove(cache / "teachers" / "cifar_resnet8" / "topk_idx" / "c" / "0" / "1" / "0")
+    bad = runner.invoke(app, ["verify", str(cache), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)
+    assert not report["ok"] and any("s000000.teacher.cifar_resnet8" in p for p in report["problems"])
+
+
+def test_docs_cli_reference_is_in_sync_with_help():
+    assert (ROOT / "docs" / "cli.md").read_text().strip() == render().strip(), \
+        "docs/cli.md is stale: run `python -m pld_pipeline_cli.reference > docs/cli.md`"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    block = lines[lines.index("```bash") + 1: lines.index("```bash") + 3]
+    main_cmd, test_cmd = (line.split("#")[0].strip() for line in block)
+    assert "pld_pipeline demo" in main_cmd and "pytest" in test_cmd
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_command_has_help():
+    for name in ("cache-teacher", "distill", "inspect", "verify", "demo", "make-shards"):
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
