@@ -175,13 +175,24 @@ def _ranking_head(topk_idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Ten
     return head_idx, valid, src
 
 
-#: Beyond this spread of student logits in a row, exp-space cumulative sums could underflow even in
-#: float64 (exp(-745) == 0); such batches take the slower log-space scan instead.
+#: Beyond this spread of logits within a head, exp-space cumulative sums could underflow even in float64
+#: (exp(-745) == 0); such batches take the slower log-space scan instead.
 _EXP_SPACE_MAX_SPREAD = 600.0
 
 
-def _row_spread(s: Tensor, rest_lse: Tensor) -> float:
-    return float((torch.maximum(s.amax(1), rest_lse) - s.amin(1)).max()) if s.numel() else 0.0
+def _rest_softmax(s: Tensor, head_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """logsumexp R of the student logits outside the head, and ``exp(s - R)`` there (zero inside the head),
+    the softmax over the rest, computed as ``exp(s - max) / total`` with the division left to a per-row scale.
+
+    Pad slots of the head repeat classes that are in the head anyway, so one scatter of -inf over every slot
+    masks exactly the head. A row whose head covers every class gets R = -inf and an all-zero softmax.
+    """
+    rest = s.scatter(1, head_idx, -math.inf)
+    top = rest.amax(1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    e = torch.exp(rest - top)
+    total = e.sum(1)
+    return total.log() + top.squeeze(1), (e, torch.where(total > 0, total, 1.0))
 
 
 class _PlackettLuceHead(torch.autograd.Function):
@@ -189,10 +200,11 @@ class _PlackettLuceHead(torch.autograd.Function):
 
     Forward: ``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
     Backward, closed form (autograd through a reversed logcumsumexp is several times slower):
-    ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside
-    the head (present in every suffix) ``exp(s_c) * sum_k alpha_k exp(-D_k)``. Both cumulative sums run
-    in exp space in float64 with a per-row shift (a plain cumsum is far cheaper than logcumsumexp); rows
-    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` fall back to logcumsumexp.
+    ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside the
+    head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``. The head's cumulative
+    sums run in exp space in float64 with a per-row shift (a cumsum is far cheaper than logcumsumexp); heads
+    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` fall back to logcumsumexp. Everything over all C
+    classes is a handful of float32 passes, like KD.
     """
 
     @staticmethod
@@ -200,50 +212,53 @@ class _PlackettLuceHead(torch.autograd.Function):
         dtype = _compute_dtype(s)
         s = s.to(dtype)
         alpha = alpha.to(dtype)
-        neg_inf = torch.tensor(-math.inf, dtype=dtype, device=s.device)
-        s_head = s.gather(1, head_idx)
-        if not bool(valid.all()):
-            s_head = torch.where(valid, s_head, neg_inf)
-        if head_idx.shape[1] >= s.shape[1] and bool(valid.all()):
-            in_head = None  # the head is a full permutation: nothing is left outside it
-            rest_lse = torch.full_like(s[:, 0], -math.inf)
+        s_head = torch.where(valid, s.gather(1, head_idx), -math.inf)
+        if head_idx.shape[1] == s.shape[1] and bool(valid.all()):  # a full ranking: nothing outside the head
+            rest_lse, rest_p = torch.full_like(s[:, 0], -math.inf), None
         else:
-            # scatter_add counts are deterministic even where the pad slot repeats a class index.
-            in_head = torch.zeros_like(s, dtype=torch.int32).scatter_add_(1, head_idx, valid.int()) > 0
-            rest_lse = torch.logsumexp(torch.where(in_head, neg_inf, s), dim=1)
-        exp_space = _row_spread(s, rest_lse) < _EXP_SPACE_MAX_SPREAD
+            rest_lse, rest_p = _rest_softmax(s, head_idx)
+        finite_head = torch.where(valid, s_head, rest_lse[:, None])
+        shift = torch.maximum(finite_head.amax(1), rest_lse)[:, None]
+        spread = float((shift.squeeze(1) - finite_head.amin(1)).max()) if s.shape[0] else 0.0
+        exp_space = spread < _EXP_SPACE_MAX_SPREAD
         if exp_space:
-            shift = torch.maximum(s.amax(1), rest_lse)[:, None]
             tail = torch.exp((s_head - shift).double()).flip(1).cumsum(1).flip(1)
             lse_remaining = (tail + torch.exp((rest_lse[:, None] - shift).double())).log().to(dtype) + shift
         else:
             suffix = torch.logcumsumexp(s_head.flip(1), dim=1).flip(1)
             lse_remaining = torch.logaddexp(rest_lse[:, None], suffix)
         loss = torch.where(valid, alpha * (lse_remaining - s_head), 0.0).sum(1)
-        ctx.save_for_backward(s, head_idx, valid, alpha, s_head, lse_remaining, in_head)
+        ctx.save_for_backward(head_idx, valid, alpha, s_head, lse_remaining, rest_lse)
+        ctx.rest_p = rest_p  # (exp, total) or None; not inputs, so plain attributes are fine
         ctx.exp_space = exp_space
         ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        s, head_idx, valid, alpha, s_head, lse_remaining, in_head = ctx.saved_tensors
-        neg_inf = torch.tensor(-math.inf, dtype=s.dtype, device=s.device)
-        log_w = torch.where(valid & (alpha > 0), alpha.log() - lse_remaining, neg_inf)
+        head_idx, valid, alpha, s_head, lse_remaining, rest_lse = ctx.saved_tensors
+        rest_p = ctx.rest_p
+        dtype = alpha.dtype
+        log_w = torch.where(valid & (alpha > 0), alpha.log() - lse_remaining, -math.inf)
         if ctx.exp_space:
             shift = log_w.amax(1, keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, 0.0)
             cum = torch.exp((log_w - shift).double()).cumsum(1)
-            g_head = torch.exp((s_head + shift).double()) * cum
-            g_rest = torch.exp((s + shift).double()) * cum[:, -1:]
+            g_head = (torch.exp((s_head + shift).double()) * cum).to(dtype)
         else:
-            cum = torch.logcumsumexp(log_w, dim=1)
-            g_head = torch.exp(s_head + cum)
-            g_rest = torch.exp(s + cum[:, -1:])
-        g_head = torch.where(valid, g_head.to(s.dtype) - alpha, 0.0)
-        g = g_rest.to(s.dtype)
-        g = torch.zeros_like(s) if in_head is None else g.masked_fill(in_head, 0.0)
-        g = g.scatter_add(1, head_idx, g_head)
-        return (g * grad_loss.to(s.dtype)[:, None]).to(ctx.in_dtype), None, None, None
+            cum_log = torch.logcumsumexp(log_w, dim=1)
+            g_head = torch.exp(s_head + cum_log)
+        g_out = grad_loss.to(dtype)[:, None]
+        g_head = torch.where(valid, g_head - alpha, 0.0) * g_out
+        if rest_p is None:
+            g = torch.zeros(head_idx.shape[0], head_idx.shape[1], dtype=dtype, device=g_head.device)
+            return g.scatter_(1, head_idx, g_head).to(ctx.in_dtype), None, None, None
+        # Weight of the rest block: sum_k alpha_k exp(R - D_k) <= sum alpha, computed in log space.
+        rest_weight = torch.exp(torch.logsumexp(log_w, dim=1, keepdim=True) + rest_lse[:, None])
+        rest_weight = torch.where(torch.isfinite(rest_weight), rest_weight, 0.0)
+        rest_exp, rest_total = rest_p
+        g = (rest_exp * (rest_weight * g_out / rest_total[:, None])).scatter_add_(1, head_idx, g_head)
+        return g.to(ctx.in_dtype), None, None, None
 
 
 def pld_loss_from_ranking(
