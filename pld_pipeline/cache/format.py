@@ -18,11 +18,29 @@ KEY_ARRAY = "samples/key"  # uint8 [R, key_bytes], UTF-8 key, zero padded
 LABEL_ARRAY = "samples/label"  # int32 [R], -1 where no sample
 STATUS_ARRAY = "samples/status"  # uint8 [R], see SampleStatus
 PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip
-TEACHER_ARRAYS = ("topk_idx", "topk_logp", "label_logp", "logz")
+TEACHER_ARRAYS = ("topk_idx", "topk_dlogp", "top1_logp", "label_logp", "logz")
 UNITS_GROUP = "units"
 
 #: Clamp for stored log-probabilities: float16's finite range; such classes have probability exp(-6e4) = 0.
 MIN_LOGP = -60000.0
+
+
+def split_logp(topk_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored form of top-k log-probs: float16 deltas from the top-1 (<= 0) and the top-1 in float32.
+
+    float16 keeps ~11 bits relative to a value's magnitude, so storing deltas puts the precision where the
+    weight is: a class's weight error is at most p_T(top) * max_x(x e^-x) * 2^-11 < 2e-4 at any temperature,
+    where float16 absolute log-probs would exceed 1e-3 for unconfident teachers at T < 1.
+    """
+    logp = np.asarray(topk_logp, dtype=np.float32)
+    top1 = logp[..., 0]
+    dlogp = np.maximum(logp - top1[..., None], MIN_LOGP).astype(np.float16)
+    return dlogp, top1
+
+
+def join_logp(topk_dlogp: np.ndarray, top1_logp: np.ndarray) -> np.ndarray:
+    """Top-k log-probs (float32) from their stored form."""
+    return np.asarray(top1_logp, dtype=np.float32)[..., None] + np.asarray(topk_dlogp, dtype=np.float32)
 
 
 class SampleStatus:

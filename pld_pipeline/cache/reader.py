@@ -25,8 +25,8 @@ class ShardBlock:
     status: np.ndarray  # [n] uint8 (SampleStatus)
     params: np.ndarray  # [n, V, 5] int32
     topk_idx: np.ndarray | None  # [n, V, k]
-    topk_logp: np.ndarray | None  # [n, V, k] float16
-    label_logp: np.ndarray | None  # [n, V] float16
+    topk_logp: np.ndarray | None  # [n, V, k] float32 (stored as float16 deltas from the top-1)
+    label_logp: np.ndarray | None  # [n, V] float32
     logz: np.ndarray | None  # [n, V] float32, the requested temperature's column
 
     def row_of(self) -> dict[str, int]:
@@ -160,7 +160,8 @@ class CacheReader:
             col = self.temperature_column(rec, 1.0 if temperature is None else temperature)
             region = (rows, slice(0, views))
             block.topk_idx = self._read(fmt.teacher_array(rec.id, "topk_idx"), region)
-            block.topk_logp = self._read(fmt.teacher_array(rec.id, "topk_logp"), region)
+            block.topk_logp = fmt.join_logp(self._read(fmt.teacher_array(rec.id, "topk_dlogp"), region),
+                                            self._read(fmt.teacher_array(rec.id, "top1_logp"), region))
             block.label_logp = self._read(fmt.teacher_array(rec.id, "label_logp"), region)
             block.logz = self._read(fmt.teacher_array(rec.id, "logz"), region)[..., col]
         return block

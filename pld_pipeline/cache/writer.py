@@ -155,14 +155,11 @@ class CacheWriter:
         self._marker(fmt.views_unit(shard, views), shard, sums, views=list(views))
 
     def write_teacher(self, shard: int, tid: str, views: tuple[int, int], block: TeacherBlock) -> None:
-        logp = np.maximum(block.topk_logp, fmt.MIN_LOGP)
-        label_logp = np.maximum(block.label_logp, fmt.MIN_LOGP)
-        sums = {
-            fmt.teacher_array(tid, "topk_idx"): self._write(fmt.teacher_array(tid, "topk_idx"), shard, block.topk_idx, views),
-            fmt.teacher_array(tid, "topk_logp"): self._write(fmt.teacher_array(tid, "topk_logp"), shard, logp, views),
-            fmt.teacher_array(tid, "label_logp"): self._write(fmt.teacher_array(tid, "label_logp"), shard, label_logp, views),
-            fmt.teacher_array(tid, "logz"): self._write(fmt.teacher_array(tid, "logz"), shard, block.logz, views),
-        }
+        dlogp, top1 = fmt.split_logp(block.topk_logp)
+        stored = {"topk_idx": block.topk_idx, "topk_dlogp": dlogp, "top1_logp": top1,
+                  "label_logp": np.maximum(block.label_logp, fmt.MIN_LOGP), "logz": block.logz}
+        sums = {fmt.teacher_array(tid, name): self._write(fmt.teacher_array(tid, name), shard, arr, views)
+                for name, arr in stored.items()}
         self._marker(fmt.teacher_unit(shard, tid, views), shard, sums, teacher=tid, views=list(views),
                      correct=int(block.correct), count=int(block.count))
 
@@ -184,8 +181,9 @@ def _create_sample_arrays(root: zarr.Group, meta: CacheMeta, level: int) -> None
 def _create_teacher_arrays(root: zarr.Group, meta: CacheMeta, t: TeacherRecord, level: int) -> None:
     rows, s, v = meta.num_rows, meta.rows_per_shard, meta.num_views
     _create(root, fmt.teacher_array(t.id, "topk_idx"), (rows, v, t.k), (s, 1, t.k), t.index_dtype, -1, level)
-    _create(root, fmt.teacher_array(t.id, "topk_logp"), (rows, v, t.k), (s, 1, t.k), "float16", np.nan, level)
-    _create(root, fmt.teacher_array(t.id, "label_logp"), (rows, v), (s, 1), "float16", np.nan, level)
+    _create(root, fmt.teacher_array(t.id, "topk_dlogp"), (rows, v, t.k), (s, 1, t.k), "float16", np.nan, level)
+    _create(root, fmt.teacher_array(t.id, "top1_logp"), (rows, v), (s, 1), "float32", np.nan, level)
+    _create(root, fmt.teacher_array(t.id, "label_logp"), (rows, v), (s, 1), "float32", np.nan, level)
     n_t = len(t.temperatures)
     _create(root, fmt.teacher_array(t.id, "logz"), (rows, v, n_t), (s, 1, n_t), "float32", np.nan, level)
 
