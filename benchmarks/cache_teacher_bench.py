@@ -1,0 +1,90 @@
+"""cache-teacher throughput against the same teacher's bare forward on the same batches, in one run.
+
+    python benchmarks/cache_teacher_bench.py --data '../shared/data/cifar10/cifar10-train-{000000..000001}.tar' \
+        --teacher cifar_resnet56 --checkpoint ../shared/models/resnet56-4bfd9763.th
+
+The bare forward is the ceiling: pre-decoded uint8 views already in memory, normalise + forward under
+inference_mode, nothing else. cache-teacher does everything (decode in workers, view replay, top-k encoding,
+compression, zarr writes in a background thread). Reported: steady-state views/s (first batch to last
+shard written) and end to end (including model load, shard indexing with full sha256, metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.data import expand_shards, iter_shard
+from pld_pipeline.models import load_model, preprocessing_of
+from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
+
+
+def bare_forward(args: argparse.Namespace) -> float:
+    model = load_model(args.teacher, checkpoint=args.checkpoint).eval().to(memory_format=torch.channels_last)
+    prep = preprocessing_of(model)
+    recipe = ViewRecipe("cifar", size=32)
+    views = []
+    for url in expand_shards(args.data):
+        for s in iter_shard(url):
+            image = decode_image(s["jpg"])
+            views += [replay_view(image, view_params(recipe, 0, s["__key__"], v, 32, 32), recipe) for v in range(args.views)]
+    batches = [torch.stack(views[i:i + args.batch_size]) for i in range(0, len(views), args.batch_size)]
+    with torch.inference_mode():
+        model(normalize(batches[0], prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last))
+        t0 = time.perf_counter()
+        for b in batches:
+            model(normalize(b, prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last))
+        return len(views) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--teacher", default="cifar_resnet56")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/cache_teacher.json")
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="pld-ct-bench-")
+    marks: dict[str, float] = {}
+
+    def progress(event: dict) -> None:
+        if event["event"] == "batch" and "first_batch" not in marks:
+            marks["first_batch"] = time.perf_counter()
+        if event["event"] in ("start", "end"):
+            marks[event["event"]] = time.perf_counter()
+
+    try:
+        bare = bare_forward(args)
+        t0 = time.perf_counter()
+        summary = cache_teacher(CacheTeacherConfig(
+            data=args.data, out=os.path.join(root, "c.zarr"), teachers=[TeacherSpec(args.teacher, args.checkpoint)],
+            views=args.views, recipe="cifar", size=32, batch_size=args.batch_size, workers=args.workers,
+            num_classes=10, device="cpu"), progress)
+        end_to_end = summary["items"] / (time.perf_counter() - t0)
+        steady = summary["items"] / (marks["end"] - marks["start"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {"args": vars(args), "views": summary["items"], "bare_forward_views_per_s": bare,
+              "cache_teacher_views_per_s": steady, "cache_teacher_end_to_end_views_per_s": end_to_end,
+              "ratio_steady": steady / bare, "ratio_end_to_end": end_to_end / bare,
+              "threads": torch.get_num_threads(), "teacher_top1_on_cached_views": summary["teacher_accuracy"]}
+    print(f"bare forward {bare:,.0f} views/s | cache-teacher {steady:,.0f} views/s steady "
+          f"({steady / bare:.2f}x), {end_to_end:,.0f} views/s end to end ({end_to_end / bare:.2f}x) | "
+          f"{summary['items']} views, top-1 {summary['teacher_accuracy']}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
