@@ -209,12 +209,16 @@ def distill_cmd(
     beta: Annotated[Optional[float], typer.Option(help="dist: inter-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
     gamma: Annotated[Optional[float], typer.Option(help="dist: intra-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
     view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
+    top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
+    online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,
+    online_teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint for --online-teacher.", rich_help_panel=LOSS)] = None,
     init_checkpoint: Annotated[Optional[str], typer.Option(help="Start the student from these weights.", rich_help_panel=STUDENT)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, only without --cache (default: classes.json beside the shards).", rich_help_panel=STUDENT)] = None,
     recipe: Annotated[str, typer.Option(help="Without --cache: augmentation recipe (cifar, imagenet, none).", rich_help_panel=STUDENT)] = "cifar",
     size: Annotated[int, typer.Option(help="Without --cache: input size.", rich_help_panel=STUDENT)] = 32,
     pad: Annotated[int, typer.Option(help="Without --cache, cifar recipe: padding before the random crop.", rich_help_panel=STUDENT)] = 4,
     epochs: Annotated[int, typer.Option(help="Epochs.", rich_help_panel=OPTIM)] = 10,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (and after the last).", rich_help_panel=RUN)] = 1,
     batch_size: Annotated[int, typer.Option(help="Batch size per process.", rich_help_panel=OPTIM)] = 128,
     opt: Annotated[str, typer.Option(help="timm optimizer: adamw, lamb, sgd, ...", rich_help_panel=OPTIM)] = "adamw",
     lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=OPTIM)] = 1e-3,
@@ -250,7 +254,9 @@ def distill_cmd(
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
         channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,
         init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size, "pad": pad},
-        shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume)
+        shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
+        top_k=top_k, eval_every=eval_every, online_teacher=online_teacher,
+        online_teacher_checkpoint=online_teacher_checkpoint)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return

@@ -99,6 +99,7 @@ class ProgressReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self._log(f"epoch {e['epoch']}: train_loss {e['train_loss']:.4f}  val_top1 {e['val_top1']:.2f}  "
-                  f"val_top5 {e['val_top5']:.2f}  val_loss {e['val_loss']:.4f}  {e['epoch_seconds']:.1f}s "
+        val = (f"val_top1 {e['val_top1']:.2f}  val_top5 {e['val_top5']:.2f}  val_loss {e['val_loss']:.4f}  "
+               if e.get("val_top1") == e.get("val_top1") else "")  # NaN: not evaluated this epoch
+        self._log(f"epoch {e['epoch']}: train_loss {e['train_loss']:.4f}  {val}{e['epoch_seconds']:.1f}s "
                   f"({e['samples_per_s']:.0f} img/s)")

@@ -29,7 +29,7 @@ from . import distributed as D
 from .cache.format import CacheError
 from .cache.reader import CacheReader
 from .data import expand_shards, index_shard, quick_hash, shard_name
-from .losses import create_loss, default_temperature, loss_needs_teacher
+from .losses import TeacherTargets, create_loss, default_temperature, loss_needs_teacher
 from .models import load_model, preprocessing_of
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets
@@ -53,6 +53,8 @@ class DistillConfig:
     beta: float | None = None  # dist: inter-class weight (default 0.45)
     gamma: float | None = None  # dist: intra-class weight (default 0.45)
     view_policy: str = "rotate"
+    top_k: int | None = None  # use only the first k cached classes (what a top-k cache would hold)
+    eval_every: int = 1
     epochs: int = 10
     batch_size: int = 128
     opt: str = "adamw"
@@ -75,6 +77,9 @@ class DistillConfig:
     image_field: str = "jpg;jpeg;png;webp"
     label_field: str = "cls"
     resume: bool = False
+    # Baseline only: a teacher run on every step (fresh views each epoch), to compare against the cache.
+    online_teacher: str | None = None
+    online_teacher_checkpoint: str | None = None
 
     def loss_params(self) -> dict[str, float]:
         """The loss parameters the user set; create_loss refuses those the loss does not take."""
@@ -172,10 +177,13 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
     needs_teacher = loss_needs_teacher(cfg.loss)
     create_loss(cfg.loss, **cfg.loss_params())  # validate the loss name and parameters before any work
-    if needs_teacher and not cfg.cache:
+    if cfg.online_teacher and cfg.cache:
+        raise ValueError("Give either --cache or an online teacher, not both.")
+    if needs_teacher and not (cfg.cache or cfg.online_teacher):
         raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--epochs and --batch-size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
+        raise ValueError(f"--epochs, --batch-size and --eval-every must be >= 1, got {cfg.epochs}, {cfg.batch_size} "
+                         f"and {cfg.eval_every}.")
     emit = progress or (lambda event: None)
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = D.init_distributed(device)
@@ -198,6 +206,8 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             rec = reader.teacher(cfg.teacher)
             teacher_id = rec.id
             reader.temperature_column(rec, temperature)  # refuses a temperature outside the cached grid
+            if cfg.top_k is not None and not 1 <= cfg.top_k <= rec.k:
+                raise ValueError(f"--top-k {cfg.top_k} must lie in [1, {rec.k}], the k teacher '{rec.id}' was cached with.")
     else:
         recipe = ViewRecipe.from_dict({**ViewRecipe().to_dict(), **cfg.recipe})
         classes = read_classes(expand_shards(cfg.data)[0])
@@ -209,6 +219,11 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     shards = _train_shards(cfg, reader)
     if reader is not None:
         reader.require_complete(teacher_id, [s.cache_shard for s in shards])
+    online = None
+    if cfg.online_teacher:
+        online = load_model(cfg.online_teacher, num_classes=num_classes, checkpoint=cfg.online_teacher_checkpoint)
+        online = online.to(device).eval().to(memory_format=torch.channels_last)
+        online_prep = preprocessing_of(online)
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint)
@@ -284,7 +299,11 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             y = batch["label"].to(device, non_blocking=True).long()
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            targets = batch_targets(batch, temperature, num_classes, device)
+            targets = batch_targets(batch, temperature, num_classes, device, cfg.top_k)
+            if online is not None and needs_teacher:
+                with torch.inference_mode(), autocast:
+                    t_logits = online(normalize(x, online_prep["mean"], online_prep["std"])).float()
+                targets = TeacherTargets.from_logits(t_logits.clone(), y, temperature=temperature)
             with autocast:
                 logits = train_model(normalize(x, prep["mean"], prep["std"]))
             loss = loss_fn(logits.float(), y, targets)
@@ -310,7 +329,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / steps_per_epoch,
                                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_seconds,
                                "samples_per_s": seen * dist.world_size / max(train_seconds, 1e-9)}
-        if val_loader is not None:
+        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             row.update(evaluate(model, val_loader, prep, device, dist, cfg.channels_last, autocast))
             if ema is not None:
                 ema_metrics = evaluate(ema.module, val_loader, prep, device, dist, cfg.channels_last, autocast)
@@ -320,7 +339,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         history.append(row)
         if dist.is_main:
             meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": num_classes, "loss": cfg.loss}
-            improved = val_loader is not None and row["val_top1"] > best["val_top1"]
+            improved = val_loader is not None and row["val_top1"] > best["val_top1"]  # NaN (not evaluated) never wins
             if improved or val_loader is None:
                 best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
                 _save_weights(model, os.path.join(cfg.out, "best.safetensors"), meta)

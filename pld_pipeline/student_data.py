@@ -137,13 +137,17 @@ class EvalSamples(IterableDataset):
                        "label": parse_label(sample, self.label_field, self.num_classes)}
 
 
-def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int, device: torch.device):
-    """The batch's cached arrays as loss targets on ``device`` (None when training without a cache)."""
+def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int, device: torch.device,
+                  top_k: int | None = None):
+    """The batch's cached arrays as loss targets on ``device`` (None when training without a cache).
+    ``top_k`` keeps the first k classes: exactly what a cache made with that k would hold."""
     from .losses import TeacherTargets
     if "topk_idx" not in batch:
         return None
     nb = device.type == "cuda"
+    k = slice(0, top_k)
     return TeacherTargets(
-        topk_idx=batch["topk_idx"].to(device, non_blocking=nb), topk_logp=batch["topk_logp"].to(device, non_blocking=nb).float(),
+        topk_idx=batch["topk_idx"][:, k].to(device, non_blocking=nb),
+        topk_logp=batch["topk_logp"][:, k].to(device, non_blocking=nb).float(),
         label_logp=batch["label_logp"].to(device, non_blocking=nb).float(), logz=batch["logz"].to(device, non_blocking=nb).float(),
         temperature=temperature, num_classes=num_classes)
