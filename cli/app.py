@@ -202,6 +202,7 @@ def distill_cmd(
     out_: Annotated[str, typer.Option("--out", help="Run directory: checkpoints, metrics, config.json.", rich_help_panel=RUN)],
     cache: Annotated[Optional[str], typer.Option(help="Teacher cache from `pld cache-teacher` (not needed for --loss ce).", rich_help_panel=DATA)] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch on the clean view.", rich_help_panel=DATA)] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache (s3://, gs://, http://): each byte is fetched once.", rich_help_panel=DATA)] = None,
     loss: Annotated[str, typer.Option(help="pld (default), kd, dist or ce.", rich_help_panel=LOSS)] = "pld",
     teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several.", rich_help_panel=LOSS)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default pld 1, kd 2, dist 1); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
@@ -248,7 +249,7 @@ def distill_cmd(
     from pld_pipeline.distill import DistillConfig, distill
 
     cfg = DistillConfig(
-        data=data, out=out_, student=student, loss=loss, cache=cache, val_data=val_data, teacher=teacher,
+        data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, val_data=val_data, teacher=teacher,
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, view_policy=view_policy, epochs=epochs,
         batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
@@ -350,6 +351,68 @@ def make_shards_cmd(
         out.print(f"{split.name}: {split.samples} samples in {len(split.shards)} shard(s): {split.pattern}",
                   highlight=False, soft_wrap=True)
     out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False, soft_wrap=True)
+
+
+@app.command("sweep")
+@friendly_errors
+def sweep_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML/YAML sweep file with [base], [grid] and/or [[runs]].")] = None,
+    out_: Annotated[str, typer.Option("--out", help="Sweep directory: one distill run directory per configuration.")] = "sweep",
+    grid: Annotated[Optional[list[str]], typer.Option(help="Grid, e.g. 'loss=pld,kd lr=1e-3,3e-3 seed=0,1,2' (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Base setting for every run, e.g. epochs=20 (repeatable).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training shards (base setting).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Teacher cache (base setting), opened read-only by every run.")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Validation shards (base setting).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student (base setting).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache, shared by all runs.")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs at once (CPU threads split between them; one GPU each where several exist).")] = 1,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Train many students from one cache: a grid or list of ordinary `distill` runs, then a results table.
+
+    Finished runs are skipped on rerun and interrupted ones resume. Writes results.csv, results.md and
+    results.png into --out (`pld report` re-renders them).
+    """
+    from pld_pipeline.sweep import load_sweep_file, parse_grid, parse_settings, run_sweep
+
+    base, file_grid, runs = load_sweep_file(str(config)) if config else ({}, {}, [])
+    base.update(parse_settings(set_ or []))
+    base.update({k: v for k, v in dict(data=data, cache=cache, val_data=val_data, student=student,
+                                         cache_dir=cache_dir).items() if v is not None})
+    full_grid = {**file_grid, **parse_grid(grid or [])}
+    reporter = ProgressReporter(quiet=quiet)
+
+    def progress(event: dict[str, Any]) -> None:
+        if not quiet and event["event"] == "sweep_start":
+            err.print(f"sweep: {event['runs']} run(s), {event['runs'] - event['todo']} already done, {event['jobs']} at once")
+        elif not quiet and event["event"] == "run_done":
+            err.print(f"finished {event['name']}")
+        reporter(event)
+
+    rows = run_sweep(base, full_grid, runs, out_, jobs=jobs, progress=progress)
+    _print_report(out_, rows)
+
+
+@app.command("report")
+@friendly_errors
+def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made by `pld sweep`.")]) -> None:
+    """Re-render a sweep's results.csv, results.md and results.png from its run directories."""
+    from pld_pipeline.sweep import report
+    _print_report(sweep_dir, report(sweep_dir))
+
+
+def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
+    t = Table(title=f"sweep {sweep_dir}")
+    keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1", "train_seconds")]
+    for col in keys + ["best top-1", "last top-1", "train s"]:
+        t.add_column(col)
+    for r in rows:
+        fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+        t.add_row(*[str(r[k]) for k in keys], fmt(r["best_val_top1"]), fmt(r["last_val_top1"]),
+                  "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
+    out.print(t)
+    out.print(f"results: {os.path.join(sweep_dir, 'results.md')}, {os.path.join(sweep_dir, 'results.csv')}, "
+              f"{os.path.join(sweep_dir, 'results.png')}")
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ class DistillConfig:
     student: str
     loss: str = "pld"
     cache: str | None = None
+    cache_dir: str | None = None  # local block cache for a remote (s3://, gs://, http://) cache
     val_data: str | None = None
     teacher: str | None = None  # which cached teacher (needed when the cache holds several)
     temperature: float | None = None  # default: the loss's (pld 1, kd 2, dist 1)
@@ -197,7 +198,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
          emit: ProgressFn) -> dict[str, Any]:
     t_run = time.perf_counter()
     state = _check_run_dir(cfg)
-    reader = CacheReader(cfg.cache) if cfg.cache else None
+    reader = CacheReader(cfg.cache, cfg.cache_dir) if cfg.cache else None
     teacher_id, temperature = None, cfg.temperature or default_temperature(cfg.loss)
     if reader is not None:
         num_classes = reader.meta.num_classes
@@ -263,7 +264,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                              cache_url=reader.url if reader else None, teacher=teacher_id, temperature=temperature,
                              num_views=reader.meta.num_views if reader else 1, view_policy=cfg.view_policy,
                              shuffle_buffer=cfg.shuffle_buffer, image_field=cfg.image_field,
-                             label_field=cfg.label_field, num_classes=num_classes)
+                             label_field=cfg.label_field, num_classes=num_classes, cache_dir=cfg.cache_dir)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
     val_loader = None

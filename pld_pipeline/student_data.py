@@ -53,11 +53,13 @@ class TrainSamples(IterableDataset):
     def __init__(self, shards: Sequence[TrainShard], *, recipe: ViewRecipe, seed: int, rank: int, world: int,
                  cache_url: str | None = None, teacher: str | None = None, temperature: float = 1.0,
                  num_views: int = 1, view_policy: str = "rotate", shuffle_buffer: int = 1000,
-                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None) -> None:
+                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
+                 cache_dir: str | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
         self.cache_url, self.teacher, self.temperature = cache_url, teacher, temperature
         self.num_views, self.view_policy, self.shuffle_buffer = num_views, view_policy, shuffle_buffer
         self.image_field, self.label_field, self.num_classes = image_field, label_field, num_classes
+        self.cache_dir = cache_dir
         self.epoch = 0
         self._reader: CacheReader | None = None
 
@@ -66,7 +68,7 @@ class TrainSamples(IterableDataset):
 
     def _cache(self) -> CacheReader:
         if self._reader is None:  # opened lazily inside each worker process
-            self._reader = CacheReader(self.cache_url)
+            self._reader = CacheReader(self.cache_url, self.cache_dir)
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:

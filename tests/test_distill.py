@@ -20,26 +20,6 @@ from pld_pipeline.views import ViewRecipe, decode_image, replay_view
 from conftest import NUM_CLASSES
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tiny_data, tmp_path_factory):
-    """A teacher trained with --loss ce (how users train one), saved as a checkpoint."""
-    out = tmp_path_factory.mktemp("teacher_run")
-    distill(DistillConfig(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet14", loss="ce",
-                          val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0,
-                          device="cpu", num_classes=NUM_CLASSES, recipe={"name": "cifar", "size": 16, "pad": 2}))
-    return str(out / "best.safetensors")
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_data, teacher_run, tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-    cache_teacher(CacheTeacherConfig(
-        data=tiny_data["train"].pattern, out=url, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
-        views=4, size=16, k=5, temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu",
-        recipe_overrides={"pad": 2}))
-    return url
-
-
 def cfg(tiny_data, cache_url, out, **kw):
     base = dict(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet8", loss="pld", cache=cache_url,
                 val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0, device="cpu")

@@ -40,9 +40,10 @@ def decode_keys(raw: np.ndarray) -> list[str]:
 class CacheReader:
     """Read-only view of a cache. Cheap to construct; arrays open lazily (do it inside each worker)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cache_dir: str | None = None) -> None:
         self.url = str(url)
-        self.root = open_root(self.url, mode="r")
+        self.cache_dir = cache_dir
+        self.root = open_root(self.url, mode="r", cache_dir=cache_dir)
         if fmt.ROOT_ATTR not in self.root.attrs:
             raise CacheError(f"{self.url} is a zarr group but not a pld cache (no '{fmt.ROOT_ATTR}' attribute).")
         self.meta = CacheMeta.from_dict(self.root.attrs[fmt.ROOT_ATTR])
@@ -67,10 +68,10 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         # DataLoader workers re-open the store themselves (zarr handles do not survive fork/pickle well).
-        return {"url": self.url}
+        return {"url": self.url, "cache_dir": self.cache_dir}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"])
+        self.__init__(state["url"], state.get("cache_dir"))
 
     # -- what the cache holds ----------------------------------------------------------------------
     @property

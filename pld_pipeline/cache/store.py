@@ -16,10 +16,39 @@ def _normalise(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def open_root(url: str, mode: str) -> zarr.Group:
-    """The cache's root group; ``mode='r'`` opens read-only (a shared cache is never modified by readers)."""
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith(("file://", "memory://"))
+
+
+def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
+    """A read-only store over fsspec's ``filecache``: each object is fetched once into ``cache_dir`` and
+    revalidated against the remote's ETag/mtime (``check_files``), so a sweep of many students reads each remote
+    byte once and never uses a stale copy after the cache is extended.
+
+    zarr needs an async filesystem and cannot take ``filecache::s3://...`` URLs directly (its event loop and
+    the target's clash), so the chain is built here from a synchronous target and wrapped.
+    """
+    import warnings
+
+    import fsspec
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+    from fsspec.implementations.cached import CachingFileSystem
+
+    target, path = fsspec.core.url_to_fs(url, asynchronous=False, skip_instance_cache=True)
+    cached = CachingFileSystem(fs=target, cache_storage=cache_dir, check_files=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that the wrapper was not created asynchronous: intended
+        return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached), path=path, read_only=True)
+
+
+def open_root(url: str, mode: str, cache_dir: str | None = None) -> zarr.Group:
+    """The cache's root group; ``mode='r'`` opens read-only (a shared cache is never modified by readers).
+    ``cache_dir`` keeps a local copy of what a read-only remote cache serves (ignored for local paths)."""
     url = _normalise(str(url))
     try:
+        if cache_dir and mode == "r" and _is_remote(url):
+            os.makedirs(cache_dir, exist_ok=True)
+            return zarr.open_group(_cached_store(url, cache_dir), mode="r")
         return zarr.open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e

@@ -1,0 +1,102 @@
+"""Caches shared through object storage and plain HTTP, against real servers on 127.0.0.1.
+
+The S3 server is moto's standalone server in its own process (a real HTTP endpoint, not an in-process mock);
+the HTTP server is Python's http.server. Both listen on loopback only and stop with the fixture.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from pld_pipeline.cache import CacheReader, inspect_cache, verify_cache
+from pld_pipeline.distill import DistillConfig, distill
+from pld_pipeline_cli.app import app
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cmd: list[str], port: int):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server {cmd} did not start")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("s3fs")
+    port = _free_port()
+    proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("pld-bucket")
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_data, teacher_ckpt, s3_endpoint, tmp_path):
+    url = "s3://pld-bucket/team-a/cache.zarr"
+    run = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        str(_free_port()), "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
+        "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2",
+        "--size", "16", "--top-k", "4", "--workers", "0", "--device", "cpu", "--quiet", "--out", url],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **s3_endpoint})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert verify_cache(url).ok
+    info = inspect_cache(url)
+    assert info["shards_done"] == 3 and info["bytes_on_disk"] is None  # remote: size not walked
+    local_copy = tmp_path / "blocks"
+    summary = distill(DistillConfig(data=tiny_data["train"].pattern, out=str(tmp_path / "run"), student="cifar_resnet8",
+                                    cache=url, cache_dir=str(local_copy), epochs=1, batch_size=8, workers=0, device="cpu"))
+    assert summary["epochs"] == 1
+    fetched = sum(len(files) for _, _, files in os.walk(local_copy))
+    assert fetched > 10  # chunks and metadata now come from the local block cache
+    reader = CacheReader(url, cache_dir=str(local_copy))
+    assert reader.read_block(0, "r8").keys == CacheReader(url).read_block(0, "r8").keys
+    with pytest.raises(Exception):
+        reader.array("samples/label")[0:1] = 1  # readers are read-only
+
+
+def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, cache, tmp_path):
+    port = _free_port()
+    root = os.path.dirname(cache)
+    proc = _serve([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", root], port)
+    try:
+        url = f"http://127.0.0.1:{port}/{os.path.basename(cache)}"
+        result = CliRunner().invoke(app, ["inspect", url, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["shards_done"] == 3
+        summary = distill(DistillConfig(data=tiny_data["train"].pattern, out=str(tmp_path / "run"),
+                                        student="cifar_resnet8", cache=url, cache_dir=str(tmp_path / "blocks"),
+                                        epochs=1, batch_size=8, workers=0, device="cpu"))
+        assert summary["epochs"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
