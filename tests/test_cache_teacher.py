@@ -254,3 +254,16 @@ def test_missing_data_and_unknown_teacher_are_clear_errors(tiny_data, tmp_path):
         cache_teacher(config(tiny_data, tmp_path / "c.zarr", data=str(tmp_path / "none-000000.tar")))
     with pytest.raises(ValueError, match="Unknown model 'no_such_net'"):
         cache_teacher(config(tiny_data, tmp_path / "c.zarr", teachers=[TeacherSpec("no_such_net")]))
+
+
+def test_pipe_sources_are_read_and_fingerprinted_by_their_full_hash(tiny_data, teacher_ckpt, tmp_path):
+    data = "::".join(f"pipe:cat {u}" for u in tiny_data["train"].shards)
+    cfg = config(tiny_data, tmp_path / "pipe.zarr", teacher_ckpt, data=data)
+    assert cache_teacher(cfg)["items"] == 120
+    reader = CacheReader(cfg.out)
+    assert [s.name for s in reader.shards] == [os.path.basename(u) for u in tiny_data["train"].shards]
+    assert all(s.quick_hash == s.sha256 for s in reader.shards)  # no seeking through a pipe
+    plain = config(tiny_data, tmp_path / "plain.zarr", teacher_ckpt)
+    cache_teacher(plain)
+    assert [s.sha256 for s in CacheReader(plain.out).shards] == [s.sha256 for s in reader.shards]
+    assert_same_cache(cfg.out, plain.out)
