@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache.format import CacheError, SampleStatus
 from .cache.reader import CacheReader
 from .data import DataError, iter_shard, parse_label, pick_field
+from .losses import TeacherTargets
 from .views import ViewRecipe, decode_image, eval_params, replay_view, stable_int, view_params
 
 VIEW_POLICIES = ("rotate", "random")
@@ -140,16 +141,13 @@ class EvalSamples(IterableDataset):
 
 
 def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int, device: torch.device,
-                  top_k: int | None = None):
+                  top_k: int | None = None) -> TeacherTargets | None:
     """The batch's cached arrays as loss targets on ``device`` (None when training without a cache).
     ``top_k`` keeps the first k classes: exactly what a cache made with that k would hold."""
-    from .losses import TeacherTargets
     if "topk_idx" not in batch:
         return None
-    nb = device.type == "cuda"
     k = slice(0, top_k)
-    return TeacherTargets(
-        topk_idx=batch["topk_idx"][:, k].to(device, non_blocking=nb),
-        topk_logp=batch["topk_logp"][:, k].to(device, non_blocking=nb).float(),
-        label_logp=batch["label_logp"].to(device, non_blocking=nb).float(), logz=batch["logz"].to(device, non_blocking=nb).float(),
-        temperature=temperature, num_classes=num_classes)
+    targets = TeacherTargets(topk_idx=batch["topk_idx"][:, k], topk_logp=batch["topk_logp"][:, k].float(),
+                             label_logp=batch["label_logp"].float(), logz=batch["logz"].float(),
+                             temperature=temperature, num_classes=num_classes)
+    return targets.to(device, non_blocking=device.type == "cuda")

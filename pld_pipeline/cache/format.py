@@ -219,6 +219,3 @@ def parse_unit_name(name: str) -> UnitName | None:
         return None
     return None
 
-
-def covered_views(ranges: list[tuple[int, int]]) -> set[int]:
-    return {v for a, b in ranges for v in range(a, b)}
