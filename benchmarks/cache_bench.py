@@ -11,7 +11,6 @@ plausible ones, a long tail.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,8 @@ from pld_pipeline.cache import CacheMeta, CacheReader, CacheWriter, SampleStatus
 from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
 from pld_pipeline.cache.store import store_nbytes
 from pld_pipeline.losses import TeacherTargets
+
+from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
 TEMPS = (0.5, 1.0, 2.0, 4.0)
 
@@ -114,10 +115,7 @@ def main() -> None:
                       f"({row['stream_over_random']:,.0f}x)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ shard written) and end to end (including model load, shard indexing with full sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -23,6 +22,8 @@ from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_te
 from pld_pipeline.data import expand_shards, iter_shard
 from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
+
+from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
 
 def bare_forward(args: argparse.Namespace) -> float:
@@ -80,10 +81,7 @@ def main() -> None:
     print(f"bare forward {bare:,.0f} views/s | cache-teacher {steady:,.0f} views/s steady "
           f"({steady / bare:.2f}x), {end_to_end:,.0f} views/s end to end ({end_to_end / bare:.2f}x) | "
           f"{summary['items']} views, top-1 {summary['teacher_accuracy']}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

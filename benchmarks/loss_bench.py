@@ -8,8 +8,6 @@ batch), PLD from a precomputed ranking (k=32 and k=C, what the cache provides), 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -18,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pld_pipeline.losses import TeacherTargets, pld_loss, pld_loss_from_ranking
+
+from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
 
 def loop_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
@@ -86,11 +86,8 @@ def main() -> None:
         rows.append(row)
         print(f"C={c:>6}  " + "  ".join(f"{k} {v:8.2f}ms ({v / ms['kd']:5.1f}x KD)" for k, v in ms.items())
               + f"  | pld_loss {row['pld_loss_speedup_vs_loop']:.1f}x faster than the loop", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-                   "processor": platform.processor(), "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                             "machine": platform.machine(), "processor": platform.processor(), "rows": rows})
 
 
 if __name__ == "__main__":

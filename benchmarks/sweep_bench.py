@@ -8,7 +8,6 @@ alone and a sweep of N students (seeds) sequentially and with --jobs 2, all from
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -18,6 +17,8 @@ from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_te
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import digits_arrays, split_arrays
 from pld_pipeline.sweep import run_sweep
+
+from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
 
 def main() -> None:
@@ -61,10 +62,7 @@ def main() -> None:
     print(f"teacher (train + cache, once): {teacher_once:.1f}s | one student: {single:.1f}s | sweep of {n}: "
           f"{sweep_seq:.1f}s sequential ({result['sweep_sequential_over_n_times_one']:.2f}x N*one), "
           f"{sweep_par:.1f}s with --jobs 2 ({result['sweep_jobs2_over_n_times_one']:.2f}x)")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":
