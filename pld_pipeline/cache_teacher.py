@@ -364,11 +364,12 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             labels_dev = labels.to(device, non_blocking=True).long()
+            ok_dev = status.to(device, non_blocking=True) == SampleStatus.OK
             encoded: dict[str, dict[str, np.ndarray]] = {}
             with torch.inference_mode(), autocast:
                 for tid, model in models.items():
                     logits = model(normalize(x, prep[tid]["mean"], prep[tid]["std"])).float()
-                    bad = ~torch.isfinite(logits).all(1) & (status.to(device) == SampleStatus.OK)
+                    bad = ~torch.isfinite(logits).all(1) & ok_dev
                     if bad.any():
                         i = int(bad.nonzero()[0])
                         raise DataError(f"Teacher '{tid}' produced NaN/Inf logits for sample {keys[i]!r} view "
@@ -378,12 +379,13 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
                                                 temperatures=teachers[tid].temperatures)
                     encoded[tid] = {name: t.cpu().numpy() for name, t in enc.items()}
             shard_np, rows_np, views_np = shard_ids.numpy(), rows.numpy(), views.numpy()
-            status_np = status.numpy().astype(np.uint8)
+            status_np, labels_np = status.numpy().astype(np.uint8), labels.numpy().astype(np.int32)
+            params_np = params.numpy()
+            keys = list(keys)
             for shard in np.unique(shard_np):
                 sel = shard_np == shard
                 buf = buffers[int(shard)]
-                buf.add(rows_np, views_np, list(keys), labels.numpy().astype(np.int32), status_np,
-                        params.numpy(), encoded, sel)
+                buf.add(rows_np, views_np, keys, labels_np, status_np, params_np, encoded, sel)
                 if buf.remaining == 0:
                     ok = buf.status == SampleStatus.OK
                     for tid in teachers:

@@ -177,7 +177,7 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
     if cfg.view_policy not in VIEW_POLICIES:
         raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
     needs_teacher = loss_needs_teacher(cfg.loss)
-    create_loss(cfg.loss, **cfg.loss_params())  # validate the loss name and parameters before any work
+    loss_fn = create_loss(cfg.loss, **cfg.loss_params())  # checks the name and parameters before any work
     if cfg.online_teacher and cfg.cache:
         raise ValueError("Give either --cache or an online teacher, not both.")
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
@@ -189,13 +189,13 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = D.init_distributed(device)
     try:
-        return _run(cfg, device, dist, needs_teacher, emit)
+        return _run(cfg, device, dist, needs_teacher, loss_fn, emit)
     finally:
         D.cleanup(dist)
 
 
 def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teacher: bool,
-         emit: ProgressFn) -> dict[str, Any]:
+         loss_fn: Callable[..., torch.Tensor], emit: ProgressFn) -> dict[str, Any]:
     t_run = time.perf_counter()
     state = _check_run_dir(cfg)
     reader = CacheReader(cfg.cache, cfg.cache_dir) if cfg.cache else None
@@ -257,7 +257,6 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             ema.load_state_dict(state["ema"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
-    loss_fn = create_loss(cfg.loss, **cfg.loss_params())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext()
 
     train_set = TrainSamples(shards, recipe=recipe, seed=cfg.seed, rank=dist.rank, world=dist.world_size,

@@ -119,7 +119,7 @@ def tail_mass_quantiles(reader: CacheReader, tid: str, max_shards: int = 8) -> d
     done = [s for s in range(len(reader.shards)) if reader.teacher_done.get((s, tid))][:max_shards]
     for shard in done:
         views = sorted(reader.teacher_done[(shard, tid)])
-        rows = slice(shard * reader.meta.rows_per_shard, shard * reader.meta.rows_per_shard + reader.shards[shard].nsamples)
+        rows = reader._rows(shard)
         region = (rows, slice(0, max(views) + 1))
         logp = fmt.join_logp(np.asarray(reader.root[fmt.teacher_array(tid, "topk_dlogp")][region]),
                              np.asarray(reader.root[fmt.teacher_array(tid, "top1_logp")][region]))
@@ -138,7 +138,7 @@ def inspect_cache(url: str) -> dict[str, Any]:
     reader = CacheReader(url)
     meta = reader.meta
     nbytes = store_nbytes(url)
-    ok_rows = sum(s.nsamples for s in meta.shards)
+    samples = sum(s.nsamples for s in meta.shards)
     teachers = {}
     for tid, t in meta.teachers.items():
         correct = count = 0
@@ -158,10 +158,10 @@ def inspect_cache(url: str) -> dict[str, Any]:
         }
     shards_done = sum(1 for s in range(len(meta.shards))
                       if s in reader.samples_done and set(range(meta.num_views)) <= reader.views_done.get(s, set()))
-    views_total = ok_rows * meta.num_views
+    views_total = samples * meta.num_views
     return {
         "url": url, "format": f"{meta.format} v{meta.version}", "num_classes": meta.num_classes,
-        "class_names": meta.class_names, "samples": ok_rows, "shards_total": len(meta.shards),
+        "class_names": meta.class_names, "samples": samples, "shards_total": len(meta.shards),
         "shards_done": shards_done, "views": meta.num_views, "recipe": meta.recipe, "seed": meta.seed,
         "teachers": teachers, "bytes_on_disk": nbytes,
         "bytes_per_view": (nbytes / views_total) if nbytes and views_total else None,
