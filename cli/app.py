@@ -135,6 +135,14 @@ def cache_teacher_cmd(
               f"({summary['items_per_s']:.0f} views/s) -> {summary['cache']}"
               + (f" | teacher top-1 on cached views: {acc}" if acc else "")
               + (f" | skipped {summary['skipped_samples']} bad sample(s)" if summary["skipped_samples"] else ""))
+    if summary["repaired_units"]:
+        out.print(f"repaired {len(summary['repaired_units'])} damaged unit(s): {', '.join(summary['repaired_units'])}")
+    _print_warnings(summary["warnings"])
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")
@@ -166,6 +174,7 @@ def inspect_cmd(
                    f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
                    "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
     out.print(tt)
+    _print_warnings(info["warnings"])
 
 
 @app.command("verify")
@@ -174,7 +183,8 @@ def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Check every unit: complete, checksums match, indices valid and distinct, values finite. Exit 1 if not."""
+    """Check every unit: complete, checksums and metadata binding match, labels, indices and values valid.
+    Lists every damaged unit and how to repair it (exit 1); warns about near-chance teachers."""
     from pld_pipeline.cache import verify_cache
     report = verify_cache(cache)
     if json_:
@@ -185,6 +195,9 @@ def verify_cmd(
         err.print(f"[bold red]{len(report.problems)} problem(s)[/] in {cache} ({report.units_checked} unit(s) checked):")
         for p in report.problems:
             err.print(f"  {p}", highlight=False, soft_wrap=True)
+        err.print(f"to repair: {report.fix}", highlight=False, soft_wrap=True)
+    if not json_:
+        _print_warnings(report.warnings)
     if not report.ok:
         raise typer.Exit(code=1)
 

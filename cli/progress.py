@@ -40,6 +40,11 @@ class ProgressReporter:
     def _on_indexing(self, e: dict[str, Any]) -> None:
         self._log(f"indexing {e['shards']} shard(s) (sample counts and content hashes)")
 
+    def _on_repairing(self, e: dict[str, Any]) -> None:
+        self._log(f"re-checked the existing units: {len(e['units'])} damaged, rewriting them")
+        for name, why in e["units"]:
+            self._log(f"  {name}: {why}")
+
     def _on_start(self, e: dict[str, Any]) -> None:
         self.total, self.t0 = e["items"], time.perf_counter()
         if e.get("skipped_shards"):

@@ -22,14 +22,15 @@ from . import distributed as D
 from .cache import CacheMeta, CacheWriter, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
 from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
+from .cache.check import chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
-from .cache.reader import CacheReader
-from .cache.store import cache_exists
+from .cache.reader import CacheReader, decode_keys
+from .cache.store import cache_exists, delete_marker
 from .data import (
     IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
-    parse_label, pick_field, quick_hash, shard_name,
+    parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
-from .models import file_sha256, load_model, preprocessing_of
+from .models import file_sha256, load_model, preprocessing_of, require_teacher_input
 from .views import ViewRecipe, decode_image, normalize, replay_view, stable_int, view_params
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -98,25 +99,38 @@ def _runs(views: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@dataclass
+class _Expected:
+    """What a shard must hold: its keys in order (from indexing or the cache) and, where the cache already has
+    its samples unit, each sample's content digest (so an extension never mixes in an edited shard)."""
+    keys: list[str]
+    digests: np.ndarray | None = None  # [n, 16] uint8
+
+
 class _ViewItems(IterableDataset):
     """One item per (sample, view): decoded once per sample, every needed view replayed from its params."""
 
     def __init__(self, jobs: list[_Job], recipe: ViewRecipe, seed: int, cfg: CacheTeacherConfig,
-                 num_classes: int, expected_keys: dict[int, list[str]]) -> None:
+                 num_classes: int, expected: dict[int, _Expected]) -> None:
         self.jobs, self.recipe, self.seed, self.cfg = jobs, recipe, seed, cfg
-        self.num_classes, self.expected_keys = num_classes, expected_keys
+        self.num_classes, self.expected = num_classes, expected
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
         size = self.recipe.size
         for job in jobs:
-            expected = self.expected_keys.get(job.shard)
+            expected = self.expected.get(job.shard)
             for i, sample in enumerate(iter_shard(job.url)):
                 key = sample["__key__"]
-                if expected is not None and (i >= len(expected) or expected[i] != key):
+                digest = fmt.sample_digest(sample)
+                if expected is not None and (i >= len(expected.keys) or expected.keys[i] != key):
                     raise DataError(f"Shard {job.url} changed since it was indexed (sample {i} is {key!r}); "
                                     "rerun with --overwrite to re-index it.")
+                if expected is not None and expected.digests is not None and expected.digests[i].tobytes() != digest:
+                    raise DataError(f"Sample {key!r} of shard {job.url} differs from the one already cached (content "
+                                    "digest): the shard was edited. Use the original shard, or --overwrite to re-cache.")
+                digest_t = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
                 label = parse_label(sample, self.cfg.label_field, self.num_classes)
                 status, image = SampleStatus.OK, None
                 try:
@@ -136,9 +150,9 @@ class _ViewItems(IterableDataset):
                     else:
                         params = view_params(self.recipe, self.seed, key, v, image.shape[1], image.shape[2])
                         view = replay_view(image, params, self.recipe)
-                    yield job.shard, i, v, key, label, status, view, torch.from_numpy(params)
-            if expected is not None and i + 1 != len(expected):
-                raise DataError(f"Shard {job.url} has {i + 1} samples, the index says {len(expected)}; "
+                    yield job.shard, i, v, key, label, status, view, torch.from_numpy(params), digest_t
+            if expected is not None and i + 1 != len(expected.keys):
+                raise DataError(f"Shard {job.url} has {i + 1} samples, the index says {len(expected.keys)}; "
                                 "rerun with --overwrite to re-index it.")
 
 
@@ -151,6 +165,7 @@ class _ShardBuffer:
         self.keys: list[str] = [""] * n
         self.labels = np.full(n, -1, np.int32)
         self.status = np.zeros(n, np.uint8)
+        self.digests = np.zeros((n, fmt.DIGEST_BYTES), np.uint8)
         self.params = np.zeros((n, v, 5), np.int32)
         self.out = {tid: {"topk_idx": np.full((n, v, t.k), -1, np.dtype(t.index_dtype)),
                           "topk_logp": np.full((n, v, t.k), np.nan, np.float32),
@@ -160,12 +175,13 @@ class _ShardBuffer:
         self.remaining = n * v
 
     def add(self, rows: np.ndarray, views: np.ndarray, keys: list[str], labels: np.ndarray, status: np.ndarray,
-            params: np.ndarray, encoded: dict[str, dict[str, np.ndarray]], sel: np.ndarray) -> None:
+            params: np.ndarray, digests: np.ndarray, encoded: dict[str, dict[str, np.ndarray]], sel: np.ndarray) -> None:
         pos = np.array([self.pos[int(v)] for v in views[sel]], dtype=np.int64)
         r = rows[sel]
         for row, i in zip(r, np.flatnonzero(sel)):
             self.keys[row] = keys[i]
         self.labels[r], self.status[r], self.params[r, pos] = labels[sel], status[sel], params[sel]
+        self.digests[r] = digests[sel]
         for tid, enc in encoded.items():
             for name, arr in enc.items():
                 self.out[tid][name][r, pos] = arr[sel]
@@ -186,7 +202,7 @@ class _ShardBuffer:
 def _write_shard(writer: CacheWriter, buf: _ShardBuffer) -> str:
     job = buf.job
     if job.write_samples:
-        writer.write_samples(job.shard, buf.keys, buf.labels, buf.status)
+        writer.write_samples(job.shard, buf.keys, buf.labels, buf.status, buf.digests)
     for run in job.param_runs:
         writer.write_views(job.shard, run, buf.params[:, [buf.pos[v] for v in range(*run)]])
     for tid, runs in job.teacher_runs.items():
@@ -217,8 +233,29 @@ def _index(urls: list[str], known: list[ShardRecord], known_key_bytes: int, dist
     return [ix.record for ix in indexes], max(ix.max_key_bytes for ix in indexes), keys
 
 
-def _plan(writer: CacheWriter, shards: Sequence[int], num_views: int, teacher_ids: list[str]) -> list[_Job]:
-    reader = CacheReader(writer.url)
+def _recheck(reader: CacheReader, writer: CacheWriter, shards: Sequence[int]) -> list[tuple[str, str]]:
+    """Re-check every existing unit of these shards (checksums, binding, meaning; no teacher forward) and
+    withdraw the markers of damaged ones, so they are planned and rewritten like missing units and a crash
+    during the repair never leaves a marker claiming damaged data. Returns (unit, first problem) pairs."""
+    samples_of: dict[int, Any] = {}
+    damaged = []
+    for (shard, _, _), units in list(reader.units.items()):
+        if shard not in shards:
+            continue
+        for _, name in units:
+            found = check_unit(reader, name, samples_of)
+            if found.problems:
+                damaged.append((name, found.problems[0]))
+                delete_marker(writer.root, name)
+    if damaged:
+        reader.refresh()
+    return damaged
+
+
+def _plan(reader: CacheReader, writer: CacheWriter, shards: Sequence[int], num_views: int,
+          teacher_ids: list[str], expected: dict[int, _Expected]) -> list[_Job]:
+    """One job per shard with missing units. Shards whose samples unit is intact must match it sample by
+    sample (keys and content digests) when they are read again."""
     jobs = []
     for s in shards:
         missing_params = [v for v in range(num_views) if v not in reader.views_done.get(s, set())]
@@ -228,6 +265,9 @@ def _plan(writer: CacheWriter, shards: Sequence[int], num_views: int, teacher_id
         views = sorted(set(missing_params).union(*missing.values())) or ([0] if need_samples else [])
         if not views:
             continue
+        if not need_samples:
+            samples = reader.samples(s)
+            expected[s] = _Expected(decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.DIGEST_ARRAY])
         rec = writer.meta.shards[s]
         jobs.append(_Job(s, rec.url, rec.nsamples, views, need_samples, _runs(missing_params),
                          {tid: _runs(v) for tid, v in missing.items() if v}))
@@ -243,11 +283,12 @@ def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[
         if spec.id in models:
             raise ValueError(f"Two teachers share the id '{spec.id}'; give them distinct --teacher-name values.")
         model = load_model(spec.source, num_classes=cfg.num_classes, checkpoint=spec.checkpoint)
+        prep[spec.id] = preprocessing_of(model, mean=spec.mean, std=spec.std)
+        require_teacher_input(prep[spec.id], spec.source, size_given=cfg.size is not None)
         model = model.to(device).eval()
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[spec.id] = model
-        prep[spec.id] = preprocessing_of(model, mean=spec.mean, std=spec.std)
     return models, prep
 
 
@@ -269,6 +310,9 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
         raise ValueError(f"--on-bad-sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}.")
     if cfg.views < 1:
         raise ValueError(f"--views must be >= 1, got {cfg.views}.")
+    if os.path.isfile(cfg.out):
+        raise ValueError(f"--out {cfg.out} is an existing file; a cache is a directory (a zarr group): choose "
+                         "another --out.")
     emit = progress or (lambda event: None)
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = D.init_distributed(device)
@@ -285,6 +329,7 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     first = cfg.teachers[0].id
     size = cfg.size or int(prep[first]["input_size"][-1])
     recipe = ViewRecipe(name=cfg.recipe, size=size, clean_view=cfg.clean_view,
+                        # the teacher's declared resize filter where the recipe supports it, else the recipe's bilinear
                         interpolation=prep[first]["interpolation"] if prep[first]["interpolation"] in ("bilinear", "bicubic", "nearest") else "bilinear",
                         **cfg.recipe_overrides)
     k = num_classes if cfg.k is None else min(int(cfg.k), num_classes)
@@ -304,7 +349,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         except CacheError:
             pass
     emit({"event": "indexing", "shards": len(urls)})
-    records, key_bytes, expected_keys = _index(urls, known, known_key_bytes, dist)
+    records, key_bytes, indexed_keys = _index(urls, known, known_key_bytes, dist)
+    expected = {s: _Expected(keys) for s, keys in indexed_keys.items()}
     teachers = {}
     for spec in cfg.teachers:
         p = prep[spec.id]
@@ -321,36 +367,44 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         CacheWriter.create_or_extend(cfg.out, request, overwrite=cfg.overwrite, compression_level=cfg.compression_level)
     D.barrier(dist)  # every array and group exists before any unit is written
     writer = CacheWriter(cfg.out)
+    reader = CacheReader(cfg.out)
     my_shards = list(range(dist.rank, len(records), dist.world_size))
-    jobs = _plan(writer, my_shards, cfg.views, list(teachers))
+    repaired = _recheck(reader, writer, my_shards)
+    if repaired:
+        emit({"event": "repairing", "units": repaired})
+    jobs = _plan(reader, writer, my_shards, cfg.views, list(teachers), expected)
     total_items = sum(j.nsamples * len(j.views) for j in jobs)
     emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
           "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
-    stats = _process(cfg, jobs, writer, models, prep, teachers, recipe, num_classes, device, expected_keys, emit)
+    stats = _process(cfg, jobs, writer, models, prep, teachers, recipe, num_classes, device, expected, emit)
     totals = D.all_reduce_sum([stats["items"], stats["skipped"], *[stats["correct"][t] for t in teachers],
                                *[stats["count"][t] for t in teachers]], dist, device)
+    repaired = [name for part in D.all_gather_objects([name for name, _ in repaired], dist) for name in part]
     D.barrier(dist)  # rank 0 reports only after every rank's units are written
     elapsed = time.perf_counter() - t_start
     n_t = len(teachers)
     summary = {
         "cache": cfg.out, "shards": len(records), "shards_written": stats["shards"], "items": int(totals[0]),
         "skipped_samples": int(totals[1]), "seconds": elapsed, "items_per_s": totals[0] / max(elapsed, 1e-9),
-        "teacher_accuracy": {tid: (totals[2 + n_t + i] and totals[2 + i] / totals[2 + n_t + i]) or None
+        "teacher_accuracy": {tid: totals[2 + i] / totals[2 + n_t + i] if totals[2 + n_t + i] else None
                              for i, tid in enumerate(teachers)},
         "num_classes": num_classes, "k": k, "views": cfg.views, "world_size": dist.world_size,
+        "repaired_units": sorted(repaired),
     }
+    summary["warnings"] = [w for tid, acc in summary["teacher_accuracy"].items()
+                           if (w := chance_warning(tid, acc, num_classes))]
     emit({"event": "end", **summary})
     return summary
 
 
 def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, models: dict[str, torch.nn.Module],
              prep: dict[str, dict], teachers: dict[str, TeacherRecord], recipe: ViewRecipe, num_classes: int,
-             device: torch.device, expected_keys: dict[int, list[str]], emit: ProgressFn) -> dict[str, Any]:
+             device: torch.device, expected: dict[int, _Expected], emit: ProgressFn) -> dict[str, Any]:
     stats: dict[str, Any] = {"items": 0, "skipped": 0, "shards": 0, "correct": dict.fromkeys(teachers, 0),
                              "count": dict.fromkeys(teachers, 0)}
     if not jobs:
         return stats
-    dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected_keys)
+    dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected)
     workers = min(cfg.workers, len(jobs))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -359,7 +413,7 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
-        for shard_ids, rows, views, keys, labels, status, images, params in loader:
+        for shard_ids, rows, views, keys, labels, status, images, params, digests in worker_errors(loader):
             x = images.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -380,12 +434,12 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
                     encoded[tid] = {name: t.cpu().numpy() for name, t in enc.items()}
             shard_np, rows_np, views_np = shard_ids.numpy(), rows.numpy(), views.numpy()
             status_np, labels_np = status.numpy().astype(np.uint8), labels.numpy().astype(np.int32)
-            params_np = params.numpy()
+            params_np, digests_np = params.numpy(), digests.numpy()
             keys = list(keys)
             for shard in np.unique(shard_np):
                 sel = shard_np == shard
                 buf = buffers[int(shard)]
-                buf.add(rows_np, views_np, keys, labels_np, status_np, params_np, encoded, sel)
+                buf.add(rows_np, views_np, keys, labels_np, status_np, params_np, digests_np, encoded, sel)
                 if buf.remaining == 0:
                     ok = buf.status == SampleStatus.OK
                     for tid in teachers:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence, TypeVar
 
 import fsspec
 import webdataset as wds
@@ -165,3 +166,24 @@ def parse_label(sample: dict[str, Any], field: str, num_classes: int | None) -> 
     if num_classes is not None and not 0 <= label < num_classes:
         raise DataError(f"Label {label} of {where} is outside [0, {num_classes}); check --num-classes or the data.")
     return label
+
+
+T = TypeVar("T")
+_WRAPPED = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
+
+def worker_errors(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a DataLoader, re-raising an error from a worker process as the main process would have raised it:
+    same type, the original one-line message (torch wraps it in "Caught X in DataLoader worker process N" and
+    the worker's whole traceback)."""
+    try:
+        yield from loader
+    except Exception as e:  # noqa: BLE001 - only torch's wrapped worker errors are rewritten
+        text = str(e.args[0]) if e.args else ""
+        match = _WRAPPED.match(text)
+        if match is None:
+            raise
+        lines = [line for line in text.rstrip().splitlines() if line and not line.startswith(" ")]
+        last = lines[-1]
+        message = last.split(": ", 1)[1] if re.match(rf"^[\w.]*{match.group(1)}: ", last) else last
+        raise type(e)(message) from None

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .cache.format import CacheError
 from .cache.reader import CacheReader
-from .data import expand_shards, index_shard, quick_hash, shard_name
+from .data import expand_shards, index_shard, quick_hash, shard_name, worker_errors
+from .faults import kill_point
 from .losses import TeacherTargets, create_loss, default_temperature, loss_needs_teacher
-from .models import load_model, preprocessing_of
+from .models import load_model, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets
 from .views import ViewRecipe, normalize
@@ -136,7 +137,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], d
              dist: D.DistInfo, channels_last: bool, autocast: Any) -> dict[str, float]:
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
-    for batch in loader:
+    for batch in worker_errors(loader):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).long()
         if channels_last:
@@ -182,6 +183,10 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError("Give either --cache or an online teacher, not both.")
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
         raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
+    if cfg.temperature is not None and not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {cfg.temperature:g}.")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is an existing file; a run directory is a folder: choose another --out.")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
         raise ValueError(f"--epochs, --batch-size and --eval-every must be >= 1, got {cfg.epochs}, {cfg.batch_size} "
                          f"and {cfg.eval_every}.")
@@ -199,7 +204,8 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     t_run = time.perf_counter()
     state = _check_run_dir(cfg)
     reader = CacheReader(cfg.cache, cfg.cache_dir) if cfg.cache else None
-    teacher_id, temperature = None, cfg.temperature or default_temperature(cfg.loss)
+    teacher_id = None
+    temperature = default_temperature(cfg.loss) if cfg.temperature is None else cfg.temperature
     if reader is not None:
         num_classes = reader.meta.num_classes
         recipe = ViewRecipe.from_dict(reader.meta.recipe)
@@ -225,13 +231,14 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         online = load_model(cfg.online_teacher, num_classes=num_classes, checkpoint=cfg.online_teacher_checkpoint)
         online = online.to(device).eval().to(memory_format=torch.channels_last)
         online_prep = preprocessing_of(online)
+        require_teacher_input(online_prep, cfg.online_teacher, size_given=True)  # views come at the recipe's size
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint)
     out_features = getattr(model, "num_classes", num_classes)
     if out_features != num_classes:
         raise ValueError(f"Student {cfg.student} has {out_features} classes, the data has {num_classes}.")
-    prep = preprocessing_of(model)
+    prep = student_preprocessing(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -292,9 +299,10 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
         train_model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(worker_errors(loader)):
             if step >= steps_per_epoch:
                 break
+            kill_point("distill.step")
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True).long()
             if cfg.channels_last:

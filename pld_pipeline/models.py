@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import create_model, register_model
 
-__all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of"]
+__all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of", "require_teacher_input",
+           "student_preprocessing"]
 
 _CIFAR_CFG = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
               "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 10, "first_conv": "conv1",
@@ -193,14 +194,36 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
 
 
 def preprocessing_of(model: nn.Module, **overrides: Any) -> dict[str, Any]:
-    """Input preprocessing from the model's ``pretrained_cfg`` (timm convention), with explicit overrides."""
+    """Input preprocessing as the model declares it in its ``pretrained_cfg`` (timm convention), with explicit
+    overrides. What it does not declare stays None: a teacher's input size or normalisation is never guessed
+    (see :func:`require_teacher_input`)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     out = {
-        "input_size": list(cfg.get("input_size", (3, 224, 224))),
-        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
-        "interpolation": cfg.get("interpolation", "bilinear"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "input_size": list(cfg["input_size"]) if cfg.get("input_size") else None,
+        "mean": list(cfg["mean"]) if cfg.get("mean") else None,
+        "std": list(cfg["std"]) if cfg.get("std") else None,
+        "interpolation": cfg.get("interpolation"),
+        "crop_pct": float(cfg["crop_pct"]) if cfg.get("crop_pct") else None,
     }
     out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items() if v is not None})
     return out
+
+
+def require_teacher_input(prep: dict[str, Any], name: str, size_given: bool) -> None:
+    """A teacher that does not declare its input size (unless ``--size`` is given) or its mean/std is refused:
+    a guessed 224 px upscale or the wrong normalisation gives a cache of near-chance targets, silently."""
+    missing = [opt for opt, undeclared in (("--size", prep["input_size"] is None and not size_given),
+                                           ("--mean", prep["mean"] is None), ("--std", prep["std"] is None))
+               if undeclared]
+    if missing:
+        raise ValueError(f"Teacher {name!r} does not declare its input preprocessing (no timm pretrained_cfg "
+                         f"{'/'.join(m[2:] for m in missing)}); pass {' and '.join(missing)} as it was trained "
+                         "(e.g. --size 32 --mean 0.4914,0.4822,0.4465 --std 0.247,0.243,0.261).")
+
+
+def student_preprocessing(model: nn.Module) -> dict[str, Any]:
+    """A student's preprocessing: its declared one, else ImageNet mean/std. A student trains from scratch with
+    the same normalisation at train and eval time, so any fixed choice is consistent (and recorded)."""
+    prep = preprocessing_of(model)
+    defaults = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return {**prep, **{k: v for k, v in defaults.items() if prep[k] is None}}

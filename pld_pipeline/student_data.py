@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache.format import CacheError, SampleStatus
+from .cache.format import CacheError, SampleStatus, sample_digest
 from .cache.reader import CacheReader
 from .data import DataError, iter_shard, parse_label, pick_field
 from .losses import TeacherTargets
@@ -88,6 +88,10 @@ class TrainSamples(IterableDataset):
                 if row is None:
                     raise CacheError(f"Sample {key!r} of {shard.url} is not in the cache; the shard differs from "
                                      "the one cached (check `pld inspect`).")
+                if block.digests[row].tobytes() != sample_digest(sample):
+                    raise CacheError(f"Sample {key!r} of {shard.url} is not the sample cached under that key (content "
+                                     "digest differs): the shard was edited or re-encoded after caching. Train on "
+                                     "the cached shards, or re-cache them (`pld cache-teacher --overwrite`).")
                 if block.status[row] != SampleStatus.OK:
                     continue  # skipped at cache time (undecodable): skipped here too
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)

@@ -2,6 +2,7 @@
 import json
 import multiprocessing as mp
 import os
+import re
 import zlib
 
 import numpy as np
@@ -49,14 +50,21 @@ def shard_samples(shard, n):
     return keys, labels
 
 
+def sample_digests(keys, labels):
+    return np.stack([np.frombuffer(fmt.sample_digest({"__key__": k, "cls": str(y).encode(), "png": k.encode() * 3}),
+                                   np.uint8) for k, y in zip(keys, labels)])
+
+
 def write_shard(writer, shard, views=(0, 2), teachers=("t1",), crash_before_marker=False):
     n = writer.meta.shards[shard].nsamples
     keys, labels = shard_samples(shard, n)
     done = writer.done_units()
     if fmt.samples_unit(shard) not in done:
-        writer.write_samples(shard, keys, labels, np.full(n, SampleStatus.OK, np.uint8))
+        writer.write_samples(shard, keys, labels, np.full(n, SampleStatus.OK, np.uint8), sample_digests(keys, labels))
     if fmt.views_unit(shard, views) not in done:
-        params = np.arange(n * (views[1] - views[0]) * 5, dtype=np.int32).reshape(n, -1, 5) + 100 * views[0]
+        v = np.arange(views[0], views[1])[None, :]
+        i = np.arange(n)[:, None] + 0 * v
+        params = np.stack([i + 10 * v, v + 0 * i, 8 + 0 * i, 8 + 0 * i, (i + v) % 2], -1).astype(np.int32)
         writer.write_views(shard, views, params)
     for tid in teachers:
         rec = writer.meta.teachers[tid]
@@ -235,7 +243,7 @@ def test_plain_zarr_reads_the_cache_by_the_spec(cache_url):
     filled(cache_url)
     root = zarr.open_group(cache_url, mode="r")
     meta = root.attrs["pld_cache"]
-    assert meta["format"] == "pld-cache" and meta["version"] == 1
+    assert meta["format"] == "pld-cache" and meta["version"] == 2
     s = meta["rows_per_shard"]
     shard = 1
     n = meta["shards"][shard]["nsamples"]
@@ -267,7 +275,8 @@ def test_a_flipped_byte_fails_loudly_in_verify_and_the_reader(cache_url):
     open(chunk, "wb").write(bytes(data))
     report = verify_cache(cache_url)
     assert not report.ok and any("s000001.teacher.t1" in p and "unreadable" in p for p in report.problems)
-    with pytest.raises(CacheError, match="pld verify"):
+    assert report.damaged == ["s000001.teacher.t1.0-2"]
+    with pytest.raises(CacheError, match="s000001.teacher.t1.0-2 is damaged.*rerun the `pld cache-teacher` command"):
         CacheReader(cache_url).read_block(1, "t1")
     CacheReader(cache_url).read_block(0, "t1")  # other shards still read
 
@@ -277,18 +286,43 @@ def test_a_missing_chunk_is_caught_by_verify(cache_url):
     os.remove(_chunk_file(cache_url, fmt.teacher_array("t1", "topk_idx"), 2, 0, 0))
     report = verify_cache(cache_url)
     assert not report.ok
-    assert any("s000002.teacher.t1" in p and "checksum mismatch" in p for p in report.problems)
+    assert any("s000002.teacher.t1" in p and "differs from what was written" in p for p in report.problems)
+    with pytest.raises(CacheError, match="s000002.teacher.t1.0-2 is damaged"):
+        CacheReader(cache_url).read_block(2, "t1")  # zarr would have returned the fill value (-1) for it
 
 
-def test_verify_catches_semantic_damage_written_with_valid_checksums(cache_url):
+def _rewrite_teacher_unit(w, shard, edit):
+    """Rewrite a teacher unit through the writer (valid checksums, valid binding) with ``edit`` applied."""
+    r = CacheReader(w.url)
+    b = r.read_block(shard, "t1")
+    block = TeacherBlock(b.topk_idx.copy(), b.topk_logp.copy(), b.label_logp.copy(),
+                         np.asarray(r.array(fmt.teacher_array("t1", "logz"))[r._rows(shard)]), correct=0, count=0)
+    edit(block, b.labels)
+    w.write_teacher(shard, "t1", (0, 2), block)
+
+
+def _label_position_swapped(block, labels):
+    row = next(i for i in range(len(labels)) if (block.topk_idx[i, 0, 1:] == labels[i]).any())
+    block.label_logp[row, 0] -= 1.0
+
+
+def _order_swapped(block, labels):
+    block.topk_logp[0, 0, [0, 1]] = block.topk_logp[0, 0, [1, 0]]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda b, y: b.topk_idx.__setitem__((0, 0, 1), b.topk_idx[0, 0, 0]), "repeated class index"),
+    (lambda b, y: b.topk_idx.__setitem__((1, 0, 0), 99), r"outside \[0, 10\)"),
+    (lambda b, y: b.label_logp.__setitem__((0, 1), np.nan), "non-finite label_logp"),
+    (_label_position_swapped, "label log-prob differs from its top-k entry"),
+    (_order_swapped, "not in descending order"),
+])
+def test_verify_catches_semantic_damage_written_with_valid_checksums(cache_url, edit, match):
     w = filled(cache_url)
-    arr = w.root[fmt.teacher_array("t1", "topk_idx")]
-    block = np.asarray(arr[0:7, 0:1])
-    block[0, 0, 1] = block[0, 0, 0]  # a repeated class
-    block[1, 0, 0] = 99  # out of range
-    arr[0:7, 0:1] = block
-    problems = " ".join(verify_cache(cache_url).problems)
-    assert "repeated class index" in problems and "outside [0, 10)" in problems
+    _rewrite_teacher_unit(w, 0, edit)
+    report = verify_cache(cache_url)
+    assert report.damaged == ["s000000.teacher.t1.0-2"], report.problems
+    assert any(re.search(match, p) for p in report.problems), report.problems
 
 
 def test_inspect_summarises_the_cache(cache_url):

@@ -244,7 +244,7 @@ def test_a_missing_label_fails_naming_the_fix(tiny_data, tmp_path, teacher_ckpt)
 
 
 def test_non_finite_teacher_outputs_fail_naming_the_key(tiny_data, tmp_path):
-    cfg = config(tiny_data, tmp_path / "c.zarr", teachers=[TeacherSpec("fake_models:nan_model", name="nan")])
+    cfg = config(tiny_data, tmp_path / "c.zarr", teachers=[TeacherSpec("fake_models:nan_model", name="nan", mean=(0.5,) * 3, std=(0.5,) * 3)])
     with pytest.raises(DataError, match=r"Teacher 'nan' produced NaN/Inf logits for sample '\w+' view 0"):
         cache_teacher(cfg)
 

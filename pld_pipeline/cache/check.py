@@ -7,86 +7,130 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from .format import SampleStatus
+from .format import CacheError, SampleStatus
+from .integrity import REPAIR, DamagedUnit
 from .reader import CacheReader
 from .store import read_marker, store_nbytes
-from .writer import block_sha256
 
 
 @dataclass
 class VerifyReport:
     url: str
     units_checked: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "<unit>: <what is wrong>", one per finding
+    damaged: list[str] = field(default_factory=list)  # names of the units with problems
+    warnings: list[str] = field(default_factory=list)  # intact, but probably not what was meant
+    fix: str = REPAIR
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "ok": self.ok, "units_checked": self.units_checked, "problems": self.problems}
+        return {"url": self.url, "ok": self.ok, "units_checked": self.units_checked, "problems": self.problems,
+                "damaged_units": self.damaged, "warnings": self.warnings, "fix": None if self.ok else self.fix}
 
 
-def _unit_region(reader: CacheReader, unit: fmt.UnitName) -> tuple:
-    start = unit.shard * reader.meta.rows_per_shard
-    rows = slice(start, start + reader.meta.rows_per_shard)
-    return (rows,) if unit.views is None else (rows, slice(*unit.views))
+@dataclass
+class UnitCheck:
+    """One unit's findings; for intact teacher units also the teacher's top-1 hits over the unit's OK rows."""
+    problems: list[str] = field(default_factory=list)
+    correct: int = 0
+    count: int = 0
+
+
+def check_unit(reader: CacheReader, name: str, samples_of: dict[int, dict[str, np.ndarray] | None]) -> UnitCheck:
+    """Integrity (checksums, metadata binding) and then meaning: labels in range, view boxes non-empty, teacher
+    values valid and consistent with the shard's labels. ``samples_of`` caches each shard's checked samples
+    unit (None where it is damaged or missing) across calls. No teacher forward: cheap enough for every rerun."""
+    try:
+        arrays = reader.read_unit(name)
+    except DamagedUnit as e:
+        return UnitCheck([e.why])
+    unit = fmt.parse_unit_name(name)
+    n = reader.meta.shards[unit.shard].nsamples
+    if unit.kind == "samples":
+        return UnitCheck(_check_samples(arrays, n, reader.meta.num_classes))
+    if unit.shard not in samples_of:
+        try:
+            samples_of[unit.shard] = reader.samples(unit.shard)
+        except CacheError:
+            samples_of[unit.shard] = None
+    samples = samples_of[unit.shard]
+    if samples is None:  # the samples unit reports its own damage; nothing to compare against here
+        return UnitCheck()
+    ok = samples[fmt.STATUS_ARRAY] == SampleStatus.OK
+    if unit.kind == "views":
+        boxes = arrays[fmt.PARAMS_ARRAY][:n][ok]
+        bad = (boxes[..., 2] < 1) | (boxes[..., 3] < 1) | ~np.isin(boxes[..., 4], (0, 1))
+        return UnitCheck([f"{int(bad.sum())} view(s) with an empty box or a flip other than 0/1"] if bad.any() else [])
+    block = {path[len(fmt.teacher_array(unit.teacher, "")):]: arr[:n][ok] for path, arr in arrays.items()}
+    labels = samples[fmt.LABEL_ARRAY][ok]
+    problems = _check_teacher_values(reader.meta.num_classes, block, labels)
+    if problems:
+        return UnitCheck(problems)
+    return UnitCheck(correct=int((block["topk_idx"][..., 0] == labels[:, None]).sum()), count=block["top1_logp"].size)
+
+
+def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> list[str]:
+    status, labels = arrays[fmt.STATUS_ARRAY], arrays[fmt.LABEL_ARRAY]
+    problems = []
+    if not np.isin(status[:n], (SampleStatus.OK, SampleStatus.SKIPPED)).all() or (status[n:] != SampleStatus.EMPTY).any():
+        problems.append("sample status values outside the spec (OK/SKIPPED for samples, EMPTY for padding)")
+    ok = status[:n] == SampleStatus.OK
+    if ((labels[:n][ok] < 0) | (labels[:n][ok] >= num_classes)).any():
+        problems.append(f"labels outside [0, {num_classes})")
+    if (arrays[fmt.KEY_ARRAY][:n, 0] == 0).any():
+        problems.append("empty sample keys")
+    return problems
 
 
 def verify_cache(url: str) -> VerifyReport:
-    """Check every unit: marker present for every shard/view/teacher, chunk checksums (crc32c, by zarr) and
-    content checksums (sha256 in the marker) match, indices in range and distinct per row, values finite,
-    the label log-prob consistent with the top-k entry for the label."""
+    """Check every unit (see :func:`check_unit`) and that every unit a reader needs exists. Reports every
+    finding and never stops at the first; also warns about teachers whose top-1 is near chance."""
     reader = CacheReader(url)
     report = VerifyReport(url)
-    for missing in reader.missing_units(None):
-        report.problems.append(f"incomplete: {missing}")
+    report.problems.extend(f"incomplete: {m}" for m in reader.missing_units(None))
     for tid in reader.meta.teachers:
-        for missing in reader.missing_units(tid):
-            if ".teacher." in missing:
-                report.problems.append(f"incomplete: {missing}")
-    labels_by_shard: dict[int, np.ndarray] = {}
-    status_by_shard: dict[int, np.ndarray] = {}
+        report.problems.extend(f"incomplete: {m}" for m in reader.missing_units(tid, data=False))
+    samples_of: dict[int, dict[str, np.ndarray] | None] = {}
+    hits = {tid: [0, 0] for tid in reader.meta.teachers}
     for name in reader.markers:
-        unit = fmt.parse_unit_name(name)
-        if unit is None:
-            report.problems.append(f"{name}: unrecognised unit name")
-            continue
         report.units_checked += 1
-        try:
-            record = read_marker(reader.root, name)
-        except Exception as e:  # noqa: BLE001 - a broken marker is a finding, not a crash
-            report.problems.append(f"{name}: unreadable marker ({e})")
+        unit = fmt.parse_unit_name(name)
+        if unit is None or unit.shard >= len(reader.meta.shards):
+            report.problems.append(f"{name}: a unit name this cache cannot hold")
+            report.damaged.append(name)
             continue
-        region = _unit_region(reader, unit)
-        blocks: dict[str, np.ndarray] = {}
-        for path, want in record.get("checksums", {}).items():
-            try:
-                blocks[path] = np.asarray(reader.root[path][region])
-            except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated or undecodable chunk
-                report.problems.append(f"{name}: {path} unreadable ({type(e).__name__}: {e})")
-                continue
-            if block_sha256(blocks[path]) != want:
-                report.problems.append(f"{name}: {path} content differs from what was written (checksum mismatch)")
-        if unit.kind == "teacher" and len(blocks) == len(fmt.TEACHER_ARRAYS):
-            if unit.shard not in labels_by_shard:
-                labels_by_shard[unit.shard] = np.asarray(reader.root[fmt.LABEL_ARRAY][region[0]])
-                status_by_shard[unit.shard] = np.asarray(reader.root[fmt.STATUS_ARRAY][region[0]])
-            report.problems.extend(
-                f"{name}: {p}" for p in _check_teacher_values(
-                    reader, unit.teacher, blocks, labels_by_shard[unit.shard], status_by_shard[unit.shard]))
+        found = check_unit(reader, name, samples_of)
+        if found.problems:
+            report.damaged.append(name)
+            report.problems.extend(f"{name}: {p}" for p in found.problems)
+        elif unit.kind == "teacher" and unit.teacher in hits:
+            hits[unit.teacher][0] += found.correct
+            hits[unit.teacher][1] += found.count
+    for tid, (correct, count) in hits.items():
+        warning = chance_warning(tid, correct / count if count else None, reader.meta.num_classes)
+        if warning:
+            report.warnings.append(warning)
     return report
 
 
-def _check_teacher_values(reader: CacheReader, tid: str, blocks: dict[str, np.ndarray], labels: np.ndarray,
-                          status: np.ndarray) -> list[str]:
-    ok = status == SampleStatus.OK
-    idx = blocks[fmt.teacher_array(tid, "topk_idx")][ok].astype(np.int64)
-    logp = fmt.join_logp(blocks[fmt.teacher_array(tid, "topk_dlogp")], blocks[fmt.teacher_array(tid, "top1_logp")])[ok]
-    label_logp = blocks[fmt.teacher_array(tid, "label_logp")][ok].astype(np.float32)
-    logz = blocks[fmt.teacher_array(tid, "logz")][ok]
+def chance_warning(tid: str, accuracy: float | None, num_classes: int) -> str | None:
+    if not fmt.near_chance(accuracy, num_classes):
+        return None
+    return (f"teacher '{tid}' is near chance on its cached views: top-1 {accuracy * 100:.2f}% with {num_classes} "
+            f"classes (chance {100 / num_classes:.2f}%). Check its weights (--teacher-checkpoint) and preprocessing "
+            "(--size, --mean, --std): students would learn from noise.")
+
+
+def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarray) -> list[str]:
+    """``block``: one teacher unit's arrays by short name, OK rows only; ``labels``: those rows' labels."""
+    idx = block["topk_idx"].astype(np.int64)
+    logp = fmt.join_logp(block["topk_dlogp"], block["top1_logp"])
+    label_logp = block["label_logp"].astype(np.float32)
+    logz = block["logz"]
     problems = []
-    c = reader.meta.num_classes
     if idx.size and (idx.min() < 0 or idx.max() >= c):
         problems.append(f"class indices outside [0, {c})")
     if idx.size:
@@ -101,7 +145,7 @@ def _check_teacher_values(reader: CacheReader, tid: str, blocks: dict[str, np.nd
             problems.append("top-k log-probs not in descending order")
         if (logp > 1e-3).any() or np.log(np.exp(logp.astype(np.float64)).sum(-1)).max() > 1e-2:
             problems.append("top-k probabilities sum above 1")
-        is_label = idx == labels[ok][:, None, None]
+        is_label = idx == labels[:, None, None]
         if is_label.any():
             # The top-k entry is a float16 delta from the top-1: it may differ by its rounding, |delta| * 2^-11.
             delta = np.abs(logp - logp[..., :1])[is_label]
@@ -112,19 +156,15 @@ def _check_teacher_values(reader: CacheReader, tid: str, blocks: dict[str, np.nd
 
 
 def tail_mass_quantiles(reader: CacheReader, tid: str, max_shards: int = 8) -> dict[str, float]:
-    """Teacher probability outside the stored top-k (temperature 1), over complete shards: how much
-    of the PLD weight a given k drops, so users can choose k."""
+    """Teacher probability outside the stored top-k (temperature 1), over up to ``max_shards`` complete shards:
+    how much of the PLD weight a given k drops, so users can choose k."""
     teacher = reader.teacher(tid)
     masses = []
-    done = [s for s in range(len(reader.shards)) if reader.teacher_done.get((s, tid))][:max_shards]
+    done = [s for s in range(len(reader.shards))
+            if set(range(reader.meta.num_views)) <= reader.teacher_done.get((s, tid), set())][:max_shards]
     for shard in done:
-        views = sorted(reader.teacher_done[(shard, tid)])
-        rows = reader._rows(shard)
-        region = (rows, slice(0, max(views) + 1))
-        logp = fmt.join_logp(np.asarray(reader.root[fmt.teacher_array(tid, "topk_dlogp")][region]),
-                             np.asarray(reader.root[fmt.teacher_array(tid, "top1_logp")][region]))
-        status = np.asarray(reader.root[fmt.STATUS_ARRAY][rows])
-        logp = logp[status == SampleStatus.OK][:, views]
+        block = reader.read_block(shard, tid, temperature=1.0)
+        logp = block.topk_logp[block.status == SampleStatus.OK]
         masses.append(np.clip(1.0 - np.exp(logp.astype(np.float64)).sum(-1), 0.0, 1.0).ravel())
     if not masses or teacher.k == reader.meta.num_classes:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0} if masses else {}
@@ -134,26 +174,31 @@ def tail_mass_quantiles(reader: CacheReader, tid: str, max_shards: int = 8) -> d
 
 
 def inspect_cache(url: str) -> dict[str, Any]:
-    """A summary for humans and scripts: teachers, classes, k, views, temperatures, completion, bytes."""
+    """A summary for humans and scripts: teachers, classes, k, views, temperatures, completion, bytes, and
+    warnings (a teacher near chance). Reads checked blocks of up to 8 shards per teacher for the tail mass."""
     reader = CacheReader(url)
     meta = reader.meta
     nbytes = store_nbytes(url)
     samples = sum(s.nsamples for s in meta.shards)
-    teachers = {}
+    teachers, warnings = {}, []
     for tid, t in meta.teachers.items():
         correct = count = 0
-        for name in reader.markers:
-            unit = fmt.parse_unit_name(name)
-            if unit is not None and unit.kind == "teacher" and unit.teacher == tid:
-                rec = read_marker(reader.root, name)
-                correct += rec.get("correct", 0)
-                count += rec.get("count", 0)
+        for (shard, kind, unit_tid), units in reader.units.items():
+            if kind == "teacher" and unit_tid == tid:
+                for _, name in units:
+                    rec = read_marker(reader.root, name)
+                    correct += rec.get("correct", 0)
+                    count += rec.get("count", 0)
+        accuracy = (correct / count) if count else None
+        warning = chance_warning(tid, accuracy, meta.num_classes)
+        if warning:
+            warnings.append(warning)
         shards_done = sum(1 for s in range(len(meta.shards))
                           if set(range(meta.num_views)) <= reader.teacher_done.get((s, tid), set()))
         teachers[tid] = {
             "source": t.source, "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
             "k": t.k, "full": t.k == meta.num_classes, "temperatures": list(t.temperatures),
-            "shards_done": shards_done, "accuracy_on_cached_views": (correct / count) if count else None,
+            "shards_done": shards_done, "accuracy_on_cached_views": accuracy,
             "tail_mass": tail_mass_quantiles(reader, tid), "preprocessing": t.preprocessing,
         }
     shards_done = sum(1 for s in range(len(meta.shards))
@@ -165,5 +210,5 @@ def inspect_cache(url: str) -> dict[str, Any]:
         "shards_done": shards_done, "views": meta.num_views, "recipe": meta.recipe, "seed": meta.seed,
         "teachers": teachers, "bytes_on_disk": nbytes,
         "bytes_per_view": (nbytes / views_total) if nbytes and views_total else None,
-        "created_by": meta.created_by,
+        "created_by": meta.created_by, "warnings": warnings,
     }

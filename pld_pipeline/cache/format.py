@@ -4,6 +4,8 @@ Everything here is documented field by field in docs/cache-format.md; keep the t
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,12 +13,18 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "pld-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_ATTR = "pld_cache"  # the root group's attribute holding CacheMeta
+#: Set on the root group while ``create_or_extend`` builds a new cache, replaced by ROOT_ATTR when it is done: a
+#: rerun recognises (and restarts) a creation that was killed, and readers refuse it.
+CREATING_ATTR = "pld_cache_creating"
 
 KEY_ARRAY = "samples/key"  # uint8 [R, key_bytes], UTF-8 key, zero padded
 LABEL_ARRAY = "samples/label"  # int32 [R], -1 where no sample
 STATUS_ARRAY = "samples/status"  # uint8 [R], see SampleStatus
+DIGEST_ARRAY = "samples/digest"  # uint8 [R, 16]: blake2b-128 of the sample's encoded bytes (sample_digest)
+SAMPLE_ARRAYS = (KEY_ARRAY, LABEL_ARRAY, STATUS_ARRAY, DIGEST_ARRAY)
+DIGEST_BYTES = 16
 PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip
 TEACHER_ARRAYS = ("topk_idx", "topk_dlogp", "top1_logp", "label_logp", "logz")
 UNITS_GROUP = "units"
@@ -73,6 +81,19 @@ def check_teacher_id(tid: str) -> str:
 
 def teacher_array(tid: str, name: str) -> str:
     return f"teachers/{tid}/{name}"
+
+
+def sample_digest(sample: dict[str, Any]) -> bytes:
+    """Identity of one webdataset sample's content: blake2b-128 over its fields in sorted name order, each as
+    ``name (UTF-8) | 0x00 | len (uint64 LE) | bytes``. Fields whose name starts with ``__`` (key, url) are not
+    content. An edited, re-encoded or swapped sample changes it; the key does not."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for name in sorted(k for k in sample if not k.startswith("__")):
+        data = sample[name]
+        data = data if isinstance(data, (bytes, bytearray)) else str(data).encode("utf-8")
+        h.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.digest()
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -160,6 +181,11 @@ class CacheMeta:
     def from_dict(cls, d: dict[str, Any]) -> "CacheMeta":
         if d.get("format") != FORMAT_NAME:
             raise CacheError(f"Not a {FORMAT_NAME} cache (format={d.get('format')!r}).")
+        if int(d.get("version", -1)) < FORMAT_VERSION:
+            raise CacheError(
+                f"Cache format v{d.get('version')} predates the integrity records (per-unit metadata binding, sample "
+                f"digests) that this pld-pipeline checks on every read (v{FORMAT_VERSION}); re-create it by rerunning "
+                "its `pld cache-teacher` command with --overwrite.")
         if int(d.get("version", -1)) > FORMAT_VERSION:
             raise CacheError(
                 f"Cache format version {d['version']} is newer than this pld-pipeline reads ({FORMAT_VERSION}); "
@@ -219,3 +245,49 @@ def parse_unit_name(name: str) -> UnitName | None:
         return None
     return None
 
+
+
+def unit_arrays(unit: UnitName) -> tuple[str, ...]:
+    """The arrays a unit writes (and its marker checksums), in a fixed order."""
+    if unit.kind == "samples":
+        return SAMPLE_ARRAYS
+    if unit.kind == "views":
+        return (PARAMS_ARRAY,)
+    return tuple(teacher_array(unit.teacher, name) for name in TEACHER_ARRAYS)
+
+
+def unit_region(unit: UnitName, rows_per_shard: int) -> tuple[slice, ...]:
+    """The unit's region in each of its arrays: all of its shard's rows (padding included) x its views."""
+    rows = slice(unit.shard * rows_per_shard, (unit.shard + 1) * rows_per_shard)
+    return (rows,) if unit.views is None else (rows, slice(*unit.views))
+
+
+def unit_binding(name: str, meta: CacheMeta) -> str:
+    """sha256 of what gives a unit's bytes their meaning, recorded in its marker: the unit's own name (so a
+    marker cannot be moved), the format version, classes, row layout, its shard's identity, the view recipe and
+    seed, and for teacher units the teacher's whole record (k, temperature grid, index dtype, preprocessing,
+    weights). An edit of any of these root attributes no longer matches the markers, and every reader refuses.
+    Encoded as canonical JSON (sorted keys, no spaces, ``ensure_ascii``)."""
+    unit = parse_unit_name(name)
+    if unit is None or not 0 <= unit.shard < len(meta.shards):
+        raise CacheError(f"Unit {name!r} names no shard of this cache.")
+    shard = asdict(meta.shards[unit.shard])
+    shard.pop("url")  # where it was read from is informational; content hashes identify it
+    doc: dict[str, Any] = {
+        "unit": name, "format": meta.format, "version": meta.version, "num_classes": meta.num_classes,
+        "class_names": meta.class_names, "rows_per_shard": meta.rows_per_shard, "key_bytes": meta.key_bytes,
+        "shard": shard, "recipe": meta.recipe, "seed": meta.seed}
+    if unit.kind == "teacher":
+        if unit.teacher not in meta.teachers:
+            raise CacheError(f"Unit {name!r} belongs to teacher '{unit.teacher}', which the cache does not list.")
+        doc["teacher"] = meta.teachers[unit.teacher].to_dict()
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def near_chance(accuracy: float | None, num_classes: int) -> bool:
+    """A teacher whose top-1 on its own cached views is within 10% of the way from chance to perfect: almost
+    always wrong weights or wrong preprocessing (input size, mean/std), not a weak teacher."""
+    if accuracy is None or num_classes < 2:
+        return False
+    chance = 1.0 / num_classes
+    return accuracy < chance + 0.1 * (1.0 - chance)

@@ -1,6 +1,7 @@
-"""Reading a cache: whole shard blocks (one contiguous read per array and view), never per-row zarr reads.
+"""Reading a cache: whole shard blocks (one contiguous read per array and unit), never per-row zarr reads.
 
-A reader trusts only units whose marker exists; anything else is reported as incomplete, never read as data.
+A reader trusts only units whose marker exists, and reads each of them through integrity.read_unit (checksums
+and metadata binding); anything else is reported as incomplete or damaged, never read as data.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import zarr
 
 from . import format as fmt
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord
+from .integrity import read_unit
 from .store import list_markers, open_root
 
 
@@ -23,6 +25,7 @@ class ShardBlock:
     keys: list[str]
     labels: np.ndarray  # [n] int32
     status: np.ndarray  # [n] uint8 (SampleStatus)
+    digests: np.ndarray  # [n, 16] uint8, format.sample_digest of each sample
     params: np.ndarray  # [n, V, 5] int32
     topk_idx: np.ndarray | None  # [n, V, k]
     topk_logp: np.ndarray | None  # [n, V, k] float32 (stored as float16 deltas from the top-1)
@@ -44,6 +47,9 @@ class CacheReader:
         self.url = str(url)
         self.cache_dir = cache_dir
         self.root = open_root(self.url, mode="r", cache_dir=cache_dir)
+        if fmt.ROOT_ATTR not in self.root.attrs and fmt.CREATING_ATTR in self.root.attrs:
+            raise CacheError(f"{self.url} was still being created when its writer stopped; rerun the same "
+                             "`pld cache-teacher` command to finish it.")
         if fmt.ROOT_ATTR not in self.root.attrs:
             raise CacheError(f"{self.url} is a zarr group but not a pld cache (no '{fmt.ROOT_ATTR}' attribute).")
         self.meta = CacheMeta.from_dict(self.root.attrs[fmt.ROOT_ATTR])
@@ -54,11 +60,14 @@ class CacheReader:
         self.samples_done: set[int] = set()
         self.views_done: dict[int, set[int]] = defaultdict(set)
         self.teacher_done: dict[tuple[int, str], set[int]] = defaultdict(set)
+        #: (shard, kind, teacher) -> [(views, unit name)]: which units hold what
+        self.units: dict[tuple[int, str, str | None], list[tuple[tuple[int, int] | None, str]]] = defaultdict(list)
         self.markers = list_markers(self.root)
         for name in self.markers:
             unit = fmt.parse_unit_name(name)
-            if unit is None:
+            if unit is None or unit.shard >= len(self.meta.shards):
                 continue
+            self.units[(unit.shard, unit.kind, unit.teacher)].append((unit.views, name))
             if unit.kind == "samples":
                 self.samples_done.add(unit.shard)
             elif unit.kind == "views":
@@ -99,14 +108,15 @@ class CacheReader:
                          f"use one of those, or re-cache with --temperatures including {temperature:g}.")
 
     def missing_units(self, teacher: str | None, shards: Iterable[int] | None = None,
-                      num_views: int | None = None) -> list[str]:
-        """Names of the units a reader needs but that are not complete."""
+                      num_views: int | None = None, data: bool = True) -> list[str]:
+        """What a reader needs but is not complete, as unit names (views: the missing views listed). ``data``:
+        include the shards' samples and views units, not only ``teacher``'s."""
         v_all = set(range(self.meta.num_views if num_views is None else num_views))
         missing = []
         for s in (range(len(self.meta.shards)) if shards is None else shards):
-            if s not in self.samples_done:
+            if data and s not in self.samples_done:
                 missing.append(fmt.samples_unit(s))
-            if v_all - self.views_done.get(s, set()):
+            if data and v_all - self.views_done.get(s, set()):
                 missing.append(f"s{s:06d}.views (views {sorted(v_all - self.views_done.get(s, set()))[:5]}...)")
             if teacher is not None and v_all - self.teacher_done.get((s, teacher), set()):
                 missing.append(f"s{s:06d}.teacher.{teacher}")
@@ -126,59 +136,76 @@ class CacheReader:
         raise CacheError(f"Shard {name or quick_hash} is not covered by {self.url}; the cache was made from "
                          f"{len(self.meta.shards)} other shards (see `pld inspect`).")
 
-    # -- reads -------------------------------------------------------------------------------------
+    # -- reads ----------------------------------------------------------------------------------------
     def _rows(self, shard: int) -> slice:
         start = shard * self.meta.rows_per_shard
         return slice(start, start + self.meta.shards[shard].nsamples)
 
-    def _read(self, path: str, region: tuple) -> np.ndarray:
-        try:
-            return np.asarray(self.root[path][region])
-        except Exception as e:  # zarr raises deep codec errors (crc32c mismatch, truncated chunk)
-            raise CacheError(f"Cannot read {path} rows {region[0].start}:{region[0].stop} of {self.url}: "
-                             f"{type(e).__name__}: {e}. Run `pld verify {self.url}`.") from e
+    def read_unit(self, name: str) -> dict[str, np.ndarray]:
+        """One unit's arrays over its region, checked against its marker (raises integrity.DamagedUnit)."""
+        return read_unit(self.root, self.meta, name, self.url)
+
+    def _gather(self, shard: int, kind: str, teacher: str | None, views: int) -> dict[str, np.ndarray]:
+        """Views [0, views) of a shard's view-indexed arrays, assembled from the (checked) units that hold them."""
+        n = self.meta.shards[shard].nsamples
+        out: dict[str, np.ndarray] = {}
+        for (a, b), name in sorted(self.units[(shard, kind, teacher)]):
+            if a >= views:
+                continue
+            stop = min(b, views)
+            for path, arr in self.read_unit(name).items():
+                if path not in out:
+                    out[path] = np.empty((n, views) + arr.shape[2:], arr.dtype)
+                out[path][:, a:stop] = arr[:n, : stop - a]
+        return out
+
+    def samples(self, shard: int) -> dict[str, np.ndarray]:
+        """The shard's checked samples unit, cut to its sample count: path -> array."""
+        if shard not in self.samples_done:
+            raise CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; rerun "
+                             "`pld cache-teacher` to finish it.")
+        n = self.meta.shards[shard].nsamples
+        return {path: arr[:n] for path, arr in self.read_unit(fmt.samples_unit(shard)).items()}
 
     def read_block(self, shard: int, teacher: str | None = None, temperature: float | None = None,
                    views: int | None = None) -> ShardBlock:
-        """All cached rows of one data shard: keys, labels, view params and (optionally) one teacher's
-        targets at one temperature, for views [0, views)."""
+        """All cached rows of one data shard: keys, labels, sample digests, view params and (optionally) one
+        teacher's targets at one temperature, for views [0, views). Every unit read is checked first."""
         views = self.meta.num_views if views is None else views
-        need = fmt.samples_unit(shard)
-        if shard not in self.samples_done or not set(range(views)) <= self.views_done.get(shard, set()):
-            raise CacheError(f"Shard {self.meta.shards[shard].name} is not complete in {self.url} (unit {need} or "
-                             "its views missing); rerun `pld cache-teacher` to finish it.")
-        rows = self._rows(shard)
-        keys = decode_keys(self._read(fmt.KEY_ARRAY, (rows,)))
-        labels = self._read(fmt.LABEL_ARRAY, (rows,))
-        status = self._read(fmt.STATUS_ARRAY, (rows,))
-        params = self._read(fmt.PARAMS_ARRAY, (rows, slice(0, views)))
-        block = ShardBlock(shard, keys, labels, status, params, None, None, None, None)
+        if not set(range(views)) <= self.views_done.get(shard, set()):
+            raise CacheError(f"Shard {self.meta.shards[shard].name} is not complete in {self.url} (its views "
+                             "are missing); rerun `pld cache-teacher` to finish it.")
+        samples = self.samples(shard)
+        params = self._gather(shard, "views", None, views)[fmt.PARAMS_ARRAY]
+        block = ShardBlock(shard, decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.LABEL_ARRAY],
+                           samples[fmt.STATUS_ARRAY], samples[fmt.DIGEST_ARRAY], params, None, None, None, None)
         if teacher is not None:
             rec = self.teacher(teacher)
             if not set(range(views)) <= self.teacher_done.get((shard, rec.id), set()):
                 raise CacheError(f"Teacher '{rec.id}' is not complete for shard {self.meta.shards[shard].name} "
                                  f"views 0..{views - 1} in {self.url}; rerun `pld cache-teacher` to finish it.")
             col = self.temperature_column(rec, 1.0 if temperature is None else temperature)
-            region = (rows, slice(0, views))
-            block.topk_idx = self._read(fmt.teacher_array(rec.id, "topk_idx"), region)
-            block.topk_logp = fmt.join_logp(self._read(fmt.teacher_array(rec.id, "topk_dlogp"), region),
-                                            self._read(fmt.teacher_array(rec.id, "top1_logp"), region))
-            block.label_logp = self._read(fmt.teacher_array(rec.id, "label_logp"), region)
-            block.logz = self._read(fmt.teacher_array(rec.id, "logz"), region)[..., col]
+            arrays = self._gather(shard, "teacher", rec.id, views)
+            get = lambda name: arrays[fmt.teacher_array(rec.id, name)]  # noqa: E731
+            block.topk_idx = get("topk_idx")
+            block.topk_logp = fmt.join_logp(get("topk_dlogp"), get("top1_logp"))
+            block.label_logp = get("label_logp")
+            block.logz = get("logz")[..., col]
         return block
 
     def ok_samples(self, shard: int) -> int:
         """Rows of a shard that hold a usable sample (skipped undecodable samples excluded)."""
-        return int((self._read(fmt.STATUS_ARRAY, (self._rows(shard),)) == SampleStatus.OK).sum())
+        return int((self.samples(shard)[fmt.STATUS_ARRAY] == SampleStatus.OK).sum())
 
     def key_index(self) -> dict[str, tuple[int, int]]:
-        """key -> (shard, row within shard), built in RAM from one read of the key array per shard."""
+        """key -> (shard, row within shard), built in RAM from one checked read of each samples unit."""
         index: dict[str, tuple[int, int]] = {}
         for shard in sorted(self.samples_done):
-            keys = decode_keys(self._read(fmt.KEY_ARRAY, (self._rows(shard),)))
-            status = self._read(fmt.STATUS_ARRAY, (self._rows(shard),))
+            samples = self.samples(shard)
+            keys, status = decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.STATUS_ARRAY]
             index.update((k, (shard, i)) for i, k in enumerate(keys) if status[i] != SampleStatus.EMPTY)
         return index
 
     def array(self, path: str) -> zarr.Array:
+        """A raw zarr array, unchecked: for inspection and tests; training reads go through read_block."""
         return self.root[path]

@@ -41,15 +41,18 @@ def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
         return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached), path=path, read_only=True)
 
 
-def open_root(url: str, mode: str, cache_dir: str | None = None) -> zarr.Group:
+def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dict[str, Any] | None = None) -> zarr.Group:
     """The cache's root group; ``mode='r'`` opens read-only (a shared cache is never modified by readers).
-    ``cache_dir`` keeps a local copy of what a read-only remote cache serves (ignored for local paths)."""
+    ``cache_dir`` keeps a local copy of what a read-only remote cache serves (ignored for local paths);
+    ``attributes`` are written with a new group's metadata, in the same object."""
     url = _normalise(str(url))
+    if os.path.isfile(url):
+        raise CacheError(f"{url} is a file, not a cache (a cache is a directory, a zarr group); choose another path.")
     try:
         if cache_dir and mode == "r" and _is_remote(url):
             os.makedirs(cache_dir, exist_ok=True)
             return zarr.open_group(_cached_store(url, cache_dir), mode="r")
-        return zarr.open_group(url, mode=mode)
+        return zarr.open_group(url, mode=mode, attributes=attributes)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
     except ImportError as e:  # e.g. s3:// without s3fs
@@ -71,7 +74,7 @@ def write_marker(root: zarr.Group, name: str, record: dict[str, Any]) -> None:
     reader sees either no marker or a whole one. Written directly so no parent metadata is ever rewritten.
     """
     doc = {"zarr_format": 3, "node_type": "group", "attributes": record}
-    key = f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+    key = _marker_key(root, name)
     buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())
     sync(root.store.set(key, buf))
 
@@ -88,8 +91,17 @@ def list_markers(root: zarr.Group) -> list[str]:
     return sorted(parts[0] for parts in names if len(parts) == 2 and parts[1] == "zarr.json")
 
 
+def delete_marker(root: zarr.Group, name: str) -> None:
+    """Withdraw a unit's claim to be complete (before it is rewritten): one object deleted."""
+    sync(root.store.delete(_marker_key(root, name)))
+
+
+def _marker_key(root: zarr.Group, name: str) -> str:
+    return f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+
+
 def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:
-    key = f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+    key = _marker_key(root, name)
     buf = sync(root.store.get(key, default_buffer_prototype()))
     if buf is None:
         raise CacheError(f"Unit marker {name} is missing.")

@@ -6,7 +6,6 @@ are created by one process (rank 0) before any unit is written.
 """
 from __future__ import annotations
 
-import hashlib
 import socket
 import time
 from dataclasses import dataclass
@@ -16,8 +15,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from ..faults import kill_point
 from . import format as fmt
 from .format import CacheError, CacheMeta, SampleStatus, TeacherRecord
+from .integrity import block_sha256
 from .store import cache_exists, list_markers, open_root, write_marker
 
 
@@ -35,14 +36,6 @@ class TeacherBlock:
     logz: np.ndarray  # [n, v, T] float
     correct: int  # top-1 hits over the unit's OK rows and views (the teacher's accuracy is free here)
     count: int
-
-
-def block_sha256(block: np.ndarray) -> str:
-    """The checksum a marker records: sha256 of the region's bytes, stored dtype, C order, little-endian."""
-    arr = np.ascontiguousarray(block)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
 def _pad_rows(block: np.ndarray, rows: int, fill: Any) -> np.ndarray:
@@ -76,16 +69,18 @@ class CacheWriter:
         """Create the cache, or check that an existing one matches ``request`` and extend it with new
         teachers and views. Anything else that differs is refused: the cache would silently mix runs."""
         url = str(url)
-        if overwrite or not cache_exists(url):
-            root = open_root(url, mode="w")
+        root = open_root(url, mode="r+") if not overwrite and cache_exists(url) else None
+        if root is not None and fmt.ROOT_ATTR not in root.attrs and fmt.CREATING_ATTR not in root.attrs:
+            raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out or pass --overwrite.")
+        if root is None or fmt.ROOT_ATTR not in root.attrs:
+            # New, or a creation that was killed (CREATING_ATTR, no ROOT_ATTR): nothing in it was ever complete.
+            root = open_root(url, mode="w", attributes={fmt.CREATING_ATTR: True})
+            kill_point("create.root")
             meta = CacheMeta(**{**request.__dict__, "teachers": {}})
             meta.created_by = _versions()
             _create_sample_arrays(root, meta, compression_level)
             root.create_group(fmt.UNITS_GROUP)
         else:
-            root = open_root(url, mode="r+")
-            if fmt.ROOT_ATTR not in root.attrs:
-                raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out or pass --overwrite.")
             meta = CacheMeta.from_dict(root.attrs[fmt.ROOT_ATTR])
             _check_compatible(meta, request, url)
             if request.num_views > meta.num_views:
@@ -102,7 +97,8 @@ class CacheWriter:
                 continue
             _create_teacher_arrays(root, meta, teacher, compression_level)
             meta.teachers[tid] = teacher
-        root.attrs[fmt.ROOT_ATTR] = meta.to_dict()
+        kill_point("create.arrays")
+        root.attrs.put({fmt.ROOT_ATTR: meta.to_dict()})  # one write; replaces CREATING_ATTR on a new cache
         return cls(url)
 
     # -- what is left to do ------------------------------------------------------------------------
@@ -124,18 +120,21 @@ class CacheWriter:
         padded = _pad_rows(block.astype(arr.dtype, copy=False), self.meta.rows_per_shard, arr.fill_value)
         region = (self._rows(shard),) if views is None else (self._rows(shard), slice(*views))
         arr[region] = padded
+        kill_point("unit.array")
         return block_sha256(padded)
 
     def _marker(self, name: str, shard: int, checksums: dict[str, str], **extra: Any) -> None:
         write_marker(self.root, name, {
-            "shard": shard, "shard_name": self.meta.shards[shard].name,
+            "binding": fmt.unit_binding(name, self.meta), "shard": shard, "shard_name": self.meta.shards[shard].name,
             "rows": self.meta.shards[shard].nsamples, "checksums": checksums,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
             **extra})
 
-    def write_samples(self, shard: int, keys: list[str], labels: np.ndarray, status: np.ndarray) -> None:
+    def write_samples(self, shard: int, keys: list[str], labels: np.ndarray, status: np.ndarray,
+                      digests: np.ndarray) -> None:
+        """``digests``: uint8 [n, 16], :func:`format.sample_digest` of each sample's encoded bytes."""
         n = self.meta.shards[shard].nsamples
-        if len(keys) != n or labels.shape != (n,) or status.shape != (n,):
+        if len(keys) != n or labels.shape != (n,) or status.shape != (n,) or digests.shape != (n, fmt.DIGEST_BYTES):
             raise CacheError(f"Shard {self.meta.shards[shard].name} has {n} samples in the index but the unit "
                              f"holds {len(keys)}; the shard changed since it was indexed.")
         encoded = np.zeros((n, self.meta.key_bytes), dtype=np.uint8)
@@ -146,7 +145,8 @@ class CacheWriter:
             encoded[i, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         sums = {fmt.KEY_ARRAY: self._write(fmt.KEY_ARRAY, shard, encoded),
                 fmt.LABEL_ARRAY: self._write(fmt.LABEL_ARRAY, shard, labels),
-                fmt.STATUS_ARRAY: self._write(fmt.STATUS_ARRAY, shard, status)}
+                fmt.STATUS_ARRAY: self._write(fmt.STATUS_ARRAY, shard, status),
+                fmt.DIGEST_ARRAY: self._write(fmt.DIGEST_ARRAY, shard, digests)}
         skipped = int((status == SampleStatus.SKIPPED).sum())
         self._marker(fmt.samples_unit(shard), shard, sums, skipped=skipped)
 
@@ -175,6 +175,7 @@ def _create_sample_arrays(root: zarr.Group, meta: CacheMeta, level: int) -> None
     _create(root, fmt.KEY_ARRAY, (rows, meta.key_bytes), (s, meta.key_bytes), "uint8", 0, level)
     _create(root, fmt.LABEL_ARRAY, (rows,), (s,), "int32", -1, level)
     _create(root, fmt.STATUS_ARRAY, (rows,), (s,), "uint8", SampleStatus.EMPTY, level)
+    _create(root, fmt.DIGEST_ARRAY, (rows, fmt.DIGEST_BYTES), (s, fmt.DIGEST_BYTES), "uint8", 0, level)
     _create(root, fmt.PARAMS_ARRAY, (rows, meta.num_views, 5), (s, 1, 5), "int32", 0, level)
 
 

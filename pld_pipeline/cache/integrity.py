@@ -1,0 +1,69 @@
+"""Reading a unit only through its marker: a cache that strangers share is checked on every read.
+
+A unit's marker records a sha256 per array region and a binding to the root metadata (format.unit_binding).
+Every reader (the student data path, verify, inspect, a resuming cache-teacher) reads a unit's arrays here, so
+a missing chunk (zarr would return the fill value), a chunk swapped between shards or views, an edited byte or
+an edited root attribute is refused with the unit's name and the fix, never trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import format as fmt
+from .format import CacheError, CacheMeta
+from .store import read_marker
+
+REPAIR = "rerun the `pld cache-teacher` command that made the cache (it re-checks every unit and rewrites damaged ones)"
+
+
+class DamagedUnit(CacheError):
+    """A unit whose bytes or metadata are not what its writer recorded."""
+
+    def __init__(self, url: str, unit: str, why: str) -> None:
+        self.unit, self.why = unit, why
+        super().__init__(f"{url}: unit {unit} is damaged: {why}. Nothing was trained on it; to repair, {REPAIR}, "
+                         "or ask the cache's owner for an intact copy.")
+
+
+def block_sha256(block: np.ndarray) -> str:
+    """The checksum a marker records: sha256 of the region's bytes, stored dtype, C order, little-endian."""
+    arr = np.ascontiguousarray(block)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
+              record: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The unit's arrays over its whole region (padding rows included), after checking its marker's binding to
+    ``meta`` and every array's sha256. Raises :class:`DamagedUnit` otherwise."""
+    unit = fmt.parse_unit_name(name)
+    if unit is None:
+        raise DamagedUnit(url, name, "unrecognised unit name")
+    try:
+        record = read_marker(root, name) if record is None else record
+        binding = fmt.unit_binding(name, meta)
+    except Exception as e:  # noqa: BLE001 - an unreadable marker or one naming no shard/teacher is damage
+        raise DamagedUnit(url, name, f"unreadable marker ({type(e).__name__}: {e})") from None
+    if record.get("binding") != binding:
+        raise DamagedUnit(url, name, "its marker was written under other root metadata (the cache's attributes "
+                                     "were edited, or the marker was moved)")
+    sums = record.get("checksums", {})
+    paths = fmt.unit_arrays(unit)
+    if sorted(sums) != sorted(paths):
+        raise DamagedUnit(url, name, f"its marker lists arrays {sorted(sums)}, expected {sorted(paths)}")
+    region = fmt.unit_region(unit, meta.rows_per_shard)
+    arrays = {}
+    for path in paths:
+        try:
+            arr = np.asarray(root[path][region])
+        except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated or undecodable chunk, missing array
+            raise DamagedUnit(url, name, f"{path} is unreadable ({type(e).__name__}: {e})") from None
+        if block_sha256(arr) != sums[path]:
+            raise DamagedUnit(url, name, f"{path} differs from what was written (missing, swapped or edited chunk)")
+        arrays[path] = arr
+    return arrays
