@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pld_pipeline.cache import CacheError, CacheReader, SampleStatus, verify_cache
+from pld_pipeline.cache import CacheError, CacheReader, SampleStatus, inspect_cache, verify_cache
 from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.data import DataError, iter_shard
@@ -46,6 +46,7 @@ def test_cached_values_equal_a_direct_teacher_forward_on_replayed_views(tiny_dat
     cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt)
     summary = cache_teacher(cfg)
     assert summary["items"] == 40 * 3 and summary["shards_written"] == 3
+    hits = 0
     reader = CacheReader(cfg.out)
     teacher = load_model("cifar_resnet8", checkpoint=teacher_ckpt).eval()
     prep = preprocessing_of(teacher)
@@ -67,7 +68,19 @@ def test_cached_values_equal_a_direct_teacher_forward_on_replayed_views(tiny_dat
             np.testing.assert_allclose(block.topk_logp[i].astype(np.float32), want.topk_logp.numpy(), atol=2e-3, rtol=1e-3)
             np.testing.assert_allclose(block.label_logp[i].astype(np.float32), want.label_logp.numpy(), atol=2e-3, rtol=1e-3)
             np.testing.assert_allclose(block.logz[i], want.logz.numpy(), atol=1e-4, rtol=1e-5)
+            hits += int((logits.argmax(1) == int(block.labels[i])).sum())
+    # The teacher's accuracy on its cached views, as the summary, inspect and verify report it.
+    assert 0 < hits < 120 and summary["teacher_accuracy"]["r8"] == hits / 120
+    assert inspect_cache(cfg.out)["teachers"]["r8"]["accuracy_on_cached_views"] == hits / 120
     assert verify_cache(cfg.out).ok
+
+
+def test_the_view_draw_depends_on_the_global_seed_key_and_view():
+    recipe = ViewRecipe("imagenet", size=24, scale=(0.2, 1.0))
+    draws = {(seed, key, v): tuple(view_params(recipe, seed, key, v, 40, 50))
+             for seed in (0, 1) for key in ("a", "b") for v in (0, 1)}
+    assert len(set(draws.values())) == len(draws)  # any change of seed, key or view gives another view
+    assert tuple(view_params(recipe, 1, "a", 0, 40, 50)) == draws[(1, "a", 0)]
 
 
 def test_view_params_come_from_a_stable_hash_and_replay_bit_for_bit():

@@ -104,6 +104,36 @@ def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cach
             break
 
 
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_tensor(tiny_data, cache, teacher_run,
+                                                                                      epoch):
+    """Run the cached teacher again on exactly the tensor the student receives: its top-k and log-probs must be
+    the targets the item carries (a view/target mismatch, e.g. view v with view v+1's targets, fails here)."""
+    from pld_pipeline.cache import CacheReader
+    from pld_pipeline.losses import TeacherTargets
+    from pld_pipeline.models import load_model
+    from pld_pipeline.views import normalize
+    reader = CacheReader(cache)
+    prep = reader.teacher("r14").preprocessing
+    teacher = load_model("cifar_resnet14", checkpoint=teacher_run).eval()
+    shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]
+    ds = TrainSamples(shards, recipe=ViewRecipe.from_dict(reader.meta.recipe), seed=0, rank=0, world=1,
+                      cache_url=cache, teacher="r14", temperature=1.0, num_views=4, shuffle_buffer=8)
+    ds.set_epoch(epoch)
+    items = list(ds)
+    assert len(items) == 40
+    x = torch.stack([it["image"] for it in items])
+    with torch.no_grad():
+        logits = teacher(normalize(x, prep["mean"], prep["std"]))
+    want = TeacherTargets.from_logits(logits, torch.tensor([it["label"] for it in items]), k=5)
+    got_idx = torch.stack([torch.as_tensor(it["topk_idx"]) for it in items])
+    got_logp = torch.stack([torch.as_tensor(it["topk_logp"]) for it in items])
+    assert torch.equal(got_idx, want.topk_idx)
+    torch.testing.assert_close(got_logp, want.topk_logp, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(np.array([it["label_logp"] for it in items])), want.label_logp,
+                               atol=2e-3, rtol=1e-3)
+
+
 def test_views_rotate_through_all_cached_views():
     views = [choose_view("rotate", 0, "some_key", epoch, 4) for epoch in range(8)]
     assert sorted(views[:4]) == [0, 1, 2, 3] and views[:4] == views[4:]

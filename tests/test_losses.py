@@ -205,8 +205,12 @@ def test_topk_kd_differs_from_the_biased_softmax_over_the_topk_alone():
 
 
 def direct_dist(s, t, y, temperature=1.0, alpha=0.1, beta=0.45, gamma=0.45):
-    """DIST from its formula with explicit means and standard deviations."""
-    ys, yt = torch.softmax(s / temperature, 1), torch.softmax(t / temperature, 1)
+    return direct_dist_from_probs(s, torch.softmax(t / temperature, 1), y, temperature, alpha, beta, gamma)
+
+
+def direct_dist_from_probs(s, yt, y, temperature=1.0, alpha=0.1, beta=0.45, gamma=0.45):
+    """DIST from its formula with explicit means and standard deviations, given the teacher's probabilities."""
+    ys = torch.softmax(s / temperature, 1)
 
     def corr(a, b):  # Pearson per row
         a = a - a.mean(1, keepdim=True)
@@ -233,6 +237,11 @@ def test_topk_dist_spreads_the_tail_mass_evenly():
     torch.testing.assert_close(dense.sum(1), torch.ones(4, dtype=torch.float64))
     exact = torch.softmax(t, 1)
     torch.testing.assert_close(dense.gather(1, tg.topk_idx), exact.gather(1, tg.topk_idx))
+    outside = torch.ones_like(dense, dtype=torch.bool).scatter(1, tg.topk_idx, False)
+    tail = (1 - exact.gather(1, tg.topk_idx).sum(1, keepdim=True)) / 6  # 10 classes - k=4: evenly over the other 6
+    torch.testing.assert_close(dense[outside].view(4, 6), tail.expand(4, 6))
+    # and DIST itself sees exactly that vector
+    torch.testing.assert_close(dist_loss(s, y, tg), direct_dist_from_probs(s, dense, y))
 
 
 def test_losses_are_picked_by_name_with_checked_parameters():

@@ -23,8 +23,10 @@ REPAIR = "rerun the `pld cache-teacher` command that made the cache (it re-check
 class DamagedUnit(CacheError):
     """A unit whose bytes or metadata are not what its writer recorded."""
 
-    def __init__(self, url: str, unit: str, why: str) -> None:
-        self.unit, self.why = unit, why
+    def __init__(self, url: str, unit: str, why: str, binding_only: bool = False) -> None:
+        #: the unit's arrays match its marker, only its binding to the root metadata does not: the metadata
+        #: was edited (rewriting the unit would launder the edit), not the data
+        self.unit, self.why, self.binding_only = unit, why, binding_only
         super().__init__(f"{url}: unit {unit} is damaged: {why}. Nothing was trained on it; to repair, {REPAIR}, "
                          "or ask the cache's owner for an intact copy.")
 
@@ -39,8 +41,8 @@ def block_sha256(block: np.ndarray) -> str:
 
 def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
               record: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """The unit's arrays over its whole region (padding rows included), after checking its marker's binding to
-    ``meta`` and every array's sha256. Raises :class:`DamagedUnit` otherwise."""
+    """The unit's arrays over its whole region (padding rows included), after checking every array's sha256
+    against its marker and the marker's binding to ``meta``. Raises :class:`DamagedUnit` otherwise."""
     unit = fmt.parse_unit_name(name)
     if unit is None:
         raise DamagedUnit(url, name, "unrecognised unit name")
@@ -49,9 +51,6 @@ def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
         binding = fmt.unit_binding(name, meta)
     except Exception as e:  # noqa: BLE001 - an unreadable marker or one naming no shard/teacher is damage
         raise DamagedUnit(url, name, f"unreadable marker ({type(e).__name__}: {e})") from None
-    if record.get("binding") != binding:
-        raise DamagedUnit(url, name, "its marker was written under other root metadata (the cache's attributes "
-                                     "were edited, or the marker was moved)")
     sums = record.get("checksums", {})
     paths = fmt.unit_arrays(unit)
     if sorted(sums) != sorted(paths):
@@ -66,4 +65,24 @@ def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
         if block_sha256(arr) != sums[path]:
             raise DamagedUnit(url, name, f"{path} differs from what was written (missing, swapped or edited chunk)")
         arrays[path] = arr
+    if record.get("binding") != binding:
+        raise DamagedUnit(url, name, "its marker was written under other root metadata (the cache's attributes "
+                                     "were edited after writing)", binding_only=True)
     return arrays
+
+
+def units_under_other_metadata(root: zarr.Group, meta: CacheMeta, names: list[str], url: str) -> list[str]:
+    """Units whose data is intact but whose binding does not match ``meta``: evidence that the root metadata
+    was edited. Only units whose binding differs are read, so this is cheap on an intact cache."""
+    edited = []
+    for name in names:
+        try:
+            if read_marker(root, name).get("binding") == fmt.unit_binding(name, meta):
+                continue
+            read_unit(root, meta, name, url)
+        except DamagedUnit as e:
+            if e.binding_only:
+                edited.append(name)
+        except Exception:  # noqa: BLE001 - unreadable marker, unknown shard: damage, which the re-check repairs
+            continue
+    return edited

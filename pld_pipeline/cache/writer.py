@@ -18,7 +18,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from ..faults import kill_point
 from . import format as fmt
 from .format import CacheError, CacheMeta, SampleStatus, TeacherRecord
-from .integrity import block_sha256
+from .integrity import block_sha256, units_under_other_metadata
 from .store import cache_exists, list_markers, open_root, write_marker
 
 
@@ -82,6 +82,12 @@ class CacheWriter:
             root.create_group(fmt.UNITS_GROUP)
         else:
             meta = CacheMeta.from_dict(root.attrs[fmt.ROOT_ATTR])
+            edited = units_under_other_metadata(root, meta, list_markers(root), url)
+            if edited:
+                raise CacheError(
+                    f"The root metadata of {url} no longer matches what {len(edited)} intact unit(s) were written with "
+                    f"(e.g. {edited[0]}): its attributes were edited after writing. Restore the original metadata "
+                    "(from the cache's owner), or start over with --overwrite.")
             _check_compatible(meta, request, url)
             if request.num_views > meta.num_views:
                 _resize_views(root, meta, request.num_views)
