@@ -1,0 +1,147 @@
+"""Mutation check: does the suite notice one-line bugs? Not run by CI (minutes); run it after changing tests.
+
+    python tests/mutations.py [--only NAME] [--json OUT]
+
+Each mutation rewrites one snippet of the library (the snippet must occur exactly once), runs the tests that
+should catch it, and restores the file whatever happens. A mutation the tests do not fail on is "alive": a
+hole in the suite. Exit status 1 if any is alive.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+FAULTS = "tests/test_faults.py::"
+MUTATIONS = [
+    Mutation("student trains on view v with the targets of view v+1", "pld_pipeline/student_data.py",
+             "item.update(topk_idx=block.topk_idx[row, v]", "item.update(topk_idx=block.topk_idx[row, (v + 1) % self.num_views]",
+             ("tests/test_distill.py::test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_tensor",)),
+    Mutation("student's image from view v+1, targets from view v", "pld_pipeline/student_data.py",
+             "params = block.params[row, v]", "params = block.params[row, (v + 1) % self.num_views]",
+             ("tests/test_distill.py::test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_tensor",)),
+    Mutation("view RNG ignores the global seed", "pld_pipeline/views.py",
+             "rng = view_rng(seed, key, view)", "rng = view_rng(0, key, view)",
+             ("tests/test_cache_teacher.py::test_the_view_draw_depends_on_the_global_seed_key_and_view",)),
+    Mutation("teacher accuracy compares the second-ranked class", "pld_pipeline/cache/encode.py",
+             '"correct": targets.topk_idx[:, 0] == labels', '"correct": targets.topk_idx[:, 1] == labels',
+             ("tests/test_cache_teacher.py::test_cached_values_equal_a_direct_teacher_forward_on_replayed_views",)),
+    Mutation("verify's accuracy compares the second-ranked class", "pld_pipeline/cache/check.py",
+             'correct=int((block["topk_idx"][..., 0] ==', 'correct=int((block["topk_idx"][..., 1] ==',
+             (FAULTS + "test_a_near_chance_teacher_is_flagged_in_the_summary_inspect_and_verify",)),
+    Mutation("inspect's tail mass counts only the top-1", "pld_pipeline/cache/check.py",
+             "np.exp(logp.astype(np.float64)).sum(-1)", "np.exp(logp[..., :1].astype(np.float64)).sum(-1)",
+             ("tests/test_cache.py::test_inspect_summarises_the_cache",)),
+    Mutation("verify's label-consistency check disabled", "pld_pipeline/cache/check.py",
+             "if (gap > delta * 2.0 ** -10 + 1e-5).any():", "if False:",
+             ("tests/test_cache.py::test_verify_catches_semantic_damage_written_with_valid_checksums",)),
+    Mutation("verify's descending-order check disabled", "pld_pipeline/cache/check.py",
+             "if (np.diff(logp, axis=-1) > 1e-3).any():", "if False:",
+             ("tests/test_cache.py::test_verify_catches_semantic_damage_written_with_valid_checksums",)),
+    Mutation("DIST from top-k puts all the tail mass on one class", "pld_pipeline/losses.py",
+             "dense = fill[:, None].expand(-1, self.num_classes)",
+             "dense = torch.zeros_like(top[:, :1]).expand(-1, self.num_classes).clone(); dense[:, -1] = fill * rest",
+             ("tests/test_losses.py::test_topk_dist_spreads_the_tail_mass_evenly",)),
+    Mutation("--resume does not restore the EMA", "pld_pipeline/distill.py",
+             'ema.load_state_dict(state["ema"])', "pass",
+             (FAULTS + "test_distill_killed_mid_epoch_resumes_to_the_same_weights_and_ema",)),
+    Mutation("unit marker written before the unit's data", "pld_pipeline/cache/writer.py",
+             "        sums = {fmt.teacher_array(tid, name): self._write(fmt.teacher_array(tid, name), shard, arr, views)\n"
+             "                for name, arr in stored.items()}\n"
+             "        self._marker(",
+             "        sums = {fmt.teacher_array(tid, n): block_sha256(_pad_rows(np.asarray(a).astype(self._array(fmt.teacher_array(tid, n)).dtype), self.meta.rows_per_shard, self._array(fmt.teacher_array(tid, n)).fill_value)) for n, a in stored.items()}\n"
+             "        self._marker(fmt.teacher_unit(shard, tid, views), shard, sums, teacher=tid, views=list(views), correct=0, count=0)\n"
+             "        [self._write(fmt.teacher_array(tid, n), shard, a, views) for n, a in stored.items()]\n"
+             "        return\n"
+             "        self._marker(",
+             (FAULTS + "test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache[unit.array:7]",)),
+    Mutation("readers skip the per-array checksum", "pld_pipeline/cache/integrity.py",
+             "if block_sha256(arr) != sums[path]:", "if False:",
+             (FAULTS + "test_damaged_data_is_reported_refused_and_repaired[deleted teacher chunk]",)),
+    Mutation("readers skip the metadata binding", "pld_pipeline/cache/integrity.py",
+             'if record.get("binding") != binding:', "if False:",
+             (FAULTS + "test_edited_root_metadata_is_caught_by_every_reader_and_never_laundered[temperature grid reordered]",)),
+    Mutation("distill skips the per-sample content digest", "pld_pipeline/student_data.py",
+             "if block.digests[row].tobytes() != sample_digest(sample):", "if False:",
+             (FAULTS + "test_a_shard_edited_in_the_middle_is_refused_naming_the_sample",)),
+    Mutation("a rerun does not repair damaged units", "pld_pipeline/cache_teacher.py",
+             "            if found.problems:\n                damaged.append", "            if False:\n                damaged.append",
+             (FAULTS + "test_damaged_data_is_reported_refused_and_repaired[bit flip in a teacher chunk]",)),
+    Mutation("a killed creation cannot be resumed", "pld_pipeline/cache/writer.py",
+             "if root is None or fmt.ROOT_ATTR not in root.attrs:", "if root is None:",
+             (FAULTS + "test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache[create.arrays]",)),
+    Mutation("worker errors keep torch's wrapper", "pld_pipeline/data.py",
+             "        if match is None:\n            raise", "        if True:\n            raise",
+             (FAULTS + "test_errors_inside_dataloader_workers_reach_the_user_as_one_line",)),
+    Mutation("a teacher without declared preprocessing gets ImageNet defaults", "pld_pipeline/models.py",
+             "    if missing:\n        raise ValueError(f\"Teacher", "    if False:\n        raise ValueError(f\"Teacher",
+             (FAULTS + "test_a_teacher_that_declares_no_preprocessing_is_refused_naming_the_options",)),
+    Mutation("--temperature 0 accepted", "pld_pipeline/distill.py",
+             "if cfg.temperature is not None and not cfg.temperature > 0:", "if False:",
+             (FAULTS + "test_out_on_a_regular_file_and_non_positive_temperatures_are_one_line_errors",)),
+    Mutation("near-chance teachers never flagged", "pld_pipeline/cache/format.py",
+             "return accuracy < chance + 0.1 * (1.0 - chance)", "return False",
+             (FAULTS + "test_near_chance_means_within_a_tenth_of_the_way_from_chance_to_perfect",)),
+    Mutation("PLD weights from the student instead of the teacher temperature", "pld_pipeline/losses.py",
+             "def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *,\n               reduction: Reduction = \"mean\") -> Tensor:\n    return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)",
+             "def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *,\n               reduction: Reduction = \"mean\") -> Tensor:\n    return pld_loss_from_ranking(student_logits / targets.temperature, labels, targets, reduction=reduction)",
+             ("tests/test_losses.py",)),
+]
+
+
+def run(m: Mutation, timeout: int) -> dict:
+    path = ROOT / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        return {"name": m.name, "outcome": f"snippet found {original.count(m.old)} times (update the mutation)"}
+    path.write_text(original.replace(m.old, m.new))
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        outcome = "killed" if proc.returncode != 0 else "ALIVE"
+    except subprocess.TimeoutExpired:
+        outcome = "killed (timeout)"
+    finally:
+        path.write_text(original)
+    return {"name": m.name, "file": m.file, "outcome": outcome, "seconds": round(time.time() - t0, 1),
+            "tests": list(m.tests)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="run the mutations whose name contains this text")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--timeout", type=int, default=600)
+    args = ap.parse_args()
+    results = []
+    print("| mutation | outcome | s |\n|---|---|---|")
+    for m in MUTATIONS:
+        if args.only and args.only not in m.name:
+            continue
+        r = run(m, args.timeout)
+        results.append(r)
+        print(f"| {r['name']} | {r['outcome']} | {r.get('seconds', '')} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return int(any(r["outcome"] != "killed" and not r["outcome"].startswith("killed") for r in results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
