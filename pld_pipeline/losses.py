@@ -175,9 +175,10 @@ def _ranking_head(topk_idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Ten
     return head_idx, valid, src
 
 
-#: Beyond this spread of logits within a head, exp-space cumulative sums could underflow even in float64
-#: (exp(-745) == 0); such batches take the slower log-space scan instead.
-_EXP_SPACE_MAX_SPREAD = 600.0
+#: Widest spread of student logits within a row for which the head's cumulative sums can run in exp space in
+#: the compute dtype: every exp(s - max) stays a normal number (float32: exp(-87) is the smallest normal;
+#: float64: exp(-708)) and the backward's products stay finite. Wider rows, rare, take logcumsumexp.
+_EXP_SPACE_MAX_SPREAD = {torch.float32: 60.0, torch.float64: 600.0}
 
 
 def _rest_softmax(s: Tensor, head_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -195,68 +196,81 @@ def _rest_softmax(s: Tensor, head_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Te
     return total.log() + top.squeeze(1), (e, torch.where(total > 0, total, 1.0))
 
 
+def _suffix_lse(s_head: Tensor, rest_lse: Tensor | None, hi: Tensor, wide: Tensor) -> Tensor:
+    """``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))`` per slot: a reversed cumulative sum of ``exp(s - hi)``
+    (one flip each way), rows in ``wide`` recomputed with logcumsumexp."""
+    suffix = torch.exp(s_head - hi[:, None]).flip(1).cumsum(1).flip(1)
+    if rest_lse is not None:
+        suffix = suffix + torch.exp(rest_lse - hi)[:, None]
+    out = suffix.log_() + hi[:, None]
+    if bool(wide.any()):  # one host sync; on CPU free
+        rows = wide.nonzero().squeeze(1)
+        exact = torch.logcumsumexp(s_head[rows].flip(1), dim=1).flip(1)
+        out[rows] = exact if rest_lse is None else torch.logaddexp(rest_lse[rows, None], exact)
+    return out
+
+
 class _PlackettLuceHead(torch.autograd.Function):
     """Per-sample NLL of the first K' steps of a weighted Plackett-Luce ranking.
 
     Forward: ``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
     Backward, closed form (autograd through a reversed logcumsumexp is several times slower):
     ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside the
-    head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``. The head's cumulative
-    sums run in exp space in float64 with a per-row shift (a cumsum is far cheaper than logcumsumexp); heads
-    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` fall back to logcumsumexp. Everything over all C
-    classes is a handful of float32 passes, like KD.
+    head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``. Cumulative sums run in
+    exp space in the compute dtype with a per-row shift (a cumsum is far cheaper than logcumsumexp); only rows
+    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take logcumsumexp. ``full``: the head is a whole
+    ranking (every slot valid, every class once), so there is no rest block and no masking at all.
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor | None, alpha: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         s = s.to(dtype)
         alpha = alpha.to(dtype)
-        s_head = torch.where(valid, s.gather(1, head_idx), -math.inf)
-        if head_idx.shape[1] == s.shape[1] and bool(valid.all()):  # a full ranking: nothing outside the head
-            rest_lse, rest_p = torch.full_like(s[:, 0], -math.inf), None
+        s_head = s.gather(1, head_idx)
+        if valid is None:
+            rest_lse = rest_p = None
+            hi, lo = s_head.amax(1), s_head.amin(1)
         else:
+            s_head = s_head.masked_fill(~valid, -math.inf)
             rest_lse, rest_p = _rest_softmax(s, head_idx)
-        finite_head = torch.where(valid, s_head, rest_lse[:, None])
-        shift = torch.maximum(finite_head.amax(1), rest_lse)[:, None]
-        spread = float((shift.squeeze(1) - finite_head.amin(1)).max()) if s.shape[0] else 0.0
-        exp_space = spread < _EXP_SPACE_MAX_SPREAD
-        if exp_space:
-            tail = torch.exp((s_head - shift).double()).flip(1).cumsum(1).flip(1)
-            lse_remaining = (tail + torch.exp((rest_lse[:, None] - shift).double())).log().to(dtype) + shift
-        else:
-            suffix = torch.logcumsumexp(s_head.flip(1), dim=1).flip(1)
-            lse_remaining = torch.logaddexp(rest_lse[:, None], suffix)
-        loss = torch.where(valid, alpha * (lse_remaining - s_head), 0.0).sum(1)
-        ctx.save_for_backward(head_idx, valid, alpha, s_head, lse_remaining, rest_lse)
+            finite_rest = torch.isfinite(rest_lse)
+            hi = torch.maximum(s_head.amax(1), rest_lse)
+            lo = torch.where(finite_rest, torch.minimum(s_head.masked_fill(~valid, math.inf).amin(1), rest_lse),
+                             s_head.masked_fill(~valid, math.inf).amin(1))
+        wide = (hi - lo) >= _EXP_SPACE_MAX_SPREAD[dtype]
+        lse_remaining = _suffix_lse(s_head, rest_lse, hi, wide)
+        terms = alpha * (lse_remaining - s_head)
+        loss = (terms if valid is None else terms.masked_fill(~valid, 0.0)).sum(1)
+        ctx.save_for_backward(head_idx, alpha, s_head, lse_remaining, wide,
+                              *(() if rest_lse is None else (rest_lse,)))
+        ctx.full = valid is None
         ctx.rest_p = rest_p  # (exp, total) or None; not inputs, so plain attributes are fine
-        ctx.exp_space = exp_space
         ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        head_idx, valid, alpha, s_head, lse_remaining, rest_lse = ctx.saved_tensors
-        rest_p = ctx.rest_p
+        head_idx, alpha, s_head, lse_remaining, wide, *rest = ctx.saved_tensors
         dtype = alpha.dtype
-        log_w = torch.where(valid & (alpha > 0), alpha.log() - lse_remaining, -math.inf)
-        if ctx.exp_space:
-            shift = log_w.amax(1, keepdim=True)
-            shift = torch.where(torch.isfinite(shift), shift, 0.0)
-            cum = torch.exp((log_w - shift).double()).cumsum(1)
-            g_head = (torch.exp((s_head + shift).double()) * cum).to(dtype)
-        else:
-            cum_log = torch.logcumsumexp(log_w, dim=1)
-            g_head = torch.exp(s_head + cum_log)
+        log_w = torch.where(alpha > 0, alpha.log() - lse_remaining, -math.inf)  # pad slots: alpha = 0
+        shift = log_w.amax(1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        g_head = torch.exp(s_head + shift) * torch.exp(log_w - shift).cumsum(1)
+        if bool(wide.any()):
+            rows = wide.nonzero().squeeze(1)
+            g_head[rows] = torch.exp(s_head[rows] + torch.logcumsumexp(log_w[rows], dim=1))
         g_out = grad_loss.to(dtype)[:, None]
-        g_head = torch.where(valid, g_head - alpha, 0.0) * g_out
-        if rest_p is None:
-            g = torch.zeros(head_idx.shape[0], head_idx.shape[1], dtype=dtype, device=g_head.device)
-            return g.scatter_(1, head_idx, g_head).to(ctx.in_dtype), None, None, None
+        g_head = (g_head - alpha) * g_out
+        if ctx.full:
+            g = torch.empty(head_idx.shape, dtype=dtype, device=g_head.device).scatter_(1, head_idx, g_head)
+            return g.to(ctx.in_dtype), None, None, None
+        g_head = torch.where(torch.isfinite(s_head), g_head, 0.0)  # pad slots (s = -inf) carry no gradient
         # Weight of the rest block: sum_k alpha_k exp(R - D_k) <= sum alpha, computed in log space.
+        rest_lse = rest[0]
         rest_weight = torch.exp(torch.logsumexp(log_w, dim=1, keepdim=True) + rest_lse[:, None])
         rest_weight = torch.where(torch.isfinite(rest_weight), rest_weight, 0.0)
-        rest_exp, rest_total = rest_p
+        rest_exp, rest_total = ctx.rest_p
         g = (rest_exp * (rest_weight * g_out / rest_total[:, None])).scatter_add_(1, head_idx, g_head)
         return g.to(ctx.in_dtype), None, None, None
 
@@ -273,6 +287,10 @@ def pld_loss_from_ranking(
     head_idx, valid, src = _ranking_head(targets.topk_idx, labels)
     topk_p = targets.topk_log_probs().exp().gather(1, src)
     alpha = torch.cat([targets.label_log_prob().exp()[:, None], topk_p], dim=1) * valid
+    if targets.k == targets.num_classes:
+        # A full ranking: the label is in the top-k, so the head's last slot is always the pad. Without it the
+        # head is a permutation of all classes, and the kernel needs no rest block and no masks.
+        return _reduce(_PlackettLuceHead.apply(student_logits, head_idx[:, :-1], None, alpha[:, :-1]), reduction)
     return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
 
 
@@ -296,8 +314,7 @@ def pld_loss(
     forced = t.scatter(1, labels[:, None], math.inf)
     head_idx = torch.sort(forced, dim=1, descending=True, stable=True).indices
     alpha = torch.softmax(t / temperature, dim=1).gather(1, head_idx)
-    valid = torch.ones_like(head_idx, dtype=torch.bool)
-    return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
+    return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, None, alpha), reduction)
 
 
 class PLDLoss(torch.nn.Module):
