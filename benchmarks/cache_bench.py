@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pld_pipeline.cache import CacheMeta, CacheReader, CacheWriter, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
+from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
 from pld_pipeline.cache.store import store_nbytes
 from pld_pipeline.losses import TeacherTargets
@@ -37,8 +38,18 @@ def teacher_logits(n: int, c: int, labels: torch.Tensor, g: torch.Generator) -> 
     return logits
 
 
+def raw_block(reader: CacheReader, shard: int, tid: str) -> list[np.ndarray]:
+    """What a block read costs without the integrity checks (v1's reader): the same regions, read raw."""
+    s, n = reader.meta.rows_per_shard, reader.meta.shards[shard].nsamples
+    rows = slice(shard * s, shard * s + n)
+    paths = [fmt.KEY_ARRAY, fmt.LABEL_ARRAY, fmt.STATUS_ARRAY, fmt.DIGEST_ARRAY, fmt.PARAMS_ARRAY] + [
+        fmt.teacher_array(tid, name) for name in fmt.TEACHER_ARRAYS]
+    return [np.asarray(reader.array(p)[rows]) for p in paths]
+
+
 def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
     g = torch.Generator().manual_seed(c * 7 + k)
+    rng_np = np.random.default_rng(c * 7 + k)
     n, v = args.samples_per_shard, args.views
     shards = [ShardRecord(f"s-{i:06d}.tar", f"/x/s-{i:06d}.tar", n, 0, f"{i:064x}", f"q{i}") for i in range(args.shards)]
     teacher = TeacherRecord("t", "synthetic", None, None, {}, k, TEMPS, "int16" if c < 32768 else "int32")
@@ -56,7 +67,7 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
                              correct=0, count=n * v)
         t0 = time.perf_counter()
         writer.write_samples(s, [f"k{s}_{i:07d}" for i in range(n)], labels.numpy().astype(np.int32),
-                             np.full(n, SampleStatus.OK, np.uint8))
+                             np.full(n, SampleStatus.OK, np.uint8), rng_np.integers(0, 256, (n, 16), np.uint8))
         writer.write_views(s, (0, v), np.zeros((n, v, 5), np.int32))
         writer.write_teacher(s, "t", (0, v), block)
         write_s += time.perf_counter() - t0
@@ -75,10 +86,17 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
                         for f in fs)
     total_bytes = store_nbytes(url)
     reader = CacheReader(url)
-    t0 = time.perf_counter()
-    for s in range(args.shards):
-        reader.read_block(s, "t", temperature=1.0)
-    stream = views / (time.perf_counter() - t0)
+    checked, raw = [], []
+    for _ in range(3):  # round robin: checked (every unit against its marker) and raw zarr reads of the same arrays
+        t0 = time.perf_counter()
+        for s in range(args.shards):
+            reader.read_block(s, "t", temperature=1.0)
+        checked.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in range(args.shards):
+            raw_block(reader, s, "t")
+        raw.append(time.perf_counter() - t0)
+    stream, stream_raw = views / float(np.median(checked)), views / float(np.median(raw))
     rng = np.random.default_rng(0)
     arr = reader.array("teachers/t/topk_dlogp")
     picks = rng.integers(0, args.shards * n, args.random_reads)
@@ -90,6 +108,7 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
             "total_bytes_per_view": total_bytes / views, "fp16_full_bytes_per_view": 2 * c,
             "ratio_to_fp16_full": teacher_bytes / views / (2 * c), "max_weight_error": max_err,
             "write_views_per_s": views / write_s, "stream_read_views_per_s": stream,
+            "stream_read_unchecked_views_per_s": stream_raw, "check_cost": stream_raw / stream - 1,
             "random_read_views_per_s": random_rate, "stream_over_random": stream / random_rate}
 
 
@@ -111,7 +130,8 @@ def main() -> None:
                 print(f"C={c:>5} k={k:>5}: {row['teacher_bytes_per_view']:7.1f} B/view teacher "
                       f"({row['ratio_to_fp16_full']:.3f}x fp16 full), {row['total_bytes_per_view']:7.1f} B/view all | "
                       f"max weight err {row['max_weight_error']:.1e} | write {row['write_views_per_s']:,.0f} views/s | "
-                      f"stream {row['stream_read_views_per_s']:,.0f} views/s vs random {row['random_read_views_per_s']:,.0f} "
+                      f"stream {row['stream_read_views_per_s']:,.0f} views/s (unchecked {row['stream_read_unchecked_views_per_s']:,.0f}, "
+                      f"check +{100 * row['check_cost']:.0f}%) vs random {row['random_read_views_per_s']:,.0f} "
                       f"({row['stream_over_random']:,.0f}x)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

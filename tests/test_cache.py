@@ -261,6 +261,23 @@ def test_plain_zarr_reads_the_cache_by_the_spec(cache_url):
     assert "s000001.teacher.t1.0-2" in done
     assert root["units"]["s000001.samples"].attrs["rows"] == n
 
+    # The spec's own "reading a unit safely" snippet, executed as written, accepts every intact unit ...
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "cache-format.md")).read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "def check_unit" in b)
+    ns = {"np": np}
+    exec(snippet, ns)
+    for name in done:
+        unit = fmt.parse_unit_name(name)
+        rows_all = slice(unit.shard * s, (unit.shard + 1) * s)
+        ns["check_unit"](root, meta, name, (rows_all,) if unit.views is None else (rows_all, slice(*unit.views)))
+    # ... and refuses edited metadata and swapped data, like the library's readers
+    edited = json.loads(json.dumps(meta))
+    edited["teachers"]["t1"]["temperatures"] = [2.0, 1.0]
+    with pytest.raises(AssertionError):
+        ns["check_unit"](root, edited, "s000001.teacher.t1.0-2", (slice(s, 2 * s), slice(0, 2)))
+    with pytest.raises(AssertionError):
+        ns["check_unit"](root, meta, "s000001.teacher.t1.0-2", (slice(0, s), slice(0, 2)))
+
 
 def _chunk_file(cache_url, path, *chunk_coords):
     """One chunk's file under zarr v3's default key encoding: <array>/c/<i>/<j>/<k>."""

@@ -229,6 +229,9 @@ def test_a_teacher_that_declares_no_preprocessing_is_refused_naming_the_options(
 def test_a_near_chance_teacher_is_flagged_in_the_summary_inspect_and_verify(reference):
     url, summary = reference
     assert summary["teacher_accuracy"]["r8"] < 0.19
+    # verify recomputes it from the data it checks; inspect sums the markers' counts: all three agree
+    assert verify_cache(url).teacher_accuracy == summary["teacher_accuracy"]
+    assert inspect_cache(url)["teachers"]["r8"]["accuracy_on_cached_views"] == summary["teacher_accuracy"]["r8"]
     for warnings in (summary["warnings"], inspect_cache(url)["warnings"], verify_cache(url).warnings):
         assert len(warnings) == 1 and "teacher 'r8' is near chance" in warnings[0] and "--size, --mean, --std" in warnings[0]
 
@@ -272,6 +275,15 @@ def test_out_on_a_regular_file_and_non_positive_temperatures_are_one_line_errors
     with pytest.raises(ValueError, match="is an existing file; a cache is a directory"):
         cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=str(f), workers=0, device="cpu",
                                          teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt)], size=16))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "keep.jpg").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match="is a folder with other files in it, not a cache"):
+            cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=str(folder), workers=0, device="cpu",
+                                             teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt)], size=16,
+                                             overwrite=overwrite))
+    assert (folder / "keep.jpg").read_bytes() == b"x"
     with pytest.raises(ValueError, match="is an existing file; a run directory is a folder"):
         distill(student(tiny_data, cache, f))
     for t in (0.0, -1.0):

@@ -20,6 +20,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # "<unit>: <what is wrong>", one per finding
     damaged: list[str] = field(default_factory=list)  # names of the units with problems
     warnings: list[str] = field(default_factory=list)  # intact, but probably not what was meant
+    teacher_accuracy: dict[str, float | None] = field(default_factory=dict)  # top-1 on the intact units' views
     fix: str = REPAIR
 
     @property
@@ -28,7 +29,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "ok": self.ok, "units_checked": self.units_checked, "problems": self.problems,
-                "damaged_units": self.damaged, "warnings": self.warnings, "fix": None if self.ok else self.fix}
+                "damaged_units": self.damaged, "warnings": self.warnings, "teacher_accuracy": self.teacher_accuracy,
+                "fix": None if self.ok else self.fix}
 
 
 @dataclass
@@ -110,7 +112,8 @@ def verify_cache(url: str) -> VerifyReport:
             hits[unit.teacher][0] += found.correct
             hits[unit.teacher][1] += found.count
     for tid, (correct, count) in hits.items():
-        warning = chance_warning(tid, correct / count if count else None, reader.meta.num_classes)
+        report.teacher_accuracy[tid] = correct / count if count else None
+        warning = chance_warning(tid, report.teacher_accuracy[tid], reader.meta.num_classes)
         if warning:
             report.warnings.append(warning)
     return report

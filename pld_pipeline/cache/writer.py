@@ -6,6 +6,7 @@ are created by one process (rank 0) before any unit is written.
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ class CacheWriter:
         """Create the cache, or check that an existing one matches ``request`` and extend it with new
         teachers and views. Anything else that differs is refused: the cache would silently mix runs."""
         url = str(url)
+        local = url[len("file://"):] if url.startswith("file://") else url
+        if "://" not in local and os.path.isdir(local) and os.listdir(local) and not cache_exists(url):
+            raise CacheError(f"{url} is a folder with other files in it, not a cache; choose another --out (it is "
+                             "never emptied, not even with --overwrite).")
         root = open_root(url, mode="r+") if not overwrite and cache_exists(url) else None
         if root is not None and fmt.ROOT_ATTR not in root.attrs and fmt.CREATING_ATTR not in root.attrs:
             raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out or pass --overwrite.")
