@@ -19,7 +19,7 @@ import time
 import torch
 
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-from pld_pipeline.data import expand_shards, iter_shard
+from pld_pipeline.data import IMAGE_FIELDS, expand_shards, iter_shard, pick_field
 from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
 
@@ -27,21 +27,33 @@ from _results import write_results  # benchmarks/ helper (scripts run from this 
 
 
 def bare_forward(args: argparse.Namespace) -> float:
-    model = load_model(args.teacher, checkpoint=args.checkpoint).eval().to(memory_format=torch.channels_last)
+    """Views/s of the teacher alone on pre-decoded views already on the device, in the same precision."""
+    device = torch.device(args.device)
+    model = load_model(args.teacher, checkpoint=args.checkpoint).eval().to(device, memory_format=torch.channels_last)
     prep = preprocessing_of(model)
     recipe = ViewRecipe("cifar", size=32)
     views = []
     for url in expand_shards(args.data):
         for s in iter_shard(url):
-            image = decode_image(s["jpg"])
+            image = decode_image(pick_field(s, IMAGE_FIELDS))
             views += [replay_view(image, view_params(recipe, 0, s["__key__"], v, 32, 32), recipe) for v in range(args.views)]
-    batches = [torch.stack(views[i:i + args.batch_size]) for i in range(0, len(views), args.batch_size)]
-    with torch.inference_mode():
+    batches = [torch.stack(views[i:i + args.batch_size]).to(device) for i in range(0, len(views), args.batch_size)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if device.type == "cuda" and args.precision == "fp32":  # as cache-teacher does: exact fp32, no TF32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.inference_mode(), autocast:
         model(normalize(batches[0], prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last))
+        _sync(device)
         t0 = time.perf_counter()
         for b in batches:
-            model(normalize(b, prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last))
+            model(normalize(b, prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last)).float()
+        _sync(device)
         return len(views) / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -52,6 +64,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", default="benchmarks/results/cache_teacher.json")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="pld-ct-bench-")
@@ -69,7 +83,7 @@ def main() -> None:
         summary = cache_teacher(CacheTeacherConfig(
             data=args.data, out=os.path.join(root, "c.zarr"), teachers=[TeacherSpec(args.teacher, args.checkpoint)],
             views=args.views, recipe="cifar", size=32, batch_size=args.batch_size, workers=args.workers,
-            num_classes=10, device="cpu"), progress)
+            num_classes=10, device=args.device, precision=args.precision), progress)
         end_to_end = summary["items"] / (time.perf_counter() - t0)
         steady = summary["items"] / (marks["end"] - marks["start"])
     finally:

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pld_pipeline.losses import LOSSES
+
 from .progress import ProgressReporter
 
 app = typer.Typer(
@@ -84,6 +86,7 @@ def cache_teacher_cmd(
     seed: Annotated[int, typer.Option(help="Global view seed.", rich_help_panel=VIEWS)] = 0,
     top_k: Annotated[int, typer.Option(help="Classes stored per view, by teacher rank.", rich_help_panel=CACHE)] = 32,
     full: Annotated[bool, typer.Option(help="Store all classes (k = num_classes).", rich_help_panel=CACHE)] = False,
+    teacher_precision: Annotated[str, typer.Option(help="Teacher forward: fp32 (exact logits, the default) or bf16 (autocast: faster on GPUs, logits rounded; recorded in the cache).", rich_help_panel=TEACHER)] = "fp32",
     temperatures: Annotated[str, typer.Option(help="Temperature grid for exact teacher weights, e.g. 1,2,4.", rich_help_panel=CACHE)] = "1,2,4",
     class_names: Annotated[Optional[Path], typer.Option(help="JSON list (or {class_names: [...]}) of class names; default: classes.json beside the shards.", rich_help_panel=DATA)] = None,
     image_field: Annotated[str, typer.Option(help="Image extension(s), ;-separated.", rich_help_panel=DATA)] = "jpg;jpeg;png;webp",
@@ -123,7 +126,7 @@ def cache_teacher_cmd(
         clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
-        overwrite=overwrite)
+        overwrite=overwrite, precision=teacher_precision)
     summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return
@@ -202,6 +205,13 @@ def verify_cmd(
         raise typer.Exit(code=1)
 
 
+def _param_help(name: str, what: str) -> str:
+    """Help for a loss parameter, from the loss registry: which losses take it and their defaults."""
+    takers = {e.name: e.params[name] for e in LOSSES.values() if name in e.params}
+    defaults = sorted({f"{v:g}" for v in takers.values()})
+    return f"{'/'.join(takers)}: {what} (default {', '.join(defaults)})."
+
+
 STUDENT = "Student"
 LOSS = "Loss"
 OPTIM = "Optimisation"
@@ -216,12 +226,12 @@ def distill_cmd(
     cache: Annotated[Optional[str], typer.Option(help="Teacher cache from `pld cache-teacher` (not needed for --loss ce).", rich_help_panel=DATA)] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch on the clean view.", rich_help_panel=DATA)] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache (s3://, gs://, http://): each byte is fetched once.", rich_help_panel=DATA)] = None,
-    loss: Annotated[str, typer.Option(help="pld (default), kd, dist or ce.", rich_help_panel=LOSS)] = "pld",
+    loss: Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES)}.", rich_help_panel=LOSS)] = "pld",
     teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several.", rich_help_panel=LOSS)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default pld 1, kd 2, dist 1); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="kd/dist: weight of the true-label cross-entropy (default 0.1).", rich_help_panel=LOSS)] = None,
-    beta: Annotated[Optional[float], typer.Option(help="dist: inter-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
-    gamma: Annotated[Optional[float], typer.Option(help="dist: intra-class relation weight (default 0.45).", rich_help_panel=LOSS)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default: " + ", ".join(f"{e.name} {e.temperature:g}" for e in LOSSES.values() if e.needs_teacher) + "); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help=_param_help("alpha", "weight of the true-label cross-entropy"), rich_help_panel=LOSS)] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_param_help("beta", "inter-class relation weight"), rich_help_panel=LOSS)] = None,
+    gamma: Annotated[Optional[float], typer.Option(help=_param_help("gamma", "intra-class relation weight"), rich_help_panel=LOSS)] = None,
     view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
     top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,

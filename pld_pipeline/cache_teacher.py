@@ -1,7 +1,7 @@
 """Stage 1: run one or more teachers once over sharded data and fill the cache.
 
 tar -> decode (DataLoader workers) -> view params from a stable hash -> replayed uint8 views -> pinned batch ->
-every teacher on the device (inference_mode, channels_last, bf16 autocast on CUDA) -> top-k record ->
+every teacher on the device (inference_mode, channels_last, fp32 or opt-in bf16) -> top-k record ->
 per-shard buffer -> background thread writes the unit and its marker. Each rank owns whole shards, so ranks
 never write the same chunk; rerunning the same command resumes from the markers.
 """
@@ -74,6 +74,7 @@ class CacheTeacherConfig:
     overwrite: bool = False
     compression_level: int = 3
     channels_last: bool = True
+    precision: str = "fp32"  # teacher forward: fp32 (exact logits; TF32 off) or bf16 (autocast: faster, rounded)
 
 
 @dataclass
@@ -310,6 +311,8 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
         raise ValueError(f"--on-bad-sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}.")
     if cfg.views < 1:
         raise ValueError(f"--views must be >= 1, got {cfg.views}.")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--teacher-precision must be fp32 or bf16, got {cfg.precision!r}.")
     if os.path.isfile(cfg.out):
         raise ValueError(f"--out {cfg.out} is an existing file; a cache is a directory (a zarr group): choose "
                          "another --out.")
@@ -359,7 +362,7 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
             id=spec.id, source=spec.source, checkpoint=os.path.basename(spec.checkpoint) if spec.checkpoint else None,
             checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else None, preprocessing=p,
             k=k, temperatures=temps, index_dtype=str(index_dtype(num_classes)),
-            num_params=sum(x.numel() for x in models[spec.id].parameters()))
+            num_params=sum(x.numel() for x in models[spec.id].parameters()), precision=cfg.precision)
     request = CacheMeta(num_classes=num_classes, rows_per_shard=max(r.nsamples for r in records),
                         key_bytes=key_bytes, shards=records, recipe=recipe.to_dict(), num_views=cfg.views,
                         seed=cfg.seed, teachers=teachers, class_names=cfg.class_names)
@@ -410,7 +413,13 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     buffers = {j.shard: _ShardBuffer(j, teachers) for j in jobs}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # fp32 by default: bf16 logits reorder the top-k of most rows of a 1000-class batch (ties and near-ties) and
+    # move log-probs by up to ~0.08, so a GPU-built cache would differ from a CPU-built one. bf16 is an opt-in,
+    # recorded in the teacher record (and so bound to every unit).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    if device.type == "cuda" and cfg.precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round inputs to 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
         for shard_ids, rows, views, keys, labels, status, images, params, digests in worker_errors(loader):

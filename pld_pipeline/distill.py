@@ -30,10 +30,10 @@ from .cache.format import CacheError
 from .cache.reader import CacheReader
 from .data import expand_shards, index_shard, quick_hash, shard_name, worker_errors
 from .faults import kill_point
-from .losses import TeacherTargets, create_loss, default_temperature, loss_needs_teacher
+from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
-from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets
+from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets, samples_per_rank
 from .views import ViewRecipe, normalize
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -85,7 +85,8 @@ class DistillConfig:
 
     def loss_params(self) -> dict[str, float]:
         """The loss parameters the user set; create_loss refuses those the loss does not take."""
-        return {n: getattr(self, n) for n in ("alpha", "beta", "gamma") if getattr(self, n) is not None}
+        names = {n for entry in LOSSES.values() for n in entry.params}
+        return {n: getattr(self, n) for n in sorted(names) if getattr(self, n, None) is not None}
 
 
 # -- setup ------------------------------------------------------------------------------------------
@@ -105,14 +106,19 @@ def _train_shards(cfg: DistillConfig, reader: CacheReader | None) -> list[TrainS
     return shards
 
 
-def _check_run_dir(cfg: DistillConfig) -> dict[str, Any] | None:
-    """The state to resume from, or None for a fresh run; refuses to silently clobber another run."""
+def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None:
+    """The state to resume from, or None for a fresh run; refuses to silently clobber another run, and a resume
+    on another number of processes (its schedule, steps per epoch and data split were sized for the old one)."""
     state_path = os.path.join(cfg.out, STATE_FILE)
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise ValueError(f"--resume: no {STATE_FILE} in {cfg.out}; start without --resume.")
         with open(os.path.join(cfg.out, "config.json")) as f:
-            saved = json.load(f)["config"]
+            run_config = json.load(f)
+        saved = run_config["config"]
+        if run_config.get("world_size", 1) != world_size:
+            raise ValueError(f"--resume on {world_size} process(es), but {cfg.out} was trained on "
+                             f"{run_config.get('world_size', 1)}: resume with the same torchrun --nproc_per_node.")
         mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device")}
         diff = sorted(k for k, v in mine.items() if saved.get(k) != v)
         if diff:
@@ -136,7 +142,7 @@ def _cache_fingerprint(reader: CacheReader, teacher_id: str | None) -> dict[str,
 def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], device: torch.device,
              dist: D.DistInfo, channels_last: bool, autocast: Any) -> dict[str, float]:
     model.eval()
-    loss_sum = top1 = top5 = count = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count: no sync per batch
     for batch in worker_errors(loader):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).long()
@@ -144,12 +150,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], d
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(normalize(x, prep["mean"], prep["std"])).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += float((topk[:, 0] == y).sum())
-        top5 += float((topk == y[:, None]).any(1).sum())
-        count += len(y)
-    loss_sum, top1, top5, count = D.all_reduce_sum([loss_sum, top1, top5, count], dist, device)
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (topk[:, 0] == y).sum(),
+                             (topk == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)]).double()
+    loss_sum, top1, top5, count = D.all_reduce_sum(sums.tolist(), dist, device)
     n = max(count, 1.0)
     return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_samples": int(count)}
 
@@ -177,7 +181,7 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
     """Train ``cfg.student`` on ``cfg.data`` with ``cfg.loss`` from the cache. Returns the final summary."""
     if cfg.view_policy not in VIEW_POLICIES:
         raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
-    needs_teacher = loss_needs_teacher(cfg.loss)
+    needs_teacher = get_loss(cfg.loss).needs_teacher
     loss_fn = create_loss(cfg.loss, **cfg.loss_params())  # checks the name and parameters before any work
     if cfg.online_teacher and cfg.cache:
         raise ValueError("Give either --cache or an online teacher, not both.")
@@ -202,10 +206,10 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
 def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teacher: bool,
          loss_fn: Callable[..., torch.Tensor], emit: ProgressFn) -> dict[str, Any]:
     t_run = time.perf_counter()
-    state = _check_run_dir(cfg)
+    state = _check_run_dir(cfg, dist.world_size)
     reader = CacheReader(cfg.cache, cfg.cache_dir) if cfg.cache else None
     teacher_id = None
-    temperature = default_temperature(cfg.loss) if cfg.temperature is None else cfg.temperature
+    temperature = get_loss(cfg.loss).temperature if cfg.temperature is None else cfg.temperature
     if reader is not None:
         num_classes = reader.meta.num_classes
         recipe = ViewRecipe.from_dict(reader.meta.recipe)
@@ -244,12 +248,12 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
-    # Every rank takes the same number of steps (DDP needs it), whatever shards the epoch deals it.
-    rank_budget = _fewest_samples_per_rank(shards, dist.world_size)
+    # Every rank takes the same number of steps (DDP needs it): the epoch's samples are split evenly by sample.
+    rank_budget = samples_per_rank(shards, dist.world_size)
     steps_per_epoch = rank_budget // cfg.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {rank_budget} samples a rank is sure to see per "
-                         f"epoch ({len(shards)} shard(s) over {dist.world_size} process(es)); lower --batch-size.")
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {rank_budget} samples each of the "
+                         f"{dist.world_size} process(es) sees per epoch; lower --batch-size.")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
                                   warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
@@ -295,7 +299,9 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout/drop-path: a function of (seed, epoch) alone
         train_set.set_epoch(epoch)
-        loader = rebatch(DataLoader(train_set, batch_size=cfg.batch_size, **loader_kw), cfg.batch_size)
+        # rebatch pins its own output: pinning the loader's batches first would be wasted (torch.cat copies)
+        loader = rebatch(DataLoader(train_set, batch_size=cfg.batch_size, **{**loader_kw, "pin_memory": False}),
+                         cfg.batch_size, pin=device.type == "cuda")
         emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
         train_model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
@@ -309,7 +315,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                 x = x.contiguous(memory_format=torch.channels_last)
             targets = batch_targets(batch, temperature, num_classes, device, cfg.top_k)
             if online is not None and needs_teacher:
-                with torch.inference_mode(), autocast:
+                with torch.inference_mode():  # fp32, like cache-teacher's default: bf16 logits reorder the ranking
                     t_logits = online(normalize(x, online_prep["mean"], online_prep["std"])).float()
                 targets = TeacherTargets.from_logits(t_logits.clone(), y, temperature=temperature)
             with autocast:
@@ -369,15 +375,10 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     return summary
 
 
-def _fewest_samples_per_rank(shards: list[TrainShard], world: int) -> int:
-    """The fewest samples any rank can be dealt in an epoch, for any shard order: a safe per-rank step budget."""
-    sizes = sorted(s.nsamples for s in shards)
-    return sum(sizes[: len(shards) // world])
-
-
-def rebatch(batches: Any, batch_size: int) -> Any:
+def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Any:
     """Exact ``batch_size`` batches from a loader whose workers end on partial batches (drop_last per worker
-    would drop up to one batch per worker and shard pass); tensors are concatenated, not re-collated."""
+    would drop up to one batch per worker and shard pass); tensors are concatenated, not re-collated. ``pin``:
+    page-lock each batch (``torch.cat`` of pinned tensors is not pinned, and non_blocking copies need it)."""
     pending: list[dict[str, torch.Tensor]] = []
     have = 0
     for batch in batches:
@@ -385,7 +386,7 @@ def rebatch(batches: Any, batch_size: int) -> Any:
         have += len(batch["label"])
         while have >= batch_size:
             joined = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
-            yield {k: v[:batch_size] for k, v in joined.items()}
+            yield {k: v[:batch_size].pin_memory() if pin else v[:batch_size] for k, v in joined.items()}
             rest = {k: v[batch_size:] for k, v in joined.items()}
             have -= batch_size
             pending = [rest] if have else []

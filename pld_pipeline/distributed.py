@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,14 +26,29 @@ class DistInfo:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks this process's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
+    """The torch device this process uses. ``auto``: a GPU when CUDA is present, else the CPU. ``cuda`` (no index)
+    and ``auto`` take GPU ``LOCAL_RANK % visible GPUs``: one process per GPU under torchrun, and one visible GPU
+    per process (SLURM style) works too. An explicit ``cuda:N`` under torchrun is refused: every rank would take
+    the same GPU (NCCL: "Duplicate GPU detected")."""
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu.")
-        torch.cuda.set_device(dev)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.index is not None and world > 1:
+        raise ValueError(f"--device {device} names one GPU, but torchrun started {world} processes and each would "
+                         "take it; use --device cuda (each process takes GPU LOCAL_RANK).")
+    if dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    elif dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible.")
+    torch.cuda.set_device(dev)
     return dev
 
 
@@ -42,7 +58,10 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Ranks own whole shards and may wait long at the final barrier while others work: NCCL's default
+        # 10-minute watchdog would abort them. device_id binds NCCL to this rank's GPU up front.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6),
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

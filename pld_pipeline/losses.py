@@ -11,6 +11,7 @@ exact first K' steps: the classes outside the head enter only through one masked
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -21,7 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "TeacherTargets", "pld_loss", "pld_loss_from_ranking", "kd_loss", "dist_loss", "ce_loss",
-    "PLDLoss", "LOSSES", "create_loss", "loss_needs_teacher",
+    "PLDLoss", "LOSSES", "LossEntry", "create_loss", "get_loss", "register_loss",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -59,7 +60,11 @@ def _check_student(student_logits: Tensor, labels: Tensor, num_classes: int | No
         raise ValueError(
             f"student has {classes} classes but the teacher targets have {num_classes}; "
             "build the student with the teacher's num_classes.")
-    if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+    if not batch:
+        return
+    if labels.is_cuda:  # a host sync per step would stall the GPU: checked asynchronously (a device-side assert)
+        torch._assert_async(((labels >= 0) & (labels < classes)).all(), f"labels must lie in [0, {classes})")
+    elif int(labels.min()) < 0 or int(labels.max()) >= classes:
         raise ValueError(
             f"labels must lie in [0, {classes}), got min {int(labels.min())} max {int(labels.max())}.")
 
@@ -196,17 +201,15 @@ def _rest_softmax(s: Tensor, head_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Te
     return total.log() + top.squeeze(1), (e, torch.where(total > 0, total, 1.0))
 
 
-def _suffix_lse(s_head: Tensor, rest_lse: Tensor | None, hi: Tensor, wide: Tensor) -> Tensor:
+def _suffix_lse(s_head: Tensor, rest_lse: Tensor, hi: Tensor, wide: Tensor) -> Tensor:
     """``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))`` per slot: a reversed cumulative sum of ``exp(s - hi)``
     (one flip each way), rows in ``wide`` recomputed with logcumsumexp."""
-    suffix = torch.exp(s_head - hi[:, None]).flip(1).cumsum(1).flip(1)
-    if rest_lse is not None:
-        suffix = suffix + torch.exp(rest_lse - hi)[:, None]
+    suffix = torch.exp(s_head - hi[:, None]).flip(1).cumsum(1).flip(1) + torch.exp(rest_lse - hi)[:, None]
     out = suffix.log_() + hi[:, None]
     if bool(wide.any()):  # one host sync; on CPU free
         rows = wide.nonzero().squeeze(1)
         exact = torch.logcumsumexp(s_head[rows].flip(1), dim=1).flip(1)
-        out[rows] = exact if rest_lse is None else torch.logaddexp(rest_lse[rows, None], exact)
+        out[rows] = torch.logaddexp(rest_lse[rows, None], exact)
     return out
 
 
@@ -218,40 +221,31 @@ class _PlackettLuceHead(torch.autograd.Function):
     ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside the
     head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``. Cumulative sums run in
     exp space in the compute dtype with a per-row shift (a cumsum is far cheaper than logcumsumexp); only rows
-    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take logcumsumexp. ``full``: the head is a whole
-    ranking (every slot valid, every class once), so there is no rest block and no masking at all.
+    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take logcumsumexp. Whole rankings use
+    :class:`_PlackettLuceFull`, which needs no rest block and no masks.
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor | None, alpha: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         s = s.to(dtype)
         alpha = alpha.to(dtype)
-        s_head = s.gather(1, head_idx)
-        if valid is None:
-            rest_lse = rest_p = None
-            hi, lo = s_head.amax(1), s_head.amin(1)
-        else:
-            s_head = s_head.masked_fill(~valid, -math.inf)
-            rest_lse, rest_p = _rest_softmax(s, head_idx)
-            finite_rest = torch.isfinite(rest_lse)
-            hi = torch.maximum(s_head.amax(1), rest_lse)
-            lo = torch.where(finite_rest, torch.minimum(s_head.masked_fill(~valid, math.inf).amin(1), rest_lse),
-                             s_head.masked_fill(~valid, math.inf).amin(1))
+        s_head = s.gather(1, head_idx).masked_fill(~valid, -math.inf)
+        rest_lse, rest_p = _rest_softmax(s, head_idx)
+        hi = torch.maximum(s_head.amax(1), rest_lse)
+        lo = s_head.masked_fill(~valid, math.inf).amin(1)
+        lo = torch.where(torch.isfinite(rest_lse), torch.minimum(lo, rest_lse), lo)
         wide = (hi - lo) >= _EXP_SPACE_MAX_SPREAD[dtype]
         lse_remaining = _suffix_lse(s_head, rest_lse, hi, wide)
-        terms = alpha * (lse_remaining - s_head)
-        loss = (terms if valid is None else terms.masked_fill(~valid, 0.0)).sum(1)
-        ctx.save_for_backward(head_idx, alpha, s_head, lse_remaining, wide,
-                              *(() if rest_lse is None else (rest_lse,)))
-        ctx.full = valid is None
-        ctx.rest_p = rest_p  # (exp, total) or None; not inputs, so plain attributes are fine
+        loss = (alpha * (lse_remaining - s_head)).masked_fill(~valid, 0.0).sum(1)
+        ctx.save_for_backward(head_idx, alpha, s_head, lse_remaining, wide, rest_lse)
+        ctx.rest_p = rest_p  # (exp, total); not inputs, so plain attributes are fine
         ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        head_idx, alpha, s_head, lse_remaining, wide, *rest = ctx.saved_tensors
+        head_idx, alpha, s_head, lse_remaining, wide, rest_lse = ctx.saved_tensors
         dtype = alpha.dtype
         log_w = torch.where(alpha > 0, alpha.log() - lse_remaining, -math.inf)  # pad slots: alpha = 0
         shift = log_w.amax(1, keepdim=True)
@@ -261,18 +255,69 @@ class _PlackettLuceHead(torch.autograd.Function):
             rows = wide.nonzero().squeeze(1)
             g_head[rows] = torch.exp(s_head[rows] + torch.logcumsumexp(log_w[rows], dim=1))
         g_out = grad_loss.to(dtype)[:, None]
-        g_head = (g_head - alpha) * g_out
-        if ctx.full:
-            g = torch.empty(head_idx.shape, dtype=dtype, device=g_head.device).scatter_(1, head_idx, g_head)
-            return g.to(ctx.in_dtype), None, None, None
-        g_head = torch.where(torch.isfinite(s_head), g_head, 0.0)  # pad slots (s = -inf) carry no gradient
+        g_head = torch.where(torch.isfinite(s_head), g_head - alpha, 0.0) * g_out  # pad slots: no gradient
         # Weight of the rest block: sum_k alpha_k exp(R - D_k) <= sum alpha, computed in log space.
-        rest_lse = rest[0]
         rest_weight = torch.exp(torch.logsumexp(log_w, dim=1, keepdim=True) + rest_lse[:, None])
         rest_weight = torch.where(torch.isfinite(rest_weight), rest_weight, 0.0)
         rest_exp, rest_total = ctx.rest_p
         g = (rest_exp * (rest_weight * g_out / rest_total[:, None])).scatter_add_(1, head_idx, g_head)
         return g.to(ctx.in_dtype), None, None, None
+
+
+class _PlackettLuceFull(torch.autograd.Function):
+    """Per-sample PLD loss over a whole ranking, given in teacher order with the label anywhere in it.
+
+    The target ranking is [label, then the teacher order without the label]. Working in teacher order needs no
+    permuted copy: step 0 costs ``alpha_y * (D_0 - s_y)`` with ``D_0 = logsumexp(s)``; every other class at
+    teacher position j costs ``alpha_j * (D_j - s_j)`` with ``D_j`` the logsumexp of the positions >= j *except
+    the label's* (one reversed cumsum of ``exp(s - max)`` with the label's entry zeroed). Backward: for a class
+    at position j, ``exp(s_j) * (alpha_y e^-D_0 + sum_{k<=j, k != label} alpha_k e^-D_k) - alpha_j``; for the
+    label ``alpha_y (softmax(s)_y - 1)``. Rows whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take
+    logcumsumexp. About twenty passes over B x C, forward and backward together.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, alpha: Tensor, alpha_y: Tensor) -> Tensor:  # type: ignore[override]
+        dtype = _compute_dtype(s)
+        s = s.to(dtype)
+        alpha, alpha_y = alpha.to(dtype), alpha_y.to(dtype)
+        s_o = s.gather(1, order)
+        is_y = order == labels[:, None]
+        s_y = s.gather(1, labels[:, None]).squeeze(1)
+        hi = s.amax(1)
+        wide = (hi - s.amin(1)) >= _EXP_SPACE_MAX_SPREAD[dtype]
+        e = torch.exp(s_o - hi[:, None]).masked_fill_(is_y, 0.0)
+        suffix = e.flip(1).cumsum(1).flip(1)
+        d0 = (suffix[:, 0] + torch.exp(s_y - hi)).log() + hi
+        d = suffix.log_().add_(hi[:, None])
+        if bool(wide.any()):  # one host sync; on CPU free
+            rows = wide.nonzero().squeeze(1)
+            exact = torch.logcumsumexp(s_o[rows].masked_fill(is_y[rows], -math.inf).flip(1), dim=1).flip(1)
+            d[rows] = exact
+            d0[rows] = torch.logaddexp(exact[:, 0], s_y[rows])
+        loss = (alpha * (d - s_o)).masked_fill_(is_y, 0.0).sum(1) + alpha_y * (d0 - s_y)
+        ctx.save_for_backward(order, is_y, alpha, alpha_y, s_o, d, d0, wide)
+        ctx.in_dtype = s.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        order, is_y, alpha, alpha_y, s_o, d, d0, wide = ctx.saved_tensors
+        log_w = torch.where(alpha > 0, alpha.log() - d, -math.inf).masked_fill_(is_y, -math.inf)
+        log_w0 = torch.where(alpha_y > 0, alpha_y.log() - d0, -math.inf)
+        shift = torch.maximum(log_w.amax(1), log_w0)[:, None]
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        cum = torch.exp(log_w - shift).cumsum(1).add_(torch.exp(log_w0[:, None] - shift))
+        g_o = torch.exp(s_o + shift).mul_(cum)
+        if bool(wide.any()):
+            rows = wide.nonzero().squeeze(1)
+            cum_log = torch.logaddexp(torch.logcumsumexp(log_w[rows], dim=1), log_w0[rows, None])
+            g_o[rows] = torch.exp(s_o[rows] + cum_log)
+        # the label's own slot: only step 0 reaches it (it is absent from every later suffix)
+        g_y = alpha_y[:, None] * torch.exp(s_o - d0[:, None])
+        g_o = torch.where(is_y, g_y - alpha_y[:, None], g_o - alpha) * grad_loss.to(alpha.dtype)[:, None]
+        g = torch.empty_like(g_o).scatter_(1, order, g_o)
+        return g.to(ctx.in_dtype), None, None, None, None
 
 
 def pld_loss_from_ranking(
@@ -284,13 +329,13 @@ def pld_loss_from_ranking(
     loss (the exact Plackett-Luce likelihood of the top-K' ordering, the rest unordered).
     """
     _check_student(student_logits, labels, targets.num_classes)
+    if targets.k == targets.num_classes:  # a whole ranking: no head to build, no rest block
+        loss = _PlackettLuceFull.apply(student_logits, targets.topk_idx.long(), labels.long(),
+                                       targets.topk_log_probs().exp(), targets.label_log_prob().exp())
+        return _reduce(loss, reduction)
     head_idx, valid, src = _ranking_head(targets.topk_idx, labels)
     topk_p = targets.topk_log_probs().exp().gather(1, src)
     alpha = torch.cat([targets.label_log_prob().exp()[:, None], topk_p], dim=1) * valid
-    if targets.k == targets.num_classes:
-        # A full ranking: the label is in the top-k, so the head's last slot is always the pad. Without it the
-        # head is a permutation of all classes, and the kernel needs no rest block and no masks.
-        return _reduce(_PlackettLuceHead.apply(student_logits, head_idx[:, :-1], None, alpha[:, :-1]), reduction)
     return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
 
 
@@ -308,13 +353,13 @@ def pld_loss(
     t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
     if not torch.isfinite(t).all():
         raise ValueError("teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs.")
-    # One stable sort with the label forced to the front gives the whole ranking (ties: lower index first),
-    # the same order TeacherTargets builds from a top-k list.
+    # One stable sort gives the teacher order (ties: lower index first), the order TeacherTargets stores; the
+    # kernel puts the label first itself.
     labels = labels.long()
-    forced = t.scatter(1, labels[:, None], math.inf)
-    head_idx = torch.sort(forced, dim=1, descending=True, stable=True).indices
-    alpha = torch.softmax(t / temperature, dim=1).gather(1, head_idx)
-    return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, None, alpha), reduction)
+    order = torch.sort(t, dim=1, descending=True, stable=True).indices
+    p = torch.softmax(t / temperature, dim=1)
+    loss = _PlackettLuceFull.apply(student_logits, order, labels, p.gather(1, order), p.gather(1, labels[:, None]).squeeze(1))
+    return _reduce(loss, reduction)
 
 
 class PLDLoss(torch.nn.Module):
@@ -330,6 +375,40 @@ class PLDLoss(torch.nn.Module):
         return pld_loss(student_logits, teacher_logits, labels, self.temperature, self.reduction)
 
 
+LossFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """One registered loss, described once, by its definition: timm-style registry instead of lists of names,
+    parameter sets and defaults repeated in the trainer and the CLI."""
+    name: str
+    fn: LossFn  # fn(student_logits, labels, targets, *, <params>, reduction)
+    needs_teacher: bool  # False: trains from labels alone (no cache needed)
+    temperature: float  # default teacher temperature
+    params: dict[str, float]  # tunable keyword parameters -> defaults, read from fn's signature
+
+
+#: name -> LossEntry, in registration order. The trainer picks a loss by name.
+LOSSES: dict[str, LossEntry] = {}
+
+
+def register_loss(name: str, *, needs_teacher: bool = True, temperature: float = 1.0) -> Callable[[LossFn], LossFn]:
+    def register(fn: LossFn) -> LossFn:
+        params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY and p.name != "reduction"}
+        LOSSES[name] = LossEntry(name, fn, needs_teacher, temperature, params)
+        return fn
+    return register
+
+
+def get_loss(name: str) -> LossEntry:
+    if name not in LOSSES:
+        raise ValueError(f"Unsupported loss '{name}'. Use one of: {', '.join(LOSSES)}.")
+    return LOSSES[name]
+
+
+@register_loss("ce", needs_teacher=False)
 def ce_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None, *,
             reduction: Reduction = "mean") -> Tensor:
     """Cross-entropy on the true label (float32 accumulation); ignores the teacher."""
@@ -345,6 +424,7 @@ def _masked_logsumexp(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.logsumexp(filled, dim=1), has_any
 
 
+@register_loss("kd", temperature=2.0)
 def kd_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
             reduction: Reduction = "mean") -> Tensor:
     """Hinton KD: ``alpha * CE + (1 - alpha) * T^2 * KL(p_T || q_T)``.
@@ -373,6 +453,7 @@ def _pearson(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     return F.cosine_similarity(x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True), dim=1, eps=eps)
 
 
+@register_loss("dist")
 def dist_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
               beta: float = 0.45, gamma: float = 0.45, reduction: Reduction = "mean") -> Tensor:
     """DIST (Huang et al. 2022): ``alpha * CE + T^2 * (beta * inter + gamma * intra)``.
@@ -394,48 +475,24 @@ def dist_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *
     return _reduce(alpha * ce + relation, reduction)
 
 
+@register_loss("pld")
 def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *,
                reduction: Reduction = "mean") -> Tensor:
     return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)
 
 
-LossFn = Callable[..., Tensor]
-
-#: name -> (function, needs teacher targets, default temperature). The trainer picks a loss by name.
-LOSSES: dict[str, tuple[LossFn, bool, float]] = {
-    "pld": (_pld_named, True, 1.0),
-    "kd": (kd_loss, True, 2.0),
-    "dist": (dist_loss, True, 1.0),
-    "ce": (ce_loss, False, 1.0),
-}
-
-
-def loss_needs_teacher(name: str) -> bool:
-    return _lookup(name)[1]
-
-
-def default_temperature(name: str) -> float:
-    return _lookup(name)[2]
-
-
-def _lookup(name: str) -> tuple[LossFn, bool, float]:
-    if name not in LOSSES:
-        raise ValueError(f"Unsupported loss '{name}'. Use one of: {', '.join(LOSSES)}.")
-    return LOSSES[name]
-
-
 def create_loss(name: str, **params: float) -> Callable[[Tensor, Tensor, TeacherTargets | None], Tensor]:
-    """``loss(student_logits, labels, targets)`` for a loss name and its keyword parameters
-    (``alpha`` for kd/dist, ``beta``/``gamma`` for dist). Unknown parameters fail here, not mid-run."""
-    fn, needs_teacher, _ = _lookup(name)
-    allowed = {"kd": {"alpha"}, "dist": {"alpha", "beta", "gamma"}}.get(name, set())
-    unknown = set(params) - allowed
+    """``loss(student_logits, labels, targets)`` for a registered loss and its keyword parameters (see
+    ``LOSSES[name].params``). Unknown names and parameters fail here, not mid-run."""
+    entry = get_loss(name)
+    unknown = set(params) - set(entry.params)
     if unknown:
-        raise ValueError(f"Loss '{name}' takes no parameter(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}.")
+        raise ValueError(f"Loss '{name}' takes no parameter(s) {sorted(unknown)}; allowed: "
+                         f"{sorted(entry.params) or 'none'}.")
 
     def loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None) -> Tensor:
-        if needs_teacher and targets is None:
+        if entry.needs_teacher and targets is None:
             raise ValueError(f"Loss '{name}' needs teacher targets (a cache); only 'ce' trains without one.")
-        return fn(student_logits, labels, targets, **params)
+        return entry.fn(student_logits, labels, targets, **params)
 
     return loss

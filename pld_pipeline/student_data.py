@@ -42,10 +42,34 @@ def choose_view(policy: str, seed: int, key: str, epoch: int, num_views: int) ->
     raise ValueError(f"Unsupported view policy '{policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
 
 
-def shards_for(shards: Sequence[TrainShard], epoch: int, seed: int, rank: int, world: int) -> list[TrainShard]:
+@dataclass(frozen=True)
+class ShardRange:
+    """Part of one shard for one rank in one epoch: its usable samples ``start <= i < stop`` (0-based, counting
+    only samples that train: those skipped at cache time do not count)."""
+    shard: TrainShard
+    start: int
+    stop: int
+
+
+def samples_per_rank(shards: Sequence[TrainShard], world: int) -> int:
+    return sum(s.nsamples for s in shards) // world
+
+
+def ranges_for(shards: Sequence[TrainShard], epoch: int, seed: int, rank: int, world: int) -> list[ShardRange]:
+    """This rank's part of an epoch: the shards in the epoch's shuffled order, laid end to end and cut into
+    ``world`` equal runs of samples. Every rank gets the same number of samples (DDP needs equal steps) and
+    every shard is read every epoch, whatever the shard sizes (at most world - 1 samples are left over); a rank
+    whose run starts inside a shard streams past the samples before it without decoding them."""
     order = list(shards)
     random.Random(stable_int(seed, "shards", epoch)).shuffle(order)
-    return order[rank::world]
+    quota = samples_per_rank(order, world)
+    lo, hi, pos, mine = rank * quota, (rank + 1) * quota, 0, []
+    for shard in order:
+        a, b = max(lo, pos), min(hi, pos + shard.nsamples)
+        if a < b:
+            mine.append(ShardRange(shard, a - pos, b - pos))
+        pos += shard.nsamples
+    return mine
 
 
 class TrainSamples(IterableDataset):
@@ -75,7 +99,8 @@ class TrainSamples(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
 
-    def _samples(self, shard: TrainShard) -> Iterator[dict[str, Any]]:
+    def _samples(self, part: ShardRange) -> Iterator[dict[str, Any]]:
+        shard, used = part.shard, -1  # used: index of the current sample among the shard's usable ones
         block = None
         if self.cache_url is not None:
             block = self._cache().read_block(shard.cache_shard, self.teacher, self.temperature, self.num_views)
@@ -94,6 +119,11 @@ class TrainSamples(IterableDataset):
                                      "the cached shards, or re-cache them (`pld cache-teacher --overwrite`).")
                 if block.status[row] != SampleStatus.OK:
                     continue  # skipped at cache time (undecodable): skipped here too
+                used += 1
+                if used < part.start:
+                    continue
+                if used >= part.stop:
+                    return
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
                 params = block.params[row, v]
                 label = int(block.labels[row])
@@ -102,6 +132,11 @@ class TrainSamples(IterableDataset):
                                 label_logp=block.label_logp[row, v], logz=block.logz[row, v])
                 image = decode_image(pick_field(sample, self.image_field))
             else:
+                used += 1
+                if used < part.start:
+                    continue
+                if used >= part.stop:
+                    return
                 label = parse_label(sample, self.label_field, self.num_classes)
                 data = pick_field(sample, self.image_field)
                 if data is None:
@@ -114,8 +149,8 @@ class TrainSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
-        mine = shards_for(self.shards, self.epoch, self.seed, self.rank, self.world)[wid::nworkers]
-        stream = (item for shard in mine for item in self._samples(shard))
+        mine = ranges_for(self.shards, self.epoch, self.seed, self.rank, self.world)[wid::nworkers]
+        stream = (item for part in mine for item in self._samples(part))
         rng = random.Random(stable_int(self.seed, "shuffle", self.epoch, self.rank, wid))
         for item in wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream):
             item.pop("__key__")

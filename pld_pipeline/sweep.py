@@ -119,6 +119,25 @@ def _run_one(base: dict[str, Any], overrides: dict[str, Any], out: str) -> dict[
 
 
 
+def job_gpus(jobs: int, n_gpu: int, device: str, visible: str | None) -> list[str]:
+    """What each parallel job's CUDA_VISIBLE_DEVICES becomes: the parent's *physical* ids (its own
+    CUDA_VISIBLE_DEVICES, when set, lists them; ids or UUIDs), dealt round-robin, or all on one GPU when
+    ``device`` names an index (relative to the parent's visible GPUs, as torch counts them)."""
+    physical = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n_gpu)]
+    physical = physical[:n_gpu]
+    index = torch_device_index(device)
+    if index is not None:
+        if index >= len(physical):
+            raise ValueError(f"--device {device}: only {len(physical)} GPU(s) are visible.")
+        return [physical[index]] * jobs
+    return [physical[i % len(physical)] for i in range(jobs)]
+
+
+def torch_device_index(device: str) -> int | None:
+    kind, _, index = str(device).partition(":")
+    return int(index) if kind == "cuda" and index else None
+
+
 def _init_worker(threads: int, gpus: Any) -> None:
     import multiprocessing
 
@@ -164,8 +183,10 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
         ctx = get_context("spawn")
         if n_gpu > 1:
             gpus = ctx.Manager().Queue()
-            for i in range(jobs):
-                gpus.put(i % n_gpu)
+            for gpu in job_gpus(jobs, n_gpu, base["device"], os.environ.get("CUDA_VISIBLE_DEVICES")):
+                gpus.put(gpu)
+            if str(base["device"]).startswith("cuda"):
+                base = {**base, "device": "cuda"}  # each job sees exactly its own GPU, as cuda:0
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(threads, gpus)) as pool:

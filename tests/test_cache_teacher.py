@@ -280,3 +280,21 @@ def test_pipe_sources_are_read_and_fingerprinted_by_their_full_hash(tiny_data, t
     cache_teacher(plain)
     assert [s.sha256 for s in CacheReader(plain.out).shards] == [s.sha256 for s in reader.shards]
     assert_same_cache(cfg.out, plain.out)
+
+
+def test_the_teacher_runs_in_fp32_unless_bf16_is_asked_for_and_recorded(tiny_data, teacher_ckpt, tmp_path):
+    """bf16 logits reorder near-ties and move log-probs: a GPU cache must not silently differ from a CPU one.
+    fp32 is the default (the direct-forward test above checks its values); bf16 is an opt-in, recorded and bound."""
+    fp32 = config(tiny_data, tmp_path / "a.zarr", teacher_ckpt, views=1)
+    bf16 = config(tiny_data, tmp_path / "b.zarr", teacher_ckpt, views=1, precision="bf16")
+    cache_teacher(fp32)
+    cache_teacher(bf16)  # on CPU: CPU bf16 autocast, the same rounding policy as on a GPU
+    ra, rb = CacheReader(fp32.out), CacheReader(bf16.out)
+    assert ra.teacher("r8").precision == "fp32" and rb.teacher("r8").precision == "bf16"
+    a, b = ra.read_block(0, "r8"), rb.read_block(0, "r8")
+    assert np.abs(a.topk_logp - b.topk_logp).max() > 1e-3  # rounded...
+    np.testing.assert_allclose(a.topk_logp, b.topk_logp, atol=0.25)  # ...but the same teacher
+    with pytest.raises(CacheError, match="differs in precision"):
+        cache_teacher(config(tiny_data, tmp_path / "b.zarr", teacher_ckpt, views=1))
+    with pytest.raises(ValueError, match="--teacher-precision must be fp32 or bf16"):
+        cache_teacher(config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, precision="fp16"))

@@ -194,7 +194,7 @@ def test_a_subset_of_the_cached_shards_is_fine(tiny_data, cache, tmp_path):
     (dict(loss="kd", alpha=0.2, beta=0.3), ValueError, "takes no parameter"),
     (dict(cache=None), ValueError, "--loss pld needs --cache"),
     (dict(view_policy="sideways"), ValueError, "Unsupported view policy"),
-    (dict(batch_size=1000), ValueError, "exceeds the .* samples a rank is sure to see"),
+    (dict(batch_size=1000), ValueError, "exceeds the 40 samples each of the 1 process\\(es\\) sees per epoch"),
     (dict(num_classes=5), ValueError, "differs from the cache's 10 classes"),
 ])
 def test_bad_distill_input_is_refused_clearly(tiny_data, cache, tmp_path, change, error, match):

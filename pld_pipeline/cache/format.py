@@ -127,6 +127,7 @@ class TeacherRecord:
     temperatures: tuple[float, ...]  # grid of logz columns, in order
     index_dtype: str
     num_params: int | None = None
+    precision: str = "fp32"  # the teacher's forward: fp32, or bf16 (autocast; logits rounded, opt-in)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,0 +1,99 @@
+"""What only a GPU can show: run by benchmarks/gpu_check.sh on a GPU machine (`pytest -m cuda`); skipped here."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pld_pipeline.losses import TeacherTargets, dist_loss, kd_loss, pld_loss, pld_loss_from_ranking
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_losses_under_bf16_autocast_match_float64_on_the_cpu(classes):
+    """Student logits come out of a bf16 forward; the losses accumulate in float32 and must agree with a float64
+    CPU reference on the same (bf16-rounded) logits, gradients included."""
+    g = torch.Generator().manual_seed(classes)
+    s = (torch.randn(256, classes, generator=g) * 3).bfloat16()
+    t = torch.randn(256, classes, generator=g) * 3
+    y = torch.randint(0, classes, (256,), generator=g)
+    for k in (None, min(32, classes)):
+        tg = TeacherTargets.from_logits(t.double(), y, k=k, temperature=2.0)
+        for fn in (lambda x, tg: pld_loss_from_ranking(x, y.to(x.device), tg),
+                   lambda x, tg: kd_loss(x, y.to(x.device), tg), lambda x, tg: dist_loss(x, y.to(x.device), tg)):
+            ref_x = s.double().requires_grad_(True)
+            ref = fn(ref_x, tg)
+            ref.backward()
+            gpu_x = s.cuda().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = fn(gpu_x, tg.to("cuda"))
+            got.backward()
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(gpu_x.grad.double().cpu(), ref_x.grad, rtol=1e-2, atol=1e-4)
+    ref = pld_loss(s.double(), t.double(), y)
+    torch.testing.assert_close(pld_loss(s.cuda().float(), t.cuda(), y.cuda()).double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rebatched_batches_are_pinned_and_copy_without_blocking():
+    from pld_pipeline.distill import rebatch
+    parts = [{"image": torch.zeros(n, 3, 4, 4, dtype=torch.uint8).pin_memory(), "label": torch.arange(n)}
+             for n in (3, 5, 4)]
+    out = list(rebatch(iter(parts), 4, pin=True))
+    assert len(out) == 3 and all(b[k].is_pinned() for b in out for k in b)
+    x = out[0]["image"].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert x.is_cuda
+
+
+def _cache(tiny_data, teacher_ckpt, out, device):
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+    return cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=str(out), views=2, size=16, k=4,
+                                            teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
+                                            num_classes=10, workers=0, device=device))
+
+
+def test_a_gpu_built_cache_equals_the_cpu_one_in_fp32(tiny_data, teacher_ckpt, tmp_path):
+    from pld_pipeline.cache import CacheReader, verify_cache
+    _cache(tiny_data, teacher_ckpt, tmp_path / "gpu.zarr", "cuda")
+    _cache(tiny_data, teacher_ckpt, tmp_path / "cpu.zarr", "cpu")
+    assert verify_cache(str(tmp_path / "gpu.zarr")).ok
+    a, b = CacheReader(str(tmp_path / "gpu.zarr")), CacheReader(str(tmp_path / "cpu.zarr"))
+    for shard in range(3):
+        x, y = a.read_block(shard, "r8"), b.read_block(shard, "r8")
+        assert (x.topk_idx == y.topk_idx).mean() > 0.99  # only exact near-ties may differ
+        np.testing.assert_allclose(x.topk_logp, y.topk_logp, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cuda:0"])
+def test_distill_runs_on_the_gpu_with_every_device_spelling(tiny_data, cache, tmp_path, device):
+    from pld_pipeline.distill import DistillConfig, distill
+    cfg = dict(data=tiny_data["train"].pattern, val_data=tiny_data["val"].pattern, out=str(tmp_path / "run"),
+               student="cifar_resnet8", loss="pld", cache=cache, epochs=2, batch_size=8, workers=2)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        summary = distill(DistillConfig(**cfg, device=device))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert summary["best_val_top1"] is not None
+    resumed = distill(DistillConfig(**cfg, device="cpu", resume=True))  # the GPU's checkpoint loads on a CPU
+    assert resumed["best_val_top1"] == summary["best_val_top1"]
+
+
+def test_a_one_rank_nccl_group(monkeypatch):
+    import torch.distributed as dist
+
+    from pld_pipeline import distributed as D
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 500))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        info = D.DistInfo(0, 2, 0)  # `enabled` paths, on a real one-rank group
+        assert D.all_reduce_sum([1.5, 2.0], info, torch.device("cuda", 0)) == [1.5, 2.0]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
