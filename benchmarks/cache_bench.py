@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,18 @@ def raw_block(reader: CacheReader, shard: int, tid: str) -> list[np.ndarray]:
     paths = [fmt.KEY_ARRAY, fmt.LABEL_ARRAY, fmt.STATUS_ARRAY, fmt.DIGEST_ARRAY, fmt.PARAMS_ARRAY] + [
         fmt.teacher_array(tid, name) for name in fmt.TEACHER_ARRAYS]
     return [np.asarray(reader.array(p)[rows]) for p in paths]
+
+
+def round_robin(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each case, run in turn ``rounds`` times so drifting machine load hits them alike.
+    Used to set checked block reads (every unit against its marker) beside raw reads of the same arrays."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
@@ -86,17 +99,9 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
                         for f in fs)
     total_bytes = store_nbytes(url)
     reader = CacheReader(url)
-    checked, raw = [], []
-    for _ in range(3):  # round robin: checked (every unit against its marker) and raw zarr reads of the same arrays
-        t0 = time.perf_counter()
-        for s in range(args.shards):
-            reader.read_block(s, "t", temperature=1.0)
-        checked.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for s in range(args.shards):
-            raw_block(reader, s, "t")
-        raw.append(time.perf_counter() - t0)
-    stream, stream_raw = views / float(np.median(checked)), views / float(np.median(raw))
+    times = round_robin({"checked": lambda: [reader.read_block(s, "t", temperature=1.0) for s in range(args.shards)],
+                         "raw": lambda: [raw_block(reader, s, "t") for s in range(args.shards)]}, rounds=3)
+    stream, stream_raw = views / times["checked"], views / times["raw"]
     rng = np.random.default_rng(0)
     arr = reader.array("teachers/t/topk_dlogp")
     picks = rng.integers(0, args.shards * n, args.random_reads)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 
@@ -30,7 +29,7 @@ from pld_pipeline.data import iter_shard
 from pld_pipeline.distill import DistillConfig, distill
 
 from _results import write_results
-from cache_bench import raw_block
+from cache_bench import raw_block, round_robin
 
 
 def main() -> None:
@@ -59,21 +58,10 @@ def main() -> None:
 
         reader = CacheReader(cache)
         samples = [s for url in urls for s in iter_shard(url)]
-        checked, raw, digests = [], [], []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            for shard in range(args.shards):
-                reader.read_block(shard, "r20", temperature=1.0)
-            checked.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for shard in range(args.shards):
-                raw_block(reader, shard, "r20")
-            raw.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for s in samples:
-                fmt.sample_digest(s)
-            digests.append(time.perf_counter() - t0)
-        med = {name: statistics.median(xs) for name, xs in (("checked", checked), ("raw", raw), ("digests", digests))}
+        med = round_robin({
+            "checked": lambda: [reader.read_block(shard, "r20", temperature=1.0) for shard in range(args.shards)],
+            "raw": lambda: [raw_block(reader, shard, "r20") for shard in range(args.shards)],
+            "digests": lambda: [fmt.sample_digest(s) for s in samples]}, rounds=args.rounds)
         cost = max(med["checked"] - med["raw"], 0.0) + med["digests"]
         row = {"samples": len(samples), "views": args.views, "cache_teacher_seconds": cache_seconds,
                "epoch_seconds": epoch_seconds, "block_reads_checked_s": med["checked"], "block_reads_raw_s": med["raw"],
