@@ -70,6 +70,7 @@ def cache_teacher_cmd(
     out_: Annotated[str, typer.Option("--out", help="Cache location (local path or fsspec URL).", rich_help_panel=CACHE)],
     teacher: Annotated[list[str], typer.Option(help="Teacher: timm name or module.path:factory. Repeat for several teachers (decoded once).", rich_help_panel=TEACHER)],
     teacher_checkpoint: Annotated[Optional[list[str]], typer.Option(help="Checkpoint for each --teacher, in order (.pth/.pt/.th/.safetensors).", rich_help_panel=TEACHER)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load every --teacher's hub weights through timm (pretrained tags like convnext_base.fb_in22k_ft_in1k, hf-hub:org/name; the Hugging Face cache, HF_HOME and HF_HUB_OFFLINE apply). The cache records hub id, tag, revision and the weight file's sha256.", rich_help_panel=TEACHER)] = False,
     teacher_name: Annotated[Optional[list[str]], typer.Option(help="Id to store each --teacher under (default: from its name).", rich_help_panel=TEACHER)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: the teacher's output width).", rich_help_panel=TEACHER)] = None,
     mean: Annotated[Optional[str], typer.Option(help="Override the teachers' normalisation mean, e.g. 0.5,0.5,0.5.", rich_help_panel=TEACHER)] = None,
@@ -116,7 +117,7 @@ def cache_teacher_cmd(
         if ckpt and not Path(ckpt).is_file():
             raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist.")
     specs = [TeacherSpec(source=t, checkpoint=(checkpoints[i] or None) if checkpoints else None,
-                         name=names[i] if names else None,
+                         name=names[i] if names else None, pretrained=pretrained,
                          mean=_floats(mean, "--mean") if mean else None, std=_floats(std, "--std") if std else None)
              for i, t in enumerate(teacher)]
     overrides: dict[str, Any] = {"pad": pad, "scale": _floats(scale, "--scale"), "ratio": _floats(ratio, "--ratio"),
@@ -236,7 +237,9 @@ def distill_cmd(
     top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,
     online_teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint for --online-teacher.", rich_help_panel=LOSS)] = None,
+    online_teacher_pretrained: Annotated[bool, typer.Option("--online-teacher-pretrained", help="Load --online-teacher's hub weights through timm.", rich_help_panel=LOSS)] = False,
     init_checkpoint: Annotated[Optional[str], typer.Option(help="Start the student from these weights.", rich_help_panel=STUDENT)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start the student from its timm hub weights (its classifier is re-sized to the data's classes).", rich_help_panel=STUDENT)] = False,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, only without --cache (default: classes.json beside the shards).", rich_help_panel=STUDENT)] = None,
     recipe: Annotated[str, typer.Option(help="Without --cache: augmentation recipe (cifar, imagenet, none).", rich_help_panel=STUDENT)] = "cifar",
     size: Annotated[int, typer.Option(help="Without --cache: input size.", rich_help_panel=STUDENT)] = 32,
@@ -280,7 +283,8 @@ def distill_cmd(
         init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size, "pad": pad},
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
         top_k=top_k, eval_every=eval_every, online_teacher=online_teacher,
-        online_teacher_checkpoint=online_teacher_checkpoint)
+        online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
+        pretrained=pretrained)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return

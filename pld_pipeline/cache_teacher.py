@@ -30,7 +30,7 @@ from .data import (
     IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
-from .models import file_sha256, load_model, preprocessing_of, require_teacher_input
+from .models import file_sha256, load_model, output_width, preprocessing_of, pretrained_identity, require_teacher_input
 from .views import ViewRecipe, decode_image, normalize, replay_view, stable_int, view_params
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -44,6 +44,7 @@ class TeacherSpec:
     name: str | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    pretrained: bool = False  # timm hub weights (pretrained tag or hf-hub: name) instead of a checkpoint
 
     @property
     def id(self) -> str:
@@ -283,7 +284,8 @@ def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[
         torch.manual_seed(stable_int(cfg.seed, spec.id) % 2**63)
         if spec.id in models:
             raise ValueError(f"Two teachers share the id '{spec.id}'; give them distinct --teacher-name values.")
-        model = load_model(spec.source, num_classes=cfg.num_classes, checkpoint=spec.checkpoint)
+        model = load_model(spec.source, num_classes=cfg.num_classes, checkpoint=spec.checkpoint,
+                           pretrained=spec.pretrained)
         prep[spec.id] = preprocessing_of(model, mean=spec.mean, std=spec.std)
         require_teacher_input(prep[spec.id], spec.source, size_given=cfg.size is not None)
         model = model.to(device).eval()
@@ -294,7 +296,7 @@ def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[
 
 
 def _num_classes(models: dict[str, torch.nn.Module], cfg: CacheTeacherConfig) -> int:
-    widths = {tid: getattr(m, "num_classes", None) for tid, m in models.items()}
+    widths = {tid: output_width(m) for tid, m in models.items()}
     if cfg.num_classes is not None:
         return cfg.num_classes
     values = {w for w in widths.values() if w}
@@ -358,11 +360,12 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     for spec in cfg.teachers:
         p = prep[spec.id]
         p["input_size"] = [3, size, size]
+        hub = pretrained_identity(models[spec.id]) if spec.pretrained else None
         teachers[spec.id] = TeacherRecord(
             id=spec.id, source=spec.source, checkpoint=os.path.basename(spec.checkpoint) if spec.checkpoint else None,
-            checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else None, preprocessing=p,
-            k=k, temperatures=temps, index_dtype=str(index_dtype(num_classes)),
-            num_params=sum(x.numel() for x in models[spec.id].parameters()), precision=cfg.precision)
+            checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else (hub or {}).get("sha256"),
+            preprocessing=p, k=k, temperatures=temps, index_dtype=str(index_dtype(num_classes)),
+            num_params=sum(x.numel() for x in models[spec.id].parameters()), precision=cfg.precision, pretrained=hub)
     request = CacheMeta(num_classes=num_classes, rows_per_shard=max(r.nsamples for r in records),
                         key_bytes=key_bytes, shards=records, recipe=recipe.to_dict(), num_views=cfg.views,
                         seed=cfg.seed, teachers=teachers, class_names=cfg.class_names)

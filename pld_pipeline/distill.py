@@ -31,7 +31,7 @@ from .cache.reader import CacheReader
 from .data import expand_shards, index_shard, quick_hash, shard_name, worker_errors
 from .faults import kill_point
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
-from .models import load_model, preprocessing_of, require_teacher_input, student_preprocessing
+from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets, samples_per_rank
 from .views import ViewRecipe, normalize
@@ -73,6 +73,7 @@ class DistillConfig:
     workers: int = 2
     device: str = "auto"
     init_checkpoint: str | None = None
+    pretrained: bool = False  # start the student from its timm hub weights
     num_classes: int | None = None  # only without a cache
     recipe: dict[str, Any] = field(default_factory=lambda: {"name": "cifar", "size": 32})  # only without a cache
     shuffle_buffer: int = 1000
@@ -82,6 +83,7 @@ class DistillConfig:
     # Baseline only: a teacher run on every step (fresh views each epoch), to compare against the cache.
     online_teacher: str | None = None
     online_teacher_checkpoint: str | None = None
+    online_teacher_pretrained: bool = False
 
     def loss_params(self) -> dict[str, float]:
         """The loss parameters the user set; create_loss refuses those the loss does not take."""
@@ -232,13 +234,17 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         reader.require_complete(teacher_id, [s.cache_shard for s in shards])
     online = None
     if cfg.online_teacher:
-        online = load_model(cfg.online_teacher, num_classes=num_classes, checkpoint=cfg.online_teacher_checkpoint)
+        online = load_model(cfg.online_teacher, num_classes=None if cfg.online_teacher_pretrained else num_classes,
+                            checkpoint=cfg.online_teacher_checkpoint, pretrained=cfg.online_teacher_pretrained)
         online = online.to(device).eval().to(memory_format=torch.channels_last)
+        if output_width(online) != num_classes:
+            raise ValueError(f"Online teacher {cfg.online_teacher} has {output_width(online)} classes, the data has "
+                             f"{num_classes}.")
         online_prep = preprocessing_of(online)
         require_teacher_input(online_prep, cfg.online_teacher, size_given=True)  # views come at the recipe's size
 
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint)
+    model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint, pretrained=cfg.pretrained)
     out_features = getattr(model, "num_classes", num_classes)
     if out_features != num_classes:
         raise ValueError(f"Student {cfg.student} has {out_features} classes, the data has {num_classes}.")

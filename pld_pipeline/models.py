@@ -2,12 +2,14 @@
 
 The CIFAR ResNets follow He et al. 2016's CIFAR design with "option A" (parameter-free) shortcuts, key for key
 compatible with the widely used akamaster/pytorch_resnet_cifar10 checkpoints (``conv1``, ``bn1``,
-``layer{1,2,3}.{i}.conv{1,2}``, ``linear``). ``pretrained=True`` is never needed (no hub access).
+``layer{1,2,3}.{i}.conv{1,2}``, ``linear``); they have no hub weights, load the published files as checkpoints.
+Hub models load through timm's own ``pretrained=True`` path.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 from typing import Any
 
@@ -16,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import create_model, register_model
 
-__all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of", "require_teacher_input",
-           "student_preprocessing"]
+__all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of", "pretrained_identity",
+           "require_teacher_input", "student_preprocessing"]
 
 _CIFAR_CFG = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
               "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 10, "first_conv": "conv1",
@@ -152,6 +154,12 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
+def output_width(model: nn.Module) -> int | None:
+    """The classifier width: ``num_classes`` where the model has it (timm), else its last 2-D weight's rows."""
+    width = getattr(model, "num_classes", None)
+    return int(width) if width else _classes_in_state(model.state_dict())
+
+
 def _classes_in_state(state: dict[str, torch.Tensor]) -> int | None:
     """The output width of the last 2-D weight (the classifier), to size the model before loading."""
     for key in reversed(list(state)):
@@ -160,29 +168,50 @@ def _classes_in_state(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+_TIMM_SCHEMES = ("hf-hub:", "local-dir:")  # model names timm resolves itself, not module.path:factory
+
+
 def load_model(source: str, *, num_classes: int | None = None, checkpoint: str | None = None,
-               **kwargs: Any) -> nn.Module:
-    """A model from a timm name (incl. the registered ``cifar_resnet*``) or ``module.path:factory``,
-    optionally with a checkpoint. ``num_classes`` defaults to the checkpoint's classifier width."""
+               pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A model from a timm name (incl. the registered ``cifar_resnet*``, pretrained tags and ``hf-hub:`` names) or
+    ``module.path:factory``, optionally with a checkpoint. ``num_classes`` defaults to the checkpoint's classifier
+    width. ``pretrained`` loads the hub weights through timm's own path (Hugging Face cache, ``HF_HOME``,
+    ``HF_HUB_OFFLINE``); see :func:`pretrained_identity` for what was loaded."""
+    if pretrained and checkpoint:
+        raise ValueError(f"Give {source!r} either pretrained hub weights or a checkpoint file, not both.")
     state = load_state_dict(checkpoint) if checkpoint else None
     if num_classes is None and state is not None:
         num_classes = _classes_in_state(state)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if ":" in source:
+    if ":" in source and not source.startswith(_TIMM_SCHEMES):
         module_name, _, attr = source.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"Cannot import model factory {source!r}: {e}.") from e
+        accepts = inspect.signature(factory).parameters
+        if pretrained:
+            if "pretrained" not in accepts:
+                raise ValueError(f"Factory {source!r} takes no `pretrained` argument; give its weights as a checkpoint.")
+            kwargs["pretrained"] = True
+        if "num_classes" in kwargs and "num_classes" not in accepts and not any(
+                p.kind is p.VAR_KEYWORD for p in accepts.values()):
+            kwargs.pop("num_classes")  # the factory fixes its width; the checkpoint or the model tells it
         model = factory(**kwargs)
     else:
         try:
-            model = create_model(source, pretrained=False, **kwargs)
+            model = create_model(source, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ValueError(f"Unknown model {source!r}: not a timm model name (see timm.list_models()) "
                                  "nor a module.path:factory.") from e
+            if pretrained:
+                raise _weights_not_found(source, e) from None
+            raise
+        except (OSError, ValueError) as e:  # huggingface_hub: LocalEntryNotFoundError, offline, no network
+            if pretrained:
+                raise _weights_not_found(source, e) from None
             raise
     if state is not None:
         try:
@@ -191,6 +220,34 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
             first = str(e).strip().splitlines()
             raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {first[1].strip() if len(first) > 1 else first[0]}") from e
     return model
+
+
+def _weights_not_found(source: str, error: Exception) -> ValueError:
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    return ValueError(
+        f"Cannot load pretrained weights for {source!r}: looked in the Hugging Face cache {hub}{offline} and found "
+        f"none ({type(error).__name__}). Download them there on a machine with access (huggingface-cli download "
+        "REPO), or pass the weight file with --teacher-checkpoint / --init-checkpoint.")
+
+
+def pretrained_identity(model: nn.Module) -> dict[str, Any] | None:
+    """What identifies the hub weights a ``pretrained=True`` model loaded: hub id, tag, revision and the sha256 of
+    the weight file, resolved from the Hugging Face cache the way timm found it. None when not from the hub."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    hub_id = cfg.get("hf_hub_id")
+    if not hub_id:
+        return {"url": cfg["url"], "tag": cfg.get("tag")} if cfg.get("url") else None
+    from huggingface_hub import try_to_load_from_cache
+    repo, _, revision = hub_id.partition("@")
+    for filename in filter(None, (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin")):
+        path = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(path, str):
+            snapshot = os.path.basename(os.path.dirname(path))
+            return {"hub_id": repo, "tag": cfg.get("tag"), "revision": snapshot, "file": filename,
+                    "sha256": file_sha256(path)}
+    return {"hub_id": repo, "tag": cfg.get("tag"), "revision": revision or None, "file": None, "sha256": None}
 
 
 def preprocessing_of(model: nn.Module, **overrides: Any) -> dict[str, Any]:

@@ -111,6 +111,10 @@ def view_params(recipe: ViewRecipe, seed: int, key: str, view: int, height: int,
         return eval_params(recipe, height, width)
     rng = view_rng(seed, key, view)
     if recipe.name == "cifar":
+        if min(height, width) + 2 * recipe.pad < recipe.size:
+            raise ValueError(f"The cifar recipe crops {recipe.size}x{recipe.size} from the image padded by {recipe.pad}, "
+                             f"but sample {key!r} is {height}x{width}: use --recipe imagenet (it resizes) or a "
+                             "smaller --size.")
         top = int(rng.integers(-recipe.pad, height - recipe.size + recipe.pad + 1))
         left = int(rng.integers(-recipe.pad, width - recipe.size + recipe.pad + 1))
         box = (top, left, recipe.size, recipe.size)

@@ -22,3 +22,9 @@ def tiny_mlp(num_classes: int = 10, **_) -> nn.Module:
     m = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, num_classes))
     m.num_classes = num_classes
     return m
+
+
+def plain_cnn() -> nn.Module:
+    """A factory that takes no arguments and a model without a `num_classes` attribute: its width (7) is only
+    in its weights."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))

@@ -298,3 +298,34 @@ def test_the_teacher_runs_in_fp32_unless_bf16_is_asked_for_and_recorded(tiny_dat
         cache_teacher(config(tiny_data, tmp_path / "b.zarr", teacher_ckpt, views=1))
     with pytest.raises(ValueError, match="--teacher-precision must be fp32 or bf16"):
         cache_teacher(config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, precision="fp16"))
+
+
+def test_a_torchvision_builder_is_a_teacher_and_its_width_comes_from_its_checkpoint(tiny_data, tmp_path):
+    """The documented example (docs/quickstart.md): `--teacher torchvision.models:resnet18` with a checkpoint and
+    its normalisation. No --num-classes: the builder receives the checkpoint's width (10)."""
+    import torchvision
+    from safetensors.torch import save_file
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    ckpt = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = config(tiny_data, tmp_path / "c.zarr", views=1, num_classes=None, k=3, teachers=[
+        TeacherSpec("torchvision.models:resnet18", str(ckpt), "r18", mean=mean, std=std)])
+    summary = cache_teacher(cfg)
+    assert summary["num_classes"] == 10
+    block = CacheReader(cfg.out).read_block(2, "r18")
+    recipe = ViewRecipe.from_dict(CacheReader(cfg.out).meta.recipe)
+    samples = list(iter_shard(tiny_data["train"].shards[2]))
+    x = torch.stack([replay_view(decode_image(s["png"]), block.params[i, 0], recipe) for i, s in enumerate(samples)])
+    with torch.no_grad():
+        want = TeacherTargets.from_logits(net(normalize(x, mean, std)), torch.as_tensor(block.labels).long(), k=3)
+    np.testing.assert_array_equal(block.topk_idx[:, 0], want.topk_idx.numpy())
+
+
+def test_a_plain_module_takes_its_width_from_its_weights(tiny_data, tmp_path):
+    """A factory with no num_classes argument and a model with no num_classes attribute: width 7 from the weights."""
+    cfg = config(tiny_data, tmp_path / "c.zarr", views=1, num_classes=None, k=3, teachers=[
+        TeacherSpec("fake_models:plain_cnn", name="cnn", mean=(0.5,) * 3, std=(0.5,) * 3)])
+    with pytest.raises(DataError, match="outside \\[0, 7\\)"):  # the tiny data has 10 classes: refused, by key
+        cache_teacher(cfg)

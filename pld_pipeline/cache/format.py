@@ -128,6 +128,7 @@ class TeacherRecord:
     index_dtype: str
     num_params: int | None = None
     precision: str = "fp32"  # the teacher's forward: fp32, or bf16 (autocast; logits rounded, opt-in)
+    pretrained: dict[str, Any] | None = None  # hub weights loaded: hub_id, tag, revision, file, sha256
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
