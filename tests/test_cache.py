@@ -405,3 +405,18 @@ def test_memory_url_round_trip():
         write_shard(w, s)
     assert CacheReader(url).read_block(2, "t1").keys == shard_samples(2, 6)[0]
     assert verify_cache(url).ok
+
+
+def test_teacher_fields_added_later_do_not_break_existing_bindings(cache_url):
+    """A record written before `precision`/`pretrained` existed reads back with their defaults and keeps its
+    binding; a non-default value is bound like any other field."""
+    filled(cache_url)
+    root = zarr.open_group(cache_url, mode="r+")
+    meta = dict(root.attrs["pld_cache"])
+    for field_name in ("precision", "pretrained"):
+        meta["teachers"]["t1"].pop(field_name)
+    root.attrs["pld_cache"] = meta
+    assert verify_cache(cache_url).ok
+    meta["teachers"]["t1"]["precision"] = "bf16"
+    root.attrs["pld_cache"] = meta
+    assert verify_cache(cache_url).damaged == [f"s00000{s}.teacher.t1.0-2" for s in range(3)]

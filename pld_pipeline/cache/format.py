@@ -264,12 +264,18 @@ def unit_region(unit: UnitName, rows_per_shard: int) -> tuple[slice, ...]:
     return (rows,) if unit.views is None else (rows, slice(*unit.views))
 
 
+#: Teacher-record fields added after format v2 was first written, left out of the binding while at their default,
+#: so a record written before the field existed (and read back with the default) keeps its binding.
+_UNBOUND_DEFAULTS: dict[str, Any] = {"precision": "fp32", "pretrained": None}
+
+
 def unit_binding(name: str, meta: CacheMeta) -> str:
     """sha256 of what gives a unit's bytes their meaning, recorded in its marker: the unit's own name (so a
     marker cannot be moved), the format version, classes, row layout, its shard's identity, the view recipe and
     seed, and for teacher units the teacher's whole record (k, temperature grid, index dtype, preprocessing,
     weights). An edit of any of these root attributes no longer matches the markers, and every reader refuses.
-    Encoded as canonical JSON (sorted keys, no spaces, ``ensure_ascii``)."""
+    Encoded as canonical JSON (sorted keys, no spaces, ``ensure_ascii``); teacher fields at their default in
+    ``_UNBOUND_DEFAULTS`` are left out."""
     unit = parse_unit_name(name)
     if unit is None or not 0 <= unit.shard < len(meta.shards):
         raise CacheError(f"Unit {name!r} names no shard of this cache.")
@@ -282,7 +288,8 @@ def unit_binding(name: str, meta: CacheMeta) -> str:
     if unit.kind == "teacher":
         if unit.teacher not in meta.teachers:
             raise CacheError(f"Unit {name!r} belongs to teacher '{unit.teacher}', which the cache does not list.")
-        doc["teacher"] = meta.teachers[unit.teacher].to_dict()
+        record = meta.teachers[unit.teacher].to_dict()
+        doc["teacher"] = {k: v for k, v in record.items() if k not in _UNBOUND_DEFAULTS or v != _UNBOUND_DEFAULTS[k]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
