@@ -2,10 +2,11 @@
 from .losses import (
     LOSSES, PLDLoss, TeacherTargets, ce_loss, create_loss, dist_loss, kd_loss, pld_loss, pld_loss_from_ranking,
 )
+from .student_data import Batch, StudentData
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOSSES", "PLDLoss", "TeacherTargets", "ce_loss", "create_loss", "dist_loss", "kd_loss", "pld_loss",
+    "Batch", "LOSSES", "PLDLoss", "StudentData", "TeacherTargets", "ce_loss", "create_loss", "dist_loss", "kd_loss", "pld_loss",
     "pld_loss_from_ranking", "__version__",
 ]

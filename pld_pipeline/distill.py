@@ -26,14 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import distributed as D
-from .cache.format import CacheError
-from .cache.reader import CacheReader
-from .data import expand_shards, index_shard, quick_hash, shard_name, worker_errors
+from .data import expand_shards, worker_errors
 from .faults import kill_point
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
-from .student_data import VIEW_POLICIES, EvalSamples, TrainSamples, TrainShard, batch_targets, samples_per_rank
+from .student_data import VIEW_POLICIES, Batch, EvalSamples, StudentData
 from .views import ViewRecipe, normalize
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -92,22 +90,6 @@ class DistillConfig:
 
 
 # -- setup ------------------------------------------------------------------------------------------
-def _train_shards(cfg: DistillConfig, reader: CacheReader | None) -> list[TrainShard]:
-    urls = expand_shards(cfg.data)
-    if reader is None:
-        return [TrainShard(u, index_shard(u).record.nsamples, None) for u in urls]
-    shards = []
-    for url in urls:
-        qh = quick_hash(url)
-        try:
-            idx = reader.shard_for(quick_hash=qh) if qh is not None else reader.shard_for(name=shard_name(url))
-        except CacheError:
-            raise CacheError(f"Training shard {url} is not one the cache {reader.url} covers (by content hash); "
-                             "train on the cached shards (a subset is fine) or cache these first.") from None
-        shards.append(TrainShard(url, reader.ok_samples(idx), idx))
-    return shards
-
-
 def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None:
     """The state to resume from, or None for a fresh run; refuses to silently clobber another run, and a resume
     on another number of processes (its schedule, steps per epoch and data split were sized for the old one)."""
@@ -130,13 +112,6 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
     if os.path.isfile(state_path):
         raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out.")
     return None
-
-
-def _cache_fingerprint(reader: CacheReader, teacher_id: str | None) -> dict[str, Any]:
-    meta = reader.meta
-    return {"url": reader.url, "num_classes": meta.num_classes, "num_views": meta.num_views, "seed": meta.seed,
-            "recipe": meta.recipe, "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
-            "teacher": meta.teachers[teacher_id].to_dict() if teacher_id else None}
 
 
 # -- one epoch --------------------------------------------------------------------------------------
@@ -209,61 +184,11 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
          loss_fn: Callable[..., torch.Tensor], emit: ProgressFn) -> dict[str, Any]:
     t_run = time.perf_counter()
     state = _check_run_dir(cfg, dist.world_size)
-    reader = CacheReader(cfg.cache, cfg.cache_dir) if cfg.cache else None
-    teacher_id = None
     temperature = get_loss(cfg.loss).temperature if cfg.temperature is None else cfg.temperature
-    if reader is not None:
-        num_classes = reader.meta.num_classes
-        recipe = ViewRecipe.from_dict(reader.meta.recipe)
-        if needs_teacher:
-            rec = reader.teacher(cfg.teacher)
-            teacher_id = rec.id
-            reader.temperature_column(rec, temperature)  # refuses a temperature outside the cached grid
-            if cfg.top_k is not None and not 1 <= cfg.top_k <= rec.k:
-                raise ValueError(f"--top-k {cfg.top_k} must lie in [1, {rec.k}], the k teacher '{rec.id}' was cached with.")
-    else:
-        recipe = ViewRecipe.from_dict({**ViewRecipe().to_dict(), **cfg.recipe})
-        classes = read_classes(expand_shards(cfg.data)[0])
-        num_classes = cfg.num_classes or (len(classes) if classes else None)
-        if num_classes is None:
-            raise ValueError("Training without a cache needs --num-classes (or a classes.json beside the shards).")
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"--num-classes {cfg.num_classes} differs from the cache's {num_classes} classes.")
-    shards = _train_shards(cfg, reader)
-    if reader is not None:
-        reader.require_complete(teacher_id, [s.cache_shard for s in shards])
-    online = None
-    if cfg.online_teacher:
-        online = load_model(cfg.online_teacher, num_classes=None if cfg.online_teacher_pretrained else num_classes,
-                            checkpoint=cfg.online_teacher_checkpoint, pretrained=cfg.online_teacher_pretrained)
-        online = online.to(device).eval().to(memory_format=torch.channels_last)
-        if output_width(online) != num_classes:
-            raise ValueError(f"Online teacher {cfg.online_teacher} has {output_width(online)} classes, the data has "
-                             f"{num_classes}.")
-        online_prep = preprocessing_of(online)
-        require_teacher_input(online_prep, cfg.online_teacher, size_given=True)  # views come at the recipe's size
-
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint, pretrained=cfg.pretrained)
-    out_features = getattr(model, "num_classes", num_classes)
-    if out_features != num_classes:
-        raise ValueError(f"Student {cfg.student} has {out_features} classes, the data has {num_classes}.")
-    prep = student_preprocessing(model)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
-    # Every rank takes the same number of steps (DDP needs it): the epoch's samples are split evenly by sample.
-    rank_budget = samples_per_rank(shards, dist.world_size)
-    steps_per_epoch = rank_budget // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {rank_budget} samples each of the "
-                         f"{dist.world_size} process(es) sees per epoch; lower --batch-size.")
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
-                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
-                                  warmup_lr_init=cfg.lr * 1e-3 if cfg.warmup_epochs else cfg.lr, t_in_epochs=False)
+    data = _train_data(cfg, temperature, needs_teacher, device, dist)
+    targets_for = _targets_source(cfg, data, temperature, needs_teacher, device)
+    model, prep = _student(cfg, data.num_classes, device)
+    optimizer, scheduler = _optimizer(cfg, model, len(data))
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     start_epoch, best, history = 0, {"val_top1": -1.0, "epoch": -1}, []
     if state is not None:
@@ -275,55 +200,26 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext()
-
-    train_set = TrainSamples(shards, recipe=recipe, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
-                             cache_url=reader.url if reader else None, teacher=teacher_id, temperature=temperature,
-                             num_views=reader.meta.num_views if reader else 1, view_policy=cfg.view_policy,
-                             shuffle_buffer=cfg.shuffle_buffer, image_field=cfg.image_field,
-                             label_field=cfg.label_field, num_classes=num_classes, cache_dir=cfg.cache_dir)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    val_loader = None
-    if cfg.val_data:
-        val_set = EvalSamples(expand_shards(cfg.val_data), recipe=recipe, rank=dist.rank, world=dist.world_size,
-                              num_classes=num_classes, image_field=cfg.image_field, label_field=cfg.label_field)
-        val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, **{**loader_kw, "num_workers": min(cfg.workers, 1)})
-
+    val_loader = _val_loader(cfg, data, device, dist)
+    steps_per_epoch = len(data)
     if dist.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        run_config = {"config": asdict(cfg), "num_classes": num_classes, "recipe": recipe.to_dict(),
-                      "temperature": temperature if needs_teacher else None, "steps_per_epoch": steps_per_epoch,
-                      "world_size": dist.world_size, "student_preprocessing": prep,
-                      "cache": _cache_fingerprint(reader, teacher_id) if reader else None,
-                      "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in shards]}
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=1)
+        _write_run_config(cfg, data, temperature if needs_teacher else None, prep, dist.world_size)
     params = sum(p.numel() for p in model.parameters())
     emit({"event": "train_start", "loss": cfg.loss, "student": cfg.student, "params": params, "epochs": cfg.epochs,
           "device": str(device), "world_size": dist.world_size, "resumed_epoch": start_epoch or None})
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout/drop-path: a function of (seed, epoch) alone
-        train_set.set_epoch(epoch)
-        # rebatch pins its own output: pinning the loader's batches first would be wasted (torch.cat copies)
-        loader = rebatch(DataLoader(train_set, batch_size=cfg.batch_size, **{**loader_kw, "pin_memory": False}),
-                         cfg.batch_size, pin=device.type == "cuda")
         emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
         train_model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        for step, batch in enumerate(worker_errors(loader)):
-            if step >= steps_per_epoch:
-                break
+        for step, batch in enumerate(data.epoch(epoch)):
             kill_point("distill.step")
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True).long()
+            x = batch.images.to(device, non_blocking=True)
+            y = batch.labels.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            targets = batch_targets(batch, temperature, num_classes, device, cfg.top_k)
-            if online is not None and needs_teacher:
-                with torch.inference_mode():  # fp32, like cache-teacher's default: bf16 logits reorder the ranking
-                    t_logits = online(normalize(x, online_prep["mean"], online_prep["std"])).float()
-                targets = TeacherTargets.from_logits(t_logits.clone(), y, temperature=temperature)
+            targets = targets_for(batch, x, y)
             with autocast:
                 logits = train_model(normalize(x, prep["mean"], prep["std"]))
             loss = loss_fn(logits.float(), y, targets)
@@ -358,7 +254,8 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             row.update({"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan})
         history.append(row)
         if dist.is_main:
-            meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": num_classes, "loss": cfg.loss}
+            meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": data.num_classes,
+                    "loss": cfg.loss}
             improved = val_loader is not None and row["val_top1"] > best["val_top1"]  # NaN (not evaluated) never wins
             if improved or val_loader is None:
                 best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
@@ -381,18 +278,87 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     return summary
 
 
-def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Any:
-    """Exact ``batch_size`` batches from a loader whose workers end on partial batches (drop_last per worker
-    would drop up to one batch per worker and shard pass); tensors are concatenated, not re-collated. ``pin``:
-    page-lock each batch (``torch.cat`` of pinned tensors is not pinned, and non_blocking copies need it)."""
-    pending: list[dict[str, torch.Tensor]] = []
-    have = 0
-    for batch in batches:
-        pending.append(batch)
-        have += len(batch["label"])
-        while have >= batch_size:
-            joined = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
-            yield {k: v[:batch_size].pin_memory() if pin else v[:batch_size] for k, v in joined.items()}
-            rest = {k: v[batch_size:] for k, v in joined.items()}
-            have -= batch_size
-            pending = [rest] if have else []
+# -- the named steps of a run ------------------------------------------------------------------------------
+def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, device: torch.device,
+                dist: D.DistInfo) -> StudentData:
+    recipe = num_classes = None
+    if not cfg.cache:
+        recipe = ViewRecipe.from_dict({**ViewRecipe().to_dict(), **cfg.recipe})
+        classes = read_classes(expand_shards(cfg.data)[0])
+        num_classes = cfg.num_classes or (len(classes) if classes else None)
+        if num_classes is None:
+            raise ValueError("Training without a cache needs --num-classes (or a classes.json beside the shards).")
+    return StudentData(cfg.data, cache=cfg.cache, teacher=cfg.teacher, temperature=temperature,
+                       batch_size=cfg.batch_size, seed=cfg.seed, view_policy=cfg.view_policy, top_k=cfg.top_k,
+                       with_targets=needs_teacher and not cfg.online_teacher, workers=cfg.workers,
+                       shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
+                       num_classes=num_classes if num_classes is not None else cfg.num_classes, recipe=recipe,
+                       image_field=cfg.image_field, label_field=cfg.label_field, pin_memory=device.type == "cuda",
+                       rank=dist.rank, world_size=dist.world_size)
+
+
+TargetsFn = Callable[[Batch, torch.Tensor, torch.Tensor], "TeacherTargets | None"]
+
+
+def _targets_source(cfg: DistillConfig, data: StudentData, temperature: float, needs_teacher: bool,
+                    device: torch.device) -> TargetsFn:
+    """Where a step's teacher targets come from: the cache (moved to the device), or, for the online-teacher
+    baseline, a teacher run on the step's own views. The loop does not know which."""
+    if not cfg.online_teacher or not needs_teacher:
+        return lambda batch, x, y: None if batch.targets is None else batch.targets.to(device, device.type == "cuda")
+    online = load_model(cfg.online_teacher, num_classes=None if cfg.online_teacher_pretrained else data.num_classes,
+                        checkpoint=cfg.online_teacher_checkpoint, pretrained=cfg.online_teacher_pretrained)
+    online = online.to(device).eval().to(memory_format=torch.channels_last)
+    if output_width(online) != data.num_classes:
+        raise ValueError(f"Online teacher {cfg.online_teacher} has {output_width(online)} classes, the data has "
+                         f"{data.num_classes}.")
+    prep = preprocessing_of(online)
+    require_teacher_input(prep, cfg.online_teacher, size_given=True)  # views come at the recipe's size
+
+    def run_teacher(batch: Batch, x: torch.Tensor, y: torch.Tensor) -> TeacherTargets:
+        with torch.inference_mode():  # fp32, like cache-teacher's default: bf16 logits reorder the ranking
+            logits = online(normalize(x, prep["mean"], prep["std"])).float()
+        return TeacherTargets.from_logits(logits.clone(), y, temperature=temperature)
+
+    return run_teacher
+
+
+def _student(cfg: DistillConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.student, num_classes=num_classes, checkpoint=cfg.init_checkpoint, pretrained=cfg.pretrained)
+    if output_width(model) != num_classes:
+        raise ValueError(f"Student {cfg.student} has {output_width(model)} classes, the data has {num_classes}.")
+    prep = student_preprocessing(model)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, prep
+
+
+def _optimizer(cfg: DistillConfig, model: torch.nn.Module, steps_per_epoch: int) -> tuple[Any, CosineLRScheduler]:
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler = CosineLRScheduler(optimizer, t_initial=steps_per_epoch * cfg.epochs, lr_min=cfg.min_lr,
+                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+                                  warmup_lr_init=cfg.lr * 1e-3 if cfg.warmup_epochs else cfg.lr, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dist: D.DistInfo) -> DataLoader | None:
+    if not cfg.val_data:
+        return None
+    val_set = EvalSamples(expand_shards(cfg.val_data), recipe=data.recipe, rank=dist.rank, world=dist.world_size,
+                          num_classes=data.num_classes, image_field=cfg.image_field, label_field=cfg.label_field)
+    workers = min(cfg.workers, 1)
+    return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=4 if workers else None)
+
+
+def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float | None, prep: dict[str, Any],
+                      world_size: int) -> None:
+    os.makedirs(cfg.out, exist_ok=True)
+    run_config = {"config": asdict(cfg), "num_classes": data.num_classes, "recipe": data.recipe.to_dict(),
+                  "temperature": temperature, "steps_per_epoch": len(data), "world_size": world_size,
+                  "student_preprocessing": prep, "cache": data.fingerprint(),
+                  "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in data.shards]}
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=1)

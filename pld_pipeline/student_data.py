@@ -1,6 +1,7 @@
 """What a student trains and evaluates on: tar samples joined with cached teacher targets by key.
 
-Per epoch: shards shuffled by (seed, epoch), dealt to ranks, then to DataLoader workers. A worker reads one
+:class:`StudentData` is the public face (any training loop; `pld distill` is built on it). Per epoch: shards
+shuffled by (seed, epoch), cut into equal runs of samples per rank, then dealt to DataLoader workers. A worker reads one
 whole cache block per shard (one contiguous read per array and view), replays each sample's chosen view from
 its stored params and emits image + targets together, so targets travel with the sample through the shuffle
 buffer. Memory is one shard block per worker plus the shuffle buffer, whatever the dataset size.
@@ -14,11 +15,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache.format import CacheError, SampleStatus, sample_digest
+from .cache.format import CacheError, SampleStatus, TeacherRecord, sample_digest
 from .cache.reader import CacheReader
-from .data import DataError, iter_shard, parse_label, pick_field
+from .data import (
+    DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
+)
 from .losses import TeacherTargets
 from .views import ViewRecipe, decode_image, eval_params, replay_view, stable_int, view_params
 
@@ -179,14 +182,139 @@ class EvalSamples(IterableDataset):
                        "label": parse_label(sample, self.label_field, self.num_classes)}
 
 
-def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int, device: torch.device,
+def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int,
                   top_k: int | None = None) -> TeacherTargets | None:
-    """The batch's cached arrays as loss targets on ``device`` (None when training without a cache).
-    ``top_k`` keeps the first k classes: exactly what a cache made with that k would hold."""
+    """A loader batch's cached arrays as loss targets (None when training without a cache). ``top_k`` keeps the
+    first k classes: exactly what a cache made with that k would hold."""
     if "topk_idx" not in batch:
         return None
     k = slice(0, top_k)
-    targets = TeacherTargets(topk_idx=batch["topk_idx"][:, k], topk_logp=batch["topk_logp"][:, k].float(),
-                             label_logp=batch["label_logp"].float(), logz=batch["logz"].float(),
-                             temperature=temperature, num_classes=num_classes)
-    return targets.to(device, non_blocking=device.type == "cuda")
+    return TeacherTargets(topk_idx=batch["topk_idx"][:, k], topk_logp=batch["topk_logp"][:, k].float(),
+                          label_logp=batch["label_logp"].float(), logz=batch["logz"].float(),
+                          temperature=temperature, num_classes=num_classes)
+
+
+@dataclass
+class Batch:
+    """One training batch: the replayed views (the exact uint8 tensors the teacher saw), labels, and the cached
+    teacher's targets for exactly those views (None without a cache). All on the CPU; move with ``.to``."""
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    labels: torch.Tensor  # int64 [B]
+    targets: TeacherTargets | None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.images), move(self.labels),
+                     None if self.targets is None else self.targets.to(device, non_blocking))
+
+
+class StudentData:
+    """What `pld distill` trains on, for any training loop: open a cache once, then iterate an epoch's batches.
+
+    The same key join, view choice, rank split, shuffle and read-time integrity checks as `pld distill` (which is
+    built on it): every rank gets the same number of batches per epoch (``len(data)``), and a run's data order
+    depends only on (seed, epoch). Under torch.distributed the rank and world size are read from the process
+    group. Without ``cache`` it streams plain labelled views (``num_classes`` and ``recipe`` then needed)."""
+
+    def __init__(self, data: str | Sequence[str], *, cache: str | None = None, teacher: str | None = None,
+                 temperature: float = 1.0, batch_size: int = 128, seed: int = 0, view_policy: str = "rotate",
+                 top_k: int | None = None, with_targets: bool = True, workers: int = 2, shuffle_buffer: int = 1000,
+                 cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
+                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", pin_memory: bool = False,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        if view_policy not in VIEW_POLICIES:
+            raise ValueError(f"Unsupported view policy '{view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+            on = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.batch_size, self.temperature, self.top_k, self.workers = batch_size, temperature, top_k, workers
+        self.pin_memory, self.rank, self.world_size = pin_memory, rank, world_size
+        self.reader = CacheReader(cache, cache_dir) if cache else None
+        self.teacher: TeacherRecord | None = None
+        if self.reader is not None:
+            meta = self.reader.meta
+            if num_classes is not None and num_classes != meta.num_classes:
+                raise ValueError(f"--num-classes {num_classes} differs from the cache's {meta.num_classes} classes.")
+            self.num_classes, self.recipe = meta.num_classes, ViewRecipe.from_dict(meta.recipe)
+            if with_targets:
+                self.teacher = self.reader.teacher(teacher)
+                self.reader.temperature_column(self.teacher, temperature)  # refuses one outside the cached grid
+                if top_k is not None and not 1 <= top_k <= self.teacher.k:
+                    raise ValueError(f"--top-k {top_k} must lie in [1, {self.teacher.k}], the k teacher "
+                                     f"'{self.teacher.id}' was cached with.")
+        else:
+            if num_classes is None or recipe is None:
+                raise ValueError("Training without a cache needs num_classes and a view recipe.")
+            self.num_classes, self.recipe = num_classes, recipe
+        self.shards = self._shards(data)
+        if self.reader is not None:
+            self.reader.require_complete(self.teacher and self.teacher.id, [s.cache_shard for s in self.shards])
+        per_rank = samples_per_rank(self.shards, world_size)
+        if per_rank < batch_size:
+            raise ValueError(f"--batch-size {batch_size} exceeds the {per_rank} samples each of the {world_size} "
+                             "process(es) sees per epoch; lower --batch-size.")
+        self.steps_per_epoch = per_rank // batch_size
+        self.dataset = TrainSamples(
+            self.shards, recipe=self.recipe, seed=seed, rank=rank, world=world_size,
+            cache_url=self.reader.url if self.reader else None, teacher=self.teacher and self.teacher.id,
+            temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
+            view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field,
+            num_classes=self.num_classes, cache_dir=cache_dir)
+
+    def _shards(self, data: str | Sequence[str]) -> list[TrainShard]:
+        """The training shards, matched to the cache by content (quick hash): a subset of the cached ones is fine."""
+        urls = expand_shards(data)
+        if self.reader is None:
+            return [TrainShard(u, index_shard(u).record.nsamples, None) for u in urls]
+        shards = []
+        for url in urls:
+            qh = quick_hash(url)
+            try:
+                idx = self.reader.shard_for(quick_hash=qh) if qh is not None else self.reader.shard_for(name=shard_name(url))
+            except CacheError:
+                raise CacheError(f"Training shard {url} is not one the cache {self.reader.url} covers (by content hash); "
+                                 "train on the cached shards (a subset is fine) or cache these first.") from None
+            shards.append(TrainShard(url, self.reader.ok_samples(idx), idx))
+        return shards
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's ``len(self)`` batches of one epoch, in an order fixed by (seed, epoch)."""
+        self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers, pin_memory=False,
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+        for step, batch in enumerate(rebatch(worker_errors(loader), self.batch_size, pin=self.pin_memory)):
+            if step >= self.steps_per_epoch:
+                return
+            yield Batch(batch["image"], batch["label"].long(),
+                        batch_targets(batch, self.temperature, self.num_classes, self.top_k))
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What identifies the teacher outputs a run used (recorded in each run's config.json)."""
+        if self.reader is None:
+            return None
+        meta = self.reader.meta
+        return {"url": self.reader.url, "num_classes": meta.num_classes, "num_views": meta.num_views,
+                "seed": meta.seed, "recipe": meta.recipe,
+                "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
+                "teacher": self.teacher.to_dict() if self.teacher else None}
+
+
+def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Exact ``batch_size`` batches from a loader whose workers end on partial batches (drop_last per worker
+    would drop up to one batch per worker and shard pass); tensors are concatenated, not re-collated. ``pin``:
+    page-lock each batch (``torch.cat`` of pinned tensors is not pinned, and non_blocking copies need it)."""
+    pending: list[dict[str, torch.Tensor]] = []
+    have = 0
+    for batch in batches:
+        pending.append(batch)
+        have += len(batch["label"])
+        while have >= batch_size:
+            joined = {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:batch_size].pin_memory() if pin else v[:batch_size] for k, v in joined.items()}
+            rest = {k: v[batch_size:] for k, v in joined.items()}
+            have -= batch_size
+            pending = [rest] if have else []

@@ -38,7 +38,7 @@ def test_losses_under_bf16_autocast_match_float64_on_the_cpu(classes):
 
 
 def test_rebatched_batches_are_pinned_and_copy_without_blocking():
-    from pld_pipeline.distill import rebatch
+    from pld_pipeline.student_data import rebatch
     parts = [{"image": torch.zeros(n, 3, 4, 4, dtype=torch.uint8).pin_memory(), "label": torch.arange(n)}
              for n in (3, 5, 4)]
     out = list(rebatch(iter(parts), 4, pin=True))

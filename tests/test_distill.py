@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from pld_pipeline.cache import CacheError
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-from pld_pipeline.distill import DistillConfig, distill, rebatch
+from pld_pipeline.distill import DistillConfig, distill
+from pld_pipeline.student_data import rebatch
 from pld_pipeline.student_data import TrainSamples, TrainShard, choose_view
 from pld_pipeline.views import ViewRecipe, decode_image, replay_view
 
