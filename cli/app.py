@@ -239,6 +239,7 @@ def distill_cmd(
     online_teacher_pretrained: Annotated[bool, typer.Option("--online-teacher-pretrained", help="Load --online-teacher's hub weights through timm.", rich_help_panel=LOSS)] = False,
     init_checkpoint: Annotated[Optional[str], typer.Option(help="Start the student from these weights.", rich_help_panel=STUDENT)] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Start the student from its timm hub weights (its classifier is re-sized to the data's classes).", rich_help_panel=STUDENT)] = False,
+    student_size: Annotated[Optional[int], typer.Option(help="Train and evaluate the student at this resolution: each replayed teacher view is resized to it (antialiased). The targets stay those of the full-resolution view: the usual way to distill into a fast low-resolution student.", rich_help_panel=STUDENT)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes, only without --cache (default: classes.json beside the shards).", rich_help_panel=STUDENT)] = None,
     recipe: Annotated[str, typer.Option(help="Without --cache: augmentation recipe (cifar, imagenet, none).", rich_help_panel=STUDENT)] = "cifar",
     size: Annotated[int, typer.Option(help="Without --cache: input size.", rich_help_panel=STUDENT)] = 32,
@@ -283,7 +284,7 @@ def distill_cmd(
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
         top_k=top_k, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
-        pretrained=pretrained)
+        pretrained=pretrained, student_size=student_size)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return

@@ -71,6 +71,7 @@ class DistillConfig:
     workers: int = 2
     device: str = "auto"
     init_checkpoint: str | None = None
+    student_size: int | None = None  # train and evaluate the student at this resolution (views resized to it)
     pretrained: bool = False  # start the student from its timm hub weights
     num_classes: int | None = None  # only without a cache
     recipe: dict[str, Any] = field(default_factory=lambda: {"name": "cifar", "size": 32})  # only without a cache
@@ -164,6 +165,8 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError("Give either --cache or an online teacher, not both.")
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
         raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
+    if cfg.student_size is not None and cfg.student_size < 1:
+        raise ValueError(f"--student-size must be >= 1 pixel, got {cfg.student_size}.")
     if cfg.temperature is not None and not cfg.temperature > 0:
         raise ValueError(f"--temperature must be positive, got {cfg.temperature:g}.")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -294,7 +297,7 @@ def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, dev
                        shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
                        num_classes=num_classes if num_classes is not None else cfg.num_classes, recipe=recipe,
                        image_field=cfg.image_field, label_field=cfg.label_field, pin_memory=device.type == "cuda",
-                       rank=dist.rank, world_size=dist.world_size)
+                       student_size=cfg.student_size, rank=dist.rank, world_size=dist.world_size)
 
 
 TargetsFn = Callable[[Batch, torch.Tensor, torch.Tensor], "TeacherTargets | None"]
@@ -347,7 +350,8 @@ def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dis
     if not cfg.val_data:
         return None
     val_set = EvalSamples(expand_shards(cfg.val_data), recipe=data.recipe, rank=dist.rank, world=dist.world_size,
-                          num_classes=data.num_classes, image_field=cfg.image_field, label_field=cfg.label_field)
+                          num_classes=data.num_classes, image_field=cfg.image_field, label_field=cfg.label_field,
+                          student_size=cfg.student_size)
     workers = min(cfg.workers, 1)
     return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=4 if workers else None)

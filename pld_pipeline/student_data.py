@@ -23,6 +23,9 @@ from .data import (
     DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
 from .losses import TeacherTargets
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
 from .views import ViewRecipe, decode_image, eval_params, replay_view, stable_int, view_params
 
 VIEW_POLICIES = ("rotate", "random")
@@ -82,11 +85,12 @@ class TrainSamples(IterableDataset):
                  cache_url: str | None = None, teacher: str | None = None, temperature: float = 1.0,
                  num_views: int = 1, view_policy: str = "rotate", shuffle_buffer: int = 1000,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, student_size: int | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
         self.cache_url, self.teacher, self.temperature = cache_url, teacher, temperature
         self.num_views, self.view_policy, self.shuffle_buffer = num_views, view_policy, shuffle_buffer
         self.image_field, self.label_field, self.num_classes = image_field, label_field, num_classes
+        self.student_size = student_size
         self.cache_dir = cache_dir
         self.epoch = 0
         self._reader: CacheReader | None = None
@@ -146,7 +150,8 @@ class TrainSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {key!r} of {shard.url}; set --image-field.")
                 image = decode_image(data)
                 params = view_params(self.recipe, self.seed, key, self.epoch, image.shape[1], image.shape[2])
-            item.update(__key__=key, image=replay_view(image, params, self.recipe), label=label)
+            item.update(__key__=key, image=at_size(replay_view(image, params, self.recipe), self.student_size),
+                        label=label)
             yield item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -164,9 +169,11 @@ class EvalSamples(IterableDataset):
     """The clean eval view of every sample in the given shards (split across ranks and workers)."""
 
     def __init__(self, urls: Sequence[str], *, recipe: ViewRecipe, rank: int, world: int, num_classes: int,
-                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls") -> None:
+                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls",
+                 student_size: int | None = None) -> None:
         self.urls, self.recipe, self.rank, self.world = list(urls), recipe, rank, world
         self.num_classes, self.image_field, self.label_field = num_classes, image_field, label_field
+        self.student_size = student_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -178,8 +185,17 @@ class EvalSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {sample['__key__']!r} of {url}.")
                 image = decode_image(data)
                 params = eval_params(self.recipe, image.shape[1], image.shape[2])
-                yield {"image": replay_view(image, params, self.recipe),
+                yield {"image": at_size(replay_view(image, params, self.recipe), self.student_size),
                        "label": parse_label(sample, self.label_field, self.num_classes)}
+
+
+def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The student's input: the replayed view, resized to ``size`` (antialiased bilinear on uint8) when the student
+    trains at its own resolution. The teacher's targets belong to the full-resolution view; distilling them into
+    a low-resolution student is the usual way to get a fast one (see docs/library.md)."""
+    if size is None or view.shape[-1] == size and view.shape[-2] == size:
+        return view
+    return TF.resize(view, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int,
@@ -221,7 +237,7 @@ class StudentData:
                  top_k: int | None = None, with_targets: bool = True, workers: int = 2, shuffle_buffer: int = 1000,
                  cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", pin_memory: bool = False,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 student_size: int | None = None, rank: int | None = None, world_size: int | None = None) -> None:
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"Unsupported view policy '{view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
         if rank is None or world_size is None:
@@ -260,7 +276,8 @@ class StudentData:
             cache_url=self.reader.url if self.reader else None, teacher=self.teacher and self.teacher.id,
             temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
             view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field,
-            num_classes=self.num_classes, cache_dir=cache_dir)
+            num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size)
+        self.student_size = student_size
 
     def _shards(self, data: str | Sequence[str]) -> list[TrainShard]:
         """The training shards, matched to the cache by content (quick hash): a subset of the cached ones is fine."""

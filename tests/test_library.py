@@ -35,3 +35,24 @@ def test_the_library_stream_is_the_one_pld_distill_trains_on(tiny_data, cache, t
                                     cache=cache, epochs=1, batch_size=8, workers=0, device="cpu", seed=3))
     cfg = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["steps_per_epoch"] == len(data) and cfg["cache"] == data.fingerprint() and summary["epochs"] == 1
+
+
+def test_a_student_at_its_own_resolution_sees_the_resized_teacher_views(tiny_data, cache, tmp_path):
+    from torchvision.transforms.v2 import functional as TF
+
+    full = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0)
+    small = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0, student_size=8)
+    a, b = next(full.epoch(2)), next(small.epoch(2))
+    assert a.images.shape[-2:] == (16, 16) and b.images.shape[-2:] == (8, 8)
+    assert torch.equal(b.images, TF.resize(a.images, [8, 8], antialias=True))  # the same views, resized
+    assert torch.equal(a.targets.topk_idx, b.targets.topk_idx)  # with the full-resolution view's targets
+    summary = distill(DistillConfig(data=tiny_data["train"].pattern, val_data=tiny_data["val"].pattern, cache=cache,
+                                    out=str(tmp_path / "run"), student="cifar_resnet8", epochs=1, batch_size=8,
+                                    workers=0, device="cpu", student_size=8))
+    assert summary["best_val_top1"] is not None
+    from pld_pipeline.student_data import EvalSamples
+    evals = EvalSamples([tiny_data["val"].shards[0]], recipe=full.recipe, rank=0, world=1, num_classes=10, student_size=8)
+    assert next(iter(evals))["image"].shape == (3, 8, 8)  # evaluation runs at the student's size too
+    with __import__("pytest").raises(ValueError, match="--student-size must be >= 1"):
+        distill(DistillConfig(data=tiny_data["train"].pattern, cache=cache, out=str(tmp_path / "x"),
+                              student="cifar_resnet8", device="cpu", student_size=0))
