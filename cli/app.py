@@ -227,7 +227,7 @@ def distill_cmd(
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch on the clean view.", rich_help_panel=DATA)] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache (s3://, gs://, http://): each byte is fetched once.", rich_help_panel=DATA)] = None,
     loss: Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES)}.", rich_help_panel=LOSS)] = "pld",
-    teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several.", rich_help_panel=LOSS)] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several; 'a,b' learns from an ensemble: the teachers' probabilities averaged per view, ranked anew (exact from full caches; from top-k caches each class is short by at most the mean tail mass).", rich_help_panel=LOSS)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default: " + ", ".join(f"{e.name} {e.temperature:g}" for e in LOSSES.values() if e.needs_teacher) + "); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
     alpha: Annotated[Optional[float], typer.Option(help=_param_help("alpha", "weight of the true-label cross-entropy"), rich_help_panel=LOSS)] = None,
     beta: Annotated[Optional[float], typer.Option(help=_param_help("beta", "inter-class relation weight"), rich_help_panel=LOSS)] = None,

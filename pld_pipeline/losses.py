@@ -128,6 +128,33 @@ class TeacherTargets:
             num_classes=num_classes,
         )
 
+    @classmethod
+    def ensemble(cls, members: list["TeacherTargets"]) -> "TeacherTargets":
+        """Several teachers' targets for the same views, their probabilities at T averaged per view, ranked anew.
+
+        Full mode (every k = C): exact. From top-k members: each member's probability of a class outside its
+        top-k is unknown and counted as 0, so every averaged probability is a lower bound, short by at most the
+        mean of the members' tail masses (the stored ``1 - sum(top-k)``); the result keeps the top-k classes of
+        that average and the label's exact average. The result is expressed at temperature T directly
+        (``topk_logp = T * log p``, ``logz = 0``), so every loss reads it like any cached target."""
+        first = members[0]
+        temp, c = first.temperature, first.num_classes
+        if any(m.temperature != temp or m.num_classes != c for m in members):
+            raise ValueError("Ensemble members must share the temperature and the number of classes.")
+        dtype = _compute_dtype(first.topk_logp)
+        probs = torch.zeros(first.topk_idx.shape[0], c, dtype=dtype, device=first.topk_idx.device)
+        for m in members:
+            probs.scatter_add_(1, m.topk_idx.long(), m.topk_log_probs().to(dtype).exp())
+        probs /= len(members)
+        k = min(m.k for m in members)
+        top = torch.sort(probs, dim=1, descending=True, stable=True)  # ties: lower class index first
+        order = top.indices[:, :k]
+        label_p = torch.stack([m.label_log_prob().to(dtype).exp() for m in members]).mean(0)
+        tiny = torch.finfo(dtype).tiny  # a class no member ranks gets a lower bound of 0: keep its log finite
+        return cls(topk_idx=order, topk_logp=temp * top.values[:, :k].clamp_min(tiny).log(),
+                   label_logp=temp * label_p.clamp_min(tiny).log(), logz=torch.zeros_like(label_p),
+                   temperature=temp, num_classes=c)
+
     @property
     def k(self) -> int:
         return self.topk_idx.shape[1]

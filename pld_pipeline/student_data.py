@@ -82,12 +82,14 @@ class TrainSamples(IterableDataset):
     """One epoch of training samples for this rank; call :meth:`set_epoch` before each epoch."""
 
     def __init__(self, shards: Sequence[TrainShard], *, recipe: ViewRecipe, seed: int, rank: int, world: int,
-                 cache_url: str | None = None, teacher: str | None = None, temperature: float = 1.0,
+                 cache_url: str | None = None, teachers: Sequence[str] = (), k: int | None = None,
+                 temperature: float = 1.0,
                  num_views: int = 1, view_policy: str = "rotate", shuffle_buffer: int = 1000,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
                  cache_dir: str | None = None, student_size: int | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
-        self.cache_url, self.teacher, self.temperature = cache_url, teacher, temperature
+        self.cache_url, self.teachers, self.temperature = cache_url, list(teachers), temperature
+        self.k = k
         self.num_views, self.view_policy, self.shuffle_buffer = num_views, view_policy, shuffle_buffer
         self.image_field, self.label_field, self.num_classes = image_field, label_field, num_classes
         self.student_size = student_size
@@ -109,8 +111,10 @@ class TrainSamples(IterableDataset):
     def _samples(self, part: ShardRange) -> Iterator[dict[str, Any]]:
         shard, used = part.shard, -1  # used: index of the current sample among the shard's usable ones
         block = None
-        if self.cache_url is not None:
-            block = self._cache().read_block(shard.cache_shard, self.teacher, self.temperature, self.num_views)
+        if self.cache_url is not None:  # one block per teacher (an ensemble reads several); keys and views from the first
+            blocks = [self._cache().read_block(shard.cache_shard, tid, self.temperature, self.num_views)
+                      for tid in self.teachers or [None]]
+            block = blocks[0]
             row_of = block.row_of()
         for i, sample in enumerate(iter_shard(shard.url)):
             key = sample["__key__"]
@@ -134,9 +138,12 @@ class TrainSamples(IterableDataset):
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
                 params = block.params[row, v]
                 label = int(block.labels[row])
-                if block.topk_idx is not None:  # --loss ce reads no teacher arrays
-                    item.update(topk_idx=block.topk_idx[row, v].astype(np.int64), topk_logp=block.topk_logp[row, v],
-                                label_logp=block.label_logp[row, v], logz=block.logz[row, v])
+                if self.teachers:  # [teachers, k]: --loss ce reads no teacher arrays
+                    k = slice(0, self.k)
+                    item.update(topk_idx=np.stack([b.topk_idx[row, v, k] for b in blocks]).astype(np.int64),
+                                topk_logp=np.stack([b.topk_logp[row, v, k] for b in blocks]),
+                                label_logp=np.stack([b.label_logp[row, v] for b in blocks]),
+                                logz=np.stack([b.logz[row, v] for b in blocks]))
                 image = decode_image(pick_field(sample, self.image_field))
             else:
                 used += 1
@@ -200,14 +207,17 @@ def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
 
 def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int,
                   top_k: int | None = None) -> TeacherTargets | None:
-    """A loader batch's cached arrays as loss targets (None when training without a cache). ``top_k`` keeps the
+    """A loader batch's cached arrays (``[B, teachers, k]``) as loss targets (None when training without a cache):
+    one teacher's as they are, several teachers' as their :meth:`TeacherTargets.ensemble`. ``top_k`` keeps the
     first k classes: exactly what a cache made with that k would hold."""
     if "topk_idx" not in batch:
         return None
     k = slice(0, top_k)
-    return TeacherTargets(topk_idx=batch["topk_idx"][:, k], topk_logp=batch["topk_logp"][:, k].float(),
-                          label_logp=batch["label_logp"].float(), logz=batch["logz"].float(),
-                          temperature=temperature, num_classes=num_classes)
+    members = [TeacherTargets(topk_idx=batch["topk_idx"][:, i, k], topk_logp=batch["topk_logp"][:, i, k].float(),
+                              label_logp=batch["label_logp"][:, i].float(), logz=batch["logz"][:, i].float(),
+                              temperature=temperature, num_classes=num_classes)
+               for i in range(batch["topk_idx"].shape[1])]
+    return members[0] if len(members) == 1 else TeacherTargets.ensemble(members)
 
 
 @dataclass
@@ -247,25 +257,28 @@ class StudentData:
         self.batch_size, self.temperature, self.top_k, self.workers = batch_size, temperature, top_k, workers
         self.pin_memory, self.rank, self.world_size = pin_memory, rank, world_size
         self.reader = CacheReader(cache, cache_dir) if cache else None
-        self.teacher: TeacherRecord | None = None
+        self.teachers: list[TeacherRecord] = []
         if self.reader is not None:
             meta = self.reader.meta
             if num_classes is not None and num_classes != meta.num_classes:
                 raise ValueError(f"--num-classes {num_classes} differs from the cache's {meta.num_classes} classes.")
             self.num_classes, self.recipe = meta.num_classes, ViewRecipe.from_dict(meta.recipe)
-            if with_targets:
-                self.teacher = self.reader.teacher(teacher)
-                self.reader.temperature_column(self.teacher, temperature)  # refuses one outside the cached grid
-                if top_k is not None and not 1 <= top_k <= self.teacher.k:
-                    raise ValueError(f"--top-k {top_k} must lie in [1, {self.teacher.k}], the k teacher "
-                                     f"'{self.teacher.id}' was cached with.")
+            if with_targets:  # "a,b": an ensemble of cached teachers
+                ids = [t.strip() for t in teacher.split(",")] if teacher else [None]
+                self.teachers = [self.reader.teacher(tid) for tid in ids]
+                for rec in self.teachers:
+                    self.reader.temperature_column(rec, temperature)  # refuses one outside the cached grid
+                k = min(rec.k for rec in self.teachers)
+                if top_k is not None and not 1 <= top_k <= k:
+                    raise ValueError(f"--top-k {top_k} must lie in [1, {k}], the k the teacher(s) were cached with.")
         else:
             if num_classes is None or recipe is None:
                 raise ValueError("Training without a cache needs num_classes and a view recipe.")
             self.num_classes, self.recipe = num_classes, recipe
         self.shards = self._shards(data)
         if self.reader is not None:
-            self.reader.require_complete(self.teacher and self.teacher.id, [s.cache_shard for s in self.shards])
+            for rec in self.teachers or [None]:
+                self.reader.require_complete(rec and rec.id, [s.cache_shard for s in self.shards])
         per_rank = samples_per_rank(self.shards, world_size)
         if per_rank < batch_size:
             raise ValueError(f"--batch-size {batch_size} exceeds the {per_rank} samples each of the {world_size} "
@@ -273,7 +286,8 @@ class StudentData:
         self.steps_per_epoch = per_rank // batch_size
         self.dataset = TrainSamples(
             self.shards, recipe=self.recipe, seed=seed, rank=rank, world=world_size,
-            cache_url=self.reader.url if self.reader else None, teacher=self.teacher and self.teacher.id,
+            cache_url=self.reader.url if self.reader else None, teachers=[rec.id for rec in self.teachers],
+            k=min((rec.k for rec in self.teachers), default=None),
             temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
             view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field,
             num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size)
@@ -317,7 +331,8 @@ class StudentData:
         return {"url": self.reader.url, "num_classes": meta.num_classes, "num_views": meta.num_views,
                 "seed": meta.seed, "recipe": meta.recipe,
                 "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
-                "teacher": self.teacher.to_dict() if self.teacher else None}
+                "teacher": self.teachers[0].to_dict() if len(self.teachers) == 1 else None,
+                "ensemble": [rec.to_dict() for rec in self.teachers] if len(self.teachers) > 1 else None}
 
 
 def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Iterator[dict[str, torch.Tensor]]:

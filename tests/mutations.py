@@ -31,7 +31,7 @@ class Mutation:
 FAULTS = "tests/test_faults.py::"
 MUTATIONS = [
     Mutation("student trains on view v with the targets of view v+1", "pld_pipeline/student_data.py",
-             "item.update(topk_idx=block.topk_idx[row, v]", "item.update(topk_idx=block.topk_idx[row, (v + 1) % self.num_views]",
+             "item.update(topk_idx=np.stack([b.topk_idx[row, v, k]", "item.update(topk_idx=np.stack([b.topk_idx[row, (v + 1) % self.num_views, k]",
              ("tests/test_distill.py::test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_tensor",)),
     Mutation("student's image from view v+1, targets from view v", "pld_pipeline/student_data.py",
              "params = block.params[row, v]", "params = block.params[row, (v + 1) % self.num_views]",

@@ -84,7 +84,7 @@ def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cach
     reader = CacheReader(cache)
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
     shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]
-    ds = TrainSamples(shards, recipe=recipe, seed=0, rank=0, world=1, cache_url=cache, teacher="r14",
+    ds = TrainSamples(shards, recipe=recipe, seed=0, rank=0, world=1, cache_url=cache, teachers=["r14"], k=5,
                       num_views=4, shuffle_buffer=1)
     ds.set_epoch(2)
     from pld_pipeline.data import iter_shard
@@ -119,7 +119,7 @@ def test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_
     teacher = load_model("cifar_resnet14", checkpoint=teacher_run).eval()
     shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]
     ds = TrainSamples(shards, recipe=ViewRecipe.from_dict(reader.meta.recipe), seed=0, rank=0, world=1,
-                      cache_url=cache, teacher="r14", temperature=1.0, num_views=4, shuffle_buffer=8)
+                      cache_url=cache, teachers=["r14"], k=5, temperature=1.0, num_views=4, shuffle_buffer=8)
     ds.set_epoch(epoch)
     items = list(ds)
     assert len(items) == 40
@@ -127,11 +127,11 @@ def test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_
     with torch.no_grad():
         logits = teacher(normalize(x, prep["mean"], prep["std"]))
     want = TeacherTargets.from_logits(logits, torch.tensor([it["label"] for it in items]), k=5)
-    got_idx = torch.stack([torch.as_tensor(it["topk_idx"]) for it in items])
-    got_logp = torch.stack([torch.as_tensor(it["topk_logp"]) for it in items])
+    got_idx = torch.stack([torch.as_tensor(it["topk_idx"][0]) for it in items])  # [teachers, k] per item
+    got_logp = torch.stack([torch.as_tensor(it["topk_logp"][0]) for it in items])
     assert torch.equal(got_idx, want.topk_idx)
     torch.testing.assert_close(got_logp, want.topk_logp, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(torch.tensor(np.array([it["label_logp"] for it in items])), want.label_logp,
+    torch.testing.assert_close(torch.tensor(np.array([it["label_logp"][0] for it in items])), want.label_logp,
                                atol=2e-3, rtol=1e-3)
 
 

@@ -26,7 +26,7 @@ def test_the_library_stream_is_the_one_pld_distill_trains_on(tiny_data, cache, t
     is what distill is built on: same steps per epoch and the same cache fingerprint in its config.json."""
     data = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0, seed=3)
     again = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0, seed=3)
-    assert len(data) == 5 and data.num_classes == 10 and data.teacher.id == "r14"
+    assert len(data) == 5 and data.num_classes == 10 and [t.id for t in data.teachers] == ["r14"]
     for a, b in zip(data.epoch(1), again.epoch(1)):  # deterministic in (seed, epoch)
         assert torch.equal(a.images, b.images) and torch.equal(a.targets.topk_idx, b.targets.topk_idx)
     first = [b.labels for b in data.epoch(0)]
@@ -56,3 +56,25 @@ def test_a_student_at_its_own_resolution_sees_the_resized_teacher_views(tiny_dat
     with __import__("pytest").raises(ValueError, match="--student-size must be >= 1"):
         distill(DistillConfig(data=tiny_data["train"].pattern, cache=cache, out=str(tmp_path / "x"),
                               student="cifar_resnet8", device="cpu", student_size=0))
+
+
+def test_distill_from_an_ensemble_of_cached_teachers(tiny_data, cache, teacher_ckpt, tmp_path):
+    import shutil
+
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+    from pld_pipeline.losses import TeacherTargets
+    url = str(tmp_path / "two.zarr")
+    shutil.copytree(cache, url)
+    cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=url, views=4, size=16, k=5,
+                                     temperatures=(1.0, 2.0), teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
+                                     recipe_overrides={"pad": 2}, workers=0, device="cpu"))
+    pair = StudentData(tiny_data["train"].pattern, cache=url, teacher="r14,r8", batch_size=8, workers=0, seed=1)
+    singles = [StudentData(tiny_data["train"].pattern, cache=url, teacher=t, batch_size=8, workers=0, seed=1)
+               for t in ("r14", "r8")]
+    got = next(pair.epoch(0)).targets
+    want = TeacherTargets.ensemble([next(d.epoch(0)).targets for d in singles])  # same views, same order
+    assert torch.equal(got.topk_idx, want.topk_idx) and torch.allclose(got.topk_logp, want.topk_logp)
+    assert [t.id for t in pair.teachers] == ["r14", "r8"] and pair.fingerprint()["ensemble"] is not None
+    summary = distill(DistillConfig(data=tiny_data["train"].pattern, cache=url, teacher="r14,r8", out=str(tmp_path / "run"),
+                                    student="cifar_resnet8", epochs=1, batch_size=8, workers=0, device="cpu"))
+    assert summary["epochs"] == 1

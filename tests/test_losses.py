@@ -293,3 +293,31 @@ def test_bad_input_gets_a_clear_value_error(case, match):
     s, t, y = make(4, 10, seed=18)
     with pytest.raises(ValueError, match=match):
         case(s, t, y)
+
+
+def test_an_ensemble_of_full_rankings_is_exactly_the_averaged_teacher():
+    s, t1, y = make(6, 12, seed=31)
+    t2 = torch.randn(6, 12, dtype=torch.float64) * 2
+    members = [TeacherTargets.from_logits(t, y, temperature=2.0) for t in (t1, t2)]
+    ens = TeacherTargets.ensemble(members)
+    p = (torch.softmax(t1 / 2.0, 1) + torch.softmax(t2 / 2.0, 1)) / 2
+    torch.testing.assert_close(ens.topk_log_probs().exp(), p.gather(1, ens.topk_idx))
+    assert torch.equal(ens.topk_idx, torch.sort(p, dim=1, descending=True, stable=True).indices)
+    torch.testing.assert_close(ens.label_log_prob().exp(), p.gather(1, y[:, None]).squeeze(1))
+    # PLD from the ensemble is PLD against the averaged teacher (logits T * log p at temperature T)
+    torch.testing.assert_close(pld_loss_from_ranking(s, y, ens, reduction="none"),
+                               pld_loss(s, 2.0 * p.log(), y, 2.0, reduction="none"))
+    torch.testing.assert_close(kd_loss(s, y, ens), kd_loss(s, y, TeacherTargets.from_logits(2.0 * p.log(), y, temperature=2.0)))
+
+
+def test_an_ensemble_of_topk_members_is_bounded_by_their_tail_masses():
+    s, t1, y = make(64, 50, seed=32)
+    t2 = t1 + torch.randn(64, 50, dtype=torch.float64) * 2  # related teachers: top-k sets overlap, not equal
+    members = [TeacherTargets.from_logits(t, y, k=6) for t in (t1, t2)]
+    ens = TeacherTargets.ensemble(members)
+    p = (torch.softmax(t1, 1) + torch.softmax(t2, 1)) / 2
+    got, want = ens.topk_log_probs().exp(), p.gather(1, ens.topk_idx)
+    bound = torch.stack([m.tail_mass() for m in members]).mean(0)[:, None]
+    assert (got <= want + 1e-12).all() and (want - got <= bound + 1e-12).all()  # lower bounds, short by <= the bound
+    assert ((want - got) > 1e-6).any()  # the bound is needed: some members did not rank some classes
+    torch.testing.assert_close(ens.label_log_prob().exp(), p.gather(1, y[:, None]).squeeze(1))  # the label: exact
