@@ -226,10 +226,17 @@ def _weights_not_found(source: str, error: Exception) -> ValueError:
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    repo = source[len("hf-hub:"):] if source.startswith("hf-hub:") else None
+    if repo is None:
+        try:
+            from timm.models import get_pretrained_cfg
+            repo = getattr(get_pretrained_cfg(source), "hf_hub_id", None)
+        except Exception:  # noqa: BLE001 - only for the message
+            repo = None
     return ValueError(
         f"Cannot load pretrained weights for {source!r}: looked in the Hugging Face cache {hub}{offline} and found "
         f"none ({type(error).__name__}). Download them there on a machine with access (huggingface-cli download "
-        "REPO), or pass the weight file with --teacher-checkpoint / --init-checkpoint.")
+        f"{repo or 'REPO'}), or pass the weight file with --teacher-checkpoint / --init-checkpoint.")
 
 
 def pretrained_identity(model: nn.Module) -> dict[str, Any] | None:

@@ -91,7 +91,7 @@ def test_missing_hub_weights_are_one_line_naming_where_it_looked_and_the_fix(tin
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert "Cannot load pretrained weights for 'test_resnet.r160_in1k'" in lines[0]
     assert str(tmp_path / "empty" / "hub") in lines[0] and "HF_HUB_OFFLINE is set" in lines[0]
-    assert "--teacher-checkpoint" in lines[0]
+    assert "huggingface-cli download timm/test_resnet.r160_in1k" in lines[0] and "--teacher-checkpoint" in lines[0]
 
 
 def test_a_student_starts_from_its_hub_weights_with_a_new_head(tmp_path):
