@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 
 from pld_pipeline.cache import CacheReader
 from pld_pipeline.cache import format as fmt
