@@ -134,7 +134,7 @@ def student(tiny_data, cache, out, **kw):
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_data_is_reported_refused_and_repaired(tiny_data, teacher_ckpt, reference, tmp_path, case):
+def test_damaged_data_is_reported_and_refused(tiny_data, reference, tmp_path, case):
     damage, units = DAMAGE[case]
     url = str(tmp_path / "c.zarr")
     shutil.copytree(reference[0], url)
@@ -144,6 +144,16 @@ def test_damaged_data_is_reported_refused_and_repaired(tiny_data, teacher_ckpt, 
     assert "rerun the `pld cache-teacher` command" in report.fix
     with pytest.raises(CacheError, match=rf"unit ({'|'.join(units)}) is damaged: .*Nothing was trained on it"):
         distill(student(tiny_data, url, tmp_path / "run"))
+
+
+def test_a_rerun_repairs_every_kind_of_damage_at_once(tiny_data, teacher_ckpt, reference, tmp_path):
+    """All the damage above in one cache (distinct chunk files): one rerun finds and rewrites exactly those units."""
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(reference[0], url)
+    for damage, _ in DAMAGE.values():
+        damage(url)
+    units = sorted({u for _, us in DAMAGE.values() for u in us})
+    assert verify_cache(url).damaged == units
     rerun = cli(*cache_args(tiny_data, teacher_ckpt, url))
     assert rerun.returncode == 0, rerun.stderr
     assert f"repaired {len(units)} damaged unit(s): {', '.join(units)}" in rerun.stdout
