@@ -299,15 +299,16 @@ class _PlackettLuceFull(torch.autograd.Function):
     teacher position j costs ``alpha_j * (D_j - s_j)`` with ``D_j`` the logsumexp of the positions >= j *except
     the label's* (one reversed cumsum of ``exp(s - max)`` with the label's entry zeroed). Backward: for a class
     at position j, ``exp(s_j) * (alpha_y e^-D_0 + sum_{k<=j, k != label} alpha_k e^-D_k) - alpha_j``; for the
-    label ``alpha_y (softmax(s)_y - 1)``. Rows whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take
-    logcumsumexp. About twenty passes over B x C, forward and backward together.
+    label ``alpha_y (softmax(s)_y - 1)``. Takes the weights as log-probabilities (the cache stores those; the
+    backward needs their logs). Rows whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take logcumsumexp.
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, alpha: Tensor, alpha_y: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, log_alpha: Tensor, log_alpha_y: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         s = s.to(dtype)
-        alpha, alpha_y = alpha.to(dtype), alpha_y.to(dtype)
+        log_alpha, log_alpha_y = log_alpha.to(dtype), log_alpha_y.to(dtype)
+        alpha, alpha_y = log_alpha.exp(), log_alpha_y.exp()
         s_o = s.gather(1, order)
         is_y = order == labels[:, None]
         s_y = s.gather(1, labels[:, None]).squeeze(1)
@@ -323,26 +324,26 @@ class _PlackettLuceFull(torch.autograd.Function):
             d[rows] = exact
             d0[rows] = torch.logaddexp(exact[:, 0], s_y[rows])
         loss = (alpha * (d - s_o)).masked_fill_(is_y, 0.0).sum(1) + alpha_y * (d0 - s_y)
-        ctx.save_for_backward(order, is_y, alpha, alpha_y, s_o, d, d0, wide)
+        ctx.save_for_backward(order, is_y, alpha, log_alpha, alpha_y, log_alpha_y, s_o, s_y, d, d0, wide)
         ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        order, is_y, alpha, alpha_y, s_o, d, d0, wide = ctx.saved_tensors
-        log_w = torch.where(alpha > 0, alpha.log() - d, -math.inf).masked_fill_(is_y, -math.inf)
-        log_w0 = torch.where(alpha_y > 0, alpha_y.log() - d0, -math.inf)
+        order, is_y, alpha, log_alpha, alpha_y, log_alpha_y, s_o, s_y, d, d0, wide = ctx.saved_tensors
+        log_w = (log_alpha - d).masked_fill_(is_y, -math.inf)  # the label's own slot takes no later step
+        log_w0 = log_alpha_y - d0
         shift = torch.maximum(log_w.amax(1), log_w0)[:, None]
         shift = torch.where(torch.isfinite(shift), shift, 0.0)
         cum = torch.exp(log_w - shift).cumsum(1).add_(torch.exp(log_w0[:, None] - shift))
-        g_o = torch.exp(s_o + shift).mul_(cum)
+        g_o = torch.exp(s_o + shift).mul_(cum).sub_(alpha)
         if bool(wide.any()):
             rows = wide.nonzero().squeeze(1)
             cum_log = torch.logaddexp(torch.logcumsumexp(log_w[rows], dim=1), log_w0[rows, None])
-            g_o[rows] = torch.exp(s_o[rows] + cum_log)
-        # the label's own slot: only step 0 reaches it (it is absent from every later suffix)
-        g_y = alpha_y[:, None] * torch.exp(s_o - d0[:, None])
-        g_o = torch.where(is_y, g_y - alpha_y[:, None], g_o - alpha) * grad_loss.to(alpha.dtype)[:, None]
+            g_o[rows] = torch.exp(s_o[rows] + cum_log) - alpha[rows]
+        # the label: only step 0 reaches it (absent from every later suffix): alpha_y * (softmax(s)_y - 1)
+        g_y = alpha_y * (torch.exp(s_y - d0) - 1.0)
+        g_o = torch.where(is_y, g_y[:, None], g_o).mul_(grad_loss.to(alpha.dtype)[:, None])
         g = torch.empty_like(g_o).scatter_(1, order, g_o)
         return g.to(ctx.in_dtype), None, None, None, None
 
@@ -358,7 +359,7 @@ def pld_loss_from_ranking(
     _check_student(student_logits, labels, targets.num_classes)
     if targets.k == targets.num_classes:  # a whole ranking: no head to build, no rest block
         loss = _PlackettLuceFull.apply(student_logits, targets.topk_idx.long(), labels.long(),
-                                       targets.topk_log_probs().exp(), targets.label_log_prob().exp())
+                                       targets.topk_log_probs(), targets.label_log_prob())
         return _reduce(loss, reduction)
     head_idx, valid, src = _ranking_head(targets.topk_idx, labels)
     topk_p = targets.topk_log_probs().exp().gather(1, src)
@@ -384,8 +385,9 @@ def pld_loss(
     # kernel puts the label first itself.
     labels = labels.long()
     order = torch.sort(t, dim=1, descending=True, stable=True).indices
-    p = torch.softmax(t / temperature, dim=1)
-    loss = _PlackettLuceFull.apply(student_logits, order, labels, p.gather(1, order), p.gather(1, labels[:, None]).squeeze(1))
+    log_p = torch.log_softmax(t / temperature, dim=1)
+    loss = _PlackettLuceFull.apply(student_logits, order, labels, log_p.gather(1, order),
+                                   log_p.gather(1, labels[:, None]).squeeze(1))
     return _reduce(loss, reduction)
 
 
