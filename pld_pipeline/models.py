@@ -236,7 +236,8 @@ def _weights_not_found(source: str, error: Exception) -> ValueError:
     return ValueError(
         f"Cannot load pretrained weights for {source!r}: looked in the Hugging Face cache {hub}{offline} and found "
         f"none ({type(error).__name__}). Download them there on a machine with access (huggingface-cli download "
-        f"{repo or 'REPO'}), or pass the weight file with --teacher-checkpoint / --init-checkpoint.")
+        f"{repo or 'REPO'}), or pass the weight file with --teacher-checkpoint / --init-checkpoint (in Python: "
+        "timm's pretrained_cfg_overlay=dict(file=PATH)).")
 
 
 def pretrained_identity(model: nn.Module) -> dict[str, Any] | None:

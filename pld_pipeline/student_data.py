@@ -199,7 +199,7 @@ class EvalSamples(IterableDataset):
 def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
     """The student's input: the replayed view, resized to ``size`` (antialiased bilinear on uint8) when the student
     trains at its own resolution. The teacher's targets belong to the full-resolution view; distilling them into
-    a low-resolution student is the usual way to get a fast one (see docs/library.md)."""
+    a low-resolution student is the usual way to get a fast one (see docs/quickstart.md)."""
     if size is None or view.shape[-1] == size and view.shape[-2] == size:
         return view
     return TF.resize(view, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
