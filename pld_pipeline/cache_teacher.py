@@ -67,7 +67,7 @@ class CacheTeacherConfig:
     num_classes: int | None = None
     class_names: list[str] | None = None
     batch_size: int = 256
-    workers: int = 2
+    workers: int | None = None  # decode workers; None: 2 on CPU, up to 8 per GPU (distributed.loader_workers)
     device: str = "auto"
     image_field: str = IMAGE_FIELDS
     label_field: str = LABEL_FIELD
@@ -320,6 +320,7 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
                          "another --out.")
     emit = progress or (lambda event: None)
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    D.configure_backends(device)
     dist = D.init_distributed(device)
     try:
         return _run(cfg, device, dist, emit)
@@ -411,7 +412,7 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
     if not jobs:
         return stats
     dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected)
-    workers = min(cfg.workers, len(jobs))
+    workers = min(D.loader_workers(cfg.workers, device), len(jobs))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None)

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -68,8 +68,9 @@ class DistillConfig:
     channels_last: bool = True
     amp: bool = True  # bf16 autocast on CUDA (CPU runs in float32)
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None  # DataLoader workers; None: 2 on CPU, up to 8 per GPU (distributed.loader_workers)
     device: str = "auto"
+    deterministic: bool = False  # deterministic kernels only (bit-identical resume on CUDA; slower)
     init_checkpoint: str | None = None
     student_size: int | None = None  # train and evaluate the student at this resolution (views resized to it)
     pretrained: bool = False  # start the student from its timm hub weights
@@ -104,7 +105,7 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
         if run_config.get("world_size", 1) != world_size:
             raise ValueError(f"--resume on {world_size} process(es), but {cfg.out} was trained on "
                              f"{run_config.get('world_size', 1)}: resume with the same torchrun --nproc_per_node.")
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device")}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device", "deterministic")}
         diff = sorted(k for k, v in mine.items() if saved.get(k) != v)
         if diff:
             raise ValueError(f"--resume with different settings ({', '.join(diff)}) than {cfg.out}/config.json; "
@@ -176,6 +177,8 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
                          f"and {cfg.eval_every}.")
     emit = progress or (lambda event: None)
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    D.configure_backends(device, cfg.deterministic)
+    cfg = replace(cfg, workers=D.loader_workers(cfg.workers, device))
     dist = D.init_distributed(device)
     try:
         return _run(cfg, device, dist, needs_teacher, loss_fn, emit)
@@ -352,7 +355,7 @@ def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dis
     val_set = EvalSamples(expand_shards(cfg.val_data), recipe=data.recipe, rank=dist.rank, world=dist.world_size,
                           num_classes=data.num_classes, image_field=cfg.image_field, label_field=cfg.label_field,
                           student_size=cfg.student_size)
-    workers = min(cfg.workers, 1)
+    workers = cfg.workers if device.type == "cuda" else min(cfg.workers, 1)  # on a CPU the cores train
     return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=4 if workers else None)
 

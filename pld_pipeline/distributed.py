@@ -52,6 +52,31 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return dev
 
 
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning on a GPU (fixed input sizes: the fastest kernels are worth the first steps' search), or,
+    with ``deterministic``, only deterministic kernels so that a resumed run repeats the uninterrupted one bit for
+    bit on CUDA too (cuDNN conv and pooling backward and ``scatter_add_`` are otherwise nondeterministic there).
+    An op without a deterministic CUDA kernel then raises, naming itself, instead of silently differing."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU op
+    torch.use_deterministic_algorithms(deterministic)  # the run's setting, not a leftover of an earlier run
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader decode workers per process: as asked, else 2 on a CPU (the cores train the model) and on a GPU
+    the cores of this process's share of the machine, up to 8 (JPEG decoding feeds the GPU)."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--workers must be >= 0, got {requested}.")
+        return requested
+    if device.type != "cuda":
+        return 2
+    per_process = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -255,6 +255,7 @@ class _PlackettLuceHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
+        ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype (bf16 under autocast)
         s = s.to(dtype)
         alpha = alpha.to(dtype)
         s_head = s.gather(1, head_idx).masked_fill(~valid, -math.inf)
@@ -267,7 +268,6 @@ class _PlackettLuceHead(torch.autograd.Function):
         loss = (alpha * (lse_remaining - s_head)).masked_fill(~valid, 0.0).sum(1)
         ctx.save_for_backward(head_idx, alpha, s_head, lse_remaining, wide, rest_lse)
         ctx.rest_p = rest_p  # (exp, total); not inputs, so plain attributes are fine
-        ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod
@@ -314,6 +314,7 @@ class _PlackettLuceFull(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, log_alpha: Tensor, log_alpha_y: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
+        ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype
         s, log_alpha, log_alpha_y = s.to(dtype), log_alpha.to(dtype), log_alpha_y.to(dtype)
         pos = _label_position(order, labels)
         alpha = log_alpha.exp().scatter_(1, pos, 0.0)  # the label's own slot takes no later step
@@ -344,7 +345,6 @@ class _PlackettLuceFull(torch.autograd.Function):
             exact = (rows, s_r, log_alpha_r - d, log_alpha_y[rows] - d0)
         ctx.save_for_backward(order, pos, alpha, alpha_y, e, suffix, suffix0, label_p)
         ctx.exact = exact
-        ctx.in_dtype = s.dtype
         return loss
 
     @staticmethod

@@ -82,6 +82,33 @@ def test_distill_runs_on_the_gpu_with_every_device_spelling(tiny_data, cache, tm
     assert resumed["best_val_top1"] == summary["best_val_top1"]
 
 
+def test_a_deterministic_gpu_run_resumes_bit_for_bit(tiny_data, cache, tmp_path):
+    """cuDNN conv/pool backward and scatter_add_ are nondeterministic on CUDA: with --deterministic a crashed and
+    resumed run equals the uninterrupted one exactly, as on a CPU."""
+    from safetensors.torch import load_file
+
+    from pld_pipeline.distill import DistillConfig, distill
+
+    class Crash(Exception):
+        pass
+
+    def crash(event):
+        if event["event"] == "epoch_end" and event["epoch"] == 0:
+            raise Crash
+
+    cfg = dict(data=tiny_data["train"].pattern, student="cifar_resnet8", loss="pld", cache=cache, epochs=2,
+               batch_size=8, workers=2, device="cuda", deterministic=True)
+    try:
+        distill(DistillConfig(**cfg, out=str(tmp_path / "whole")))
+        with pytest.raises(Crash):
+            distill(DistillConfig(**cfg, out=str(tmp_path / "crashed")), crash)
+        distill(DistillConfig(**cfg, out=str(tmp_path / "crashed"), resume=True))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = load_file(str(tmp_path / "whole" / "last.safetensors")), load_file(str(tmp_path / "crashed" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_one_rank_nccl_group(monkeypatch):
     import torch.distributed as dist
 

@@ -1,5 +1,6 @@
 """Device selection, GPU placement of sweep jobs and the DDP data split, on CPU with a mocked device count."""
 import json
+import os
 
 import pytest
 import torch
@@ -47,6 +48,34 @@ def test_no_gpu_is_a_clear_error(monkeypatch):
     assert D.resolve_device("auto", 0).type == "cpu"
     with pytest.raises(ValueError, match="no GPU is visible; use --device cpu"):
         D.resolve_device("cuda", 0)
+
+
+def test_gpu_runs_autotune_cudnn_unless_deterministic(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        D.configure_backends(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        D.configure_backends(torch.device("cuda", 0), deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        D.configure_backends(torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        D.configure_backends(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("requested, device, cores, local_world, want", [
+    (3, "cuda", 64, 1, 3), (0, "cuda", 64, 1, 0),  # as asked
+    (None, "cpu", 64, 1, 2),  # on a CPU the cores train the model
+    (None, "cuda", 64, 1, 8), (None, "cuda", 16, 2, 7), (None, "cuda", 16, 8, 1), (None, "cuda", 2, 8, 1),
+])
+def test_loader_workers_default_to_the_gpu_processes_share_of_cores(monkeypatch, requested, device, cores,
+                                                                    local_world, want):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert D.loader_workers(requested, torch.device(device)) == want
+    with pytest.raises(ValueError, match="--workers must be >= 0"):
+        D.loader_workers(-1, torch.device(device))
 
 
 def test_sweep_jobs_land_on_the_parents_physical_gpus():

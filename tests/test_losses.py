@@ -321,3 +321,17 @@ def test_an_ensemble_of_topk_members_is_bounded_by_their_tail_masses():
     assert (got <= want + 1e-12).all() and (want - got <= bound + 1e-12).all()  # lower bounds, short by <= the bound
     assert ((want - got) > 1e-6).any()  # the bound is needed: some members did not rank some classes
     torch.testing.assert_close(ens.label_log_prob().exp(), p.gather(1, y[:, None]).squeeze(1))  # the label: exact
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_bf16_student_logits_get_bf16_gradients_equal_to_the_float32_ones(k):
+    """The kernels accumulate in float32 but hand the gradient back in the student's own dtype (what autocast
+    training needs), and its values are the float32 gradient rounded once."""
+    s, t, y = make(8, 10, seed=12, dtype=torch.float32)
+    targets = TeacherTargets.from_logits(t, y, k=k)
+    s16 = s.bfloat16().requires_grad_()
+    pld_loss_from_ranking(s16, y, targets).backward()
+    s32 = s16.detach().float().requires_grad_()
+    pld_loss_from_ranking(s32, y, targets).backward()
+    assert s16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s16.grad, s32.grad.bfloat16())
