@@ -83,6 +83,13 @@ def cache_teacher_cmd(
     crop_pct: Annotated[float, typer.Option(help="Eval view: centre crop fraction (imagenet/none).", rich_help_panel=VIEWS)] = 0.875,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Never flip views horizontally.", rich_help_panel=VIEWS)] = False,
     clean_view: Annotated[bool, typer.Option(help="Make view 0 the clean eval view.", rich_help_panel=VIEWS)] = False,
+    mix: Annotated[Optional[str], typer.Option(help="Mixed views: cutmix, mixup or both (timm Mixup semantics; the teacher sees the mixed image, the student replays it).", rich_help_panel=VIEWS)] = None,
+    mix_prob: Annotated[float, typer.Option(help="--mix: share of views that are mixed (the rest stay plain).", rich_help_panel=VIEWS)] = 0.5,
+    mixup_alpha: Annotated[float, typer.Option(help="--mix: Mixup lambda ~ Beta(alpha, alpha).", rich_help_panel=VIEWS)] = 0.8,
+    cutmix_alpha: Annotated[float, typer.Option(help="--mix: CutMix lambda ~ Beta(alpha, alpha).", rich_help_panel=VIEWS)] = 1.0,
+    cutmix_minmax: Annotated[Optional[str], typer.Option(help="--mix: CutMix box sides as a min,max fraction of the view (instead of from lambda).", rich_help_panel=VIEWS)] = None,
+    mix_switch_prob: Annotated[float, typer.Option(help="--mix both: chance of CutMix over Mixup.", rich_help_panel=VIEWS)] = 0.5,
+    mix_window: Annotated[int, typer.Option(help="--mix: partners come from this many samples before each one in its shard.", rich_help_panel=VIEWS)] = 64,
     seed: Annotated[int, typer.Option(help="Global view seed.", rich_help_panel=VIEWS)] = 0,
     top_k: Annotated[int, typer.Option(help="Classes stored per view, by teacher rank.", rich_help_panel=CACHE)] = 32,
     full: Annotated[bool, typer.Option(help="Store all classes (k = num_classes).", rich_help_panel=CACHE)] = False,
@@ -121,6 +128,12 @@ def cache_teacher_cmd(
              for i, t in enumerate(teacher)]
     overrides: dict[str, Any] = {"pad": pad, "scale": _floats(scale, "--scale"), "ratio": _floats(ratio, "--ratio"),
                                  "crop_pct": crop_pct, "flip": not no_flip}
+    if mix is not None:
+        from pld_pipeline.views import MixRecipe
+        minmax = _floats(cutmix_minmax, "--cutmix-minmax") if cutmix_minmax else None
+        overrides["mix"] = MixRecipe(mode=mix, prob=mix_prob, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                                     minmax=None if minmax is None else tuple(minmax), switch_prob=mix_switch_prob,
+                                     window=mix_window).to_dict()
     cfg = CacheTeacherConfig(
         data=data, out=out_, teachers=specs, views=views, recipe=recipe, size=size, recipe_overrides=overrides,
         clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
@@ -208,7 +221,7 @@ def verify_cmd(
 def _param_help(name: str, what: str) -> str:
     """Help for a loss parameter, from the loss registry: which losses take it and their defaults."""
     takers = {e.name: e.params[name] for e in LOSSES.values() if name in e.params}
-    defaults = sorted({f"{v:g}" for v in takers.values()})
+    defaults = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in takers.values()})
     return f"{'/'.join(takers)}: {what} (default {', '.join(defaults)})."
 
 
@@ -232,6 +245,7 @@ def distill_cmd(
     alpha: Annotated[Optional[float], typer.Option(help=_param_help("alpha", "weight of the true-label cross-entropy"), rich_help_panel=LOSS)] = None,
     beta: Annotated[Optional[float], typer.Option(help=_param_help("beta", "inter-class relation weight"), rich_help_panel=LOSS)] = None,
     gamma: Annotated[Optional[float], typer.Option(help=_param_help("gamma", "intra-class relation weight"), rich_help_panel=LOSS)] = None,
+    mixed_first: Annotated[Optional[str], typer.Option(help=_param_help("mixed_first", "class ranked first for a mixed (CutMix/Mixup) view: the dominant label, or the teacher's own ranking"), rich_help_panel=LOSS)] = None,
     view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
     top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,
@@ -277,7 +291,7 @@ def distill_cmd(
 
     cfg = DistillConfig(
         data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, val_data=val_data, teacher=teacher,
-        temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, view_policy=view_policy, epochs=epochs,
+        temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, mixed_first=mixed_first, view_policy=view_policy, epochs=epochs,
         batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
         channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +32,10 @@ from .data import (
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
 from .models import file_sha256, load_model, output_width, preprocessing_of, pretrained_identity, require_teacher_input
-from .views import ViewRecipe, decode_image, normalize, replay_view, stable_int, view_params
+from .views import (
+    KIND_PLAIN, LAMBDA_ONE, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize, replay_mixed,
+    replay_view, stable_int, view_params,
+)
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -120,9 +124,10 @@ class _ViewItems(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
-        size = self.recipe.size
+        size, mix, width = self.recipe.size, self.recipe.mixing, self.recipe.params_width
         for job in jobs:
             expected = self.expected.get(job.shard)
+            recent: deque[tuple[int, str, int, torch.Tensor | None]] = deque(maxlen=mix.window if mix else 1)
             for i, sample in enumerate(iter_shard(job.url)):
                 key = sample["__key__"]
                 digest = fmt.sample_digest(sample)
@@ -146,29 +151,49 @@ class _ViewItems(IterableDataset):
                                         "Fix the data or pass --on-bad-sample skip.") from None
                     status = SampleStatus.SKIPPED
                 for v in job.views:
+                    first = label  # the label ranked first: the sample's own, or a mixed view's dominant one
                     if image is None:
-                        params = np.zeros(5, np.int32)
+                        params = np.zeros(width, np.int32)
                         view = torch.zeros(3, size, size, dtype=torch.uint8)
                     else:
                         params = view_params(self.recipe, self.seed, key, v, image.shape[1], image.shape[2])
-                        view = replay_view(image, params, self.recipe)
-                    yield job.shard, i, v, key, label, status, view, torch.from_numpy(params), digest_t
+                        if mix is not None:
+                            params, partner, first = self._mixed(mix, recent, params, key, v, i, label)
+                            view = replay_mixed(image, partner, params, self.recipe)
+                        else:
+                            view = replay_view(image, params, self.recipe)
+                    yield job.shard, i, v, key, label, first, status, view, torch.from_numpy(params), digest_t
+                recent.append((i, key, label, image))
             if expected is not None and i + 1 != len(expected.keys):
                 raise DataError(f"Shard {job.url} has {i + 1} samples, the index says {len(expected.keys)}; "
                                 "rerun with --overwrite to re-index it.")
 
 
+    def _mixed(self, mix: MixRecipe, recent: deque, params: np.ndarray, key: str, view: int, row: int,
+               label: int) -> tuple[np.ndarray, torch.Tensor | None, int]:
+        """A view's stored integers, its partner's decoded image and the label PLD ranks first (the dominant one:
+        lambda >= 1/2 keeps the sample's own). A partner that could not be decoded leaves the view plain."""
+        draw = mix_draw(mix, self.seed, key, view, row, self.recipe.size)
+        found = next((e for e in recent if e[0] == int(draw[1])), None)
+        if draw[0] == KIND_PLAIN or found is None or found[3] is None:
+            return mixed_params(params, draw, None), None, label
+        _, partner_key, partner_label, partner = found
+        partner_params = view_params(self.recipe, self.seed, partner_key, view, partner.shape[1], partner.shape[2])
+        stored = mixed_params(params, draw, partner_params)
+        return stored, partner, label if 2 * int(stored[12]) >= LAMBDA_ONE else partner_label
+
+
 class _ShardBuffer:
     """Accumulates one shard's results until every (sample, view) item has arrived."""
 
-    def __init__(self, job: _Job, teachers: dict[str, TeacherRecord]) -> None:
+    def __init__(self, job: _Job, teachers: dict[str, TeacherRecord], width: int) -> None:
         n, v = job.nsamples, len(job.views)
         self.job, self.pos = job, {view: p for p, view in enumerate(job.views)}
         self.keys: list[str] = [""] * n
         self.labels = np.full(n, -1, np.int32)
         self.status = np.zeros(n, np.uint8)
         self.digests = np.zeros((n, fmt.DIGEST_BYTES), np.uint8)
-        self.params = np.zeros((n, v, 5), np.int32)
+        self.params = np.zeros((n, v, width), np.int32)
         self.out = {tid: {"topk_idx": np.full((n, v, t.k), -1, np.dtype(t.index_dtype)),
                           "topk_logp": np.full((n, v, t.k), np.nan, np.float32),
                           "label_logp": np.full((n, v), np.nan, np.float32),
@@ -416,7 +441,7 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None)
-    buffers = {j.shard: _ShardBuffer(j, teachers) for j in jobs}
+    buffers = {j.shard: _ShardBuffer(j, teachers, recipe.params_width) for j in jobs}
     # fp32 by default: bf16 logits reorder the top-k of most rows of a 1000-class batch (ties and near-ties) and
     # move log-probs by up to ~0.08, so a GPU-built cache would differ from a CPU-built one. bf16 is an opt-in,
     # recorded in the teacher record (and so bound to every unit).
@@ -426,11 +451,11 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
         torch.backends.cuda.matmul.allow_tf32 = False
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
-        for shard_ids, rows, views, keys, labels, status, images, params, digests in worker_errors(loader):
+        for shard_ids, rows, views, keys, labels, firsts, status, images, params, digests in worker_errors(loader):
             x = images.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            labels_dev = labels.to(device, non_blocking=True).long()
+            labels_dev = firsts.to(device, non_blocking=True).long()  # label_logp: the label ranked first
             ok_dev = status.to(device, non_blocking=True) == SampleStatus.OK
             encoded: dict[str, dict[str, np.ndarray]] = {}
             with torch.inference_mode(), autocast:

@@ -52,6 +52,7 @@ class DistillConfig:
     alpha: float | None = None  # kd/dist: weight of the true-label cross-entropy (default 0.1)
     beta: float | None = None  # dist: inter-class weight (default 0.45)
     gamma: float | None = None  # dist: intra-class weight (default 0.45)
+    mixed_first: str | None = None  # pld on mixed views: dominant (default) or teacher (losses.MIXED_FIRST)
     view_policy: str = "rotate"
     top_k: int | None = None  # use only the first k cached classes (what a top-k cache would hold)
     eval_every: int = 1
@@ -162,8 +163,8 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
     needs_teacher = get_loss(cfg.loss).needs_teacher
     loss_fn = create_loss(cfg.loss, **cfg.loss_params())  # checks the name and parameters before any work
-    if cfg.online_teacher and cfg.cache:
-        raise ValueError("Give either --cache or an online teacher, not both.")
+    # --online-teacher with --cache: the cache supplies the views only (its stored, possibly mixed, views replayed),
+    # the teacher runs on them every step: the baseline that shows what the cached targets are worth.
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
         raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
     if cfg.student_size is not None and cfg.student_size < 1:
@@ -226,9 +227,10 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             targets = targets_for(batch, x, y)
+            mix = None if batch.mix is None else batch.mix.to(device, non_blocking=True)
             with autocast:
                 logits = train_model(normalize(x, prep["mean"], prep["std"]))
-            loss = loss_fn(logits.float(), y, targets)
+            loss = loss_fn(logits.float(), y, targets, mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
@@ -324,7 +326,8 @@ def _targets_source(cfg: DistillConfig, data: StudentData, temperature: float, n
     def run_teacher(batch: Batch, x: torch.Tensor, y: torch.Tensor) -> TeacherTargets:
         with torch.inference_mode():  # fp32, like cache-teacher's default: bf16 logits reorder the ranking
             logits = online(normalize(x, prep["mean"], prep["std"])).float()
-        return TeacherTargets.from_logits(logits.clone(), y, temperature=temperature)
+        first = y if batch.mix is None else batch.mix.to(y.device).dominant(y)  # what the cache ranks first
+        return TeacherTargets.from_logits(logits.clone(), first, temperature=temperature)
 
     return run_teacher
 

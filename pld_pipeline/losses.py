@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "TeacherTargets", "pld_loss", "pld_loss_from_ranking", "kd_loss", "dist_loss", "ce_loss",
-    "PLDLoss", "LOSSES", "LossEntry", "create_loss", "get_loss", "register_loss",
+    "PLDLoss", "LOSSES", "LossEntry", "MixedLabels", "create_loss", "get_loss", "register_loss",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -185,6 +185,31 @@ class TeacherTargets:
         fill = self.tail_mass() / rest if rest else torch.zeros_like(top[:, 0])
         dense = fill[:, None].expand(-1, self.num_classes)
         return dense.scatter(1, self.topk_idx.long(), top)
+
+
+@dataclass(frozen=True)
+class MixedLabels:
+    """Labels of a batch with mixed views (CutMix/Mixup, cached by ``cache-teacher --mix``): the batch's own
+    ``labels`` weigh ``lam``, the partners' ``other`` labels ``1 - lam`` (plain views: lam = 1, other = label)."""
+    other: Tensor  # int [B]
+    lam: Tensor  # float [B]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MixedLabels":
+        return MixedLabels(self.other.to(device, non_blocking=non_blocking),
+                           self.lam.to(device, non_blocking=non_blocking))
+
+    def dominant(self, labels: Tensor) -> Tensor:
+        """The label with the larger weight (ties: the sample's own): what the cache ranks first."""
+        return torch.where(2 * self.lam >= 1, labels.long(), self.other.long())
+
+
+def _label_ce(s: Tensor, labels: Tensor, mix: MixedLabels | None) -> Tensor:
+    """Per-sample cross-entropy on the true label, or on the lambda-mixed pair (timm's mixed one-hot target)."""
+    ce = F.cross_entropy(s, labels.long(), reduction="none")
+    if mix is None:
+        return ce
+    lam = mix.lam.to(s.dtype)
+    return lam * ce + (1.0 - lam) * F.cross_entropy(s, mix.other.long(), reduction="none")
 
 
 def _ranking_head(topk_idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -445,7 +470,7 @@ LOSSES: dict[str, LossEntry] = {}
 def register_loss(name: str, *, needs_teacher: bool = True, temperature: float = 1.0) -> Callable[[LossFn], LossFn]:
     def register(fn: LossFn) -> LossFn:
         params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY and p.name != "reduction"}
+                  if p.kind is p.KEYWORD_ONLY and p.name not in ("reduction", "mix")}
         LOSSES[name] = LossEntry(name, fn, needs_teacher, temperature, params)
         return fn
     return register
@@ -459,11 +484,12 @@ def get_loss(name: str) -> LossEntry:
 
 @register_loss("ce", needs_teacher=False)
 def ce_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None, *,
-            reduction: Reduction = "mean") -> Tensor:
-    """Cross-entropy on the true label (float32 accumulation); ignores the teacher."""
+            mix: MixedLabels | None = None, reduction: Reduction = "mean") -> Tensor:
+    """Cross-entropy on the true label (mixed views: on both labels, lambda-weighted; float32 accumulation);
+    ignores the teacher."""
     _check_student(student_logits, labels)
     s = student_logits.to(_compute_dtype(student_logits))
-    return F.cross_entropy(s, labels.long(), reduction=reduction)
+    return _reduce(_label_ce(s, labels, mix), reduction)
 
 
 def _masked_logsumexp(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -475,7 +501,7 @@ def _masked_logsumexp(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_loss("kd", temperature=2.0)
 def kd_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
-            reduction: Reduction = "mean") -> Tensor:
+            mix: MixedLabels | None = None, reduction: Reduction = "mean") -> Tensor:
     """Hinton KD: ``alpha * CE + (1 - alpha) * T^2 * KL(p_T || q_T)``.
 
     From a top-k target the KL runs over K+1 bins (the K classes and one "rest" bin holding the remaining
@@ -494,7 +520,7 @@ def kd_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, 
     p_rest = torch.where(has_rest, (1.0 - log_p_top.exp().sum(1)).clamp_min(0.0), 0.0)
     kl_rest = torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
     kd = (temp ** 2) * (kl_top + kl_rest)
-    ce = F.cross_entropy(s, labels.long(), reduction="none")
+    ce = _label_ce(s, labels, mix)
     return _reduce(alpha * ce + (1.0 - alpha) * kd, reduction)
 
 
@@ -504,7 +530,8 @@ def _pearson(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
 
 @register_loss("dist")
 def dist_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, alpha: float = 0.1,
-              beta: float = 0.45, gamma: float = 0.45, reduction: Reduction = "mean") -> Tensor:
+              beta: float = 0.45, gamma: float = 0.45, mix: MixedLabels | None = None,
+              reduction: Reduction = "mean") -> Tensor:
     """DIST (Huang et al. 2022): ``alpha * CE + T^2 * (beta * inter + gamma * intra)``.
 
     inter = 1 - mean Pearson correlation of student/teacher probabilities per sample, intra = the same per
@@ -520,13 +547,28 @@ def dist_loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *
     inter = 1.0 - _pearson(y_s, y_t).mean()
     intra = 1.0 - _pearson(y_s.T, y_t.T).mean()
     relation = (temp ** 2) * (beta * inter + gamma * intra)
-    ce = F.cross_entropy(s, labels.long(), reduction="none")
+    ce = _label_ce(s, labels, mix)
     return _reduce(alpha * ce + relation, reduction)
 
 
+#: How a mixed view enters PLD's ranking, which needs one class first: ``dominant``, the label weighing more
+#: (what the cache's ``label_logp`` holds for mixed views), or ``teacher``, the teacher's own ranking with no label
+#: forced first (its top-1 leads). Plain views always put their true label first. See docs/results.md.
+MIXED_FIRST = ("dominant", "teacher")
+
+
 @register_loss("pld")
-def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *,
-               reduction: Reduction = "mean") -> Tensor:
+def _pld_named(student_logits: Tensor, labels: Tensor, targets: TeacherTargets, *, mixed_first: str = "dominant",
+               mix: MixedLabels | None = None, reduction: Reduction = "mean") -> Tensor:
+    if mix is not None:
+        if mixed_first not in MIXED_FIRST:
+            raise ValueError(f"Unsupported --mixed-first '{mixed_first}'. Use one of: {', '.join(MIXED_FIRST)}.")
+        if mixed_first == "dominant":
+            labels = mix.dominant(labels)
+        else:
+            mixed = mix.lam < 1
+            labels = torch.where(mixed, targets.topk_idx[:, 0].long(), labels.long())
+            targets = replace(targets, label_logp=torch.where(mixed, targets.topk_logp[:, 0], targets.label_logp))
     return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)
 
 
@@ -539,9 +581,10 @@ def create_loss(name: str, **params: float) -> Callable[[Tensor, Tensor, Teacher
         raise ValueError(f"Loss '{name}' takes no parameter(s) {sorted(unknown)}; allowed: "
                          f"{sorted(entry.params) or 'none'}.")
 
-    def loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None) -> Tensor:
+    def loss(student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None = None,
+             mix: MixedLabels | None = None) -> Tensor:
         if entry.needs_teacher and targets is None:
             raise ValueError(f"Loss '{name}' needs teacher targets (a cache); only 'ce' trains without one.")
-        return entry.fn(student_logits, labels, targets, **params)
+        return entry.fn(student_logits, labels, targets, **params, **({} if mix is None else {"mix": mix}))
 
     return loss

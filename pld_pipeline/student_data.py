@@ -22,11 +22,14 @@ from .cache.reader import CacheReader
 from .data import (
     DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
-from .losses import TeacherTargets
+from .losses import MixedLabels, TeacherTargets
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .views import ViewRecipe, decode_image, eval_params, replay_view, stable_int, view_params
+from .views import (
+    KIND_PLAIN, ViewRecipe, decode_image, eval_params, replay_mixed, replay_view, stable_int, view_kind, view_lambda,
+    view_params,
+)
 
 VIEW_POLICIES = ("rotate", "random")
 
@@ -116,6 +119,8 @@ class TrainSamples(IterableDataset):
                       for tid in self.teachers or [None]]
             block = blocks[0]
             row_of = block.row_of()
+        mix = self.recipe.mixing if block is not None else None
+        recent: dict[int, bytes] = {}  # mixed views: encoded images of the last `window` rows (partners come from there)
         for i, sample in enumerate(iter_shard(shard.url)):
             key = sample["__key__"]
             item: dict[str, Any] = {}
@@ -128,6 +133,9 @@ class TrainSamples(IterableDataset):
                     raise CacheError(f"Sample {key!r} of {shard.url} is not the sample cached under that key (content "
                                      "digest differs): the shard was edited or re-encoded after caching. Train on "
                                      "the cached shards, or re-cache them (`pld cache-teacher --overwrite`).")
+                if mix is not None:
+                    recent[row] = pick_field(sample, self.image_field)
+                    recent.pop(row - mix.window - 1, None)
                 if block.status[row] != SampleStatus.OK:
                     continue  # skipped at cache time (undecodable): skipped here too
                 used += 1
@@ -145,6 +153,22 @@ class TrainSamples(IterableDataset):
                                 label_logp=np.stack([b.label_logp[row, v] for b in blocks]),
                                 logz=np.stack([b.logz[row, v] for b in blocks]))
                 image = decode_image(pick_field(sample, self.image_field))
+                if mix is not None:
+                    partner = None
+                    if view_kind(params) != KIND_PLAIN:
+                        partner_row = int(params[6])
+                        if partner_row not in recent:
+                            raise CacheError(f"Mixed view {v} of sample {key!r} names partner row {partner_row}, not "
+                                             f"one of the {mix.window} rows before it in {shard.url}: the cache is "
+                                             "damaged (run `pld verify`).")
+                        partner = decode_image(recent[partner_row])
+                        item.update(label2=int(block.labels[partner_row]), lam=view_lambda(params))
+                    else:
+                        item.update(label2=label, lam=1.0)
+                    item.update(__key__=key, image=at_size(replay_mixed(image, partner, params, self.recipe),
+                                                           self.student_size), label=label)
+                    yield item
+                    continue
             else:
                 used += 1
                 if used < part.start:
@@ -225,13 +249,15 @@ class Batch:
     """One training batch: the replayed views (the exact uint8 tensors the teacher saw), labels, and the cached
     teacher's targets for exactly those views (None without a cache). All on the CPU; move with ``.to``."""
     images: torch.Tensor  # uint8 [B, 3, S, S]
-    labels: torch.Tensor  # int64 [B]
+    labels: torch.Tensor  # int64 [B]: each sample's own label
     targets: TeacherTargets | None
+    mix: MixedLabels | None = None  # a cache with mixed views: partners' labels and lambdas (pass to the loss)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.images), move(self.labels),
-                     None if self.targets is None else self.targets.to(device, non_blocking))
+                     None if self.targets is None else self.targets.to(device, non_blocking),
+                     None if self.mix is None else self.mix.to(device, non_blocking))
 
 
 class StudentData:
@@ -320,8 +346,9 @@ class StudentData:
         for step, batch in enumerate(rebatch(worker_errors(loader), self.batch_size, pin=self.pin_memory)):
             if step >= self.steps_per_epoch:
                 return
+            mix = MixedLabels(batch["label2"].long(), batch["lam"].float()) if "lam" in batch else None
             yield Batch(batch["image"], batch["label"].long(),
-                        batch_targets(batch, self.temperature, self.num_classes, self.top_k))
+                        batch_targets(batch, self.temperature, self.num_classes, self.top_k), mix)
 
     def fingerprint(self) -> dict[str, Any] | None:
         """What identifies the teacher outputs a run used (recorded in each run's config.json)."""

@@ -5,6 +5,11 @@ crop that box (zero padding where it leaves the image), resize it to ``size`` x 
 flip horizontally if ``flip``. The random draw happens once (in ``cache-teacher``) and its *realised* values are
 stored, so the student's replay does not depend on any RNG implementation: :func:`replay_view` on the same
 decoded image gives the identical uint8 tensor the teacher saw.
+
+A *mixed* view (``ViewRecipe.mix``: CutMix or Mixup, timm's ``Mixup`` semantics) adds a partner sample from the
+same shard, the partner's own box and flip, the sample's weight lambda and the CutMix box: 17 integers in all
+(see ``MIXED_FIELDS``). The teacher saw the mixed uint8 image; :func:`replay_mixed` rebuilds it bit for bit from
+both decoded images with integer arithmetic only.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class ViewRecipe:
     interpolation: str = "bilinear"
     clean_view: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    mix: dict[str, Any] | None = None  # MixRecipe.to_dict(); None: plain views only (and left out of to_dict)
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -48,10 +54,23 @@ class ViewRecipe:
             raise ValueError(f"Unsupported interpolation '{self.interpolation}'. Use one of: {', '.join(_INTERPOLATIONS)}.")
         if self.size < 1 or self.pad < 0 or not 0 < self.crop_pct <= 1:
             raise ValueError(f"Bad recipe sizes: size={self.size}, pad={self.pad}, crop_pct={self.crop_pct}.")
+        if self.mix is not None:
+            MixRecipe.from_dict(self.mix)  # validates
+
+    @property
+    def mixing(self) -> "MixRecipe | None":
+        return None if self.mix is None else MixRecipe.from_dict(self.mix)
+
+    @property
+    def params_width(self) -> int:
+        """Integers per stored view: 5 for plain recipes (the layout every earlier cache has), 17 with mixing."""
+        return len(MIXED_FIELDS) if self.mix is not None else PLAIN_WIDTH
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        if self.mix is None:  # plain recipes serialise as before, so existing caches' bindings still match
+            d.pop("mix")
         return d
 
     @classmethod
@@ -135,6 +154,140 @@ def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[in
     if flip:
         out = TF.horizontal_flip(out)
     return out.contiguous()
+
+
+#: Layout of one stored view of a mixing recipe (``views/params[..., i]``); the first five are a plain view's.
+MIXED_FIELDS = ("top", "left", "height", "width", "flip", "kind", "partner_row", "partner_top", "partner_left",
+                "partner_height", "partner_width", "partner_flip", "lam", "box_top", "box_left", "box_height",
+                "box_width")
+PLAIN_WIDTH = 5
+KIND_PLAIN, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
+#: lambda is stored as an integer in units of 1/LAMBDA_ONE: the mixup blend is exact integer arithmetic.
+LAMBDA_ONE = 1 << 16
+MIX_MODES = ("cutmix", "mixup", "both")
+
+
+@dataclass(frozen=True)
+class MixRecipe:
+    """How mixed views are drawn (timm ``Mixup`` semantics, per view instead of per batch): with probability
+    ``prob`` a view is mixed with a partner drawn from the ``window`` samples before it in its shard (so both
+    sides stream a shard with a small buffer); ``both`` picks CutMix with probability ``switch_prob``. lambda ~
+    Beta(alpha, alpha); a CutMix box covers ``1 - lambda`` of the view (``minmax``: box sides as fractions of
+    the view instead) and lambda is then recomputed from the clipped box, as timm's ``correct_lam``."""
+    mode: str = "both"
+    prob: float = 0.5
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    minmax: tuple[float, float] | None = None
+    switch_prob: float = 0.5
+    window: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in MIX_MODES:
+            raise ValueError(f"Unsupported --mix '{self.mode}'. Use one of: {', '.join(MIX_MODES)}.")
+        if not 0.0 <= self.prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
+            raise ValueError(f"--mix-prob and the switch probability must lie in [0, 1], got {self.prob}, "
+                             f"{self.switch_prob}.")
+        if self.mixup_alpha <= 0 and self.mode != "cutmix" or self.cutmix_alpha <= 0 and self.mode != "mixup":
+            raise ValueError("Mixing alphas must be > 0 for the modes in use (--mixup-alpha, --cutmix-alpha).")
+        if self.minmax is not None and not 0.0 < self.minmax[0] < self.minmax[1] <= 1.0:
+            raise ValueError(f"--cutmix-minmax must be two fractions 0 < min < max <= 1, got {self.minmax}.")
+        if self.window < 1:
+            raise ValueError(f"The mixing window must be >= 1 sample, got {self.window}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["minmax"] = None if self.minmax is None else list(self.minmax)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MixRecipe":
+        d = dict(d)
+        d["minmax"] = None if d.get("minmax") is None else tuple(d["minmax"])
+        return cls(**d)
+
+
+def mix_draw(mix: MixRecipe, seed: int, key: str, view: int, row: int, size: int) -> np.ndarray:
+    """The mixing half of a view, before the partner is known: int32 [kind, partner_row, lam, box_top, box_left,
+    box_height, box_width]. Drawn from ``view_rng(seed, key + "\x00mix", view)`` in this order: mixed? (uniform),
+    CutMix? (uniform, ``both`` only), lambda (beta), partner offset (integer), box (integers). The first row of
+    a shard has no partner and stays plain."""
+    plain = np.array([KIND_PLAIN, -1, LAMBDA_ONE, 0, 0, 0, 0], np.int32)
+    rng = view_rng(seed, key + "\x00mix", view)
+    if rng.random() >= mix.prob or row == 0:
+        return plain
+    cutmix = mix.mode == "cutmix" or (mix.mode == "both" and rng.random() < mix.switch_prob)
+    lam = float(rng.beta(*(2 * [mix.cutmix_alpha if cutmix else mix.mixup_alpha])))
+    partner = row - 1 - int(rng.integers(min(mix.window, row)))
+    box = (0, 0, 0, 0)
+    if cutmix:
+        if mix.minmax is not None:  # timm rand_bbox_minmax
+            h = int(rng.integers(int(size * mix.minmax[0]), int(size * mix.minmax[1])))
+            w = int(rng.integers(int(size * mix.minmax[0]), int(size * mix.minmax[1])))
+            top, left = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
+            y0, y1, x0, x1 = top, top + h, left, left + w
+        else:  # timm rand_bbox, margin 0
+            cut = math.sqrt(1.0 - lam)
+            ch, cw = int(size * cut), int(size * cut)
+            cy, cx = int(rng.integers(0, size)), int(rng.integers(0, size))
+            y0, y1 = min(max(cy - ch // 2, 0), size), min(max(cy + ch // 2, 0), size)
+            x0, x1 = min(max(cx - cw // 2, 0), size), min(max(cx + cw // 2, 0), size)
+        box = (y0, x0, y1 - y0, x1 - x0)
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(size * size)  # correct_lam: the pasted area decides
+    lam_q = int(round(lam * LAMBDA_ONE))
+    return np.array([KIND_CUTMIX if cutmix else KIND_MIXUP, partner, lam_q, *box], np.int32)
+
+
+def mixed_params(own: np.ndarray, draw: np.ndarray, partner: np.ndarray | None) -> np.ndarray:
+    """The 17 stored integers of a view (``MIXED_FIELDS``) from its own box, its mix draw and the partner's box
+    (None, or a plain draw, for a plain view)."""
+    kind, partner_row, lam, *box = (int(x) for x in draw)
+    if kind == KIND_PLAIN or partner is None:
+        return np.array([*own[:5], KIND_PLAIN, -1, 0, 0, 0, 0, 0, LAMBDA_ONE, 0, 0, 0, 0], np.int32)
+    return np.array([*own[:5], kind, partner_row, *partner[:5], lam, *box], np.int32)
+
+
+def view_kind(params: np.ndarray | torch.Tensor) -> int:
+    return KIND_PLAIN if len(params) == PLAIN_WIDTH else int(params[5])
+
+
+def view_lambda(params: np.ndarray | torch.Tensor) -> float:
+    """The sample's own weight in its view (1.0 for plain views)."""
+    return 1.0 if view_kind(params) == KIND_PLAIN else int(params[12]) / LAMBDA_ONE
+
+
+def first_labels(params: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[n, V] label ranked first per stored view (what ``label_logp`` holds): the sample's own for plain views and
+    mixed views where it weighs at least half, else its partner's. ``params`` [n, V, width], ``labels`` the
+    shard's rows' labels (partners are rows of the same shard)."""
+    own = np.broadcast_to(np.asarray(labels)[:, None], params.shape[:2])
+    if params.shape[-1] == PLAIN_WIDTH:
+        return own.copy()
+    partner_wins = (params[..., 5] != KIND_PLAIN) & (2 * params[..., 12] < LAMBDA_ONE)
+    partner = np.asarray(labels)[np.clip(params[..., 6], 0, len(labels) - 1)]
+    return np.where(partner_wins, partner, own)
+
+
+def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.ndarray | torch.Tensor,
+                 recipe: ViewRecipe) -> torch.Tensor:
+    """Any stored view's uint8 [3, size, size] tensor: plain views as :func:`replay_view`; mixed ones replay both
+    boxes, then Mixup ``(a * lam + b * (2^16 - lam) + 2^15) >> 16`` in int32 or CutMix (the partner's pixels
+    inside the box). Integer arithmetic only: identical bytes on every machine."""
+    own = replay_view(image, params[:5], recipe)
+    kind = view_kind(params)
+    if kind == KIND_PLAIN:
+        return own
+    if partner is None:
+        raise ValueError("A mixed view needs its partner's decoded image (views/params partner_row).")
+    other = replay_view(partner, params[7:12], recipe)
+    if kind == KIND_MIXUP:
+        lam = int(params[12])
+        mixed = (own.to(torch.int32) * lam + other.to(torch.int32) * (LAMBDA_ONE - lam) + LAMBDA_ONE // 2) >> 16
+        return mixed.to(torch.uint8)
+    top, left, h, w = (int(x) for x in params[13:17])
+    out = own.clone()
+    out[:, top:top + h, left:left + w] = other[:, top:top + h, left:left + w]
+    return out
 
 
 def decode_image(data: bytes) -> torch.Tensor:

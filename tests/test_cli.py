@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_the_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
     """benchmarks/gpu_check.sh is what the first GPU runs; --tiny keeps it from rotting while none is lent."""
     import subprocess
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--tiny"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["ok"] and result["tiny"] and set(result["steps"]) == {

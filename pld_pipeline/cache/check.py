@@ -11,6 +11,7 @@ from .format import CacheError, SampleStatus
 from .integrity import REPAIR, DamagedUnit
 from .reader import CacheReader
 from .store import read_marker, store_nbytes
+from ..views import KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, first_labels
 
 
 @dataclass
@@ -63,15 +64,45 @@ def check_unit(reader: CacheReader, name: str, samples_of: dict[int, dict[str, n
         return UnitCheck()
     ok = samples[fmt.STATUS_ARRAY] == SampleStatus.OK
     if unit.kind == "views":
-        boxes = arrays[fmt.PARAMS_ARRAY][:n][ok]
-        bad = (boxes[..., 2] < 1) | (boxes[..., 3] < 1) | ~np.isin(boxes[..., 4], (0, 1))
-        return UnitCheck([f"{int(bad.sum())} view(s) with an empty box or a flip other than 0/1"] if bad.any() else [])
+        return UnitCheck(_check_views(arrays[fmt.PARAMS_ARRAY][:n], ok, reader.meta.recipe.get("size", 0)))
     block = {path[len(fmt.teacher_array(unit.teacher, "")):]: arr[:n][ok] for path, arr in arrays.items()}
     labels = samples[fmt.LABEL_ARRAY][ok]
+    if reader.meta.params_width != 5:  # mixed views rank their dominant label first: compare with that
+        a, b = unit.views
+        try:
+            params = reader.read_block(unit.shard, views=b).params[:, a:b]
+        except CacheError:
+            return UnitCheck()  # damaged or missing views units report themselves
+        labels = first_labels(params, samples[fmt.LABEL_ARRAY])[ok]
     problems = _check_teacher_values(reader.meta.num_classes, block, labels)
     if problems:
         return UnitCheck(problems)
-    return UnitCheck(correct=int((block["topk_idx"][..., 0] == labels[:, None]).sum()), count=block["top1_logp"].size)
+    first = labels if labels.ndim == 2 else labels[:, None]
+    return UnitCheck(correct=int((block["topk_idx"][..., 0] == first).sum()), count=block["top1_logp"].size)
+
+
+def _check_views(params: np.ndarray, ok: np.ndarray, size: int) -> list[str]:
+    """Non-empty boxes, flips 0/1; for mixed views also kind, partner row (an earlier usable row), lambda and
+    the CutMix box inside the view."""
+    boxes = params[ok]
+    bad = (boxes[..., 2] < 1) | (boxes[..., 3] < 1) | ~np.isin(boxes[..., 4], (0, 1))
+    problems = [f"{int(bad.sum())} view(s) with an empty box or a flip other than 0/1"] if bad.any() else []
+    if params.shape[-1] == 5:
+        return problems
+    rows = np.arange(len(params))[ok][:, None]
+    kind, partner, lam = boxes[..., 5], boxes[..., 6], boxes[..., 12]
+    mixed = kind != KIND_PLAIN
+    partner_ok = np.zeros_like(mixed)
+    inside = (partner >= 0) & (partner < rows)
+    partner_ok[inside] = ok[partner[inside]]
+    bad = (~np.isin(kind, (KIND_PLAIN, KIND_MIXUP, KIND_CUTMIX)) | (lam < 0) | (lam > LAMBDA_ONE)
+           | (mixed & (~partner_ok | (boxes[..., 9] < 1) | (boxes[..., 10] < 1) | ~np.isin(boxes[..., 11], (0, 1))))
+           | ((kind == KIND_CUTMIX) & ((boxes[..., 13] < 0) | (boxes[..., 14] < 0) | (boxes[..., 15] < 0)
+                                       | (boxes[..., 16] < 0) | (boxes[..., 13] + boxes[..., 15] > size)
+                                       | (boxes[..., 14] + boxes[..., 16] > size))))
+    if bad.any():
+        problems.append(f"{int(bad.sum())} mixed view(s) with a bad kind, partner, lambda or CutMix box")
+    return problems
 
 
 def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> list[str]:
@@ -148,7 +179,7 @@ def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarr
             problems.append("top-k log-probs not in descending order")
         if (logp > 1e-3).any() or np.log(np.exp(logp.astype(np.float64)).sum(-1)).max() > 1e-2:
             problems.append("top-k probabilities sum above 1")
-        is_label = idx == labels[:, None, None]
+        is_label = idx == (labels[..., None] if labels.ndim == 2 else labels[:, None, None])
         if is_label.any():
             # The top-k entry is a float16 delta from the top-1: it may differ by its rounding, |delta| * 2^-11.
             delta = np.abs(logp - logp[..., :1])[is_label]

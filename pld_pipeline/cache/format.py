@@ -14,6 +14,9 @@ import numpy as np
 
 FORMAT_NAME = "pld-cache"
 FORMAT_VERSION = 2
+#: Caches whose recipe mixes views (CutMix/Mixup): 17 integers per view instead of 5, ``label_logp`` of a mixed
+#: view holds its dominant label's. Written as v3 so that a reader from before mixed views refuses them.
+MIXED_FORMAT_VERSION = 3
 ROOT_ATTR = "pld_cache"  # the root group's attribute holding CacheMeta
 #: Set on the root group while ``create_or_extend`` builds a new cache, replaced by ROOT_ATTR when it is done: a
 #: rerun recognises (and restarts) a creation that was killed, and readers refuse it.
@@ -25,7 +28,7 @@ STATUS_ARRAY = "samples/status"  # uint8 [R], see SampleStatus
 DIGEST_ARRAY = "samples/digest"  # uint8 [R, 16]: blake2b-128 of the sample's encoded bytes (sample_digest)
 SAMPLE_ARRAYS = (KEY_ARRAY, LABEL_ARRAY, STATUS_ARRAY, DIGEST_ARRAY)
 DIGEST_BYTES = 16
-PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip
+PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip; [R, V, 17] with mixing (views.MIXED_FIELDS)
 TEACHER_ARRAYS = ("topk_idx", "topk_dlogp", "top1_logp", "label_logp", "logz")
 UNITS_GROUP = "units"
 
@@ -165,6 +168,15 @@ class CacheMeta:
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        if self.recipe.get("mix") is not None:
+            self.version = max(self.version, MIXED_FORMAT_VERSION)
+
+    @property
+    def params_width(self) -> int:
+        """Integers stored per view (``views/params``' last dimension)."""
+        return 17 if self.recipe.get("mix") is not None else 5
+
     @property
     def num_rows(self) -> int:
         return self.rows_per_shard * len(self.shards)
@@ -188,10 +200,13 @@ class CacheMeta:
                 f"Cache format v{d.get('version')} predates the integrity records (per-unit metadata binding, sample "
                 f"digests) that this pld-pipeline checks on every read (v{FORMAT_VERSION}); re-create it by rerunning "
                 "its `pld cache-teacher` command with --overwrite.")
-        if int(d.get("version", -1)) > FORMAT_VERSION:
+        if int(d.get("version", -1)) > MIXED_FORMAT_VERSION:
             raise CacheError(
-                f"Cache format version {d['version']} is newer than this pld-pipeline reads ({FORMAT_VERSION}); "
+                f"Cache format version {d['version']} is newer than this pld-pipeline reads ({MIXED_FORMAT_VERSION}); "
                 "upgrade pld-pipeline.")
+        if (int(d["version"]) == MIXED_FORMAT_VERSION) != (d["views"]["recipe"].get("mix") is not None):
+            raise CacheError(f"Cache format v{d['version']} and its view recipe disagree on mixed views (edited "
+                             "metadata?); re-create it with `pld cache-teacher --overwrite`.")
         return cls(
             num_classes=int(d["num_classes"]), rows_per_shard=int(d["rows_per_shard"]),
             key_bytes=int(d["key_bytes"]), shards=[ShardRecord.from_dict(s) for s in d["shards"]],

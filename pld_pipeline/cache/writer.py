@@ -187,7 +187,8 @@ def _create_sample_arrays(root: zarr.Group, meta: CacheMeta, level: int) -> None
     _create(root, fmt.LABEL_ARRAY, (rows,), (s,), "int32", -1, level)
     _create(root, fmt.STATUS_ARRAY, (rows,), (s,), "uint8", SampleStatus.EMPTY, level)
     _create(root, fmt.DIGEST_ARRAY, (rows, fmt.DIGEST_BYTES), (s, fmt.DIGEST_BYTES), "uint8", 0, level)
-    _create(root, fmt.PARAMS_ARRAY, (rows, meta.num_views, 5), (s, 1, 5), "int32", 0, level)
+    width = meta.params_width
+    _create(root, fmt.PARAMS_ARRAY, (rows, meta.num_views, width), (s, 1, width), "int32", 0, level)
 
 
 def _create_teacher_arrays(root: zarr.Group, meta: CacheMeta, t: TeacherRecord, level: int) -> None:
