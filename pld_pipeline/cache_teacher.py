@@ -26,7 +26,7 @@ from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
 from .cache.reader import CacheReader, decode_keys
-from .cache.store import cache_exists, delete_marker
+from .cache.store import cache_exists
 from .data import (
     IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
@@ -273,7 +273,7 @@ def _recheck(reader: CacheReader, writer: CacheWriter, shards: Sequence[int]) ->
             found = check_unit(reader, name, samples_of)
             if found.problems:
                 damaged.append((name, found.problems[0]))
-                delete_marker(writer.root, name)
+                writer.withdraw(name)
     if damaged:
         reader.refresh()
     return damaged
@@ -399,8 +399,9 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         CacheWriter.create_or_extend(cfg.out, request, overwrite=cfg.overwrite, compression_level=cfg.compression_level)
     D.barrier(dist)  # every array and group exists before any unit is written
     writer = CacheWriter(cfg.out)
-    reader = CacheReader(cfg.out)
     my_shards = list(range(dist.rank, len(records), dist.world_size))
+    writer.sync_index(my_shards)  # hosts that cannot list read the index: it must match the markers
+    reader = CacheReader(cfg.out)
     repaired = _recheck(reader, writer, my_shards)
     if repaired:
         emit({"event": "repairing", "units": repaired})

@@ -222,8 +222,8 @@ def mix_draw(mix: MixRecipe, seed: int, key: str, view: int, row: int, size: int
     box = (0, 0, 0, 0)
     if cutmix:
         if mix.minmax is not None:  # timm rand_bbox_minmax
-            h = int(rng.integers(int(size * mix.minmax[0]), int(size * mix.minmax[1])))
-            w = int(rng.integers(int(size * mix.minmax[0]), int(size * mix.minmax[1])))
+            lo, hi = int(size * mix.minmax[0]), max(int(size * mix.minmax[0]) + 1, int(size * mix.minmax[1]))
+            h, w = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
             top, left = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
             y0, y1, x0, x1 = top, top + h, left, left + w
         else:  # timm rand_bbox, margin 0

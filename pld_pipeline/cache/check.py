@@ -10,7 +10,7 @@ from . import format as fmt
 from .format import CacheError, SampleStatus
 from .integrity import REPAIR, DamagedUnit
 from .reader import CacheReader
-from .store import read_marker, store_nbytes
+from .store import can_list, read_index, read_marker, store_nbytes
 from ..views import KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, first_labels
 
 
@@ -147,7 +147,26 @@ def verify_cache(url: str) -> VerifyReport:
         warning = chance_warning(tid, report.teacher_accuracy[tid], reader.meta.num_classes)
         if warning:
             report.warnings.append(warning)
+    report.warnings.extend(index_warnings(reader))
     return report
+
+
+def index_warnings(reader: CacheReader) -> list[str]:
+    """Where the store can list, compare each shard's unit index with its markers: readers on hosts without
+    listing (plain HTTP) see exactly what the index lists. Not damage (nothing wrong is ever read), so warnings."""
+    if not can_list(reader.url):
+        return []
+    by_shard: dict[int, set[str]] = {s: set() for s in range(len(reader.meta.shards))}
+    for name in reader.markers:
+        unit = fmt.parse_unit_name(name)
+        if unit is not None and unit.shard in by_shard:
+            by_shard[unit.shard].add(name)
+    stale = [s for s, names in by_shard.items() if set(read_index(reader.root, s) or []) != names]
+    if not stale:
+        return []
+    return [f"the unit index of {len(stale)} shard(s) (e.g. {reader.meta.shards[stale[0]].name}) does not list "
+            "exactly its complete units: readers that cannot list folders (HTTP hosts) would see those shards as "
+            "incomplete. Rerun the `pld cache-teacher` command to rewrite it."]
 
 
 def chance_warning(tid: str, accuracy: float | None, num_classes: int) -> str | None:

@@ -31,6 +31,8 @@ DIGEST_BYTES = 16
 PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip; [R, V, 17] with mixing (views.MIXED_FIELDS)
 TEACHER_ARRAYS = ("topk_idx", "topk_dlogp", "top1_logp", "label_logp", "logz")
 UNITS_GROUP = "units"
+#: Per-shard lists of complete units (``unit_index/s{shard:06d}``), for readers that cannot list folders.
+UNIT_INDEX_GROUP = "unit_index"
 
 #: Clamp for stored log-probabilities: float16's finite range; such classes have probability exp(-6e4) = 0.
 MIN_LOGP = -60000.0

@@ -15,7 +15,7 @@ import zarr
 from . import format as fmt
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord
 from .integrity import read_unit
-from .store import list_markers, open_root
+from .store import find_markers, open_root
 
 
 @dataclass
@@ -56,13 +56,13 @@ class CacheReader:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-list unit markers (what is complete)."""
+        """Re-read which units are complete: their markers, listed, or from the unit index over http(s)."""
         self.samples_done: set[int] = set()
         self.views_done: dict[int, set[int]] = defaultdict(set)
         self.teacher_done: dict[tuple[int, str], set[int]] = defaultdict(set)
         #: (shard, kind, teacher) -> [(views, unit name)]: which units hold what
         self.units: dict[tuple[int, str, str | None], list[tuple[tuple[int, int] | None, str]]] = defaultdict(list)
-        self.markers = list_markers(self.root)
+        self.markers = find_markers(self.root, self.url, len(self.meta.shards))
         for name in self.markers:
             unit = fmt.parse_unit_name(name)
             if unit is None or unit.shard >= len(self.meta.shards):

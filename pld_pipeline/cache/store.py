@@ -9,7 +9,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .format import UNITS_GROUP, CacheError
+from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 
 def _normalise(url: str) -> str:
@@ -79,6 +79,22 @@ def write_marker(root: zarr.Group, name: str, record: dict[str, Any]) -> None:
     sync(root.store.set(key, buf))
 
 
+def can_list(url: str) -> bool:
+    """Whether a reader may list the cache's folders. Static HTTP hosts and CDNs serve objects by path and do not
+    list (or list as HTML pages, which are not an API): over http(s) readers use the unit index instead."""
+    return not _normalise(str(url)).startswith(("http://", "https://"))
+
+
+def find_markers(root: zarr.Group, url: str, num_shards: int) -> list[str]:
+    """Names of complete units: listed where the store can list, else from the per-shard unit index."""
+    if can_list(url):
+        return list_markers(root)
+    names = []
+    for shard in range(num_shards):
+        names += read_index(root, shard) or []
+    return sorted(names)
+
+
 def list_markers(root: zarr.Group) -> list[str]:
     """Names of complete units: those whose marker object exists (an empty folder left by a crash between
     mkdir and rename does not count)."""
@@ -98,6 +114,25 @@ def delete_marker(root: zarr.Group, name: str) -> None:
 
 def _marker_key(root: zarr.Group, name: str) -> str:
     return f"{root.store_path.path}/{UNITS_GROUP}/{name}/zarr.json".lstrip("/")
+
+
+def _index_key(root: zarr.Group, shard: int) -> str:
+    return f"{root.store_path.path}/{UNIT_INDEX_GROUP}/s{shard:06d}/zarr.json".lstrip("/")
+
+
+def read_index(root: zarr.Group, shard: int) -> list[str] | None:
+    """The shard's unit index (names of its complete units), None where there is none (caches from before it)."""
+    buf = sync(root.store.get(_index_key(root, shard), default_buffer_prototype()))
+    return None if buf is None else list(json.loads(buf.to_bytes())["attributes"]["units"])
+
+
+def write_index(root: zarr.Group, shard: int, names: list[str]) -> None:
+    """Replace the shard's unit index (one object, like a marker). Writers keep it a subset of the markers:
+    a unit enters after its marker is written and leaves before its marker is deleted, so a crash can leave a
+    complete unit unlisted (rewritten on the next run) but never list an unwritten one."""
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"units": sorted(set(names))}}
+    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())
+    sync(root.store.set(_index_key(root, shard), buf))
 
 
 def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from ..faults import kill_point
 from . import format as fmt
 from .format import CacheError, CacheMeta, SampleStatus, TeacherRecord
 from .integrity import block_sha256, units_under_other_metadata
-from .store import cache_exists, list_markers, open_root, write_marker
+from .store import cache_exists, delete_marker, list_markers, open_root, read_index, write_index, write_marker
 
 
 def default_compressors(level: int = 3) -> list:
@@ -116,6 +116,26 @@ class CacheWriter:
     def done_units(self) -> set[str]:
         return set(list_markers(self.root))
 
+    # -- the unit index (for readers that cannot list) -----------------------------------------------
+    def sync_index(self, shards: list[int] | range) -> None:
+        """Make these shards' unit indexes list exactly their markers: after a crash between a marker and its
+        index update, and for caches written before the index existed."""
+        by_shard: dict[int, list[str]] = {s: [] for s in shards}
+        for name in list_markers(self.root):
+            unit = fmt.parse_unit_name(name)
+            if unit is not None and unit.shard in by_shard:
+                by_shard[unit.shard].append(name)
+        for shard, names in by_shard.items():
+            if read_index(self.root, shard) != sorted(names):
+                write_index(self.root, shard, names)
+
+    def withdraw(self, name: str) -> None:
+        """Take a unit back (to rewrite it): out of the index first, then its marker, so no reader is ever
+        pointed at a unit without one."""
+        shard = fmt.parse_unit_name(name).shard
+        write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])
+        delete_marker(self.root, name)
+
     # -- unit writes -------------------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
@@ -140,6 +160,9 @@ class CacheWriter:
             "rows": self.meta.shards[shard].nsamples, "checksums": checksums,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
             **extra})
+        kill_point("unit.marker")  # a marker the index does not list yet: the next run's sync_index adds it
+        # One process writes a shard (ranks and --part split by shard), so this read-modify-write does not race.
+        write_index(self.root, shard, (read_index(self.root, shard) or []) + [name])
 
     def write_samples(self, shard: int, keys: list[str], labels: np.ndarray, status: np.ndarray,
                       digests: np.ndarray) -> None:

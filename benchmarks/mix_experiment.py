@@ -1,0 +1,98 @@
+"""Mixed views on the evidence setting: do CutMix/Mixup views cached with the teacher's outputs on the mixed
+images help the student, and how should a mixed view enter PLD's ranking? One resumable script.
+
+    python benchmarks/mix_experiment.py [--data-dir ../shared/data/cifar10] [--out benchmarks/results/mix]
+
+The setting of benchmarks/evidence_experiment.py (2,000 training images, cifar_resnet56 teacher, 8 views,
+cifar_resnet20 student, 30 epochs, AdamW 3e-3, top-1 on 4,000 test images), with a second cache whose views are
+half plain, half mixed (`--mix both --mix-prob 0.5`: CutMix or Mixup, timm's defaults alpha 1.0 / 0.8). Arms:
+PLD on plain views (the evidence runs, reused), PLD on plain + mixed views with the dominant label first, and
+with the teacher's own ranking first (3 seeds each). Also measured: both caches' size and cache-teacher time,
+built side by side. Writes results.json and results.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+
+from pld_pipeline.cache import inspect_cache
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.views import MixRecipe
+
+from evidence_experiment import mean_std, run  # benchmarks/ helpers (scripts run from the repository root)
+
+ARMS = {"pld, plain views": None,  # the evidence experiment's runs
+        "pld, plain + mixed, dominant label first": dict(loss="pld", mixed_first="dominant"),
+        "pld, plain + mixed, teacher ranking": dict(loss="pld", mixed_first="teacher")}
+
+
+def build(args: argparse.Namespace, out: str, mix: MixRecipe | None) -> dict:
+    """Build one cache from scratch (timed) unless it is there; its size and build time."""
+    stats_path = out + ".json"
+    if os.path.isfile(stats_path):
+        with open(stats_path) as f:
+            return json.load(f)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = cache_teacher(CacheTeacherConfig(
+        data=args.train, out=out, views=args.views, k=None, workers=args.workers, device="cpu",
+        teachers=[TeacherSpec("cifar_resnet56", args.teacher_ckpt, "r56")],
+        recipe_overrides={} if mix is None else {"mix": mix.to_dict()}))
+    seconds = time.perf_counter() - t0
+    info = inspect_cache(out)
+    stats = {"seconds": seconds, "views_per_s": summary["items"] / seconds, "bytes": info["bytes_on_disk"],
+             "bytes_per_view": info["bytes_per_view"],
+             "teacher_top1_on_cached_views": info["teachers"]["r56"]["accuracy_on_cached_views"]}
+    with open(stats_path, "w") as f:
+        json.dump(stats, f, indent=1)
+    return stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="../shared/data/cifar10")
+    ap.add_argument("--teacher-ckpt", default="../shared/models/resnet56-4bfd9763.th")
+    ap.add_argument("--evidence", default="benchmarks/results/evidence", help="the evidence experiment's --out")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=3)
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/mix")
+    args = ap.parse_args()
+    args.train = os.path.join(args.data_dir, "cifar10-train-000000.tar")
+    args.test = os.path.join(args.data_dir, "cifar10-test-{000000..000001}.tar")
+    os.makedirs(args.out, exist_ok=True)
+    caches = {"plain": build(args, os.path.join(args.out, "plain.zarr"), None),
+              "plain + mixed": build(args, os.path.join(args.out, "mixed.zarr"), MixRecipe(mode="both", prob=0.5))}
+    args.cache = os.path.join(args.out, "mixed.zarr")
+    final: dict[str, list[float]] = {}
+    for seed in args.seeds:
+        for arm, kw in ARMS.items():
+            if kw is None:
+                with open(os.path.join(args.evidence, "runs", f"pld-seed{seed}", "metrics.jsonl")) as f:
+                    history = [json.loads(line) for line in f]
+            else:
+                history = run(f"pld-mix-{kw['mixed_first']}-seed{seed}", args, seed=seed, **kw)
+            final.setdefault(arm, []).append(history[-1]["val_top1"])
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "caches": caches, "final_test_top1": final}, f, indent=1)
+    plain = statistics.mean(final["pld, plain views"])
+    lines = [f"| arm | test top-1 (%), mean ± std over {len(args.seeds)} seeds | vs plain | seeds |", "|---|---|---|---|"]
+    lines += [f"| {arm} | {mean_std(v)} | {statistics.mean(v) - plain:+.2f} | {', '.join(f'{x:.2f}' for x in v)} |"
+              for arm, v in final.items()]
+    lines += ["", "| cache | cache-teacher s | views/s | bytes | bytes/view | teacher top-1 on its views |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {c['seconds']:.0f} | {c['views_per_s']:.0f} | {c['bytes']:,} | {c['bytes_per_view']:.1f} | "
+              f"{100 * c['teacher_top1_on_cached_views']:.2f}% |" for name, c in caches.items()]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
