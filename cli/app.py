@@ -103,6 +103,7 @@ def cache_teacher_cmd(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decode workers [default: 2 on CPU, up to 8 per GPU].", rich_help_panel=RUN)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=RUN)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete what is at --out and start over.", rich_help_panel=CACHE)] = False,
+    part: Annotated[str, typer.Option(help="I/N: this independent worker (SLURM array task, Kubernetes indexed job, another machine) caches shards s with s % N == I (0-based); part 0 creates the cache, the others wait for it.", rich_help_panel=RUN)] = "0/1",
     quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
 ) -> None:
@@ -139,7 +140,7 @@ def cache_teacher_cmd(
         clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
-        overwrite=overwrite, precision=teacher_precision)
+        overwrite=overwrite, precision=teacher_precision, part=_part(part))
     summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return
@@ -216,6 +217,16 @@ def verify_cmd(
         _print_warnings(report.warnings)
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {text!r} must look like I/N, e.g. 0/4 (0-based).") from None
+    if n < 1:
+        raise ValueError(f"--part {text}: N must be >= 1.")
+    return i, n
 
 
 def _param_help(name: str, what: str) -> str:

@@ -80,6 +80,8 @@ class CacheTeacherConfig:
     compression_level: int = 3
     channels_last: bool = True
     precision: str = "fp32"  # teacher forward: fp32 (exact logits; TF32 off) or bf16 (autocast: faster, rounded)
+    part: tuple[int, int] = (0, 1)  # (I, N): this independent worker does shards s with s % N == I
+    part_wait: float = 1800.0  # seconds parts I > 0 wait for part 0 to create (or extend) the cache
 
 
 @dataclass
@@ -301,6 +303,27 @@ def _plan(reader: CacheReader, writer: CacheWriter, shards: Sequence[int], num_v
     return jobs
 
 
+def _wait_for_part_zero(cfg: CacheTeacherConfig, urls: list[str], emit: ProgressFn) -> None:
+    """Independent workers (``--part I/N``, I > 0) share part 0's cache instead of racing to create it: wait until
+    it holds every requested shard, teacher and view. Its shards are then matched by quick hash, not re-read."""
+    names = {shard_name(u) for u in urls}
+    deadline = time.monotonic() + cfg.part_wait
+    while True:
+        if cache_exists(cfg.out):
+            try:
+                meta = CacheReader(cfg.out).meta
+                if (names <= {s.name for s in meta.shards} and meta.num_views >= cfg.views
+                        and {t.id for t in cfg.teachers} <= set(meta.teachers)):
+                    return
+            except CacheError:
+                pass  # still being created
+        if time.monotonic() > deadline:
+            raise CacheError(f"--part {cfg.part[0]}/{cfg.part[1]}: part 0 has not created {cfg.out} with these shards, "
+                             f"teachers and views within {cfg.part_wait:.0f} s; start part 0 (it creates the cache).")
+        emit({"event": "waiting", "for": "part 0 to create the cache"})
+        time.sleep(2.0)
+
+
 def _load_teachers(cfg: CacheTeacherConfig, device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
     models, prep = {}, {}
     for spec in cfg.teachers:
@@ -343,6 +366,13 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
     if os.path.isfile(cfg.out):
         raise ValueError(f"--out {cfg.out} is an existing file; a cache is a directory (a zarr group): choose "
                          "another --out.")
+    part, parts = cfg.part
+    if part > 0 and cfg.overwrite:
+        raise ValueError(f"--part {part}/{parts} with --overwrite would delete the other parts' work; only part 0 "
+                         "may start a cache over.")
+    if not 0 <= part < parts:
+        raise ValueError(f"--part {part}/{parts}: the part index must lie in [0, {parts}) (0-based, like SLURM "
+                         "array and Kubernetes completion indexes).")
     emit = progress or (lambda event: None)
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     D.configure_backends(device)
@@ -371,6 +401,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         raise ValueError(f"--temperatures must be positive numbers, got {cfg.temperatures}.")
 
     urls = expand_shards(cfg.data)
+    if cfg.part[0] > 0:  # part 0 creates or extends the cache; the others start once it has
+        _wait_for_part_zero(cfg, urls, emit)
     known: list[ShardRecord] = []
     known_key_bytes = 1
     if not cfg.overwrite and cache_exists(cfg.out):
@@ -399,7 +431,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         CacheWriter.create_or_extend(cfg.out, request, overwrite=cfg.overwrite, compression_level=cfg.compression_level)
     D.barrier(dist)  # every array and group exists before any unit is written
     writer = CacheWriter(cfg.out)
-    my_shards = list(range(dist.rank, len(records), dist.world_size))
+    part, parts = cfg.part
+    my_shards = [s for s in range(len(records)) if s % parts == part][dist.rank::dist.world_size]
     writer.sync_index(my_shards)  # hosts that cannot list read the index: it must match the markers
     reader = CacheReader(cfg.out)
     repaired = _recheck(reader, writer, my_shards)

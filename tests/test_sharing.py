@@ -100,3 +100,25 @@ def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, ca
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher_ckpt, s3_endpoint, tmp_path, where):
+    """`--part I/N` workers started side by side (a SLURM array, an indexed job, several machines): part 0 creates
+    the cache, the other waits for it; each caches only its shards, and together they equal one run."""
+    from test_cache_teacher import assert_same_cache
+    url = str(tmp_path / "parts.zarr") if where == "local" else f"s3://pld-bucket/parts-{os.getpid()}.zarr"
+    args = [sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern, "--teacher",
+            "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2", "--size",
+            "16", "--top-k", "4", "--num-classes", "10", "--workers", "0", "--device", "cpu", "--json", "--out"]
+    env = {**os.environ, **s3_endpoint}
+    procs = [subprocess.Popen(args + [url, "--part", part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for part in ("1/2", "0/2")]  # the waiting part first
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    written = [json.loads(o[0])["shards_written"] for o in outs]
+    assert written == [1, 2]  # part 1: shard 1; part 0: shards 0 and 2
+    assert verify_cache(url).ok
+    whole = subprocess.run(args + [str(tmp_path / "whole.zarr")], capture_output=True, text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert_same_cache(str(tmp_path / "whole.zarr"), url)

@@ -109,7 +109,8 @@ class CacheWriter:
             _create_teacher_arrays(root, meta, teacher, compression_level)
             meta.teachers[tid] = teacher
         kill_point("create.arrays")
-        root.attrs.put({fmt.ROOT_ATTR: meta.to_dict()})  # one write; replaces CREATING_ATTR on a new cache
+        if root.attrs.get(fmt.ROOT_ATTR) != meta.to_dict():  # unchanged: no write (other workers may be reading)
+            root.attrs.put({fmt.ROOT_ATTR: meta.to_dict()})  # one write; replaces CREATING_ATTR on a new cache
         return cls(url)
 
     # -- what is left to do ------------------------------------------------------------------------
