@@ -62,7 +62,7 @@ def plot(curves: dict[str, list[list[dict]]], path: str) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%), 4,000 images")
     ax.set_title("cifar_resnet20 on 2,000 CIFAR-10 images; teacher cifar_resnet56, 8 cached views\n"
-                 "mean over 3 seeds, band = min..max")
+                 "mean over 3 seeds, band = min..max", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
