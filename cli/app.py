@@ -103,6 +103,7 @@ def cache_teacher_cmd(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decode workers [default: 2 on CPU, up to 8 per GPU].", rich_help_panel=RUN)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=RUN)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete what is at --out and start over.", rich_help_panel=CACHE)] = False,
+    claim_ttl: Annotated[float, typer.Option(help="Seconds a worker's claim on a shard lasts unless refreshed: overlapping workers skip shards claimed by a live worker and take over those of a dead one after this.", rich_help_panel=RUN)] = 600.0,
     part: Annotated[str, typer.Option(help="I/N: this independent worker (SLURM array task, Kubernetes indexed job, another machine) caches shards s with s % N == I (0-based); part 0 creates the cache, the others wait for it.", rich_help_panel=RUN)] = "0/1",
     quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
@@ -140,7 +141,7 @@ def cache_teacher_cmd(
         clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
-        overwrite=overwrite, precision=teacher_precision, part=_part(part))
+        overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl)
     summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return

@@ -45,6 +45,11 @@ class ProgressReporter:
         for name, why in e["units"]:
             self._log(f"  {name}: {why}")
 
+    def _on_waiting(self, e: dict[str, Any]) -> None:
+        if time.perf_counter() - self.last_log > 30:
+            self.last_log = time.perf_counter()
+            self._log(f"waiting for {e['for']}")
+
     def _on_start(self, e: dict[str, Any]) -> None:
         self.total, self.t0 = e["items"], time.perf_counter()
         if e.get("skipped_shards"):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import distributed as D
 from .cache import CacheMeta, CacheWriter, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
+from .cache import claims
 from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
@@ -82,6 +83,7 @@ class CacheTeacherConfig:
     precision: str = "fp32"  # teacher forward: fp32 (exact logits; TF32 off) or bf16 (autocast: faster, rounded)
     part: tuple[int, int] = (0, 1)  # (I, N): this independent worker does shards s with s % N == I
     part_wait: float = 1800.0  # seconds parts I > 0 wait for part 0 to create (or extend) the cache
+    claim_ttl: float = 600.0  # seconds a worker's claim on a shard lasts without a refresh (cache/claims.py)
 
 
 @dataclass
@@ -442,7 +444,23 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     total_items = sum(j.nsamples * len(j.views) for j in jobs)
     emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
           "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
-    stats = _process(cfg, jobs, writer, models, prep, teachers, recipe, num_classes, device, expected, emit)
+    stats = _empty_stats(teachers)
+    owner = claims.new_owner()
+    while jobs:  # rounds: claim a share of the free shards, write them, re-plan (other workers may have done some)
+        checked_at = time.monotonic()
+        free = [j for j in _rotate(jobs, owner) if not claims.held_by_other(writer.root, j.shard, owner)]
+        if not free:  # every shard left is being written by another live worker: wait for it, or for its claim to expire
+            emit({"event": "waiting", "for": f"{len(jobs)} shard(s) claimed by other workers"})
+            time.sleep(min(5.0, cfg.claim_ttl / 4))
+        else:
+            wanted = free[:max(1, -(-len(jobs) // 8))]
+            mine = set(claims.acquire(writer.root, [j.shard for j in wanted], owner, cfg.claim_ttl, checked_at))
+            batch = [j for j in wanted if j.shard in mine]
+            with claims.Heartbeat(writer.root, [j.shard for j in batch], owner, cfg.claim_ttl):
+                _add_stats(stats, _process(cfg, batch, writer, models, prep, teachers, recipe, num_classes, device,
+                                           expected, emit))
+        reader.refresh()
+        jobs = _plan(reader, writer, [j.shard for j in jobs], cfg.views, list(teachers), expected)
     totals = D.all_reduce_sum([stats["items"], stats["skipped"], *[stats["correct"][t] for t in teachers],
                                *[stats["count"][t] for t in teachers]], dist, device)
     repaired = [name for part in D.all_gather_objects([name for name, _ in repaired], dist) for name in part]
@@ -463,11 +481,30 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     return summary
 
 
+def _empty_stats(teachers: dict[str, TeacherRecord]) -> dict[str, Any]:
+    return {"items": 0, "skipped": 0, "shards": 0, "correct": dict.fromkeys(teachers, 0),
+            "count": dict.fromkeys(teachers, 0)}
+
+
+def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for name in ("items", "skipped", "shards"):
+        total[name] += part[name]
+    for name in ("correct", "count"):
+        for tid, value in part[name].items():
+            total[name][tid] += value
+
+
+def _rotate(jobs: list[_Job], owner: str) -> list[_Job]:
+    """Each worker scans the shards from its own starting point, so workers started together claim different
+    shards instead of racing for the same first ones."""
+    start = stable_int(owner) % len(jobs)
+    return jobs[start:] + jobs[:start]
+
+
 def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, models: dict[str, torch.nn.Module],
              prep: dict[str, dict], teachers: dict[str, TeacherRecord], recipe: ViewRecipe, num_classes: int,
              device: torch.device, expected: dict[int, _Expected], emit: ProgressFn) -> dict[str, Any]:
-    stats: dict[str, Any] = {"items": 0, "skipped": 0, "shards": 0, "correct": dict.fromkeys(teachers, 0),
-                             "count": dict.fromkeys(teachers, 0)}
+    stats = _empty_stats(teachers)
     if not jobs:
         return stats
     dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected)

@@ -89,3 +89,19 @@ def test_a_reader_that_cannot_list_sees_exactly_the_index(served):
         assert any("unit index of 1 shard(s)" in w for w in verify_cache(served["local"]).warnings)
     finally:
         write_index(root, 0, names)
+
+
+def test_a_withdrawn_unit_leaves_the_index_before_its_marker(cache, tmp_path):
+    """A repair withdraws a damaged unit before rewriting it: a reader that cannot list must see it missing (and
+    the shard incomplete), never be pointed at a unit without a marker."""
+    from pld_pipeline.cache import CacheWriter
+    from pld_pipeline.cache.store import read_marker
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(cache, copy)
+    writer = CacheWriter(str(copy))
+    name = next(n for n in read_index(writer.root, 1) if ".teacher." in n)
+    writer.withdraw(name)
+    assert name not in read_index(writer.root, 1)
+    with pytest.raises(CacheError, match="missing"):
+        read_marker(writer.root, name)
+    assert verify_cache(str(copy)).problems == ["incomplete: s000001.teacher.r14"]

@@ -102,23 +102,60 @@ def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, ca
         proc.wait(10)
 
 
+def _cache_args(tiny_data, teacher_ckpt):
+    return [sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern, "--teacher",
+            "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2", "--size",
+            "16", "--top-k", "4", "--num-classes", "10", "--workers", "0", "--device", "cpu", "--json"]
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_data, teacher_ckpt, tmp_path_factory):
+    """The cache one uninterrupted worker makes: what cooperating workers must produce together."""
+    out = str(tmp_path_factory.mktemp("whole") / "whole.zarr")
+    run = subprocess.run(_cache_args(tiny_data, teacher_ckpt) + ["--out", out], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher_ckpt, s3_endpoint, tmp_path, where):
+def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher_ckpt, s3_endpoint, whole, tmp_path,
+                                                              where):
     """`--part I/N` workers started side by side (a SLURM array, an indexed job, several machines): part 0 creates
     the cache, the other waits for it; each caches only its shards, and together they equal one run."""
     from test_cache_teacher import assert_same_cache
     url = str(tmp_path / "parts.zarr") if where == "local" else f"s3://pld-bucket/parts-{os.getpid()}.zarr"
-    args = [sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern, "--teacher",
-            "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2", "--size",
-            "16", "--top-k", "4", "--num-classes", "10", "--workers", "0", "--device", "cpu", "--json", "--out"]
+    args = _cache_args(tiny_data, teacher_ckpt) + ["--out", url]
     env = {**os.environ, **s3_endpoint}
-    procs = [subprocess.Popen(args + [url, "--part", part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen(args + ["--part", part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for part in ("1/2", "0/2")]  # the waiting part first
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     written = [json.loads(o[0])["shards_written"] for o in outs]
     assert written == [1, 2]  # part 1: shard 1; part 0: shards 0 and 2
     assert verify_cache(url).ok
-    whole = subprocess.run(args + [str(tmp_path / "whole.zarr")], capture_output=True, text=True, timeout=300, env=env)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    assert_same_cache(str(tmp_path / "whole.zarr"), url)
+    assert_same_cache(whole, url)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_overlapping_workers_split_the_shards_by_claims_and_take_over_a_dead_ones(tiny_data, teacher_ckpt,
+                                                                                   s3_endpoint, whole, tmp_path, where):
+    """Workers without a split on one cache (several machines, a job started twice) skip shards a live worker
+    has claimed; a killed worker's claim expires and another worker finishes its shard."""
+    from test_cache_teacher import assert_same_cache
+    url = str(tmp_path / "shared.zarr") if where == "local" else f"s3://pld-bucket/shared-{os.getpid()}.zarr"
+    args = _cache_args(tiny_data, teacher_ckpt) + ["--claim-ttl", "4", "--out", url]
+    env = {**os.environ, **s3_endpoint}
+    # A worker killed inside its first shard leaves that shard claimed (for up to --claim-ttl) and unfinished.
+    dead = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**env, "PLD_KILL_AT": "unit.array:2"})
+    assert dead.returncode == -9, dead.stderr[-2000:]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    written = [json.loads(o[0])["shards_written"] for o in outs]
+    # Without claims both workers would write all 3 shards (6); claims are advisory, so a rival slower than the
+    # settle time may still duplicate one, which costs time, never correctness (checked next).
+    assert 3 <= sum(written) < 6, written
+    assert verify_cache(url).ok
+    assert_same_cache(whole, url)
