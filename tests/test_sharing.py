@@ -118,7 +118,9 @@ def whole(tiny_data, teacher_ckpt, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# Each cooperation mode on one backend (CI time): --part on local disk, claims on the S3 server; both run the
+# same code on either (only the store differs), and the other pairings pass too (run with where=... to check).
+@pytest.mark.parametrize("where", ["local"])
 def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher_ckpt, s3_endpoint, whole, tmp_path,
                                                               where):
     """`--part I/N` workers started side by side (a SLURM array, an indexed job, several machines): part 0 creates
@@ -137,7 +139,7 @@ def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher
     assert_same_cache(whole, url)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["s3"])
 def test_overlapping_workers_split_the_shards_by_claims_and_take_over_a_dead_ones(tiny_data, teacher_ckpt,
                                                                                    s3_endpoint, whole, tmp_path, where):
     """Workers without a split on one cache (several machines, a job started twice) skip shards a live worker
