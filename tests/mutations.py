@@ -29,6 +29,7 @@ class Mutation:
 
 
 FAULTS = "tests/test_faults.py::"
+MIX = "tests/test_mix.py::"
 MUTATIONS = [
     Mutation("student trains on view v with the targets of view v+1", "pld_pipeline/student_data.py",
              "item.update(topk_idx=np.stack([b.topk_idx[row, v, k]", "item.update(topk_idx=np.stack([b.topk_idx[row, (v + 1) % self.num_views, k]",
@@ -100,8 +101,8 @@ MUTATIONS = [
              "return accuracy < chance + 0.1 * (1.0 - chance)", "return False",
              (FAULTS + "test_near_chance_means_within_a_tenth_of_the_way_from_chance_to_perfect",)),
     Mutation("PLD scores the student at the teacher temperature", "pld_pipeline/losses.py",
-             "    return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)\n\n\nclass",
-             "    return pld_loss_from_ranking(student_logits / targets.temperature, labels, targets, reduction=reduction)\n\n\nclass",
+             "    return pld_loss_from_ranking(student_logits, labels, targets, reduction=reduction)\n\n\ndef create_loss",
+             "    return pld_loss_from_ranking(student_logits / targets.temperature, labels, targets, reduction=reduction)\n\n\ndef create_loss",
              ("tests/test_losses.py",)),
     Mutation("mixup truncates instead of rounding", "pld_pipeline/views.py",
              "+ LAMBDA_ONE // 2) >> 16", ") >> 16",
