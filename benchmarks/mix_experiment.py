@@ -60,7 +60,7 @@ def throughput(args: argparse.Namespace, repeats: int = 2, views: int = 2) -> di
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for name, mix in (("plain", None), ("plain + mixed", MixRecipe(mode="both", prob=0.5))):
-                out = os.path.join(tmp, f"{r}-{len(times[name])}.zarr")
+                out = os.path.join(tmp, f"{r}-{'mixed' if mix else 'plain'}.zarr")
                 t0 = time.perf_counter()
                 summary = cache_teacher(CacheTeacherConfig(
                     data=args.train, out=out, views=views, k=None, workers=args.workers, device="cpu",
@@ -103,8 +103,9 @@ def main() -> None:
             final.setdefault(arm, []).append(history[-1]["val_top1"])
     rates_path = os.path.join(args.out, "throughput.json")
     if not os.path.isfile(rates_path):
+        rates = throughput(args)  # measured before the file is opened: a failure leaves no empty result behind
         with open(rates_path, "w") as f:
-            json.dump(throughput(args), f, indent=1)
+            json.dump(rates, f, indent=1)
     with open(rates_path) as f:
         rates = json.load(f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
