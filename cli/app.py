@@ -178,7 +178,10 @@ def inspect_cmd(
     t = Table(title=f"{info['url']}  ({info['format']})", show_header=False)
     t.add_row("classes", str(info["num_classes"]) + (f"  ({', '.join(info['class_names'][:10])}{'...' if len(info['class_names']) > 10 else ''})" if info["class_names"] else ""))
     t.add_row("samples", f"{info['samples']:,} in {info['shards_total']} shard(s), {info['shards_done']} complete")
-    t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, seed {info['seed']}")
+    mix = info["recipe"].get("mix")
+    mixed = f"; mixed views: {mix['mode']}, {mix['prob']:g} of them" if mix else ""
+    t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
+                       f"seed {info['seed']}{mixed}")
     if info["bytes_on_disk"] is not None:
         t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
     out.print(t)
