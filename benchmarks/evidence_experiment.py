@@ -69,21 +69,33 @@ def plot(curves: dict[str, list[list[dict]]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setting_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The pre-registered setting's options (data, teacher, schedule, views, seeds), shared with mix_experiment.py."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data-dir", default="../shared/data/cifar10")
     ap.add_argument("--teacher-ckpt", default="../shared/models/resnet56-4bfd9763.th")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/evidence")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def setting_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed options plus the setting's shards: 2,000 training images (train shard 0), 4,000 test images."""
     args = ap.parse_args()
     args.train = os.path.join(args.data_dir, "cifar10-train-000000.tar")
     args.test = os.path.join(args.data_dir, "cifar10-test-{000000..000001}.tar")
     os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    ap = setting_parser(__doc__.splitlines()[0], "benchmarks/results/evidence")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    args = setting_args(ap)
     args.cache = os.path.join(args.out, "cache.zarr")
     t0 = time.perf_counter()
     cache_teacher(CacheTeacherConfig(data=args.train, out=args.cache, views=args.views, k=None, workers=args.workers,

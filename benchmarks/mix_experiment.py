@@ -23,7 +23,7 @@ from pld_pipeline.cache import inspect_cache
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.views import MixRecipe
 
-from evidence_experiment import mean_std, run  # benchmarks/ helpers (scripts run from the repository root)
+from evidence_experiment import mean_std, run, setting_args, setting_parser  # benchmarks/ helpers
 
 ARMS = {"pld, plain views": None,  # the evidence experiment's runs
         "pld, plain + mixed, dominant label first": dict(loss="pld", mixed_first="dominant"),
@@ -71,22 +71,11 @@ def throughput(args: argparse.Namespace, repeats: int = 2, views: int = 2) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--teacher-ckpt", default="../shared/models/resnet56-4bfd9763.th")
+    ap = setting_parser(__doc__.splitlines()[0], "benchmarks/results/mix")
     ap.add_argument("--evidence", default="benchmarks/results/evidence", help="the evidence experiment's --out")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=3)
-    ap.add_argument("--views", type=int, default=8)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--choice-seeds", type=int, nargs="+", default=None,
                     help="seeds of the 'teacher ranking' arm (default: --seeds); it only compares the PLD choice")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/mix")
-    args = ap.parse_args()
-    args.train = os.path.join(args.data_dir, "cifar10-train-000000.tar")
-    args.test = os.path.join(args.data_dir, "cifar10-test-{000000..000001}.tar")
-    os.makedirs(args.out, exist_ok=True)
+    args = setting_args(ap)
     caches = {"plain": build(args, os.path.join(args.out, "plain.zarr"), None),
               "plain + mixed": build(args, os.path.join(args.out, "mixed.zarr"), MixRecipe(mode="both", prob=0.5))}
     args.cache = os.path.join(args.out, "mixed.zarr")

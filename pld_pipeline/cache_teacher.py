@@ -34,8 +34,8 @@ from .data import (
 )
 from .models import file_sha256, load_model, output_width, preprocessing_of, pretrained_identity, require_teacher_input
 from .views import (
-    KIND_PLAIN, LAMBDA_ONE, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize, replay_mixed,
-    replay_view, stable_int, view_params,
+    KIND_PLAIN, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize, own_label_dominates,
+    replay_mixed, replay_view, stable_int, view_params,
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -184,7 +184,7 @@ class _ViewItems(IterableDataset):
         _, partner_key, partner_label, partner = found
         partner_params = view_params(self.recipe, self.seed, partner_key, view, partner.shape[1], partner.shape[2])
         stored = mixed_params(params, draw, partner_params)
-        return stored, partner, label if 2 * int(stored[12]) >= LAMBDA_ONE else partner_label
+        return stored, partner, label if own_label_dominates(int(stored[12])) else partner_label
 
 
 class _ShardBuffer:
@@ -296,7 +296,7 @@ def _plan(reader: CacheReader, writer: CacheWriter, shards: Sequence[int], num_v
         views = sorted(set(missing_params).union(*missing.values())) or ([0] if need_samples else [])
         if not views:
             continue
-        if not need_samples:
+        if not need_samples and (s not in expected or expected[s].digests is None):  # once, not every round
             samples = reader.samples(s)
             expected[s] = _Expected(decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.DIGEST_ARRAY])
         rec = writer.meta.shards[s]

@@ -256,6 +256,12 @@ def view_lambda(params: np.ndarray | torch.Tensor) -> float:
     return 1.0 if view_kind(params) == KIND_PLAIN else int(params[12]) / LAMBDA_ONE
 
 
+def own_label_dominates(lam):
+    """The sample's own label is its view's dominant one when it weighs at least half (ties: its own); ``lam`` in
+    units of 1/LAMBDA_ONE, an int or an array. (losses.MixedLabels.dominant is the same rule on float lambdas.)"""
+    return 2 * lam >= LAMBDA_ONE
+
+
 def first_labels(params: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[n, V] label ranked first per stored view (what ``label_logp`` holds): the sample's own for plain views and
     mixed views where it weighs at least half, else its partner's. ``params`` [n, V, width], ``labels`` the
@@ -263,7 +269,7 @@ def first_labels(params: np.ndarray, labels: np.ndarray) -> np.ndarray:
     own = np.broadcast_to(np.asarray(labels)[:, None], params.shape[:2])
     if params.shape[-1] == PLAIN_WIDTH:
         return own.copy()
-    partner_wins = (params[..., 5] != KIND_PLAIN) & (2 * params[..., 12] < LAMBDA_ONE)
+    partner_wins = (params[..., 5] != KIND_PLAIN) & ~own_label_dominates(params[..., 12])
     partner = np.asarray(labels)[np.clip(params[..., 6], 0, len(labels) - 1)]
     return np.where(partner_wins, partner, own)
 

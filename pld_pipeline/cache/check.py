@@ -11,7 +11,7 @@ from .format import CacheError, SampleStatus
 from .integrity import REPAIR, DamagedUnit
 from .reader import CacheReader
 from .store import can_list, read_index, read_marker, store_nbytes
-from ..views import KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, first_labels
+from ..views import KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, PLAIN_WIDTH, first_labels
 
 
 @dataclass
@@ -67,7 +67,7 @@ def check_unit(reader: CacheReader, name: str, samples_of: dict[int, dict[str, n
         return UnitCheck(_check_views(arrays[fmt.PARAMS_ARRAY][:n], ok, reader.meta.recipe.get("size", 0)))
     block = {path[len(fmt.teacher_array(unit.teacher, "")):]: arr[:n][ok] for path, arr in arrays.items()}
     labels = samples[fmt.LABEL_ARRAY][ok]
-    if reader.meta.params_width != 5:  # mixed views rank their dominant label first: compare with that
+    if reader.meta.params_width != PLAIN_WIDTH:  # mixed views rank their dominant label first: compare with that
         a, b = unit.views
         try:
             params = reader.read_block(unit.shard, views=b).params[:, a:b]
@@ -87,7 +87,7 @@ def _check_views(params: np.ndarray, ok: np.ndarray, size: int) -> list[str]:
     boxes = params[ok]
     bad = (boxes[..., 2] < 1) | (boxes[..., 3] < 1) | ~np.isin(boxes[..., 4], (0, 1))
     problems = [f"{int(bad.sum())} view(s) with an empty box or a flip other than 0/1"] if bad.any() else []
-    if params.shape[-1] == 5:
+    if params.shape[-1] == PLAIN_WIDTH:
         return problems
     rows = np.arange(len(params))[ok][:, None]
     kind, partner, lam = boxes[..., 5], boxes[..., 6], boxes[..., 12]
@@ -156,11 +156,7 @@ def index_warnings(reader: CacheReader) -> list[str]:
     listing (plain HTTP) see exactly what the index lists. Not damage (nothing wrong is ever read), so warnings."""
     if not can_list(reader.url):
         return []
-    by_shard: dict[int, set[str]] = {s: set() for s in range(len(reader.meta.shards))}
-    for name in reader.markers:
-        unit = fmt.parse_unit_name(name)
-        if unit is not None and unit.shard in by_shard:
-            by_shard[unit.shard].add(name)
+    by_shard = fmt.units_by_shard(reader.markers, range(len(reader.meta.shards)))
     stale = [s for s, names in by_shard.items() if set(read_index(reader.root, s) or []) != names]
     if not stale:
         return []

@@ -266,6 +266,17 @@ def parse_unit_name(name: str) -> UnitName | None:
 
 
 
+def units_by_shard(names: list[str], shards) -> dict[int, set[str]]:
+    """The given shards' unit names among ``names`` (each shard present, possibly with none): what a shard's
+    unit index must list."""
+    by_shard: dict[int, set[str]] = {s: set() for s in shards}
+    for name in names:
+        unit = parse_unit_name(name)
+        if unit is not None and unit.shard in by_shard:
+            by_shard[unit.shard].add(name)
+    return by_shard
+
+
 def unit_arrays(unit: UnitName) -> tuple[str, ...]:
     """The arrays a unit writes (and its marker checksums), in a fixed order."""
     if unit.kind == "samples":

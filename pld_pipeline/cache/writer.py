@@ -121,14 +121,9 @@ class CacheWriter:
     def sync_index(self, shards: list[int] | range) -> None:
         """Make these shards' unit indexes list exactly their markers: after a crash between a marker and its
         index update, and for caches written before the index existed."""
-        by_shard: dict[int, list[str]] = {s: [] for s in shards}
-        for name in list_markers(self.root):
-            unit = fmt.parse_unit_name(name)
-            if unit is not None and unit.shard in by_shard:
-                by_shard[unit.shard].append(name)
-        for shard, names in by_shard.items():
+        for shard, names in fmt.units_by_shard(list_markers(self.root), shards).items():
             if read_index(self.root, shard) != sorted(names):
-                write_index(self.root, shard, names)
+                write_index(self.root, shard, list(names))
 
     def withdraw(self, name: str) -> None:
         """Take a unit back (to rewrite it): out of the index first, then its marker, so no reader is ever
