@@ -16,6 +16,7 @@ import time
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import digits_arrays, split_arrays
+from pld_pipeline.launch import Launch
 from pld_pipeline.sweep import run_sweep
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
@@ -47,10 +48,10 @@ def main() -> None:
         single = time.perf_counter() - t0
         seeds = {"seed": list(range(args.students))}
         t0 = time.perf_counter()
-        run_sweep(base, seeds, [], os.path.join(root, "sweep1"), jobs=1)
+        run_sweep(base, seeds, [], os.path.join(root, "sweep1"), launch=Launch(jobs=1))
         sweep_seq = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_sweep(base, seeds, [], os.path.join(root, "sweep2"), jobs=2)
+        run_sweep(base, seeds, [], os.path.join(root, "sweep2"), launch=Launch(jobs=2))
         sweep_par = time.perf_counter() - t0
     finally:
         shutil.rmtree(root, ignore_errors=True)

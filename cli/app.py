@@ -26,6 +26,11 @@ TEACHER = "Teacher"
 VIEWS = "Views"
 CACHE = "Cache"
 RUN = "Run"
+LAUNCH = "Launch"
+HALVING = "Early stopping"
+LOG_HELP = ("Experiment tracking, comma-separated: tensorboard (event files in the run directory), mlflow "
+            "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_MODE, WANDB_PROJECT). Nothing is logged "
+            "unless asked; a backend that fails only warns.")
 
 
 def _rank() -> int:
@@ -294,6 +299,8 @@ def distill_cmd(
     image_field: Annotated[str, typer.Option(help="Image extension(s), ;-separated.", rich_help_panel=DATA)] = "jpg;jpeg;png;webp",
     label_field: Annotated[str, typer.Option(help="Label extension (only without --cache).", rich_help_panel=DATA)] = "cls",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last finished epoch.", rich_help_panel=RUN)] = False,
+    log: Annotated[Optional[str], typer.Option(help=LOG_HELP, rich_help_panel=RUN)] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="The sweep directory this run belongs to (written by `pld sweep --print-commands`): its halving study and tracking parent run.", rich_help_panel=RUN)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
 ) -> None:
@@ -314,7 +321,7 @@ def distill_cmd(
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
         top_k=top_k, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
-        pretrained=pretrained, student_size=student_size)
+        pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
     if _rank() != 0:
         return
@@ -422,31 +429,53 @@ def sweep_cmd(
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards (base setting).")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student (base setting).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache, shared by all runs.")] = None,
-    jobs: Annotated[int, typer.Option(help="Runs at once (CPU threads split between them; one GPU each where several exist).")] = 1,
+    log: Annotated[Optional[str], typer.Option(help=LOG_HELP + " A sweep is one parent run (MLflow) or group (W&B) with a child run per configuration.")] = None,
+    jobs: Annotated[int, typer.Option(help="Local launcher: runs at once (CPU threads split between them; one GPU each where several exist).", rich_help_panel=LAUNCH)] = 1,
+    launcher: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'pld-pipeline[ray]').", rich_help_panel=LAUNCH)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join: auto (this node's), host:port, or ray://host:10001 [default: start Ray here]. The sweep directory and local paths must be visible to every node.", rich_help_panel=LAUNCH)] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs reserved for each run (its torch threads).", rich_help_panel=LAUNCH)] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs reserved for each run.", rich_help_panel=LAUNCH)] = 0.0,
+    procs_per_run: Annotated[int, typer.Option(help="Ray: processes per run; > 1 makes each run a DDP run under torchrun (give one GPU per process).", rich_help_panel=LAUNCH)] = 1,
+    print_commands: Annotated[bool, typer.Option("--print-commands", help="Print one `pld distill` line per pending run (for SLURM job arrays, Kubernetes job lists) and exit; `pld report` gathers the results.", rich_help_panel=LAUNCH)] = False,
+    scheduler: Annotated[str, typer.Option(help="none (every run to its last epoch) or halving (asynchronous successive halving, Optuna's pruner: stops runs not in the top 1/--reduction-factor at each rung).", rich_help_panel=HALVING)] = "none",
+    grace_epochs: Annotated[int, typer.Option(help="halving: epochs every run trains before it can be stopped (the first rung).", rich_help_panel=HALVING)] = 1,
+    reduction_factor: Annotated[int, typer.Option(help="halving: keep the top 1/N at each rung; rungs at grace * N^i epochs.", rich_help_panel=HALVING)] = 3,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train many students from one cache: a grid or list of ordinary `distill` runs, then a results table.
 
-    Finished runs are skipped on rerun and interrupted ones resume. Writes results.csv, results.md and
-    results.png into --out (`pld report` re-renders them).
+    Finished runs are skipped on rerun and interrupted ones resume, on any launcher. Writes results.csv,
+    results.md and results.png into --out (`pld report` re-renders them).
     """
-    from pld_pipeline.sweep import load_sweep_file, parse_grid, parse_settings, run_sweep
+    from pld_pipeline.halving import SCHEDULERS, HalvingRule
+    from pld_pipeline.launch import Launch
+    from pld_pipeline.sweep import load_sweep_file, parse_grid, parse_settings, pending_commands, run_sweep
 
     base, file_grid, runs = load_sweep_file(str(config)) if config else ({}, {}, [])
     base.update(parse_settings(set_ or []))
     base.update({k: v for k, v in dict(data=data, cache=cache, val_data=val_data, student=student,
-                                         cache_dir=cache_dir).items() if v is not None})
+                                         cache_dir=cache_dir, log=log).items() if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown --scheduler '{scheduler}'. Use one of: {', '.join(SCHEDULERS)}.")
+    halving = HalvingRule(grace_epochs, reduction_factor) if scheduler == "halving" else None
+    if print_commands:
+        for line in pending_commands(base, full_grid, runs, out_, halving):
+            print(line)
+        return
+    how = Launch(launcher, jobs=jobs, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                 procs_per_run=procs_per_run)
     reporter = ProgressReporter(quiet=quiet)
 
     def progress(event: dict[str, Any]) -> None:
         if not quiet and event["event"] == "sweep_start":
-            err.print(f"sweep: {event['runs']} run(s), {event['runs'] - event['todo']} already done, {event['jobs']} at once")
+            at_once = f"{event['jobs']} at once" if isinstance(event["jobs"], int) else f"on {event['jobs']}"
+            err.print(f"sweep: {event['runs']} run(s), {event['runs'] - event['todo']} already done, {at_once}")
         elif not quiet and event["event"] == "run_done":
             err.print(f"finished {event['name']}")
         reporter(event)
 
-    rows = run_sweep(base, full_grid, runs, out_, jobs=jobs, progress=progress)
+    rows = run_sweep(base, full_grid, runs, out_, launch=how, halving=halving, progress=progress)
     _print_report(out_, rows)
 
 

@@ -28,14 +28,17 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .data import expand_shards, worker_errors
 from .faults import kill_point
+from .halving import Halving
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, Batch, EvalSamples, StudentData
+from .tracking import Tracker, fingerprint_digest, parse_log, sweep_ids
 from .views import ViewRecipe, normalize
 
 ProgressFn = Callable[[dict[str, Any]], None]
 STATE_FILE = "last_state.pt"
+SUMMARY_FILE = "summary.json"  # written when a run ends (trained to the last epoch, or stopped by its sweep)
 
 
 @dataclass
@@ -85,6 +88,8 @@ class DistillConfig:
     online_teacher: str | None = None
     online_teacher_checkpoint: str | None = None
     online_teacher_pretrained: bool = False
+    log: str | None = None  # experiment tracking: any of tensorboard,mlflow,wandb (tracking.BACKENDS)
+    sweep: str | None = None  # the sweep directory this run belongs to: its tracking parent and halving study
 
     def loss_params(self) -> dict[str, float]:
         """The loss parameters the user set; create_loss refuses those the loss does not take."""
@@ -93,6 +98,21 @@ class DistillConfig:
 
 
 # -- setup ------------------------------------------------------------------------------------------
+_MAY_CHANGE_ON_RESUME = ("resume", "workers", "device", "deterministic", "log", "sweep")
+
+
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Equal settings; recipes by meaning (`{"pad": 4}` spelt out by the command line, or left to its default)."""
+    if key == "recipe" and isinstance(saved, dict) and isinstance(now, dict):
+        return recipe_of(saved) == recipe_of(now)
+    return saved == now
+
+
+def recipe_of(overrides: dict[str, Any]) -> ViewRecipe:
+    """The recipe a run without a cache uses: the defaults with ``DistillConfig.recipe`` on top."""
+    return ViewRecipe.from_dict({**ViewRecipe().to_dict(), **overrides})
+
+
 def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None:
     """The state to resume from, or None for a fresh run; refuses to silently clobber another run, and a resume
     on another number of processes (its schedule, steps per epoch and data split were sized for the old one)."""
@@ -106,8 +126,8 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
         if run_config.get("world_size", 1) != world_size:
             raise ValueError(f"--resume on {world_size} process(es), but {cfg.out} was trained on "
                              f"{run_config.get('world_size', 1)}: resume with the same torchrun --nproc_per_node.")
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "device", "deterministic")}
-        diff = sorted(k for k, v in mine.items() if saved.get(k) != v)
+        mine = {k: v for k, v in asdict(cfg).items() if k not in _MAY_CHANGE_ON_RESUME}
+        diff = sorted(k for k, v in mine.items() if not _same_setting(k, saved.get(k), v))
         if diff:
             raise ValueError(f"--resume with different settings ({', '.join(diff)}) than {cfg.out}/config.json; "
                              "resume with the same command, or use another --out.")
@@ -163,6 +183,7 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError(f"Unsupported view policy '{cfg.view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
     needs_teacher = get_loss(cfg.loss).needs_teacher
     loss_fn = create_loss(cfg.loss, **cfg.loss_params())  # checks the name and parameters before any work
+    parse_log(cfg.log)
     # --online-teacher with --cache: the cache supplies the views only (its stored, possibly mixed, views replayed),
     # the teacher runs on them every step: the baseline that shows what the cached targets are worth.
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
@@ -212,76 +233,101 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     if dist.is_main:
         _write_run_config(cfg, data, temperature if needs_teacher else None, prep, dist.world_size)
     params = sum(p.numel() for p in model.parameters())
+    tracker = _tracker(cfg, data, temperature if needs_teacher else None, start_epoch) if dist.is_main and cfg.log else None
+    halving = Halving.for_run(cfg.sweep, cfg.out, history) if dist.is_main else None
+    stopped: dict[str, Any] = {}
     emit({"event": "train_start", "loss": cfg.loss, "student": cfg.student, "params": params, "epochs": cfg.epochs,
           "device": str(device), "world_size": dist.world_size, "resumed_epoch": start_epoch or None})
 
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout/drop-path: a function of (seed, epoch) alone
-        emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
-        train_model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        for step, batch in enumerate(data.epoch(epoch)):
-            kill_point("distill.step")
-            x = batch.images.to(device, non_blocking=True)
-            y = batch.labels.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            targets = targets_for(batch, x, y)
-            mix = None if batch.mix is None else batch.mix.to(device, non_blocking=True)
-            with autocast:
-                logits = train_model(normalize(x, prep["mean"], prep["std"]))
-            loss = loss_fn(logits.float(), y, targets, mix)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            if ema is not None:
-                ema.update(model, step=epoch * steps_per_epoch + step)
-            loss_sum += loss.detach()
-            seen += len(y)
-            if step % 10 == 0 or step + 1 == steps_per_epoch:
-                # .item() is a device sync: only every few steps, for the progress bar.
-                emit({"event": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
-                      "samples_per_s": seen * dist.world_size / max(time.perf_counter() - t0, 1e-9),
-                      "lr": optimizer.param_groups[0]["lr"]})
-        if seen < steps_per_epoch * cfg.batch_size:
-            raise RuntimeError(f"Epoch {epoch} produced {seen} samples, expected {steps_per_epoch * cfg.batch_size}; "
-                               "were samples skipped at cache time? Lower --batch-size.")
-        train_seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / steps_per_epoch,
-                               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_seconds,
-                               "samples_per_s": seen * dist.world_size / max(train_seconds, 1e-9)}
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            row.update(evaluate(model, val_loader, prep, device, dist, cfg.channels_last, autocast))
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, val_loader, prep, device, dist, cfg.channels_last, autocast)
-                row.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "val_samples"})
-        else:
-            row.update({"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan})
-        history.append(row)
-        if dist.is_main:
-            meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": data.num_classes,
-                    "loss": cfg.loss}
-            improved = val_loader is not None and row["val_top1"] > best["val_top1"]  # NaN (not evaluated) never wins
-            if improved or val_loader is None:
-                best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
-                _save_weights(model, os.path.join(cfg.out, "best.safetensors"), meta)
-            _save_weights(model, os.path.join(cfg.out, "last.safetensors"), meta)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
-                        "history": history}, os.path.join(cfg.out, STATE_FILE + ".tmp"))
-            os.replace(os.path.join(cfg.out, STATE_FILE + ".tmp"), os.path.join(cfg.out, STATE_FILE))
-            _write_metrics(cfg.out, history)
-        D.barrier(dist)
-        emit({"event": "epoch_end", **row})
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout/drop-path: a function of (seed, epoch) alone
+            emit({"event": "epoch_start", "epoch": epoch, "steps": steps_per_epoch})
+            train_model.train()
+            t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+            for step, batch in enumerate(data.epoch(epoch)):
+                kill_point("distill.step")
+                x = batch.images.to(device, non_blocking=True)
+                y = batch.labels.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                targets = targets_for(batch, x, y)
+                mix = None if batch.mix is None else batch.mix.to(device, non_blocking=True)
+                with autocast:
+                    logits = train_model(normalize(x, prep["mean"], prep["std"]))
+                loss = loss_fn(logits.float(), y, targets, mix)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                scheduler.step_update(epoch * steps_per_epoch + step + 1)
+                if ema is not None:
+                    ema.update(model, step=epoch * steps_per_epoch + step)
+                loss_sum += loss.detach()
+                seen += len(y)
+                if step % 10 == 0 or step + 1 == steps_per_epoch:
+                    # .item() is a device sync: only every few steps, for the progress bar.
+                    emit({"event": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
+                          "samples_per_s": seen * dist.world_size / max(time.perf_counter() - t0, 1e-9),
+                          "lr": optimizer.param_groups[0]["lr"]})
+            if seen < steps_per_epoch * cfg.batch_size:
+                raise RuntimeError(f"Epoch {epoch} produced {seen} samples, expected {steps_per_epoch * cfg.batch_size}; "
+                                   "were samples skipped at cache time? Lower --batch-size.")
+            train_seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / steps_per_epoch,
+                                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_seconds,
+                                   "samples_per_s": seen * dist.world_size / max(train_seconds, 1e-9)}
+            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                row.update(evaluate(model, val_loader, prep, device, dist, cfg.channels_last, autocast))
+                if ema is not None:
+                    ema_metrics = evaluate(ema.module, val_loader, prep, device, dist, cfg.channels_last, autocast)
+                    row.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "val_samples"})
+            else:
+                row.update({"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan})
+            history.append(row)
+            if dist.is_main:
+                meta = {"epoch": epoch, "metrics": row, "student": cfg.student, "num_classes": data.num_classes,
+                        "loss": cfg.loss}
+                improved = val_loader is not None and row["val_top1"] > best["val_top1"]  # NaN (not evaluated) never wins
+                if improved or val_loader is None:
+                    best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
+                    _save_weights(model, os.path.join(cfg.out, "best.safetensors"), meta)
+                _save_weights(model, os.path.join(cfg.out, "last.safetensors"), meta)
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
+                            "history": history}, os.path.join(cfg.out, STATE_FILE + ".tmp"))
+                os.replace(os.path.join(cfg.out, STATE_FILE + ".tmp"), os.path.join(cfg.out, STATE_FILE))
+                _write_metrics(cfg.out, history)
+            D.barrier(dist)
+            if tracker is not None:
+                tracker.log_epoch(epoch, row)
+            emit({"event": "epoch_end", **row})
+            reason = halving.check(epoch, row["val_top1"]) if halving is not None else None
+            reason = D.all_gather_objects(reason, dist)[0]  # rank 0 decides for all ranks
+            if reason:
+                stopped = {"stopped_after_epochs": epoch + 1, "stop_reason": reason}
+                emit({"event": "stopped", **stopped})
+                break
+    except BaseException:
+        if tracker is not None:
+            tracker.finish({}, failed=True)
+        raise
 
     last = history[-1] if history else {}
     summary = {"out": cfg.out, "loss": cfg.loss, "student": cfg.student, "epochs": cfg.epochs,
                "best_val_top1": best["val_top1"] if cfg.val_data else None, "best_epoch": best["epoch"],
                "last_val_top1": last.get("val_top1"), "seconds": time.perf_counter() - t_run,
-               "train_seconds": sum(r["epoch_seconds"] for r in history), "params": params}
+               "train_seconds": sum(r["epoch_seconds"] for r in history), "params": params,
+               "resumed_from_epoch": start_epoch if state is not None else None, **stopped}
+    if dist.is_main:
+        if halving is not None and not stopped:
+            halving.complete(last.get("val_top1", math.nan))
+        if tracker is not None:
+            tracker.finish(summary, {"pld.checkpoint": os.path.abspath(os.path.join(cfg.out, "best.safetensors")),
+                                     "pld.last_checkpoint": os.path.abspath(os.path.join(cfg.out, "last.safetensors")),
+                                     **({"pld.stop_reason": stopped["stop_reason"]} if stopped else {})})
+        _write_json(os.path.join(cfg.out, SUMMARY_FILE), summary)
     emit({"event": "end", **summary})
     return summary
 
@@ -291,7 +337,7 @@ def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, dev
                 dist: D.DistInfo) -> StudentData:
     recipe = num_classes = None
     if not cfg.cache:
-        recipe = ViewRecipe.from_dict({**ViewRecipe().to_dict(), **cfg.recipe})
+        recipe = recipe_of(cfg.recipe)
         classes = read_classes(expand_shards(cfg.data)[0])
         num_classes = cfg.num_classes or (len(classes) if classes else None)
         if num_classes is None:
@@ -361,6 +407,25 @@ def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dis
     workers = cfg.workers if device.type == "cuda" else min(cfg.workers, 1)  # on a CPU the cores train
     return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=4 if workers else None)
+
+
+def _tracker(cfg: DistillConfig, data: StudentData, temperature: float | None, start_epoch: int) -> Tracker:
+    """The run's tracked run: its settings, the cache it learned from, the sweep it belongs to."""
+    fingerprint = data.fingerprint()
+    params = {**asdict(cfg), "temperature_used": temperature, "num_classes": data.num_classes,
+              "steps_per_epoch": len(data)}
+    tags = {"pld.run_dir": os.path.abspath(cfg.out)}
+    if fingerprint is not None:
+        tags.update({"pld.cache_url": str(fingerprint["url"]), "pld.cache_fingerprint": fingerprint_digest(fingerprint)})
+    parent = sweep_ids(cfg.sweep) if cfg.sweep else {}
+    return Tracker(parse_log(cfg.log), cfg.out, os.path.basename(os.path.normpath(cfg.out)), params, tags,
+                   start_epoch=start_epoch, group=parent.get("group"), parent=parent)
+
+
+def _write_json(path: str, doc: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float | None, prep: dict[str, Any],

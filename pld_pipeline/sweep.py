@@ -1,9 +1,10 @@
 """Cheap student sweeps over one cache: a grid or list of ordinary `distill` runs, then one report.
 
 Each run is a normal run directory under the sweep directory, named by its settings. A finished run (with
-``summary.json``) is skipped on rerun, a started one resumes. ``jobs > 1`` runs several at once in separate
-processes, splitting CPU threads between them and giving each its own GPU where several exist. The cache is
-only ever opened read-only, and no teacher is loaded.
+``summary.json``) is skipped on rerun, a started one resumes. Where runs execute is the launcher's business
+(launch.py: here, a process pool, Ray, or printed command lines); which runs stop early is Optuna's
+successive-halving pruner's (halving.py); tracking is MLflow's, W&B's and TensorBoard's (tracking.py). The
+cache is only ever opened read-only, and no teacher is loaded.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import os
 import re
 import statistics
 import tomllib
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from typing import Any, Callable
 
-from .distill import STATE_FILE, DistillConfig, distill
+from .distill import SUMMARY_FILE, DistillConfig
+from .halving import HalvingRule
+from .launch import Launch, command_line
+from .launch import launch as launch_runs
+from .tracking import finish_sweep_parent, parse_log, sweep_parent
 
 ProgressFn = Callable[[dict[str, Any]], None]
 _FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
-_NOT_SWEPT = {"out", "resume"}
+_NOT_SWEPT = {"out", "resume", "sweep"}
 
 
 def _check_key(key: str) -> str:
@@ -108,105 +111,78 @@ def run_name(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", "__".join(parts))[:200] or "run"
 
 
-def _run_one(base: dict[str, Any], overrides: dict[str, Any], out: str) -> dict[str, Any]:
-    done = os.path.join(out, "summary.json")
-    resume = os.path.isfile(os.path.join(out, STATE_FILE))
-    summary = distill(DistillConfig(**{**base, **overrides, "out": out, "resume": resume}))
-    with open(done, "w") as f:
-        json.dump({**summary, "overrides": overrides}, f, indent=1)
-    return summary
-
-
-
-
-def job_gpus(jobs: int, n_gpu: int, device: str, visible: str | None) -> list[str]:
-    """What each parallel job's CUDA_VISIBLE_DEVICES becomes: the parent's *physical* ids (its own
-    CUDA_VISIBLE_DEVICES, when set, lists them; ids or UUIDs), dealt round-robin, or all on one GPU when
-    ``device`` names an index (relative to the parent's visible GPUs, as torch counts them)."""
-    physical = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n_gpu)]
-    physical = physical[:n_gpu]
-    index = torch_device_index(device)
-    if index is not None:
-        if index >= len(physical):
-            raise ValueError(f"--device {device}: only {len(physical)} GPU(s) are visible.")
-        return [physical[index]] * jobs
-    return [physical[i % len(physical)] for i in range(jobs)]
-
-
-def torch_device_index(device: str) -> int | None:
-    kind, _, index = str(device).partition(":")
-    return int(index) if kind == "cuda" and index else None
-
-
-def _init_worker(threads: int, gpus: Any) -> None:
-    import multiprocessing
-
-    import torch
-    # A spawned job inherits "spawn" as its default start method, so its DataLoader would start a fresh
-    # interpreter (re-importing torch) for every worker of every epoch: measured 5x slower runs. Jobs are
-    # spawned for isolation; inside one, the platform default (fork on Linux) is what DataLoader expects.
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
-    torch.set_num_threads(threads)
-    if gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())  # before any CUDA call in this process
-
-
 def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str, *,
-              jobs: int = 1, progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+              launch: Launch = Launch(), halving: HalvingRule | None = None,
+              progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Run every configuration not yet finished, then write the report. Returns the report rows."""
     emit = progress or (lambda event: None)
+    todo = plan_sweep(base, grid, runs, out, halving)
+    names = _read_plan(out)
+    emit({"event": "sweep_start", "runs": len(names), "todo": len(todo),
+          "jobs": launch.jobs if launch.kind == "local" else launch.kind})
+    backends = parse_log(base.get("log"))
+    if backends:
+        sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()},
+                                     "scheduler": (halving.to_dict() if halving else None), "runs": len(names)})
+    launch_runs(todo, launch, emit)
+    rows = report(out)
+    if backends:
+        finished = [r for r in rows if r["done"] and not r["stopped_after_epochs"] and r["best_val_top1"] is not None]
+        finish_sweep_parent(out, max(finished, key=lambda r: r["best_val_top1"], default=None))
+    return rows
+
+
+def pending_commands(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str,
+                     halving: HalvingRule | None = None, program: str = "pld") -> list[str]:
+    """One ``pld distill`` line per pending run, for any scheduler (SLURM arrays, Kubernetes jobs): each line
+    carries ``--sweep``, so halving and tracking work as under ``pld sweep``; ``pld report`` gathers the results."""
+    todo = plan_sweep(base, grid, runs, out, halving)
+    backends = parse_log(base.get("log"))
+    if backends:
+        sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()}, "runs": len(todo)})
+    return [command_line(settings, program) for settings in todo.values()]
+
+
+def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str,
+               halving: HalvingRule | None = None) -> dict[str, dict[str, Any]]:
+    """Check the sweep, record it in ``out/sweep.json`` and return the pending runs (name -> full settings).
+
+    A finished run (``summary.json``: trained to the end, or stopped by halving) is not pending; a started one
+    is, and resumes."""
     plan = expand(grid, runs)
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}.")
     for key in list(base) + [k for p in plan for k in p]:
         _check_key(key)
     missing = [k for k in ("data", "student") if k not in base and not all(k in p for p in plan)]
     if missing:
         raise ValueError(f"The sweep needs {', '.join(missing)} (in base settings or in every run).")
+    if halving is not None and not base.get("val_data") and not all(p.get("val_data") for p in plan):
+        raise ValueError("--scheduler halving compares runs by validation top-1: give --val-data.")
+    parse_log(base.get("log"))
     os.makedirs(out, exist_ok=True)
     named = {run_name(o): o for o in plan}
     if len(named) != len(plan):
         raise ValueError("Two runs of the sweep have the same settings; remove the duplicate.")
     with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"base": base, "grid": grid, "runs": runs, "names": named}, f, indent=1, default=str)
-    todo = {n: o for n, o in named.items() if not os.path.isfile(os.path.join(out, n, "summary.json"))}
-    emit({"event": "sweep_start", "runs": len(named), "todo": len(todo), "jobs": jobs})
-    base = {**base, "device": base.get("device", "auto")}
-    if jobs == 1 or len(todo) <= 1:
-        for name, overrides in todo.items():
-            _run_one(base, overrides, os.path.join(out, name))
-            emit({"event": "run_done", "name": name})
-    else:
-        import torch
-        gpus = None
-        n_gpu = torch.cuda.device_count()
-        ctx = get_context("spawn")
-        if n_gpu > 1:
-            gpus = ctx.Manager().Queue()
-            for gpu in job_gpus(jobs, n_gpu, base["device"], os.environ.get("CUDA_VISIBLE_DEVICES")):
-                gpus.put(gpu)
-            if str(base["device"]).startswith("cuda"):
-                base = {**base, "device": "cuda"}  # each job sees exactly its own GPU, as cuda:0
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads, gpus)) as pool:
-            futures = {pool.submit(_run_one, base, o, os.path.join(out, n)): n for n, o in todo.items()}
-            for fut in as_completed(futures):
-                fut.result()
-                emit({"event": "run_done", "name": futures[fut]})
-    return report(out)
+        json.dump({"base": base, "grid": grid, "runs": runs, "names": named,
+                   "scheduler": halving.to_dict() if halving else None}, f, indent=1, default=str)
+    base = {**base, "device": base.get("device", "auto"), "sweep": os.path.abspath(out)}
+    return {n: {**base, **o, "out": os.path.join(out, n)} for n, o in named.items()
+            if not os.path.isfile(os.path.join(out, n, SUMMARY_FILE))}
 
 
-def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
+def _read_plan(sweep_dir: str) -> dict[str, dict[str, Any]]:
     path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no sweep.json); run `pld sweep` first.")
     with open(path) as f:
-        names = json.load(f)["names"]
+        return json.load(f)["names"]
+
+
+def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
     out = []
-    for name, overrides in names.items():
+    for name, overrides in _read_plan(sweep_dir).items():
         run_dir = os.path.join(sweep_dir, name)
-        summary_path = os.path.join(run_dir, "summary.json")
+        summary_path = os.path.join(run_dir, SUMMARY_FILE)
         summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         metrics = [json.loads(line) for line in open(metrics_path)] if os.path.isfile(metrics_path) else []
@@ -222,7 +198,8 @@ def report(sweep_dir: str) -> list[dict[str, Any]]:
     for name, overrides, summary, metrics in runs:
         rows.append({**{k: overrides.get(k) for k in keys}, "run": name, "done": bool(summary),
                      "epochs_done": len(metrics), "best_val_top1": summary.get("best_val_top1"),
-                     "last_val_top1": summary.get("last_val_top1"), "train_seconds": summary.get("train_seconds")})
+                     "last_val_top1": summary.get("last_val_top1"), "train_seconds": summary.get("train_seconds"),
+                     "stopped_after_epochs": summary.get("stopped_after_epochs"), "stop_reason": summary.get("stop_reason")})
     with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -256,7 +233,7 @@ def _markdown(rows: list[dict[str, Any]], keys: list[str], groups: dict[str, lis
     for r in rows:
         cells = [str(r[k]) for k in keys] + [_fmt([r["best_val_top1"]]), _fmt([r["last_val_top1"]]),
                                              f"{r['train_seconds']:.1f}" if r["train_seconds"] else "-",
-                                             "yes" if r["done"] else f"{r['epochs_done']} epochs"]
+                                             _status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if any(len(g) > 1 for g in groups.values()):
         lines += ["", "| configuration | runs | best top-1 (mean ± std) | last top-1 (mean ± std) |", "|---|---|---|---|"]
@@ -264,6 +241,12 @@ def _markdown(rows: list[dict[str, Any]], keys: list[str], groups: dict[str, lis
             lines.append(f"| {label} | {len(g)} | {_fmt([r['best_val_top1'] for r in g])} | "
                          f"{_fmt([r['last_val_top1'] for r in g])} |")
     return "\n".join(lines) + "\n"
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["stopped_after_epochs"]:
+        return f"stopped after {row['stopped_after_epochs']} epochs (halving)"
+    return "yes" if row["done"] else f"{row['epochs_done']} epochs"
 
 
 def _plot(groups: dict[str, list[dict[str, Any]]], path: str) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from pld_pipeline import distributed as D
 from pld_pipeline.student_data import TrainShard, ranges_for, samples_per_rank
-from pld_pipeline.sweep import job_gpus
+from pld_pipeline.launch import job_gpus
 
 
 @pytest.fixture

@@ -1,12 +1,17 @@
 """Student sweeps over one cache: grids, files, skipping finished runs, parallel jobs, reports."""
 import csv
+from dataclasses import replace
 import json
 import os
 
 import pytest
 from typer.testing import CliRunner
 
-from pld_pipeline.sweep import expand, load_sweep_file, parse_grid, report, run_name, run_sweep
+from pld_pipeline.distill import DistillConfig
+from pld_pipeline.halving import HalvingRule
+from pld_pipeline.launch import Launch, distill_argv
+from pld_pipeline.sweep import (expand, load_sweep_file, parse_grid, pending_commands, plan_sweep, report, run_name,
+                                run_sweep)
 from pld_pipeline_cli.app import app
 
 
@@ -72,8 +77,8 @@ def test_report_re_renders_from_run_directories(tiny_data, cache, tmp_path):
 @pytest.mark.slow
 def test_parallel_jobs_give_the_same_runs_as_sequential(tiny_data, cache, tmp_path):
     grid = parse_grid(["loss=kd,pld"])
-    run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "seq"), jobs=1)
-    run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "par"), jobs=2)
+    run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "seq"), launch=Launch(jobs=1))
+    run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "par"), launch=Launch(jobs=2))
     for name in ("loss=kd", "loss=pld"):
         a = json.load(open(tmp_path / "seq" / name / "summary.json"))
         b = json.load(open(tmp_path / "par" / name / "summary.json"))
@@ -92,3 +97,114 @@ def test_sweep_command_line(tiny_data, cache, tmp_path):
     assert again.exit_code == 0 and "results.md" in again.output
     bad = CliRunner().invoke(app, ["sweep", "--grid", "loss=pld", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "needs data, student" in " ".join(bad.output.split())
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_halving_stops_runs_outside_the_top_fraction_at_each_rung(tiny_data, cache, tmp_path):
+    """Asynchronous successive halving (Optuna's pruner), checked against its rule from the runs' own metrics:
+    at a rung (grace * rf^i epochs) a run stops iff its top-1 is below the rf-th share of the runs there so far."""
+    settings = {**base(tiny_data, cache), "epochs": 4, "warmup_epochs": 0}
+    grid = parse_grid(["lr=1e-5,3e-3,1e-2,3e-4,1e-3,1e-4"])
+    rule = HalvingRule(grace_epochs=1, reduction_factor=2)
+    rows = run_sweep(settings, grid, [], str(tmp_path / "sw"), halving=rule)
+    by_name = {r["run"]: r for r in rows}
+    assert all(r["done"] for r in rows)
+    stopped = [r for r in rows if r["stopped_after_epochs"]]
+    assert stopped and len(stopped) < len(rows), "halving stopped nothing, or everything"
+    seen_at: dict[int, list[float]] = {}  # top-1 of the runs that reached each rung, in the (sequential) run order
+    for name in json.load(open(tmp_path / "sw" / "sweep.json"))["names"]:
+        metrics, row = _metrics(tmp_path / "sw" / name), by_name[name]
+        for rung in (1, 2, 4):
+            if rung > len(metrics) or rung == 4:
+                break
+            value = metrics[rung - 1]["val_top1"]
+            competing = sorted(seen_at.setdefault(rung, []) + [value], reverse=True)
+            cutoff = competing[max(len(competing) // rule.reduction_factor - 1, 0)]
+            seen_at[rung].append(value)
+            if value < cutoff:
+                assert row["stopped_after_epochs"] == rung and len(metrics) == rung, (name, rung, value, competing)
+                assert f"after {rung} epoch(s)" in row["stop_reason"] and "top 1/2" in row["stop_reason"]
+                break
+        else:
+            assert not row["stopped_after_epochs"] and len(metrics) == 4, name
+    with open(tmp_path / "sw" / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["run"] for r in csv_rows if r["stop_reason"]} == {r["run"] for r in stopped}
+    assert "stopped after" in (tmp_path / "sw" / "results.md").read_text()
+    again = []
+    run_sweep(settings, grid, [], str(tmp_path / "sw"), halving=rule, progress=again.append)
+    assert not any(e["event"] == "run_done" for e in again)  # a stopped run is finished, not pending
+
+
+@pytest.mark.slow
+def test_an_interrupted_halving_run_resumes_its_own_trial(tiny_data, cache, tmp_path):
+    import optuna
+
+    from pld_pipeline.distill import distill
+    from pld_pipeline.halving import TRIAL_FILE, _study
+    settings, rule, out = {**base(tiny_data, cache), "epochs": 3}, HalvingRule(1, 2), str(tmp_path / "sw")
+    todo = plan_sweep(settings, parse_grid(["loss=ce,kd"]), [], out, rule)
+
+    def crash(event):
+        if event["event"] == "epoch_end" and event["epoch"] == 1:
+            raise KeyboardInterrupt  # the run dies after its second epoch (state saved)
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(**todo["loss=ce"]), progress=crash)
+    trial_id = json.load(open(os.path.join(out, "loss=ce", TRIAL_FILE)))["trial_id"]
+    rows = run_sweep(settings, parse_grid(["loss=ce,kd"]), [], out, halving=rule)
+    assert json.load(open(os.path.join(out, "loss=ce", TRIAL_FILE)))["trial_id"] == trial_id
+    summary = json.load(open(os.path.join(out, "loss=ce", "summary.json")))
+    assert summary["resumed_from_epoch"] == 2 and len(_metrics(os.path.join(out, "loss=ce"))) == 3
+    trials = _study(out, rule).get_trials()
+    assert len(trials) == 2 and sorted(trials[0].intermediate_values) == [1, 2, 3]  # one trial per run, no orphan
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE and all(r["done"] for r in rows)
+
+
+def test_printed_commands_are_the_sweep_runs(tiny_data, cache, tmp_path, monkeypatch):
+    """Each printed `pld distill` line, parsed by the real command line, makes exactly the run the sweep would."""
+    import shlex
+
+    import pld_pipeline.distill
+    settings = {**base(tiny_data, cache), "teacher": "r14", "amp": False, "recipe": {"name": "cifar", "size": 16},
+                "clip_grad": 1.0, "pretrained": False, "deterministic": True, "log": "tensorboard"}
+    out = str(tmp_path / "sw")
+    lines = pending_commands(settings, parse_grid(["loss=pld,kd lr=1e-3"]), [], out, HalvingRule(1, 3))
+    expected = plan_sweep(settings, parse_grid(["loss=pld,kd lr=1e-3"]), [], out)
+    assert len(lines) == 2 and all(line.startswith("pld distill ") and "--sweep " in line for line in lines)
+    seen = []
+    monkeypatch.setattr(pld_pipeline.distill, "distill", lambda cfg, progress=None: seen.append(cfg) or {
+        "best_val_top1": None, "loss": cfg.loss, "student": cfg.student, "train_seconds": 0, "seconds": 0, "out": cfg.out})
+    for line in lines:
+        result = CliRunner().invoke(app, shlex.split(line)[1:] + ["--quiet"])
+        assert result.exit_code == 0, result.output
+    from pld_pipeline.distill import recipe_of
+    assert [recipe_of(c.recipe) for c in seen] == [recipe_of(s["recipe"]) for s in expected.values()]
+    assert [replace(c, recipe={}) for c in seen] == [DistillConfig(**{**s, "recipe": {}}) for s in expected.values()]
+    with pytest.raises(ValueError, match="no `pld distill` option"):
+        distill_argv({"data": "d", "out": "o", "student": "s", "recipe": {"name": "imagenet", "scale": [0.5, 1]}})
+
+
+@pytest.mark.slow
+def test_a_printed_command_run_elsewhere_is_gathered_by_report(tiny_data, cache, tmp_path):
+    import shlex
+    out = str(tmp_path / "sw")
+    result = CliRunner().invoke(app, ["sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--student",
+                                      "cifar_resnet8", "--val-data", tiny_data["val"].pattern, "--set", "epochs=1",
+                                      "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
+                                      "--grid", "loss=ce,kd", "--out", out, "--print-commands"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2
+    ran = CliRunner().invoke(app, shlex.split(lines[0])[1:] + ["--quiet"])  # what a SLURM array task would run
+    assert ran.exit_code == 0, ran.output
+    rows = report(out)
+    assert [r["done"] for r in rows] == [True, False]
+    again = CliRunner().invoke(app, ["sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--student",
+                                     "cifar_resnet8", "--val-data", tiny_data["val"].pattern, "--set", "epochs=1",
+                                     "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
+                                     "--grid", "loss=ce,kd", "--out", out, "--print-commands"])
+    assert again.output.strip().splitlines() == lines[1:]  # only the pending run is printed again
