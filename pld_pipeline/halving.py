@@ -48,8 +48,11 @@ def read_rule(sweep_dir: str) -> HalvingRule | None:
     return HalvingRule(scheduler["grace_epochs"], scheduler["reduction_factor"])
 
 
-def _study(sweep_dir: str, rule: HalvingRule) -> Any:
-    import optuna
+def open_study(sweep_dir: str, rule: HalvingRule) -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("--scheduler halving needs Optuna: pip install 'pld-pipeline[halving]'.") from None
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
     optuna.logging.set_verbosity(logging.WARNING)
     path = os.path.join(sweep_dir, STUDY_FILE)
@@ -67,7 +70,7 @@ class Halving:
     def __init__(self, sweep_dir: str, run_dir: str, rule: HalvingRule, history: list[dict[str, Any]]) -> None:
         import optuna
         self.rule = rule
-        self.study = _study(sweep_dir, rule)
+        self.study = open_study(sweep_dir, rule)
         trial_path = os.path.join(run_dir, TRIAL_FILE)
         trial_id = None
         if os.path.isfile(trial_path):

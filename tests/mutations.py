@@ -30,7 +30,28 @@ class Mutation:
 
 FAULTS = "tests/test_faults.py::"
 MIX = "tests/test_mix.py::"
+SWEEP = "tests/test_sweep.py::"
+TRACK = "tests/test_tracking.py::"
 MUTATIONS = [
+    Mutation("halving keeps the worst runs (study minimises top-1)", "pld_pipeline/halving.py",
+             'direction="maximize"', 'direction="minimize"',
+             (SWEEP + "test_halving_stops_runs_outside_the_top_fraction_at_each_rung",)),
+    Mutation("a resumed halving run opens a new trial", "pld_pipeline/halving.py",
+             "if trial_id is None:\n            self.trial", "if True:\n            self.trial",
+             (SWEEP + "test_an_interrupted_halving_run_resumes_its_own_trial",)),
+    Mutation("a resumed run starts a new tracked run", "pld_pipeline/tracking.py",
+             "self.ids = _read_ids(folder)", "self.ids = {}",
+             (TRACK + "test_distill_logs_to_tensorboard_mlflow_and_wandb_and_a_resume_continues_the_same_runs",)),
+    Mutation("metrics logged one epoch off", "pld_pipeline/distill.py",
+             "tracker.log_epoch(epoch, row)", "tracker.log_epoch(epoch + 1, row)",
+             (TRACK + "test_distill_logs_to_tensorboard_mlflow_and_wandb_and_a_resume_continues_the_same_runs",)),
+    Mutation("a printed command drops a boolean setting", "pld_pipeline/launch.py",
+             "        elif isinstance(value, bool):\n            argv.append(flag)", "        elif isinstance(value, bool):\n            pass",
+             (SWEEP + "test_printed_commands_are_the_sweep_runs",)),
+    Mutation("a retried Ray task restarts its run", "pld_pipeline/launch.py",
+             'return distill(DistillConfig(**{**settings, "resume": resume}))',
+             'import shutil; shutil.rmtree(settings["out"], ignore_errors=True); return distill(DistillConfig(**{**settings, "resume": False}))',
+             ("tests/test_ray.py",)),
     Mutation("student trains on view v with the targets of view v+1", "pld_pipeline/student_data.py",
              "item.update(topk_idx=np.stack([b.topk_idx[row, v, k]", "item.update(topk_idx=np.stack([b.topk_idx[row, (v + 1) % self.num_views, k]",
              ("tests/test_distill.py::test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_tensor",)),

@@ -145,7 +145,7 @@ def test_an_interrupted_halving_run_resumes_its_own_trial(tiny_data, cache, tmp_
     import optuna
 
     from pld_pipeline.distill import distill
-    from pld_pipeline.halving import TRIAL_FILE, _study
+    from pld_pipeline.halving import TRIAL_FILE, open_study
     settings, rule, out = {**base(tiny_data, cache), "epochs": 3}, HalvingRule(1, 2), str(tmp_path / "sw")
     todo = plan_sweep(settings, parse_grid(["loss=ce,kd"]), [], out, rule)
 
@@ -159,7 +159,7 @@ def test_an_interrupted_halving_run_resumes_its_own_trial(tiny_data, cache, tmp_
     assert json.load(open(os.path.join(out, "loss=ce", TRIAL_FILE)))["trial_id"] == trial_id
     summary = json.load(open(os.path.join(out, "loss=ce", "summary.json")))
     assert summary["resumed_from_epoch"] == 2 and len(_metrics(os.path.join(out, "loss=ce"))) == 3
-    trials = _study(out, rule).get_trials()
+    trials = open_study(out, rule).get_trials()
     assert len(trials) == 2 and sorted(trials[0].intermediate_values) == [1, 2, 3]  # one trial per run, no orphan
     assert trials[0].state == optuna.trial.TrialState.COMPLETE and all(r["done"] for r in rows)
 
@@ -208,3 +208,15 @@ def test_a_printed_command_run_elsewhere_is_gathered_by_report(tiny_data, cache,
                                      "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
                                      "--grid", "loss=ce,kd", "--out", out, "--print-commands"])
     assert again.output.strip().splitlines() == lines[1:]  # only the pending run is printed again
+
+
+@pytest.mark.slow
+def test_a_run_of_several_processes_is_a_torchrun_ddp_run(tiny_data, cache, tmp_path):
+    """What a Ray task does with --procs-per-run 2: the run's own `pld distill` line under torchrun."""
+    from pld_pipeline.launch import run_task
+    settings = {**base(tiny_data, cache), "val_data": tiny_data["val"].pattern, "epochs": 2, "batch_size": 4,
+                "out": str(tmp_path / "ddp")}
+    run_task(settings, procs=2, cpus=2)
+    run_config = json.load(open(tmp_path / "ddp" / "config.json"))
+    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
+    assert run_config["world_size"] == 2 and summary["epochs"] == 2 and summary["best_val_top1"] is not None

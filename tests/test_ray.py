@@ -1,0 +1,90 @@
+"""`pld sweep --launcher ray` on a real Ray cluster (head and workers in their own processes on 127.0.0.1)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("ray")
+
+from pld_pipeline.sweep import parse_grid, run_sweep  # noqa: E402
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """`ray start --head`: a GCS, a raylet and worker processes, as on a cluster's head node."""
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                              "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+                              "--object-store-memory=80000000"], env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _task_workers() -> list[int]:
+    """Ray worker processes executing a run (Ray titles them ray::<task function>)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::run_task"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_ray_cluster_survives_a_killed_worker_and_resumes_the_run(ray_cluster, tiny_data, cache, tmp_path):
+    out = tmp_path / "sw"
+    settings = ["--set", "epochs=6", "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu"]
+    sweep = subprocess.Popen([sys.executable, "-m", "pld_pipeline", "sweep", "--data", tiny_data["train"].pattern,
+                              "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student", "cifar_resnet8",
+                              *settings, "--grid", "loss=ce,kd", "--launcher", "ray", "--ray-address", ray_cluster,
+                              "--cpus-per-run", "2", "--out", str(out), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.time() + 240
+    while victim is None and sweep.poll() is None and time.time() < deadline:
+        for name in ("loss=ce", "loss=kd"):  # one run at a time (2 CPUs each): kill the worker after its first epoch
+            started = (out / name / "metrics.jsonl").is_file() and not (out / name / "summary.json").is_file()
+            workers = _task_workers() if started else []
+            if len(workers) == 1:
+                os.kill(workers[0], signal.SIGKILL)
+                victim = name
+                break
+        time.sleep(0.02)
+    output = sweep.communicate(timeout=300)[0]
+    assert victim is not None, f"no run was caught mid-way: {output}"
+    assert sweep.returncode == 0, output
+    summary = json.load(open(out / victim / "summary.json"))
+    metrics = [json.loads(line) for line in open(out / victim / "metrics.jsonl")]
+    assert summary["resumed_from_epoch"] >= 1, "the retried run restarted instead of resuming"
+    assert [m["epoch"] for m in metrics] == list(range(6))
+    assert all((out / name / "summary.json").is_file() for name in ("loss=ce", "loss=kd"))
+
+    # The interrupted run ends where an uninterrupted one does.
+    base = {"data": tiny_data["train"].pattern, "cache": cache, "val_data": tiny_data["val"].pattern,
+            "student": "cifar_resnet8", "epochs": 6, "batch_size": 8, "workers": 0, "device": "cpu"}
+    torch.set_num_threads(2)
+    run_sweep(base, parse_grid([victim]), [], str(tmp_path / "here"))
+    ours = load_file(str(out / victim / "last.safetensors"))
+    theirs = load_file(str(tmp_path / "here" / victim / "last.safetensors"))
+    assert max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours) < 1e-4
+    assert json.load(open(tmp_path / "here" / victim / "summary.json"))["last_val_top1"] == summary["last_val_top1"]
