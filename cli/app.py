@@ -173,9 +173,13 @@ def _print_warnings(warnings: list[str]) -> None:
 def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    key: Annotated[Optional[str], typer.Option(help="Show where one sample is (shard, row, label, status), found through the key index.")] = None,
 ) -> None:
     """Show what a cache holds: teachers, classes, k, views, temperatures, completion, size, teacher tail mass."""
     from pld_pipeline.cache import inspect_cache
+    if key is not None:
+        _print_key(cache, key, json_)
+        return
     info = inspect_cache(cache)
     if json_:
         out.print_json(data=info)
@@ -187,6 +191,7 @@ def inspect_cmd(
     mixed = f"; mixed views: {mix['mode']}, {mix['prob']:g} of them" if mix else ""
     t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
                        f"seed {info['seed']}{mixed}")
+    t.add_row("key index", info["key_index"])
     if info["bytes_on_disk"] is not None:
         t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
     out.print(t)
@@ -201,6 +206,24 @@ def inspect_cmd(
                    "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
     out.print(tt)
     _print_warnings(info["warnings"])
+
+
+def _print_key(cache: str, key: str, json_: bool) -> None:
+    from pld_pipeline.cache import CacheReader
+    from pld_pipeline.cache import format as fmt
+    reader = CacheReader(cache)
+    where = reader.find(key)
+    if where is None:
+        raise ValueError(f"{cache} holds no sample with key {key!r}.")
+    shard, row = where
+    samples = reader.samples(shard)
+    info = {"key": key, "shard": shard, "shard_name": reader.meta.shards[shard].name, "row": row,
+            "label": int(samples[fmt.LABEL_ARRAY][row]), "status": int(samples[fmt.STATUS_ARRAY][row]),
+            "digest": bytes(samples[fmt.DIGEST_ARRAY][row]).hex()}
+    if json_:
+        out.print_json(data=info)
+    else:
+        out.print(" ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
 
 @app.command("verify")

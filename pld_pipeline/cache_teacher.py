@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import distributed as D
 from .cache import CacheMeta, CacheWriter, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
-from .cache import claims
+from .cache import claims, key_index
 from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
@@ -465,6 +465,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
                                *[stats["count"][t] for t in teachers]], dist, device)
     repaired = [name for part in D.all_gather_objects([name for name, _ in repaired], dist) for name in part]
     D.barrier(dist)  # rank 0 reports only after every rank's units are written
+    if dist.is_main:
+        _ensure_key_index(reader, writer)
     elapsed = time.perf_counter() - t_start
     n_t = len(teachers)
     summary = {
@@ -479,6 +481,14 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
                            if (w := chance_warning(tid, acc, num_classes))]
     emit({"event": "end", **summary})
     return summary
+
+
+def _ensure_key_index(reader: CacheReader, writer: CacheWriter) -> None:
+    """Build the stored key index once every shard's samples unit exists (the last part to finish does it), and
+    again after the shards changed. Idempotent: workers finishing together write the same bytes."""
+    reader.refresh()
+    if len(reader.samples_done) == len(reader.meta.shards) and key_index.state(writer.root, reader.meta) != "current":
+        key_index.build(writer.root, reader.meta, {s: reader.samples(s) for s in range(len(reader.meta.shards))})
 
 
 def _empty_stats(teachers: dict[str, TeacherRecord]) -> dict[str, Any]:

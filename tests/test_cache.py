@@ -420,3 +420,53 @@ def test_teacher_fields_added_later_do_not_break_existing_bindings(cache_url):
     meta["teachers"]["t1"]["precision"] = "bf16"
     root.attrs["pld_cache"] = meta
     assert verify_cache(cache_url).damaged == [f"s00000{s}.teacher.t1.0-2" for s in range(3)]
+
+
+def _indexed(cache_url, chunk_rows=None, monkeypatch=None):
+    from pld_pipeline.cache import key_index
+    w = filled(cache_url)
+    reader = CacheReader(cache_url)
+    if chunk_rows:
+        monkeypatch.setattr(key_index, "CHUNK_ROWS", chunk_rows)  # several chunks even for a tiny cache
+    key_index.build(w.root, reader.meta, {s: reader.samples(s) for s in range(len(SHARD_SIZES))})
+    return CacheReader(cache_url)
+
+
+def test_the_key_index_finds_every_key_in_two_chunk_reads(cache_url, monkeypatch):
+    from pld_pipeline.cache import key_index
+    reader = _indexed(cache_url, chunk_rows=4, monkeypatch=monkeypatch)
+    expected = reader.key_index()  # the scan of every samples unit
+    monkeypatch.setattr(CacheReader, "key_index", lambda self: pytest.fail("scanned instead of using the index"))
+    reads = []
+    real = key_index.block_sha256
+    monkeypatch.setattr(key_index, "block_sha256", lambda a: reads.append(len(a)) or real(a))
+    for key, where in expected.items():
+        reads.clear()
+        assert reader.find(key) == where
+        assert len(reads) == 2 and max(reads) <= 4  # one chunk of keys and one of rows, each checked
+    assert reader.find("no-such-key") is None and reader.find("") is None and reader.find("x" * 999) is None
+    assert inspect_cache(cache_url)["key_index"] == "current" and verify_cache(cache_url).ok
+    stored = zarr.open_group(cache_url, mode="r")["key_index/keys"][...]
+    assert [bytes(k) for k in stored] == sorted(bytes(k) for k in stored)  # the spec: sorted bytewise
+
+
+def test_a_damaged_key_index_is_refused_and_a_stale_one_is_not_used(cache_url, monkeypatch):
+    from dataclasses import replace
+
+    from pld_pipeline.cache import key_index
+    reader = _indexed(cache_url, chunk_rows=4, monkeypatch=monkeypatch)
+    key = next(iter(reader.key_index()))
+    root = zarr.open_group(cache_url, mode="r+")
+    rows = root["key_index/rows"][...]
+    root["key_index/rows"][...] = rows[::-1].copy()  # every key now points at another sample's row
+    with pytest.raises(CacheError, match="key index differs from what was written.*rebuild"):
+        CacheReader(cache_url).find(key)
+    report = verify_cache(cache_url)
+    assert not report.ok and "key_index" in report.damaged and any("key index" in p for p in report.problems)
+    root["key_index/rows"][...] = rows
+    assert CacheReader(cache_url).find(key) is not None
+    meta = CacheReader(cache_url).meta
+    fewer = replace(meta, shards=meta.shards[:-1])  # the cache's shards changed since the index was made
+    assert key_index.state(root, fewer) == "stale"
+    with pytest.raises(LookupError):
+        key_index.lookup(root, fewer, key, cache_url)

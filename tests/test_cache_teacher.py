@@ -329,3 +329,24 @@ def test_a_plain_module_takes_its_width_from_its_weights(tiny_data, tmp_path):
         TeacherSpec("fake_models:plain_cnn", name="cnn", mean=(0.5,) * 3, std=(0.5,) * 3)])
     with pytest.raises(DataError, match="outside \\[0, 7\\)"):  # the tiny data has 10 classes: refused, by key
         cache_teacher(cfg)
+
+
+def test_the_key_index_is_built_by_the_worker_that_completes_the_shards(tiny_data, teacher_ckpt, tmp_path):
+    cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, part=(0, 2))
+    cache_teacher(cfg)  # shards 0 and 2: not every shard's samples yet, so no index
+    assert inspect_cache(cfg.out)["key_index"] == "absent"
+    cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, part=(1, 2)))
+    reader = CacheReader(cfg.out)
+    assert inspect_cache(cfg.out)["key_index"] == "current"
+    scanned = reader.key_index()
+    assert len(scanned) == 40 and all(reader.find(k) == where for k, where in scanned.items())
+    assert reader.find("not-a-key") is None and verify_cache(cfg.out).ok
+    from typer.testing import CliRunner
+
+    from pld_pipeline_cli.app import app
+    key, (shard, row) = next(iter(scanned.items()))
+    shown = CliRunner().invoke(app, ["inspect", cfg.out, "--key", key])
+    assert shown.exit_code == 0 and f"shard={shard}" in shown.output and f"row={row}" in shown.output
+    assert "current" in CliRunner().invoke(app, ["inspect", cfg.out]).output
+    missing = CliRunner().invoke(app, ["inspect", cfg.out, "--key", "nope"])
+    assert missing.exit_code == 2 and "no sample with key 'nope'" in missing.output

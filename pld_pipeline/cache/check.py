@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import key_index
 from .format import CacheError, SampleStatus
 from .integrity import REPAIR, DamagedUnit
 from .reader import CacheReader
@@ -148,6 +149,13 @@ def verify_cache(url: str) -> VerifyReport:
         if warning:
             report.warnings.append(warning)
     report.warnings.extend(index_warnings(reader))
+    index_problems = key_index.check(reader.root, reader.meta, {s: a for s, a in samples_of.items() if a is not None})
+    if index_problems:
+        report.problems.extend(index_problems)
+        report.damaged.append(key_index.GROUP)
+    if key_index.state(reader.root, reader.meta) == "stale":
+        report.warnings.append("the key index was made for other shards (readers scan the samples units instead); "
+                               "rerun the `pld cache-teacher` command to rebuild it.")
     return report
 
 
@@ -259,5 +267,5 @@ def inspect_cache(url: str) -> dict[str, Any]:
         "shards_done": shards_done, "views": meta.num_views, "recipe": meta.recipe, "seed": meta.seed,
         "teachers": teachers, "bytes_on_disk": nbytes,
         "bytes_per_view": (nbytes / views_total) if nbytes and views_total else None,
-        "created_by": meta.created_by, "warnings": warnings,
+        "created_by": meta.created_by, "warnings": warnings, "key_index": key_index.state(reader.root, meta),
     }

@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 
 from . import format as fmt
+from . import key_index
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord
 from .integrity import read_unit
 from .store import find_markers, open_root
@@ -205,6 +206,23 @@ class CacheReader:
             keys, status = decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.STATUS_ARRAY]
             index.update((k, (shard, i)) for i, k in enumerate(keys) if status[i] != SampleStatus.EMPTY)
         return index
+
+    def find(self, key: str) -> tuple[int, int] | None:
+        """(shard, row within shard) of ``key``, None if the cache has no such sample. Two chunk reads through
+        the stored key index when it covers the cache (cache/key_index.py), else one read of each samples unit;
+        either way the answer is confirmed against the shard's checked samples unit."""
+        try:
+            row = key_index.lookup(self.root, self.meta, key, self.url)
+        except LookupError:
+            return self.key_index().get(key)
+        if row is None:
+            return None
+        shard, i = divmod(row, self.meta.rows_per_shard)
+        samples = self.samples(shard) if shard < len(self.meta.shards) else None
+        if samples is None or i >= len(samples[fmt.KEY_ARRAY]) or decode_keys(samples[fmt.KEY_ARRAY][i:i + 1])[0] != key:
+            raise key_index.DamagedIndex(f"{self.url}: the key index points {key!r} at a row that holds another "
+                                         "sample; rerun `pld cache-teacher` to rebuild it.")
+        return shard, i
 
     def array(self, path: str) -> zarr.Array:
         """A raw zarr array, unchecked: for inspection and tests; training reads go through read_block."""
