@@ -462,7 +462,7 @@ def sweep_cmd(
     print_commands: Annotated[bool, typer.Option("--print-commands", help="Print one `pld distill` line per pending run (for SLURM job arrays, Kubernetes job lists) and exit; `pld report` gathers the results.", rich_help_panel=LAUNCH)] = False,
     scheduler: Annotated[str, typer.Option(help="none (every run to its last epoch) or halving (asynchronous successive halving, Optuna's pruner: stops runs not in the top 1/--reduction-factor at each rung).", rich_help_panel=HALVING)] = "none",
     grace_epochs: Annotated[int, typer.Option(help="halving: epochs every run trains before it can be stopped (the first rung).", rich_help_panel=HALVING)] = 1,
-    reduction_factor: Annotated[int, typer.Option(help="halving: keep the top 1/N at each rung; rungs at grace * N^i epochs.", rich_help_panel=HALVING)] = 3,
+    reduction_factor: Annotated[int, typer.Option(help="halving: keep the top 1/N at each rung; rungs at grace * N^i epochs (4: Optuna's and Ray Tune's default).", rich_help_panel=HALVING)] = 4,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train many students from one cache: a grid or list of ordinary `distill` runs, then a results table.

@@ -25,7 +25,7 @@ METRIC = "val_top1"
 @dataclass(frozen=True)
 class HalvingRule:
     grace_epochs: int = 1  # every run trains at least this many epochs (Optuna's min_resource)
-    reduction_factor: int = 3  # keep the top 1/reduction_factor at each rung
+    reduction_factor: int = 4  # keep the top 1/reduction_factor at each rung (Optuna's and Ray Tune's default)
 
     def __post_init__(self) -> None:
         if self.grace_epochs < 1 or self.reduction_factor < 2:
