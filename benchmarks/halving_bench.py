@@ -75,10 +75,9 @@ def seeds_of(run: str, base: dict, args: argparse.Namespace) -> list[float]:
     """Best top-1 of one configuration over seeds 0 (from the full grid), 1 and 2."""
     overrides = dict(part.split("=", 1) for part in run.split("__"))
     grid = parse_grid([f"{k}={v}" for k, v in overrides.items()] + ["seed=1,2"])
-    rows = run_sweep(base, grid, [], os.path.join(args.out, "seeds"))
+    rows = run_sweep(base, grid, [], os.path.join(args.out, "seeds", run))
     full = [r for r in report(os.path.join(args.out, "full")) if r["run"] == run][0]
-    return [full["best_val_top1"]] + [r["best_val_top1"] for r in rows
-                                      if all(str(r[k]) == str(v) for k, v in grid.items() if k != "seed")]
+    return [full["best_val_top1"]] + [r["best_val_top1"] for r in rows]  # this configuration's own sweep
 
 
 def main() -> None:
