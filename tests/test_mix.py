@@ -7,12 +7,11 @@ from safetensors.torch import load_file
 from pld_pipeline.cache import CacheReader, verify_cache
 from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, _ViewItems, cache_teacher
-from pld_pipeline.data import iter_shard
 from pld_pipeline.losses import MixedLabels, TeacherTargets, create_loss, kd_loss
 from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.student_data import ShardRange, TrainSamples, TrainShard, choose_view
 from pld_pipeline.views import (
-    KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, MixRecipe, ViewRecipe, decode_image, first_labels, mix_draw,
+    KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, MixRecipe, ViewRecipe, first_labels, mix_draw,
     normalize, replay_mixed,
 )
 
