@@ -149,7 +149,7 @@ def main() -> None:
         total_objects = sum(v["objects_total"] for v in layout.values())
         total_bytes = sum(v["bytes_total"] for v in layout.values())
         small = sum(v["objects_total"] for v in layout.values() if v["median_bytes"] < 16 * 1024)
-        print(f"| array | objects per data shard | objects (1,024 shards) | median / min / max bytes | total GiB |\n"
+        print("| array | objects per data shard | objects (1,024 shards) | median / min / max bytes | total GiB |\n"
               "|---|---|---|---|---|")
         for g, v in layout.items():
             print(f"| {g} | {v['objects_per_data_shard']:.0f} | {v['objects_total']:,} | {v['median_bytes']:,} / "
