@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .data import expand_shards, worker_errors
 from .faults import kill_point
+from .files import write_json
 from .halving import Halving
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, Batch, EvalSamples, StudentData
-from .tracking import Tracker, fingerprint_digest, parse_log, sweep_ids
+from .tracking import Tracker, fingerprint_digest, parse_log, read_ids
 from .views import ViewRecipe, normalize
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -327,7 +328,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
             tracker.finish(summary, {"pld.checkpoint": os.path.abspath(os.path.join(cfg.out, "best.safetensors")),
                                      "pld.last_checkpoint": os.path.abspath(os.path.join(cfg.out, "last.safetensors")),
                                      **({"pld.stop_reason": stopped["stop_reason"]} if stopped else {})})
-        _write_json(os.path.join(cfg.out, SUMMARY_FILE), summary)
+        write_json(os.path.join(cfg.out, SUMMARY_FILE), summary)
     emit({"event": "end", **summary})
     return summary
 
@@ -417,15 +418,9 @@ def _tracker(cfg: DistillConfig, data: StudentData, temperature: float | None, s
     tags = {"pld.run_dir": os.path.abspath(cfg.out)}
     if fingerprint is not None:
         tags.update({"pld.cache_url": str(fingerprint["url"]), "pld.cache_fingerprint": fingerprint_digest(fingerprint)})
-    parent = sweep_ids(cfg.sweep) if cfg.sweep else {}
+    parent = read_ids(cfg.sweep) if cfg.sweep else {}
     return Tracker(parse_log(cfg.log), cfg.out, os.path.basename(os.path.normpath(cfg.out)), params, tags,
                    start_epoch=start_epoch, group=parent.get("group"), parent=parent)
-
-
-def _write_json(path: str, doc: dict[str, Any]) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float | None, prep: dict[str, Any],

@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .files import write_json
+
 SCHEDULERS = ("none", "halving")
 STUDY_FILE = "halving.journal"
 TRIAL_FILE = "halving.json"
@@ -81,8 +83,7 @@ class Halving:
         if trial_id is None:
             self.trial = self.study.ask()
             os.makedirs(run_dir, exist_ok=True)
-            with open(trial_path, "w") as f:
-                json.dump({"trial_id": self.trial._trial_id, "run": os.path.basename(os.path.normpath(run_dir))}, f)
+            write_json(trial_path, {"trial_id": self.trial._trial_id, "run": os.path.basename(os.path.normpath(run_dir))})
         else:
             self.trial = optuna.trial.Trial(self.study, trial_id)  # the same trial, resumed
         done = self.study._storage.get_trial(self.trial._trial_id).intermediate_values

@@ -85,18 +85,21 @@ def distill_argv(settings: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _resuming(settings: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings, resuming when its directory already holds a started run (a crash, a retried task)."""
+    return {**settings, "resume": os.path.isfile(os.path.join(settings["out"], STATE_FILE))}
+
+
 def command_line(settings: dict[str, Any], program: str = "pld") -> str:
     """One shell line that runs (or resumes) this run."""
-    settings = absolute(settings)
-    resume = os.path.isfile(os.path.join(settings["out"], STATE_FILE))
-    return " ".join(shlex.quote(a) for a in [*program.split(), "distill", *distill_argv({**settings, "resume": resume})])
+    argv = distill_argv(_resuming(absolute(settings)))
+    return " ".join(shlex.quote(a) for a in [*program.split(), "distill", *argv])
 
 
 # -- running one -----------------------------------------------------------------------------------------------
 def run_one(settings: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one run in this process; its summary.json marks it finished."""
-    resume = os.path.isfile(os.path.join(settings["out"], STATE_FILE))
-    return distill(DistillConfig(**{**settings, "resume": resume}))
+    return distill(DistillConfig(**_resuming(settings)))
 
 
 def run_task(settings: dict[str, Any], procs: int, cpus: float) -> str:
@@ -108,9 +111,8 @@ def run_task(settings: dict[str, Any], procs: int, cpus: float) -> str:
         torch.set_num_threads(max(1, int(cpus)))
         run_one(settings)
         return settings["out"]
-    resume = os.path.isfile(os.path.join(settings["out"], STATE_FILE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-           "-m", "pld_pipeline", "distill", *distill_argv({**settings, "resume": resume}), "--quiet"]
+           "-m", "pld_pipeline", "distill", *distill_argv(_resuming(settings)), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cpus // procs)))}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:

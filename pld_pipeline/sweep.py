@@ -120,10 +120,7 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
     names = _read_plan(out)
     emit({"event": "sweep_start", "runs": len(names), "todo": len(todo),
           "jobs": launch.jobs if launch.kind == "local" else launch.kind})
-    backends = parse_log(base.get("log"))
-    if backends:
-        sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()},
-                                     "scheduler": (halving.to_dict() if halving else None), "runs": len(names)})
+    backends = _open_parent(base, grid, out, halving, len(names))
     launch_runs(todo, launch, emit)
     rows = report(out)
     if backends:
@@ -137,10 +134,18 @@ def pending_commands(base: dict[str, Any], grid: dict[str, list[Any]], runs: lis
     """One ``pld distill`` line per pending run, for any scheduler (SLURM arrays, Kubernetes jobs): each line
     carries ``--sweep``, so halving and tracking work as under ``pld sweep``; ``pld report`` gathers the results."""
     todo = plan_sweep(base, grid, runs, out, halving)
+    _open_parent(base, grid, out, halving, len(_read_plan(out)))
+    return [command_line(settings, program) for settings in todo.values()]
+
+
+def _open_parent(base: dict[str, Any], grid: dict[str, list[Any]], out: str, halving: HalvingRule | None,
+                 runs: int) -> tuple[str, ...]:
+    """The sweep's tracked parent run (when --log asks for tracking): its settings, grid and scheduler."""
     backends = parse_log(base.get("log"))
     if backends:
-        sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()}, "runs": len(todo)})
-    return [command_line(settings, program) for settings in todo.values()]
+        sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()},
+                                     "scheduler": halving.to_dict() if halving else None, "runs": runs})
+    return backends
 
 
 def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str,

@@ -19,6 +19,8 @@ import time
 import uuid
 from typing import Any
 
+from .files import write_json
+
 log = logging.getLogger("pld_pipeline.tracking")
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # backend -> module it needs
@@ -55,7 +57,8 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def _read_ids(folder: str) -> dict[str, str]:
+def read_ids(folder: str) -> dict[str, str]:
+    """The tracked-run ids kept in a run or sweep directory (a sweep's: its W&B group and MLflow parent run)."""
     path = os.path.join(folder, IDS_FILE)
     if not os.path.isfile(path):
         return {}
@@ -65,9 +68,7 @@ def _read_ids(folder: str) -> dict[str, str]:
 
 def _write_ids(folder: str, ids: dict[str, str]) -> None:
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, IDS_FILE + ".tmp"), "w") as f:
-        json.dump(ids, f, indent=1)
-    os.replace(os.path.join(folder, IDS_FILE + ".tmp"), os.path.join(folder, IDS_FILE))
+    write_json(os.path.join(folder, IDS_FILE), ids)
 
 
 # -- one backend each -------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Tracker:
                  tags: dict[str, str] | None = None, start_epoch: int = 0, group: str | None = None,
                  parent: dict[str, str] | None = None) -> None:
         self.folder = folder
-        self.ids = _read_ids(folder)
+        self.ids = read_ids(folder)
         self.tags = dict(tags or {})
         self.live: list[Any] = []
         flat = flat_params(params)
@@ -206,7 +207,7 @@ def sweep_parent(backends: tuple[str, ...], sweep_dir: str, params: dict[str, An
 
     Returned ids go to every run of the sweep (``parent=``); kept in the sweep directory's tracking.json.
     """
-    ids = _read_ids(sweep_dir)
+    ids = read_ids(sweep_dir)
     group = ids.get("group") or os.path.basename(os.path.abspath(sweep_dir))
     out = {"group": group}
     if "mlflow" in backends:
@@ -220,14 +221,9 @@ def sweep_parent(backends: tuple[str, ...], sweep_dir: str, params: dict[str, An
     return out
 
 
-def sweep_ids(sweep_dir: str) -> dict[str, str]:
-    """What a run of the sweep in ``sweep_dir`` hangs under: its W&B group and MLflow parent run id."""
-    return _read_ids(sweep_dir)
-
-
 def finish_sweep_parent(sweep_dir: str, best: dict[str, Any] | None) -> None:
     """Close the sweep's MLflow parent run with the best run found (a sweep rerun re-opens and re-closes it)."""
-    ids = _read_ids(sweep_dir)
+    ids = read_ids(sweep_dir)
     if not ids.get("mlflow"):
         return
     tracker = Tracker(("mlflow",), sweep_dir, ids.get("group", "sweep"), {})

@@ -1,5 +1,6 @@
 """Tiny generated datasets and teachers: tests never need ../shared or a network."""
 import os
+import socket
 import sys
 
 import numpy as np
@@ -12,6 +13,13 @@ from pld_pipeline.shards import split_arrays
 sys.path.insert(0, os.path.dirname(__file__))  # so `fake_models:factory` resolves in-process
 
 NUM_CLASSES = 10
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the servers the tests start (S3, HTTP, Ray, torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,15 +15,10 @@ from typer.testing import CliRunner
 
 from pld_pipeline.cache import CacheReader, inspect_cache, verify_cache
 from pld_pipeline.distill import DistillConfig, distill
+from conftest import free_port
 from pld_pipeline_cli.app import app
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(cmd: list[str], port: int):
@@ -42,7 +37,7 @@ def _serve(cmd: list[str], port: int):
 @pytest.fixture(scope="module")
 def s3_endpoint():
     pytest.importorskip("s3fs")
-    port = _free_port()
+    port = free_port()
     proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
@@ -64,7 +59,7 @@ def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_
     url = "s3://pld-bucket/team-a/cache.zarr"
     run = subprocess.run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(_free_port()), "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
+        str(free_port()), "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
         "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2",
         "--size", "16", "--top-k", "4", "--workers", "0", "--device", "cpu", "--quiet", "--out", url],
         capture_output=True, text=True, timeout=300, env={**os.environ, **s3_endpoint})
@@ -85,7 +80,7 @@ def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_
 
 
 def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, cache, tmp_path):
-    port = _free_port()
+    port = free_port()
     root = os.path.dirname(cache)
     proc = _serve([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", root], port)
     try:

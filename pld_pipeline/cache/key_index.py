@@ -119,9 +119,11 @@ def lookup(root: zarr.Group, meta: CacheMeta, key: str, url: str) -> int | None:
     if block_sha256(keys) != record["checksums"]["keys"][c] or block_sha256(rows) != record["checksums"]["rows"][c]:
         raise DamagedIndex(f"{url}: the key index differs from what was written (chunk {c}); rerun "
                            "`pld cache-teacher` to rebuild it.")
-    as_bytes = [bytes(k) for k in keys]
-    i = bisect.bisect_left(as_bytes, padded)
-    return int(rows[i]) if i < len(as_bytes) and as_bytes[i] == padded else None
+    # As numpy fixed-width byte strings the zero-padded keys order exactly as their bytes do (the index's sort
+    # order), so a binary search over the chunk: O(log n), no per-key Python objects.
+    as_strings = np.ascontiguousarray(keys).view(f"S{meta.key_bytes}").ravel()
+    i = int(np.searchsorted(as_strings, padded))
+    return int(rows[i]) if i < len(as_strings) and bytes(keys[i]) == padded else None
 
 
 def check(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.ndarray]]) -> list[str]:
