@@ -209,17 +209,17 @@ def inspect_cmd(
 
 
 def _print_key(cache: str, key: str, json_: bool) -> None:
-    from pld_pipeline.cache import CacheReader
-    from pld_pipeline.cache import format as fmt
-    reader = CacheReader(cache)
+    from pld_pipeline.cache import Cache
+    from pld_pipeline.cache import schema
+    reader = Cache(cache)
     where = reader.find(key)
     if where is None:
         raise ValueError(f"{cache} holds no sample with key {key!r}.")
     shard, row = where
     samples = reader.samples(shard)
     info = {"key": key, "shard": shard, "shard_name": reader.meta.shards[shard].name, "row": row,
-            "label": int(samples[fmt.LABEL_ARRAY][row]), "status": int(samples[fmt.STATUS_ARRAY][row]),
-            "digest": bytes(samples[fmt.DIGEST_ARRAY][row]).hex()}
+            "label": int(samples[schema.LABEL.path()][row]), "status": int(samples[schema.STATUS.path()][row]),
+            "digest": bytes(samples[schema.DIGEST.path()][row]).hex()}
     if json_:
         out.print_json(data=info)
     else:

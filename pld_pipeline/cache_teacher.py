@@ -20,14 +20,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import distributed as D
-from .cache import CacheMeta, CacheWriter, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
-from .cache import claims, key_index
+from .cache import Cache, CacheMeta, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
+from .cache import claims, schema
 from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
-from .cache.reader import CacheReader, decode_keys
-from .cache.store import cache_exists
 from .data import (
     IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
@@ -230,16 +228,16 @@ class _ShardBuffer:
         return block
 
 
-def _write_shard(writer: CacheWriter, buf: _ShardBuffer) -> str:
+def _write_shard(cache: Cache, buf: _ShardBuffer) -> str:
     job = buf.job
     if job.write_samples:
-        writer.write_samples(job.shard, buf.keys, buf.labels, buf.status, buf.digests)
+        cache.write_samples(job.shard, buf.keys, buf.labels, buf.status, buf.digests)
     for run in job.param_runs:
-        writer.write_views(job.shard, run, buf.params[:, [buf.pos[v] for v in range(*run)]])
+        cache.write_views(job.shard, run, buf.params[:, [buf.pos[v] for v in range(*run)]])
     for tid, runs in job.teacher_runs.items():
         for run in runs:
-            writer.write_teacher(job.shard, tid, run, buf.teacher_block(tid, run))
-    return writer.meta.shards[job.shard].name
+            cache.write_teacher(job.shard, tid, run, buf.teacher_block(tid, run))
+    return cache.meta.shards[job.shard].name
 
 
 def _index(urls: list[str], known: list[ShardRecord], known_key_bytes: int, dist: D.DistInfo) -> tuple[list[ShardRecord], int, dict[int, list[str]]]:
@@ -264,42 +262,37 @@ def _index(urls: list[str], known: list[ShardRecord], known_key_bytes: int, dist
     return [ix.record for ix in indexes], max(ix.max_key_bytes for ix in indexes), keys
 
 
-def _recheck(reader: CacheReader, writer: CacheWriter, shards: Sequence[int]) -> list[tuple[str, str]]:
+def _recheck(cache: Cache, shards: Sequence[int]) -> list[tuple[str, str]]:
     """Re-check every existing unit of these shards (checksums, binding, meaning; no teacher forward) and
     withdraw the markers of damaged ones, so they are planned and rewritten like missing units and a crash
     during the repair never leaves a marker claiming damaged data. Returns (unit, first problem) pairs."""
     samples_of: dict[int, Any] = {}
     damaged = []
-    for (shard, _, _), units in list(reader.units.items()):
-        if shard not in shards:
-            continue
-        for _, name in units:
-            found = check_unit(reader, name, samples_of)
+    for unit in cache.units():
+        if unit.shard in shards:
+            found = check_unit(cache, unit, samples_of)
             if found.problems:
-                damaged.append((name, found.problems[0]))
-                writer.withdraw(name)
-    if damaged:
-        reader.refresh()
+                damaged.append((unit.name, found.problems[0]))
+                cache.withdraw(unit)
     return damaged
 
 
-def _plan(reader: CacheReader, writer: CacheWriter, shards: Sequence[int], num_views: int,
+def _plan(cache: Cache, shards: Sequence[int], num_views: int,
           teacher_ids: list[str], expected: dict[int, _Expected]) -> list[_Job]:
     """One job per shard with missing units. Shards whose samples unit is intact must match it sample by
     sample (keys and content digests) when they are read again."""
     jobs = []
     for s in shards:
-        missing_params = [v for v in range(num_views) if v not in reader.views_done.get(s, set())]
-        missing = {tid: [v for v in range(num_views) if v not in reader.teacher_done.get((s, tid), set())]
-                   for tid in teacher_ids}
-        need_samples = s not in reader.samples_done
+        missing_params = sorted(set(range(num_views)) - cache.views_done(s))
+        missing = {tid: sorted(set(range(num_views)) - cache.views_done(s, tid)) for tid in teacher_ids}
+        need_samples = s not in cache.samples_done
         views = sorted(set(missing_params).union(*missing.values())) or ([0] if need_samples else [])
         if not views:
             continue
         if not need_samples and (s not in expected or expected[s].digests is None):  # once, not every round
-            samples = reader.samples(s)
-            expected[s] = _Expected(decode_keys(samples[fmt.KEY_ARRAY]), samples[fmt.DIGEST_ARRAY])
-        rec = writer.meta.shards[s]
+            samples = cache.samples(s)
+            expected[s] = _Expected(schema.decode_keys(samples[schema.KEY.path()]), samples[schema.DIGEST.path()])
+        rec = cache.meta.shards[s]
         jobs.append(_Job(s, rec.url, rec.nsamples, views, need_samples, _runs(missing_params),
                          {tid: _runs(v) for tid, v in missing.items() if v}))
     return jobs
@@ -311,14 +304,11 @@ def _wait_for_part_zero(cfg: CacheTeacherConfig, urls: list[str], emit: Progress
     names = {shard_name(u) for u in urls}
     deadline = time.monotonic() + cfg.part_wait
     while True:
-        if cache_exists(cfg.out):
-            try:
-                meta = CacheReader(cfg.out).meta
-                if (names <= {s.name for s in meta.shards} and meta.num_views >= cfg.views
-                        and {t.id for t in cfg.teachers} <= set(meta.teachers)):
-                    return
-            except CacheError:
-                pass  # still being created
+        meta = Cache.meta_at(cfg.out)
+        if meta is not None:
+            if (names <= {s.name for s in meta.shards} and meta.num_views >= cfg.views
+                    and {t.id for t in cfg.teachers} <= set(meta.teachers)):
+                return
         if time.monotonic() > deadline:
             raise CacheError(f"--part {cfg.part[0]}/{cfg.part[1]}: part 0 has not created {cfg.out} with these shards, "
                              f"teachers and views within {cfg.part_wait:.0f} s; start part 0 (it creates the cache).")
@@ -405,14 +395,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     urls = expand_shards(cfg.data)
     if cfg.part[0] > 0:  # part 0 creates or extends the cache; the others start once it has
         _wait_for_part_zero(cfg, urls, emit)
-    known: list[ShardRecord] = []
-    known_key_bytes = 1
-    if not cfg.overwrite and cache_exists(cfg.out):
-        try:
-            existing = CacheReader(cfg.out).meta
-            known, known_key_bytes = existing.shards, existing.key_bytes
-        except CacheError:
-            pass
+    existing = None if cfg.overwrite else Cache.meta_at(cfg.out)
+    known, known_key_bytes = (existing.shards, existing.key_bytes) if existing else ([], 1)
     emit({"event": "indexing", "shards": len(urls)})
     records, key_bytes, indexed_keys = _index(urls, known, known_key_bytes, dist)
     expected = {s: _Expected(keys) for s, keys in indexed_keys.items()}
@@ -429,18 +413,19 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     request = CacheMeta(num_classes=num_classes, rows_per_shard=max(r.nsamples for r in records),
                         key_bytes=key_bytes, shards=records, recipe=recipe.to_dict(), num_views=cfg.views,
                         seed=cfg.seed, teachers=teachers, class_names=cfg.class_names)
+    cache = None
     if dist.is_main:
-        CacheWriter.create_or_extend(cfg.out, request, overwrite=cfg.overwrite, compression_level=cfg.compression_level)
+        cache = Cache.create_or_extend(cfg.out, request, overwrite=cfg.overwrite,
+                                       compression_level=cfg.compression_level)
     D.barrier(dist)  # every array and group exists before any unit is written
-    writer = CacheWriter(cfg.out)
+    cache = cache or Cache(cfg.out, mode="r+")
     part, parts = cfg.part
     my_shards = [s for s in range(len(records)) if s % parts == part][dist.rank::dist.world_size]
-    writer.sync_index(my_shards)  # hosts that cannot list read the index: it must match the markers
-    reader = CacheReader(cfg.out)
-    repaired = _recheck(reader, writer, my_shards)
+    cache.sync_index(my_shards)  # hosts that cannot list read the index: it must match the markers
+    repaired = _recheck(cache, my_shards)
     if repaired:
         emit({"event": "repairing", "units": repaired})
-    jobs = _plan(reader, writer, my_shards, cfg.views, list(teachers), expected)
+    jobs = _plan(cache, my_shards, cfg.views, list(teachers), expected)
     total_items = sum(j.nsamples * len(j.views) for j in jobs)
     emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
           "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
@@ -448,25 +433,25 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     owner = claims.new_owner()
     while jobs:  # rounds: claim a share of the free shards, write them, re-plan (other workers may have done some)
         checked_at = time.monotonic()
-        free = [j for j in _rotate(jobs, owner) if not claims.held_by_other(writer.root, j.shard, owner)]
+        free = [j for j in _rotate(jobs, owner) if not claims.held_by_other(cache.root, j.shard, owner)]
         if not free:  # every shard left is being written by another live worker: wait for it, or for its claim to expire
             emit({"event": "waiting", "for": f"{len(jobs)} shard(s) claimed by other workers"})
             time.sleep(min(5.0, cfg.claim_ttl / 4))
         else:
             wanted = free[:max(1, -(-len(jobs) // 8))]
-            mine = set(claims.acquire(writer.root, [j.shard for j in wanted], owner, cfg.claim_ttl, checked_at))
+            mine = set(claims.acquire(cache.root, [j.shard for j in wanted], owner, cfg.claim_ttl, checked_at))
             batch = [j for j in wanted if j.shard in mine]
-            with claims.Heartbeat(writer.root, [j.shard for j in batch], owner, cfg.claim_ttl):
-                _add_stats(stats, _process(cfg, batch, writer, models, prep, teachers, recipe, num_classes, device,
+            with claims.Heartbeat(cache.root, [j.shard for j in batch], owner, cfg.claim_ttl):
+                _add_stats(stats, _process(cfg, batch, cache, models, prep, teachers, recipe, num_classes, device,
                                            expected, emit))
-        reader.refresh()
-        jobs = _plan(reader, writer, [j.shard for j in jobs], cfg.views, list(teachers), expected)
+        cache.refresh()
+        jobs = _plan(cache, [j.shard for j in jobs], cfg.views, list(teachers), expected)
     totals = D.all_reduce_sum([stats["items"], stats["skipped"], *[stats["correct"][t] for t in teachers],
                                *[stats["count"][t] for t in teachers]], dist, device)
     repaired = [name for part in D.all_gather_objects([name for name, _ in repaired], dist) for name in part]
     D.barrier(dist)  # rank 0 reports only after every rank's units are written
     if dist.is_main:
-        _ensure_key_index(reader, writer)
+        cache.ensure_key_index(cfg.compression_level)
     elapsed = time.perf_counter() - t_start
     n_t = len(teachers)
     summary = {
@@ -481,14 +466,6 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
                            if (w := chance_warning(tid, acc, num_classes))]
     emit({"event": "end", **summary})
     return summary
-
-
-def _ensure_key_index(reader: CacheReader, writer: CacheWriter) -> None:
-    """Build the stored key index once every shard's samples unit exists (the last part to finish does it), and
-    again after the shards changed. Idempotent: workers finishing together write the same bytes."""
-    reader.refresh()
-    if len(reader.samples_done) == len(reader.meta.shards) and key_index.state(writer.root, reader.meta) != "current":
-        key_index.build(writer.root, reader.meta, {s: reader.samples(s) for s in range(len(reader.meta.shards))})
 
 
 def _empty_stats(teachers: dict[str, TeacherRecord]) -> dict[str, Any]:
@@ -511,7 +488,7 @@ def _rotate(jobs: list[_Job], owner: str) -> list[_Job]:
     return jobs[start:] + jobs[:start]
 
 
-def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, models: dict[str, torch.nn.Module],
+def _process(cfg: CacheTeacherConfig, jobs: list[_Job], cache: Cache, models: dict[str, torch.nn.Module],
              prep: dict[str, dict], teachers: dict[str, TeacherRecord], recipe: ViewRecipe, num_classes: int,
              device: torch.device, expected: dict[int, _Expected], emit: ProgressFn) -> dict[str, Any]:
     stats = _empty_stats(teachers)
@@ -565,7 +542,7 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
                         stats["correct"][tid] += int(buf.out[tid]["correct"][ok].sum())
                         stats["count"][tid] += int(ok.sum()) * len(buf.job.views)
                     stats["skipped"] += int((buf.status == SampleStatus.SKIPPED).sum())
-                    pending.append(pool.submit(_write_shard, writer, buffers.pop(int(shard))))
+                    pending.append(pool.submit(_write_shard, cache, buffers.pop(int(shard))))
             stats["items"] += len(keys)
             emit({"event": "batch", "items": len(keys)})
             while pending and (pending[0].done() or len(pending) > 2):  # bounded memory; surface write errors
@@ -576,5 +553,5 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], writer: CacheWriter, mod
             emit({"event": "shard_done", "shard": fut.result()})
             stats["shards"] += 1
     if buffers:
-        raise DataError(f"Shards ended early: {', '.join(writer.meta.shards[s].name for s in buffers)}.")
+        raise DataError(f"Shards ended early: {', '.join(cache.meta.shards[s].name for s in buffers)}.")
     return stats

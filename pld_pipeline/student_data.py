@@ -8,6 +8,7 @@ buffer. Memory is one shard block per worker plus the shuffle buffer, whatever t
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -17,8 +18,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .cache import Cache
 from .cache.format import CacheError, SampleStatus, TeacherRecord, sample_digest
-from .cache.reader import CacheReader
 from .data import (
     DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
@@ -89,7 +90,7 @@ class TrainSamples(IterableDataset):
                  temperature: float = 1.0,
                  num_views: int = 1, view_policy: str = "rotate", shuffle_buffer: int = 1000,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
-                 cache_dir: str | None = None, student_size: int | None = None) -> None:
+                 cache_dir: str | None = None, student_size: int | None = None, cache: Cache | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
         self.cache_url, self.teachers, self.temperature = cache_url, list(teachers), temperature
         self.k = k
@@ -98,14 +99,15 @@ class TrainSamples(IterableDataset):
         self.student_size = student_size
         self.cache_dir = cache_dir
         self.epoch = 0
-        self._reader: CacheReader | None = None
+        #: the process's open cache (``cache``: the caller's, reused in its process); other processes open their own
+        self._reader, self._reader_pid = cache, os.getpid()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _cache(self) -> CacheReader:
-        if self._reader is None:  # opened lazily inside each worker process
-            self._reader = CacheReader(self.cache_url, self.cache_dir)
+    def _cache(self) -> Cache:
+        if self._reader is None or self._reader_pid != os.getpid():  # zarr/fsspec handles do not survive a fork
+            self._reader, self._reader_pid = Cache(self.cache_url, cache_dir=self.cache_dir), os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -115,7 +117,7 @@ class TrainSamples(IterableDataset):
         shard, used = part.shard, -1  # used: index of the current sample among the shard's usable ones
         block = None
         if self.cache_url is not None:  # one block per teacher (an ensemble reads several); keys and views from the first
-            blocks = [self._cache().read_block(shard.cache_shard, tid, self.temperature, self.num_views)
+            blocks = [self._cache().read(shard.cache_shard, tid, self.temperature, self.num_views)
                       for tid in self.teachers or [None]]
             block = blocks[0]
             row_of = block.row_of()
@@ -282,7 +284,7 @@ class StudentData:
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
         self.batch_size, self.temperature, self.top_k, self.workers = batch_size, temperature, top_k, workers
         self.pin_memory, self.rank, self.world_size = pin_memory, rank, world_size
-        self.reader = CacheReader(cache, cache_dir) if cache else None
+        self.reader = Cache(cache, cache_dir=cache_dir) if cache else None
         self.teachers: list[TeacherRecord] = []
         if self.reader is not None:
             meta = self.reader.meta
@@ -316,7 +318,7 @@ class StudentData:
             k=min((rec.k for rec in self.teachers), default=None),
             temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
             view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field,
-            num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size)
+            num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size, cache=self.reader)
         self.student_size = student_size
 
     def _shards(self, data: str | Sequence[str]) -> list[TrainShard]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pld_pipeline.cache import schema
 from pld_pipeline.models import load_model
 from pld_pipeline.shards import split_arrays
 
@@ -20,6 +21,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stored_object(url: str, path: str, shard: int, view: int = 0) -> str:
+    """The file that holds a data shard's rows (and ``view``) of the array at ``path`` in a local cache."""
+    return os.path.join(url, schema.object_key(path, shard, view))
+
+
+def swap_views_in_object(url: str, path: str, shard: int, a: int, b: int) -> None:
+    """Swap two views' chunks inside one stored object by editing its shard index (zarr's sharding codec: one
+    (offset, nbytes) uint64 pair per inner chunk, then a crc32c of the index), keeping every checksum zarr
+    checks valid: the damage only the units' sha256 can see."""
+    import google_crc32c
+    f = stored_object(url, path, shard, a)
+    data = bytearray(open(f, "rb").read())
+    n = schema.VIEWS_PER_OBJECT
+    index = np.frombuffer(bytes(data[-(16 * n + 4):-4]), "<u8").reshape(n, 2).copy()
+    assert (index[a % n] != index[b % n]).any()
+    index[[a % n, b % n]] = index[[b % n, a % n]]
+    raw = index.tobytes()
+    data[-(16 * n + 4):] = raw + google_crc32c.value(raw).to_bytes(4, "little")
+    open(f, "wb").write(bytes(data))
 
 
 def make_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

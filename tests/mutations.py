@@ -84,19 +84,25 @@ MUTATIONS = [
     Mutation("--resume does not restore the EMA", "pld_pipeline/distill.py",
              'ema.load_state_dict(state["ema"])', "pass",
              (FAULTS + "test_distill_killed_mid_epoch_resumes_to_the_same_weights_and_ema",)),
-    Mutation("unit marker written before the unit's data", "pld_pipeline/cache/writer.py",
-             "        sums = {fmt.teacher_array(tid, name): self._write(fmt.teacher_array(tid, name), shard, arr, views)\n"
-             "                for name, arr in stored.items()}\n"
-             "        self._marker(",
-             "        sums = {fmt.teacher_array(tid, n): block_sha256(_pad_rows(np.asarray(a).astype(self._array(fmt.teacher_array(tid, n)).dtype), self.meta.rows_per_shard, self._array(fmt.teacher_array(tid, n)).fill_value)) for n, a in stored.items()}\n"
-             "        self._marker(fmt.teacher_unit(shard, tid, views), shard, sums, teacher=tid, views=list(views), correct=0, count=0)\n"
-             "        [self._write(fmt.teacher_array(tid, n), shard, a, views) for n, a in stored.items()]\n"
-             "        return\n"
-             "        self._marker(",
+    Mutation("unit marker written before the unit's data", "pld_pipeline/cache/cache.py",
+             "            self._store(arr, path, unit, region, padded)\n"
+             "            kill_point(\"unit.array\")\n"
+             "            sums[path] = block_sha256(padded)\n",
+             "            sums[path] = block_sha256(padded)\n"
+             "        shard = self.meta.shards[unit.shard]\n"
+             "        write_marker(self.root, unit.name, {\"binding\": fmt.unit_binding(unit.name, self.meta), \"shard\": unit.shard, \"shard_name\": shard.name, \"rows\": shard.nsamples, \"checksums\": dict(sums), **record})\n"
+             "        for spec in schema.BY_KIND[unit.kind]:\n"
+             "            path = spec.path(unit.teacher)\n"
+             "            arr = self._array(path)\n"
+             "            block = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)\n"
+             "            padded = np.full((s,) + block.shape[1:], arr.fill_value, dtype=arr.dtype)\n"
+             "            padded[: block.shape[0]] = block\n"
+             "            self._store(arr, path, unit, region, padded)\n"
+             "            kill_point(\"unit.array\")\n",
              (FAULTS + "test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache[unit.array:7]",)),
     Mutation("readers skip the per-array checksum", "pld_pipeline/cache/integrity.py",
              "if block_sha256(arr) != sums[path]:", "if False:",
-             (FAULTS + "test_damaged_data_is_reported_and_refused[deleted teacher chunk]",)),
+             (FAULTS + "test_damaged_data_is_reported_and_refused[deleted teacher object]",)),
     Mutation("readers skip the metadata binding", "pld_pipeline/cache/integrity.py",
              'if record.get("binding") != binding:', "if False:",
              (FAULTS + "test_edited_root_metadata_is_caught_by_every_reader_and_never_laundered[temperature grid reordered]",)),
@@ -106,7 +112,7 @@ MUTATIONS = [
     Mutation("a rerun does not repair damaged units", "pld_pipeline/cache_teacher.py",
              "            if found.problems:\n                damaged.append", "            if False:\n                damaged.append",
              (FAULTS + "test_a_rerun_repairs_every_kind_of_damage_at_once",)),
-    Mutation("a killed creation cannot be resumed", "pld_pipeline/cache/writer.py",
+    Mutation("a killed creation cannot be resumed", "pld_pipeline/cache/cache.py",
              "if root is None or fmt.ROOT_ATTR not in root.attrs:", "if root is None:",
              (FAULTS + "test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache[create.arrays]",)),
     Mutation("worker errors keep torch's wrapper", "pld_pipeline/data.py",
@@ -148,7 +154,7 @@ MUTATIONS = [
     Mutation("HTTP readers list instead of reading the unit index", "pld_pipeline/cache/store.py",
              "    if can_list(url):\n        return list_markers(root)", "    if True:\n        return list_markers(root)",
              ("tests/test_http.py",)),
-    Mutation("the unit index lists a unit before its marker exists", "pld_pipeline/cache/writer.py",
+    Mutation("the unit index lists a unit before its marker exists", "pld_pipeline/cache/cache.py",
              "        write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])\n        delete_marker(self.root, name)",
              "        delete_marker(self.root, name)",
              ("tests/test_http.py::test_a_withdrawn_unit_leaves_the_index_before_its_marker",)),

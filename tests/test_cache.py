@@ -11,12 +11,14 @@ import torch
 import zarr
 
 from pld_pipeline.cache import (
-    CacheError, CacheMeta, CacheReader, CacheWriter, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord,
+    CacheError, CacheMeta, Cache, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord,
     inspect_cache, verify_cache,
 )
 from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache import schema
 from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
 from pld_pipeline.losses import TeacherTargets, pld_loss, pld_loss_from_ranking
+from conftest import stored_object
 
 C = 10
 SHARD_SIZES = [7, 5, 6]
@@ -58,7 +60,7 @@ def sample_digests(keys, labels):
 def write_shard(writer, shard, views=(0, 2), teachers=("t1",), crash_before_marker=False):
     n = writer.meta.shards[shard].nsamples
     keys, labels = shard_samples(shard, n)
-    done = writer.done_units()
+    done = {u.name for u in writer.done}
     if fmt.samples_unit(shard) not in done:
         writer.write_samples(shard, keys, labels, np.full(n, SampleStatus.OK, np.uint8), sample_digests(keys, labels))
     if fmt.views_unit(shard, views) not in done:
@@ -78,7 +80,7 @@ def write_shard(writer, shard, views=(0, 2), teachers=("t1",), crash_before_mark
             correct=int(enc["correct"].sum()), count=n * v)
         if crash_before_marker:
             # The data lands but the process dies before the marker: what a killed writer leaves behind.
-            import pld_pipeline.cache.writer as writer_module
+            import pld_pipeline.cache.cache as writer_module
 
             def die(*args, **kwargs):
                 raise KeyboardInterrupt
@@ -99,7 +101,7 @@ def cache_url(tmp_path):
 
 
 def filled(cache_url, teachers=(teacher_record(),), views=2):
-    w = CacheWriter.create_or_extend(cache_url, request(views, teachers))
+    w = Cache.create_or_extend(cache_url, request(views, teachers))
     for s in range(len(SHARD_SIZES)):
         write_shard(w, s, (0, views), [t.id for t in teachers])
     return w
@@ -107,10 +109,10 @@ def filled(cache_url, teachers=(teacher_record(),), views=2):
 
 def test_every_field_round_trips(cache_url):
     filled(cache_url)
-    r = CacheReader(cache_url)
+    r = Cache(cache_url)
     assert r.meta.num_classes == C and r.meta.class_names[3] == "c3"
     for shard, n in enumerate(SHARD_SIZES):
-        block = r.read_block(shard, "t1", temperature=2.0)
+        block = r.read(shard, "t1", temperature=2.0)
         keys, labels = shard_samples(shard, n)
         assert block.keys == keys
         np.testing.assert_array_equal(block.labels, labels)
@@ -140,9 +142,9 @@ def test_stored_weights_stay_within_1e_3_for_unconfident_teachers(temperature):
     logits[torch.arange(512), labels] += 6.0
     exact = TeacherTargets.from_logits(logits, labels, k=32, temperature=temperature)
     enc = encode_teacher_logits(logits, labels, k=32, temperatures=(temperature,))
-    dlogp, top1 = fmt.split_logp(enc["topk_logp"].numpy())
+    dlogp, top1 = schema.split_logp(enc["topk_logp"].numpy())
     assert dlogp.dtype == np.float16 and top1.dtype == np.float32
-    stored = targets_from_arrays(enc["topk_idx"], fmt.join_logp(dlogp, top1), enc["label_logp"].numpy().astype(np.float32),
+    stored = targets_from_arrays(enc["topk_idx"], schema.join_logp(dlogp, top1), enc["label_logp"].numpy().astype(np.float32),
                                  enc["logz"][:, 0], temperature=temperature, num_classes=1000)
     err = (stored.topk_log_probs().exp() - exact.topk_log_probs().exp()).abs().max()
     assert err < 5e-4, float(err)
@@ -154,8 +156,8 @@ def test_stored_weights_stay_within_1e_3_for_unconfident_teachers(temperature):
 
 def test_full_mode_reproduces_the_full_pld_loss(cache_url):
     filled(cache_url, teachers=(teacher_record(k=C, temps=(1.0,)),))
-    r = CacheReader(cache_url)
-    block = r.read_block(0, "t1")
+    r = Cache(cache_url)
+    block = r.read(0, "t1")
     labels = torch.as_tensor(block.labels).long()
     logits = fake_logits(0, SHARD_SIZES[0], 2)[:, 1]
     student = torch.randn(len(labels), C)
@@ -167,29 +169,29 @@ def test_full_mode_reproduces_the_full_pld_loss(cache_url):
 
 def test_several_teachers_and_adding_one_later(cache_url):
     filled(cache_url, teachers=(teacher_record("t1"), teacher_record("t2", k=3, sha="def")))
-    w = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record("t3", k=C, temps=(1.0,), sha="x")]))
+    w = Cache.create_or_extend(cache_url, request(2, [teacher_record("t3", k=C, temps=(1.0,), sha="x")]))
     assert set(w.meta.teachers) == {"t1", "t2", "t3"}
-    r = CacheReader(cache_url)
+    r = Cache(cache_url)
     with pytest.raises(CacheError, match="Teacher 't3' is not complete"):
-        r.read_block(0, "t3")
-    before = np.asarray(r.array(fmt.teacher_array("t1", "topk_dlogp"))[:])
+        r.read(0, "t3")
+    before = np.asarray(r.array("teachers/t1/topk_dlogp")[:])
     for s in range(3):
         write_shard(w, s, (0, 2), ["t3"])
-    r = CacheReader(cache_url)
-    assert r.read_block(2, "t3").topk_idx.shape == (6, 2, C)
-    np.testing.assert_array_equal(np.asarray(r.array(fmt.teacher_array("t1", "topk_dlogp"))[:]), before)
+    r = Cache(cache_url)
+    assert r.read(2, "t3").topk_idx.shape == (6, 2, C)
+    np.testing.assert_array_equal(np.asarray(r.array("teachers/t1/topk_dlogp")[:]), before)
     assert verify_cache(cache_url).ok
 
 
 def test_adding_views_later_keeps_what_exists(cache_url):
     filled(cache_url, views=2)
-    r = CacheReader(cache_url)
-    old = r.read_block(1, "t1")
-    w = CacheWriter.create_or_extend(cache_url, request(4, [teacher_record()]))
-    assert CacheReader(cache_url).missing_units("t1")  # views 2, 3 not yet written
+    r = Cache(cache_url)
+    old = r.read(1, "t1")
+    w = Cache.create_or_extend(cache_url, request(4, [teacher_record()]))
+    assert Cache(cache_url).missing_units("t1")  # views 2, 3 not yet written
     for s in range(3):
         write_shard(w, s, (2, 4))
-    new = CacheReader(cache_url).read_block(1, "t1")
+    new = Cache(cache_url).read(1, "t1")
     assert new.topk_idx.shape[1] == 4
     np.testing.assert_array_equal(new.topk_idx[:, :2], old.topk_idx)
     np.testing.assert_array_equal(new.params[:, :2], old.params)
@@ -197,30 +199,30 @@ def test_adding_views_later_keeps_what_exists(cache_url):
 
 
 def test_a_unit_killed_before_its_marker_is_invisible_and_redone(cache_url):
-    w = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    w = Cache.create_or_extend(cache_url, request(2, [teacher_record()]))
     write_shard(w, 0)
     write_shard(w, 1, crash_before_marker=True)
-    r = CacheReader(cache_url)
+    r = Cache(cache_url)
     with pytest.raises(CacheError, match="not complete"):
-        r.read_block(1, "t1")
+        r.read(1, "t1")
     assert any("s000001.teacher.t1" in m for m in r.missing_units("t1"))
     report = verify_cache(cache_url)
     assert not report.ok and any("incomplete" in p for p in report.problems)
     # Resume: a fresh writer redoes exactly the units without a marker.
-    w2 = CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    w2 = Cache.create_or_extend(cache_url, request(2, [teacher_record()]))
     for s in range(3):
         write_shard(w2, s)
     assert verify_cache(cache_url).ok
 
 
 def _write_in_subprocess(url, shards):
-    w = CacheWriter(url)
+    w = Cache(url, mode="r+")
     for s in shards:
         write_shard(w, s)
 
 
 def test_two_processes_write_disjoint_units_concurrently(cache_url, tmp_path):
-    CacheWriter.create_or_extend(cache_url, request(2, [teacher_record()]))
+    Cache.create_or_extend(cache_url, request(2, [teacher_record()]))
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_write_in_subprocess, args=(cache_url, part)) for part in ([0, 2], [1])]
     for p in procs:
@@ -230,9 +232,9 @@ def test_two_processes_write_disjoint_units_concurrently(cache_url, tmp_path):
         assert p.exitcode == 0
     serial = str(tmp_path / "serial.zarr")
     filled(serial)
-    a, b = CacheReader(cache_url), CacheReader(serial)
+    a, b = Cache(cache_url), Cache(serial)
     for s in range(3):
-        x, y = a.read_block(s, "t1"), b.read_block(s, "t1")
+        x, y = a.read(s, "t1"), b.read(s, "t1")
         np.testing.assert_array_equal(x.topk_logp, y.topk_logp)
         np.testing.assert_array_equal(x.params, y.params)
     assert verify_cache(cache_url).ok
@@ -279,14 +281,9 @@ def test_plain_zarr_reads_the_cache_by_the_spec(cache_url):
         ns["check_unit"](root, meta, "s000001.teacher.t1.0-2", (slice(0, s), slice(0, 2)))
 
 
-def _chunk_file(cache_url, path, *chunk_coords):
-    """One chunk's file under zarr v3's default key encoding: <array>/c/<i>/<j>/<k>."""
-    return os.path.join(cache_url, path, "c", *map(str, chunk_coords))
-
-
 def test_a_flipped_byte_fails_loudly_in_verify_and_the_reader(cache_url):
     filled(cache_url)
-    chunk = _chunk_file(cache_url, fmt.teacher_array("t1", "topk_dlogp"), 1, 1, 0)
+    chunk = stored_object(cache_url, "teachers/t1/topk_dlogp", 1)
     data = bytearray(open(chunk, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(chunk, "wb").write(bytes(data))
@@ -294,26 +291,27 @@ def test_a_flipped_byte_fails_loudly_in_verify_and_the_reader(cache_url):
     assert not report.ok and any("s000001.teacher.t1" in p and "unreadable" in p for p in report.problems)
     assert report.damaged == ["s000001.teacher.t1.0-2"]
     with pytest.raises(CacheError, match="s000001.teacher.t1.0-2 is damaged.*rerun the `pld cache-teacher` command"):
-        CacheReader(cache_url).read_block(1, "t1")
-    CacheReader(cache_url).read_block(0, "t1")  # other shards still read
+        Cache(cache_url).read(1, "t1")
+    Cache(cache_url).read(0, "t1")  # other shards still read
 
 
 def test_a_missing_chunk_is_caught_by_verify(cache_url):
     filled(cache_url)
-    os.remove(_chunk_file(cache_url, fmt.teacher_array("t1", "topk_idx"), 2, 0, 0))
+    os.remove(stored_object(cache_url, "teachers/t1/topk_idx", 2))
     report = verify_cache(cache_url)
     assert not report.ok
     assert any("s000002.teacher.t1" in p and "differs from what was written" in p for p in report.problems)
     with pytest.raises(CacheError, match="s000002.teacher.t1.0-2 is damaged"):
-        CacheReader(cache_url).read_block(2, "t1")  # zarr would have returned the fill value (-1) for it
+        Cache(cache_url).read(2, "t1")  # zarr would have returned the fill value (-1) for it
 
 
 def _rewrite_teacher_unit(w, shard, edit):
     """Rewrite a teacher unit through the writer (valid checksums, valid binding) with ``edit`` applied."""
-    r = CacheReader(w.url)
-    b = r.read_block(shard, "t1")
+    r = Cache(w.url)
+    b = r.read(shard, "t1")
+    rows = slice(shard * r.meta.rows_per_shard, shard * r.meta.rows_per_shard + r.meta.shards[shard].nsamples)
     block = TeacherBlock(b.topk_idx.copy(), b.topk_logp.copy(), b.label_logp.copy(),
-                         np.asarray(r.array(fmt.teacher_array("t1", "logz"))[r._rows(shard)]), correct=0, count=0)
+                         np.asarray(r.array("teachers/t1/logz")[rows]), correct=0, count=0)
     edit(block, b.labels)
     w.write_teacher(shard, "t1", (0, 2), block)
 
@@ -373,37 +371,37 @@ def test_a_rerun_that_conflicts_with_the_cache_is_refused(cache_url, change, mat
     req = request(2, [teacher_record()])
     change(req)
     with pytest.raises(CacheError, match=match):
-        CacheWriter.create_or_extend(cache_url, req)
+        Cache.create_or_extend(cache_url, req)
 
 
 def test_reader_mismatch_errors_name_the_fix(cache_url):
     filled(cache_url, teachers=(teacher_record("t1"), teacher_record("t2", sha="d")))
-    r = CacheReader(cache_url)
+    r = Cache(cache_url)
     with pytest.raises(CacheError, match="several teachers"):
         r.teacher()
     with pytest.raises(CacheError, match="'nope' is not in"):
         r.teacher("nope")
     with pytest.raises(CacheError, match=r"Temperature 4 is not in .*grid \(1, 2\)"):
-        r.read_block(0, "t1", temperature=4.0)
+        r.read(0, "t1", temperature=4.0)
     with pytest.raises(CacheError, match="not covered"):
         r.shard_for(name="other.tar")
     with pytest.raises(CacheError, match="No cache at"):
-        CacheReader(cache_url + "-missing")
+        Cache(cache_url + "-missing")
 
 
 def test_readers_open_read_only(cache_url):
     filled(cache_url)
-    r = CacheReader(cache_url)
+    r = Cache(cache_url)
     with pytest.raises(Exception):
-        r.array(fmt.LABEL_ARRAY)[0:1] = np.array([3], dtype=np.int32)
+        r.array(schema.LABEL.path())[0:1] = np.array([3], dtype=np.int32)
 
 
 def test_memory_url_round_trip():
     url = "memory://pld-test-cache"
-    w = CacheWriter.create_or_extend(url, request(2, [teacher_record()]), overwrite=True)
+    w = Cache.create_or_extend(url, request(2, [teacher_record()]), overwrite=True)
     for s in range(3):
         write_shard(w, s)
-    assert CacheReader(url).read_block(2, "t1").keys == shard_samples(2, 6)[0]
+    assert Cache(url).read(2, "t1").keys == shard_samples(2, 6)[0]
     assert verify_cache(url).ok
 
 
@@ -425,18 +423,18 @@ def test_teacher_fields_added_later_do_not_break_existing_bindings(cache_url):
 def _indexed(cache_url, chunk_rows=None, monkeypatch=None):
     from pld_pipeline.cache import key_index
     w = filled(cache_url)
-    reader = CacheReader(cache_url)
+    reader = Cache(cache_url)
     if chunk_rows:
         monkeypatch.setattr(key_index, "CHUNK_ROWS", chunk_rows)  # several chunks even for a tiny cache
     key_index.build(w.root, reader.meta, {s: reader.samples(s) for s in range(len(SHARD_SIZES))})
-    return CacheReader(cache_url)
+    return Cache(cache_url)
 
 
 def test_the_key_index_finds_every_key_in_two_chunk_reads(cache_url, monkeypatch):
     from pld_pipeline.cache import key_index
     reader = _indexed(cache_url, chunk_rows=4, monkeypatch=monkeypatch)
     expected = reader.key_index()  # the scan of every samples unit
-    monkeypatch.setattr(CacheReader, "key_index", lambda self: pytest.fail("scanned instead of using the index"))
+    monkeypatch.setattr(Cache, "key_index", lambda self: pytest.fail("scanned instead of using the index"))
     reads = []
     real = key_index.block_sha256
     monkeypatch.setattr(key_index, "block_sha256", lambda a: reads.append(len(a)) or real(a))
@@ -460,13 +458,54 @@ def test_a_damaged_key_index_is_refused_and_a_stale_one_is_not_used(cache_url, m
     rows = root["key_index/rows"][...]
     root["key_index/rows"][...] = rows[::-1].copy()  # every key now points at another sample's row
     with pytest.raises(CacheError, match="key index differs from what was written.*rebuild"):
-        CacheReader(cache_url).find(key)
+        Cache(cache_url).find(key)
     report = verify_cache(cache_url)
     assert not report.ok and "key_index" in report.damaged and any("key index" in p for p in report.problems)
     root["key_index/rows"][...] = rows
-    assert CacheReader(cache_url).find(key) is not None
-    meta = CacheReader(cache_url).meta
+    assert Cache(cache_url).find(key) is not None
+    meta = Cache(cache_url).meta
     fewer = replace(meta, shards=meta.shards[:-1])  # the cache's shards changed since the index was made
     assert key_index.state(root, fewer) == "stale"
     with pytest.raises(LookupError):
         key_index.lookup(root, fewer, key, cache_url)
+
+
+def test_the_spec_table_is_the_schema():
+    """docs/cache-format.md's array table is rendered from the one declaration of every array (schema.py)."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "cache-format.md")).read()
+    assert schema.spec_table() in doc
+
+
+def test_views_of_one_data_shard_share_an_object_and_extension_keeps_the_earlier_ones(cache_url, monkeypatch):
+    """Views 0..15 of a data shard live in one object per per-view array. Adding views rewrites that object; a
+    write cut short (the process dies before zarr renames its temporary file over the object) leaves the old
+    object byte for byte, so the units already there still read intact, and the extension then completes."""
+    import pathlib
+    filled(cache_url)
+    obj = stored_object(cache_url, "teachers/t1/topk_dlogp", 1)
+    assert not os.path.exists(stored_object(cache_url, "teachers/t1/topk_dlogp", 1, view=16))
+    assert sorted(os.listdir(os.path.dirname(obj))) == ["0"]  # both views, one object
+    before, first_two = open(obj, "rb").read(), Cache(cache_url).read(1, "t1")
+    w = Cache.create_or_extend(cache_url, request(4, (teacher_record(),)))
+
+    def torn(self, target):
+        raise OSError("the machine died mid-write")
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "replace", torn)
+        with pytest.raises(OSError, match="mid-write"):
+            write_shard(w, 1, views=(2, 4))
+    assert open(obj, "rb").read() == before and sorted(os.listdir(os.path.dirname(obj))) == ["0"]
+    report = verify_cache(cache_url)
+    assert report.damaged == [] and all(p.startswith("incomplete") for p in report.problems), report.problems
+    for s in range(len(SHARD_SIZES)):
+        write_shard(w, s, views=(2, 4))
+    assert verify_cache(cache_url).ok
+    block = Cache(cache_url).read(1, "t1")
+    n = SHARD_SIZES[1]
+    labels = torch.as_tensor(shard_samples(1, n)[1]).repeat_interleave(2)
+    enc = encode_teacher_logits(fake_logits(1, n, 4)[:, 2:].reshape(n * 2, C), labels, k=4, temperatures=(1.0, 2.0))
+    np.testing.assert_array_equal(block.topk_idx[:, 2:], enc["topk_idx"].reshape(n, 2, -1).numpy())
+    np.testing.assert_array_equal(block.topk_idx[:, :2], first_two.topk_idx)
+    np.testing.assert_array_equal(block.topk_logp[:, :2], first_two.topk_logp)
+    assert open(obj, "rb").read() != before  # the object now holds views 0-3

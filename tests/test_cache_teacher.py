@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pld_pipeline.cache import CacheError, CacheReader, SampleStatus, inspect_cache, verify_cache
-from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache import CacheError, Cache, SampleStatus, inspect_cache, verify_cache
+from pld_pipeline.cache import schema
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.data import DataError, iter_shard
 from pld_pipeline.losses import TeacherTargets
@@ -30,9 +30,9 @@ def config(tiny_data, out, teacher_ckpt=None, **kw):
 
 
 def arrays(url, tid="r8"):
-    r = CacheReader(url)
-    names = [fmt.KEY_ARRAY, fmt.LABEL_ARRAY, fmt.STATUS_ARRAY, fmt.PARAMS_ARRAY] + [
-        fmt.teacher_array(tid, n) for n in fmt.TEACHER_ARRAYS]
+    r = Cache(url)
+    names = [schema.KEY.path(), schema.LABEL.path(), schema.STATUS.path(), schema.PARAMS.path()] + [
+        spec.path(tid) for spec in schema.BY_KIND["teacher"]]
     return {n: np.asarray(r.array(n)[:]) for n in names}
 
 
@@ -47,12 +47,12 @@ def test_cached_values_equal_a_direct_teacher_forward_on_replayed_views(tiny_dat
     summary = cache_teacher(cfg)
     assert summary["items"] == 40 * 3 and summary["shards_written"] == 3
     hits = 0
-    reader = CacheReader(cfg.out)
+    reader = Cache(cfg.out)
     teacher = load_model("cifar_resnet8", checkpoint=teacher_ckpt).eval()
     prep = preprocessing_of(teacher)
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
     for shard, url in enumerate(tiny_data["train"].shards):
-        block = reader.read_block(shard, "r8", temperature=2.0)
+        block = reader.read(shard, "r8", temperature=2.0)
         samples = list(iter_shard(url))
         assert block.keys == [s["__key__"] for s in samples]
         for i, sample in enumerate(samples):
@@ -111,7 +111,7 @@ def test_several_teachers_in_one_pass_and_a_teacher_added_later(tiny_data, teach
     both = [TeacherSpec("cifar_resnet8", checkpoint=teacher_ckpt, name="r8"), TeacherSpec("cifar_resnet14", name="r14")]
     cfg = config(tiny_data, tmp_path / "both.zarr", teachers=both)
     cache_teacher(cfg)
-    reader = CacheReader(cfg.out)
+    reader = Cache(cfg.out)
     assert set(reader.meta.teachers) == {"r8", "r14"}
     assert reader.meta.teachers["r14"].checkpoint_sha256 is None
     later = config(tiny_data, tmp_path / "later.zarr", teacher_ckpt)
@@ -131,7 +131,7 @@ def test_more_views_later_equals_all_views_at_once(tiny_data, teacher_ckpt, tmp_
     summary = cache_teacher(config(tiny_data, grown.out, teacher_ckpt, views=4))
     assert summary["items"] == 40 * 2
     assert_same_cache(at_once.out, grown.out)
-    assert "s000000.teacher.r8.2-4" in CacheReader(grown.out).markers
+    assert "s000000.teacher.r8.2-4" in {u.name for u in Cache(grown.out).done}
 
 
 def test_rerun_resumes_and_refuses_a_changed_teacher_or_recipe(tiny_data, teacher_ckpt, tmp_path):
@@ -177,8 +177,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     assert proc.poll() is None, "the run finished before it could be killed; make the test data larger"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = CacheReader(killed)
-    assert 0 < len([m for m in partial.markers if ".teacher." in m]) < 10
+    partial = Cache(killed)
+    assert 0 < len(partial.units(kind="teacher")) < 10
     assert not verify_cache(killed).ok  # the reader knows the cache is incomplete
     done = subprocess.run(_cli("--out", killed, *args[:-1], "--json"), check=True, capture_output=True, text=True)
     assert '"skipped_samples": 0' in done.stdout
@@ -219,7 +219,7 @@ def test_an_undecodable_image_fails_naming_shard_and_key_or_is_skipped_and_recor
     cfg = config(tiny_data, tmp_path / "c2.zarr", teacher_ckpt, data=data, on_bad_sample="skip")
     summary = cache_teacher(cfg)
     assert summary["skipped_samples"] == 1
-    block = CacheReader(cfg.out).read_block(0, "r8")
+    block = Cache(cfg.out).read(0, "r8")
     assert block.keys == ["a0", "broken", "a2"]
     assert block.status.tolist() == [SampleStatus.OK, SampleStatus.SKIPPED, SampleStatus.OK]
     assert (block.topk_idx[1] == -1).all() and (block.topk_idx[0] >= 0).all()
@@ -273,12 +273,12 @@ def test_pipe_sources_are_read_and_fingerprinted_by_their_full_hash(tiny_data, t
     data = "::".join(f"pipe:cat {u}" for u in tiny_data["train"].shards)
     cfg = config(tiny_data, tmp_path / "pipe.zarr", teacher_ckpt, data=data)
     assert cache_teacher(cfg)["items"] == 120
-    reader = CacheReader(cfg.out)
+    reader = Cache(cfg.out)
     assert [s.name for s in reader.shards] == [os.path.basename(u) for u in tiny_data["train"].shards]
     assert all(s.quick_hash == s.sha256 for s in reader.shards)  # no seeking through a pipe
     plain = config(tiny_data, tmp_path / "plain.zarr", teacher_ckpt)
     cache_teacher(plain)
-    assert [s.sha256 for s in CacheReader(plain.out).shards] == [s.sha256 for s in reader.shards]
+    assert [s.sha256 for s in Cache(plain.out).shards] == [s.sha256 for s in reader.shards]
     assert_same_cache(cfg.out, plain.out)
 
 
@@ -289,9 +289,9 @@ def test_the_teacher_runs_in_fp32_unless_bf16_is_asked_for_and_recorded(tiny_dat
     bf16 = config(tiny_data, tmp_path / "b.zarr", teacher_ckpt, views=1, precision="bf16")
     cache_teacher(fp32)
     cache_teacher(bf16)  # on CPU: CPU bf16 autocast, the same rounding policy as on a GPU
-    ra, rb = CacheReader(fp32.out), CacheReader(bf16.out)
+    ra, rb = Cache(fp32.out), Cache(bf16.out)
     assert ra.teacher("r8").precision == "fp32" and rb.teacher("r8").precision == "bf16"
-    a, b = ra.read_block(0, "r8"), rb.read_block(0, "r8")
+    a, b = ra.read(0, "r8"), rb.read(0, "r8")
     assert np.abs(a.topk_logp - b.topk_logp).max() > 1e-3  # rounded...
     np.testing.assert_allclose(a.topk_logp, b.topk_logp, atol=0.25)  # ...but the same teacher
     with pytest.raises(CacheError, match="differs in precision"):
@@ -314,8 +314,8 @@ def test_a_torchvision_builder_is_a_teacher_and_its_width_comes_from_its_checkpo
         TeacherSpec("torchvision.models:resnet18", str(ckpt), "r18", mean=mean, std=std)])
     summary = cache_teacher(cfg)
     assert summary["num_classes"] == 10
-    block = CacheReader(cfg.out).read_block(2, "r18")
-    recipe = ViewRecipe.from_dict(CacheReader(cfg.out).meta.recipe)
+    block = Cache(cfg.out).read(2, "r18")
+    recipe = ViewRecipe.from_dict(Cache(cfg.out).meta.recipe)
     samples = list(iter_shard(tiny_data["train"].shards[2]))
     x = torch.stack([replay_view(decode_image(s["png"]), block.params[i, 0], recipe) for i, s in enumerate(samples)])
     with torch.no_grad():
@@ -336,7 +336,7 @@ def test_the_key_index_is_built_by_the_worker_that_completes_the_shards(tiny_dat
     cache_teacher(cfg)  # shards 0 and 2: not every shard's samples yet, so no index
     assert inspect_cache(cfg.out)["key_index"] == "absent"
     cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, part=(1, 2)))
-    reader = CacheReader(cfg.out)
+    reader = Cache(cfg.out)
     assert inspect_cache(cfg.out)["key_index"] == "current"
     scanned = reader.key_index()
     assert len(scanned) == 40 and all(reader.find(k) == where for k, where in scanned.items())

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from pld_pipeline.data import expand_shards, iter_shard
 from pld_pipeline_cli.app import app
 from pld_pipeline_cli.reference import render
+from conftest import stored_object
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -98,7 +99,7 @@ def test_verify_exits_non_zero_and_lists_bad_units(tmp_path):
     cache = tmp_path / "d" / "cache.zarr"
     ok = invoke("verify", cache)
     assert ok.exit_code == 0 and "unit(s) verified" in ok.output
-    os.remove(cache / "teachers" / "cifar_resnet8" / "topk_idx" / "c" / "0" / "1" / "0")
+    os.remove(stored_object(str(cache), "teachers/cifar_resnet8/topk_idx", 0))
     bad = runner.invoke(app, ["verify", str(cache), "--json"])
     assert bad.exit_code == 1
     report = json.loads(bad.output)

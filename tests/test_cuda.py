@@ -56,13 +56,13 @@ def _cache(tiny_data, teacher_ckpt, out, device):
 
 
 def test_a_gpu_built_cache_equals_the_cpu_one_in_fp32(tiny_data, teacher_ckpt, tmp_path):
-    from pld_pipeline.cache import CacheReader, verify_cache
+    from pld_pipeline.cache import Cache, verify_cache
     _cache(tiny_data, teacher_ckpt, tmp_path / "gpu.zarr", "cuda")
     _cache(tiny_data, teacher_ckpt, tmp_path / "cpu.zarr", "cpu")
     assert verify_cache(str(tmp_path / "gpu.zarr")).ok
-    a, b = CacheReader(str(tmp_path / "gpu.zarr")), CacheReader(str(tmp_path / "cpu.zarr"))
+    a, b = Cache(str(tmp_path / "gpu.zarr")), Cache(str(tmp_path / "cpu.zarr"))
     for shard in range(3):
-        x, y = a.read_block(shard, "r8"), b.read_block(shard, "r8")
+        x, y = a.read(shard, "r8"), b.read(shard, "r8")
         assert (x.topk_idx == y.topk_idx).mean() > 0.99  # only exact near-ties may differ
         np.testing.assert_allclose(x.topk_logp, y.topk_logp, atol=1e-4)
 

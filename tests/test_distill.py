@@ -84,8 +84,8 @@ def test_resume_after_a_crash_gives_the_same_final_weights(tiny_data, cache, tmp
 
 
 def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cache):
-    from pld_pipeline.cache import CacheReader
-    reader = CacheReader(cache)
+    from pld_pipeline.cache import Cache
+    reader = Cache(cache)
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
     shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]
     ds = TrainSamples(shards, recipe=recipe, seed=0, rank=0, world=1, cache_url=cache, teachers=["r14"], k=5,
@@ -100,7 +100,7 @@ def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cach
         for key, image in images.items():
             shard, row = index[key]
             v = choose_view("rotate", 0, key, 2, 4)
-            params = reader.read_block(shard, "r14").params[row, v]
+            params = reader.read(shard, "r14").params[row, v]
             if torch.equal(replay_view(image, params, recipe), item["image"]):
                 matches.append(key)
         assert len(matches) >= 1  # the item's tensor is, bit for bit, the cached view of its own sample
@@ -114,11 +114,11 @@ def test_every_student_input_is_paired_with_the_teachers_targets_for_that_exact_
                                                                                       epoch):
     """Run the cached teacher again on exactly the tensor the student receives: its top-k and log-probs must be
     the targets the item carries (a view/target mismatch, e.g. view v with view v+1's targets, fails here)."""
-    from pld_pipeline.cache import CacheReader
+    from pld_pipeline.cache import Cache
     from pld_pipeline.losses import TeacherTargets
     from pld_pipeline.models import load_model
     from pld_pipeline.views import normalize
-    reader = CacheReader(cache)
+    reader = Cache(cache)
     prep = reader.teacher("r14").preprocessing
     teacher = load_model("cifar_resnet14", checkpoint=teacher_run).eval()
     shards = [TrainShard(u, n, i) for i, (u, n) in enumerate(zip(tiny_data["train"].shards, (16, 16, 8)))]

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pld_pipeline.cache import CacheError, CacheReader, inspect_cache, verify_cache
+from pld_pipeline.cache import CacheError, Cache, inspect_cache, verify_cache
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import encode_png, write_split
 
-from conftest import NUM_CLASSES, make_images
+from conftest import NUM_CLASSES, make_images, stored_object, swap_views_in_object
 from test_cache_teacher import assert_same_cache
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache(tiny_d
     assert killed.returncode == -9, killed.stderr
     if point.startswith("create"):  # readers refuse a cache whose creation was cut short, naming the fix
         with pytest.raises(CacheError, match="still being created.*rerun the same `pld cache-teacher`"):
-            CacheReader(str(out))
+            Cache(str(out))
     else:  # a killed writer leaves units missing, never a unit that claims data it does not hold
         report = verify_cache(str(out))
         assert not report.ok and report.damaged == [], report.problems
@@ -91,24 +91,20 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_weights_and_ema(tiny_data,
 
 
 # -- damaged data: verify reports it, distill refuses it, a rerun repairs it ---------------------------------
-def chunk(url, path, *coords):
-    return os.path.join(url, path, "c", *map(str, coords))
-
-
-def flip_byte(url, path, *coords):
-    f = chunk(url, path, *coords)
+def flip_byte(url, path, shard):
+    f = stored_object(url, path, shard)
     data = bytearray(open(f, "rb").read())
     data[len(data) // 2] ^= 0x5A
     open(f, "wb").write(bytes(data))
 
 
-def truncate(url, path, *coords):
-    f = chunk(url, path, *coords)
+def truncate(url, path, shard):
+    f = stored_object(url, path, shard)
     os.truncate(f, os.path.getsize(f) // 2)
 
 
 def swap(url, path, a, b):
-    fa, fb = chunk(url, path, *a), chunk(url, path, *b)
+    fa, fb = stored_object(url, path, a), stored_object(url, path, b)
     da, db = open(fa, "rb").read(), open(fb, "rb").read()
     assert da != db
     open(fa, "wb").write(db)
@@ -116,16 +112,17 @@ def swap(url, path, a, b):
 
 
 DAMAGE = {
-    "bit flip in a teacher chunk": (lambda u: flip_byte(u, "teachers/r8/top1_logp", 1, 0), ["s000001.teacher.r8.0-2"]),
+    "bit flip in a teacher object": (lambda u: flip_byte(u, "teachers/r8/top1_logp", 1), ["s000001.teacher.r8.0-2"]),
     "bit flip in samples/label": (lambda u: flip_byte(u, "samples/label", 0), ["s000000.samples"]),
-    "truncated chunk": (lambda u: truncate(u, "teachers/r8/topk_idx", 2, 1, 0), ["s000002.teacher.r8.0-2"]),
-    "deleted teacher chunk": (lambda u: os.remove(chunk(u, "teachers/r8/top1_logp", 0, 1)), ["s000000.teacher.r8.0-2"]),
-    "deleted samples/status chunk": (lambda u: os.remove(chunk(u, "samples/status", 1)), ["s000001.samples"]),
-    "chunk swapped between shards": (lambda u: swap(u, "teachers/r8/topk_dlogp", (0, 0, 0), (1, 0, 0)),
-                                     ["s000000.teacher.r8.0-2", "s000001.teacher.r8.0-2"]),
-    "chunk swapped between views": (lambda u: swap(u, "teachers/r8/label_logp", (2, 0), (2, 1)),
-                                    ["s000002.teacher.r8.0-2"]),
-    "view params swapped between shards": (lambda u: swap(u, "views/params", (0, 1, 0), (1, 1, 0)),
+    "truncated object": (lambda u: truncate(u, "teachers/r8/topk_idx", 2), ["s000002.teacher.r8.0-2"]),
+    "deleted teacher object": (lambda u: os.remove(stored_object(u, "teachers/r8/top1_logp", 0)),
+                               ["s000000.teacher.r8.0-2"]),
+    "deleted samples/status chunk": (lambda u: os.remove(stored_object(u, "samples/status", 1)), ["s000001.samples"]),
+    "object swapped between shards": (lambda u: swap(u, "teachers/r8/topk_dlogp", 0, 1),
+                                      ["s000000.teacher.r8.0-2", "s000001.teacher.r8.0-2"]),
+    "chunks swapped between views inside an object": (
+        lambda u: swap_views_in_object(u, "teachers/r8/label_logp", 2, 0, 1), ["s000002.teacher.r8.0-2"]),
+    "view params swapped between shards": (lambda u: swap(u, "views/params", 0, 1),
                                            ["s000000.views.0-2", "s000001.views.0-2"]),
 }
 

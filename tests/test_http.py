@@ -1,5 +1,6 @@
 """A cache served by a plain HTTP host that does not list folders (static hosts, CDNs, model/data file hosts)."""
 import functools
+import io
 import json
 import os
 import shutil
@@ -13,23 +14,49 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pld_pipeline.cache import CacheError, CacheReader, inspect_cache, verify_cache
+from pld_pipeline.cache import CacheError, Cache, inspect_cache, verify_cache
 from pld_pipeline.cache.store import open_root, read_index, write_index
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline_cli.app import app
 
 
 class NoListing(SimpleHTTPRequestHandler):
-    """Serves files by path; any folder request is a 404, as on object-only hosts."""
+    """Serves files by path and byte range (RFC 9110 single ranges, as nginx, S3 and CDNs do); any folder request
+    is a 404, as on object-only hosts."""
+    ranges = True
 
     def send_head(self):
-        if os.path.isdir(self.translate_path(self.path)):
+        path = self.translate_path(self.path)
+        if os.path.isdir(path):
             self.send_error(404, "No listing here")
             return None
-        return super().send_head()
+        spec = self.headers.get("Range")
+        if not (self.ranges and spec and spec.startswith("bytes=") and os.path.isfile(path)):
+            return super().send_head()
+        size = os.path.getsize(path)
+        first, _, last = spec[len("bytes="):].partition("-")
+        start, end = (size - int(last), size - 1) if not first else (int(first), min(int(last or size - 1), size - 1))
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        return io.BytesIO(f.read(end - start + 1))
 
     def log_message(self, *args):
         pass
+
+
+class NoRanges(NoListing):
+    """A host that ignores Range headers and always sends the whole file (some minimal static servers)."""
+    ranges = False
+
+
+def serve(directory, handler=NoListing):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +64,7 @@ def served(cache, tmp_path_factory):
     """A copy of the session cache under a local HTTP server that does not list."""
     root = tmp_path_factory.mktemp("www")
     shutil.copytree(cache, root / "c.zarr")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(NoListing, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = serve(root)
     yield {"url": f"http://127.0.0.1:{server.server_port}/c.zarr", "local": str(root / "c.zarr")}
     server.shutdown()
 
@@ -53,9 +78,9 @@ def test_the_host_really_does_not_list(served):
 
 
 def test_inspect_verify_and_distill_over_http_equal_the_local_cache(served, tiny_data, tmp_path):
-    local = CacheReader(served["local"])
-    remote = CacheReader(served["url"])
-    assert remote.markers == local.markers and len(remote.markers) > 0  # found through the unit index
+    local = Cache(served["local"])
+    remote = Cache(served["url"])
+    assert remote.done == local.done and len(remote.done) > 0  # found through the unit index
     assert verify_cache(served["url"]).ok
     assert not any("unit index" in w for w in verify_cache(served["local"]).warnings)
     assert inspect_cache(served["url"])["teachers"] == inspect_cache(served["local"])["teachers"]
@@ -84,8 +109,8 @@ def test_a_reader_that_cannot_list_sees_exactly_the_index(served):
     try:
         write_index(root, 0, [n for n in names if ".teacher." not in n])
         with pytest.raises(CacheError, match="not complete"):
-            CacheReader(served["url"]).read_block(0, "r14")
-        assert CacheReader(served["local"]).read_block(0, "r14").topk_idx is not None  # listing still finds it
+            Cache(served["url"]).read(0, "r14")
+        assert Cache(served["local"]).read(0, "r14").topk_idx is not None  # listing still finds it
         assert any("unit index of 1 shard(s)" in w for w in verify_cache(served["local"]).warnings)
     finally:
         write_index(root, 0, names)
@@ -94,14 +119,38 @@ def test_a_reader_that_cannot_list_sees_exactly_the_index(served):
 def test_a_withdrawn_unit_leaves_the_index_before_its_marker(cache, tmp_path):
     """A repair withdraws a damaged unit before rewriting it: a reader that cannot list must see it missing (and
     the shard incomplete), never be pointed at a unit without a marker."""
-    from pld_pipeline.cache import CacheWriter
+    from pld_pipeline.cache import Cache
     from pld_pipeline.cache.store import read_marker
     copy = tmp_path / "c.zarr"
     shutil.copytree(cache, copy)
-    writer = CacheWriter(str(copy))
+    writer = Cache(str(copy), mode="r+")
     name = next(n for n in read_index(writer.root, 1) if ".teacher." in n)
     writer.withdraw(name)
     assert name not in read_index(writer.root, 1)
     with pytest.raises(CacheError, match="missing"):
         read_marker(writer.root, name)
     assert verify_cache(str(copy)).problems == ["incomplete: s000001.teacher.r14"]
+
+
+def test_a_host_that_ignores_byte_ranges_is_read_through_whole_objects(served, tmp_path):
+    """Several views share one stored object, read by byte range. Over a host that answers a range with the
+    whole file (``python -m http.server``), readers fetch each object whole and cut the ranges from it: the same
+    blocks, with and without --cache-dir."""
+    server = serve(os.path.dirname(served["local"]), NoRanges)
+    url = f"http://127.0.0.1:{server.server_port}/c.zarr"
+    try:
+        want = Cache(served["local"]).read(1, "r14")
+        for cache in (Cache(url), Cache(url, cache_dir=str(tmp_path / "blocks"))):
+            got = cache.read(1, "r14")
+            assert got.keys == want.keys and (got.topk_logp == want.topk_logp).all()
+            assert (got.params == want.params).all()
+        assert verify_cache(url).ok
+    finally:
+        server.shutdown()
+
+
+def test_a_reader_written_from_the_spec_reads_the_served_cache(served):
+    """tests/spec_reader.py opens objects by path only: over a host that does not list it reads what pld_pipeline
+    reads, through the unit index, the markers and the key index."""
+    from test_spec_reader import assert_reads_alike
+    assert_reads_alike(served["url"], ["r14"])

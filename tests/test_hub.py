@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from pld_pipeline.cache import CacheReader
+from pld_pipeline.cache import Cache
 from pld_pipeline.data import iter_shard
 from pld_pipeline.losses import TeacherTargets
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view
@@ -60,7 +60,7 @@ def test_a_pretrained_hub_teacher_is_cached_offline_with_its_identity(tiny_data,
               "--pretrained", "--views", "1", "--recipe", "imagenet", "--size", "48", "--top-k", "5", "--workers", "0", "--device", "cpu",
               "--quiet", "--out", str(out), hf_home=tmp_path / "hf")
     assert run.returncode == 0, run.stderr
-    reader = CacheReader(str(out))
+    reader = Cache(str(out))
     rec = reader.teacher("hub")
     assert rec.pretrained == {"hub_id": REPO, "tag": TAG, "revision": REV, "file": "model.safetensors", "sha256": sha}
     assert rec.checkpoint_sha256 == sha and reader.meta.num_classes == 1000
@@ -70,7 +70,7 @@ def test_a_pretrained_hub_teacher_is_cached_offline_with_its_identity(tiny_data,
     model.load_state_dict(load_file(weights))
     model.eval()
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
-    block = reader.read_block(0, "hub")
+    block = reader.read(0, "hub")
     samples = list(iter_shard(tiny_data["train"].shards[0]))
     x = torch.stack([replay_view(decode_image(s["png"]), block.params[i, 0], recipe) for i, s in enumerate(samples)])
     assert x.shape[-1] == 48

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pld_pipeline.cache import CacheReader, verify_cache
+from pld_pipeline.cache import Cache, verify_cache
 from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, _ViewItems, cache_teacher
 from pld_pipeline.losses import MixedLabels, TeacherTargets, create_loss, kd_loss
@@ -70,7 +70,7 @@ def test_replay_is_integer_exact_mixup_and_cutmix():
 
 def _teacher_inputs(url, tiny_data):
     """(shard, row, view) -> the uint8 image cache-teacher fed its teacher, from its own dataset."""
-    reader = CacheReader(url)
+    reader = Cache(url)
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
     from pld_pipeline.cache_teacher import _Job
     jobs = [_Job(s, u, n, list(range(4)), False, [], {}) for s, (u, n) in
@@ -82,7 +82,7 @@ def _teacher_inputs(url, tiny_data):
 
 def test_student_replay_equals_the_teachers_input_and_targets_equal_a_direct_forward(mixed_cache, tiny_data,
                                                                                      teacher_ckpt):
-    reader = CacheReader(mixed_cache)
+    reader = Cache(mixed_cache)
     assert reader.meta.version == fmt.MIXED_FORMAT_VERSION and reader.meta.params_width == 17
     assert verify_cache(mixed_cache).ok
     seen = _teacher_inputs(mixed_cache, tiny_data)
@@ -96,7 +96,7 @@ def test_student_replay_equals_the_teachers_input_and_targets_equal_a_direct_for
                           num_views=4, shuffle_buffer=1)
         ds.set_epoch(epoch)
         for shard in shards:
-            block = reader.read_block(shard.cache_shard, "r8")
+            block = reader.read(shard.cache_shard, "r8")
             firsts = first_labels(block.params, block.labels)
             for row, item in enumerate(ds._samples(ShardRange(shard, 0, shard.nsamples))):
                 v = choose_view("rotate", 0, item["__key__"], epoch, 4)

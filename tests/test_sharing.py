@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from pld_pipeline.cache import CacheReader, inspect_cache, verify_cache
+from pld_pipeline.cache import Cache, inspect_cache, verify_cache
 from pld_pipeline.distill import DistillConfig, distill
 from conftest import free_port
 from pld_pipeline_cli.app import app
@@ -73,8 +73,8 @@ def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_
     assert summary["epochs"] == 1
     fetched = sum(len(files) for _, _, files in os.walk(local_copy))
     assert fetched > 10  # chunks and metadata now come from the local block cache
-    reader = CacheReader(url, cache_dir=str(local_copy))
-    assert reader.read_block(0, "r8").keys == CacheReader(url).read_block(0, "r8").keys
+    reader = Cache(url, cache_dir=str(local_copy))
+    assert reader.read(0, "r8").keys == Cache(url).read(0, "r8").keys
     with pytest.raises(Exception):
         reader.array("samples/label")[0:1] = 1  # readers are read-only
 

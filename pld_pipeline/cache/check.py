@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from . import key_index
-from .format import CacheError, SampleStatus
+from . import schema
+from .cache import Cache
+from .format import CacheError, SampleStatus, UnitName
 from .integrity import REPAIR, DamagedUnit
-from .reader import CacheReader
-from .store import can_list, read_index, read_marker, store_nbytes
+from .store import can_list, store_nbytes
 from ..views import KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, PLAIN_WIDTH, first_labels
 
 
@@ -43,39 +43,38 @@ class UnitCheck:
     count: int = 0
 
 
-def check_unit(reader: CacheReader, name: str, samples_of: dict[int, dict[str, np.ndarray] | None]) -> UnitCheck:
+def check_unit(cache: Cache, unit: UnitName, samples_of: dict[int, dict[str, np.ndarray] | None]) -> UnitCheck:
     """Integrity (checksums, metadata binding) and then meaning: labels in range, view boxes non-empty, teacher
     values valid and consistent with the shard's labels. ``samples_of`` caches each shard's checked samples
     unit (None where it is damaged or missing) across calls. No teacher forward: cheap enough for every rerun."""
     try:
-        arrays = reader.read_unit(name)
+        arrays = cache.read_unit(unit)
     except DamagedUnit as e:
         return UnitCheck([e.why])
-    unit = fmt.parse_unit_name(name)
-    n = reader.meta.shards[unit.shard].nsamples
+    n = cache.meta.shards[unit.shard].nsamples
     if unit.kind == "samples":
-        return UnitCheck(_check_samples(arrays, n, reader.meta.num_classes))
+        return UnitCheck(_check_samples(arrays, n, cache.meta.num_classes))
     if unit.shard not in samples_of:
         try:
-            samples_of[unit.shard] = reader.samples(unit.shard)
+            samples_of[unit.shard] = cache.samples(unit.shard)
         except CacheError:
             samples_of[unit.shard] = None
     samples = samples_of[unit.shard]
     if samples is None:  # the samples unit reports its own damage; nothing to compare against here
         return UnitCheck()
-    ok = samples[fmt.STATUS_ARRAY] == SampleStatus.OK
+    ok = samples[schema.STATUS.path()] == SampleStatus.OK
     if unit.kind == "views":
-        return UnitCheck(_check_views(arrays[fmt.PARAMS_ARRAY][:n], ok, reader.meta.recipe.get("size", 0)))
-    block = {path[len(fmt.teacher_array(unit.teacher, "")):]: arr[:n][ok] for path, arr in arrays.items()}
-    labels = samples[fmt.LABEL_ARRAY][ok]
-    if reader.meta.params_width != PLAIN_WIDTH:  # mixed views rank their dominant label first: compare with that
+        return UnitCheck(_check_views(arrays[schema.PARAMS.path()][:n], ok, cache.meta.recipe.get("size", 0)))
+    block = {path.rsplit("/", 1)[1]: arr[:n][ok] for path, arr in arrays.items()}
+    labels = samples[schema.LABEL.path()][ok]
+    if cache.meta.params_width != PLAIN_WIDTH:  # mixed views rank their dominant label first: compare with that
         a, b = unit.views
         try:
-            params = reader.read_block(unit.shard, views=b).params[:, a:b]
+            params = cache.read(unit.shard, views=b).params[:, a:b]
         except CacheError:
             return UnitCheck()  # damaged or missing views units report themselves
-        labels = first_labels(params, samples[fmt.LABEL_ARRAY])[ok]
-    problems = _check_teacher_values(reader.meta.num_classes, block, labels)
+        labels = first_labels(params, samples[schema.LABEL.path()])[ok]
+    problems = _check_teacher_values(cache.meta.num_classes, block, labels)
     if problems:
         return UnitCheck(problems)
     first = labels if labels.ndim == 2 else labels[:, None]
@@ -107,14 +106,14 @@ def _check_views(params: np.ndarray, ok: np.ndarray, size: int) -> list[str]:
 
 
 def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> list[str]:
-    status, labels = arrays[fmt.STATUS_ARRAY], arrays[fmt.LABEL_ARRAY]
+    status, labels = arrays[schema.STATUS.path()], arrays[schema.LABEL.path()]
     problems = []
     if not np.isin(status[:n], (SampleStatus.OK, SampleStatus.SKIPPED)).all() or (status[n:] != SampleStatus.EMPTY).any():
         problems.append("sample status values outside the spec (OK/SKIPPED for samples, EMPTY for padding)")
     ok = status[:n] == SampleStatus.OK
     if ((labels[:n][ok] < 0) | (labels[:n][ok] >= num_classes)).any():
         problems.append(f"labels outside [0, {num_classes})")
-    if (arrays[fmt.KEY_ARRAY][:n, 0] == 0).any():
+    if (arrays[schema.KEY.path()][:n, 0] == 0).any():
         problems.append("empty sample keys")
     return problems
 
@@ -122,53 +121,52 @@ def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> l
 def verify_cache(url: str) -> VerifyReport:
     """Check every unit (see :func:`check_unit`) and that every unit a reader needs exists. Reports every
     finding and never stops at the first; also warns about teachers whose top-1 is near chance."""
-    reader = CacheReader(url)
+    cache = Cache(url)
     report = VerifyReport(url)
-    report.problems.extend(f"incomplete: {m}" for m in reader.missing_units(None))
-    for tid in reader.meta.teachers:
-        report.problems.extend(f"incomplete: {m}" for m in reader.missing_units(tid, data=False))
-    samples_of: dict[int, dict[str, np.ndarray] | None] = {}
-    hits = {tid: [0, 0] for tid in reader.meta.teachers}
-    for name in reader.markers:
+    report.problems.extend(f"incomplete: {m}" for m in cache.missing_units(None))
+    for tid in cache.meta.teachers:
+        report.problems.extend(f"incomplete: {m}" for m in cache.missing_units(tid, data=False))
+    for name in cache.strays:
         report.units_checked += 1
-        unit = fmt.parse_unit_name(name)
-        if unit is None or unit.shard >= len(reader.meta.shards):
-            report.problems.append(f"{name}: a unit name this cache cannot hold")
-            report.damaged.append(name)
-            continue
-        found = check_unit(reader, name, samples_of)
+        report.problems.append(f"{name}: a unit name this cache cannot hold")
+        report.damaged.append(name)
+    samples_of: dict[int, dict[str, np.ndarray] | None] = {}
+    hits = {tid: [0, 0] for tid in cache.meta.teachers}
+    for unit in cache.units():
+        report.units_checked += 1
+        found = check_unit(cache, unit, samples_of)
         if found.problems:
-            report.damaged.append(name)
-            report.problems.extend(f"{name}: {p}" for p in found.problems)
+            report.damaged.append(unit.name)
+            report.problems.extend(f"{unit.name}: {p}" for p in found.problems)
         elif unit.kind == "teacher" and unit.teacher in hits:
             hits[unit.teacher][0] += found.correct
             hits[unit.teacher][1] += found.count
     for tid, (correct, count) in hits.items():
         report.teacher_accuracy[tid] = correct / count if count else None
-        warning = chance_warning(tid, report.teacher_accuracy[tid], reader.meta.num_classes)
+        warning = chance_warning(tid, report.teacher_accuracy[tid], cache.meta.num_classes)
         if warning:
             report.warnings.append(warning)
-    report.warnings.extend(index_warnings(reader))
-    index_problems = key_index.check(reader.root, reader.meta, {s: a for s, a in samples_of.items() if a is not None})
+    report.warnings.extend(index_warnings(cache))
+    index_problems = cache.check_key_index({s: a for s, a in samples_of.items() if a is not None})
     if index_problems:
         report.problems.extend(index_problems)
-        report.damaged.append(key_index.GROUP)
-    if key_index.state(reader.root, reader.meta) == "stale":
+        report.damaged.append("key_index")
+    if cache.key_index_state() == "stale":
         report.warnings.append("the key index was made for other shards (readers scan the samples units instead); "
                                "rerun the `pld cache-teacher` command to rebuild it.")
     return report
 
 
-def index_warnings(reader: CacheReader) -> list[str]:
+def index_warnings(cache: Cache) -> list[str]:
     """Where the store can list, compare each shard's unit index with its markers: readers on hosts without
     listing (plain HTTP) see exactly what the index lists. Not damage (nothing wrong is ever read), so warnings."""
-    if not can_list(reader.url):
+    if not can_list(cache.url):
         return []
-    by_shard = fmt.units_by_shard(reader.markers, range(len(reader.meta.shards)))
-    stale = [s for s, names in by_shard.items() if set(read_index(reader.root, s) or []) != names]
+    by_shard = fmt.units_by_shard([u.name for u in cache.done], range(len(cache.meta.shards)))
+    stale = [s for s, names in by_shard.items() if set(cache.unit_index(s) or []) != names]
     if not stale:
         return []
-    return [f"the unit index of {len(stale)} shard(s) (e.g. {reader.meta.shards[stale[0]].name}) does not list "
+    return [f"the unit index of {len(stale)} shard(s) (e.g. {cache.meta.shards[stale[0]].name}) does not list "
             "exactly its complete units: readers that cannot list folders (HTTP hosts) would see those shards as "
             "incomplete. Rerun the `pld cache-teacher` command to rewrite it."]
 
@@ -184,7 +182,7 @@ def chance_warning(tid: str, accuracy: float | None, num_classes: int) -> str | 
 def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarray) -> list[str]:
     """``block``: one teacher unit's arrays by short name, OK rows only; ``labels``: those rows' labels."""
     idx = block["topk_idx"].astype(np.int64)
-    logp = fmt.join_logp(block["topk_dlogp"], block["top1_logp"])
+    logp = schema.join_logp(block["topk_dlogp"], block["top1_logp"])
     label_logp = block["label_logp"].astype(np.float32)
     logz = block["logz"]
     problems = []
@@ -212,18 +210,17 @@ def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarr
     return problems
 
 
-def tail_mass_quantiles(reader: CacheReader, tid: str, max_shards: int = 8) -> dict[str, float]:
+def tail_mass_quantiles(cache: Cache, tid: str, max_shards: int = 8) -> dict[str, float]:
     """Teacher probability outside the stored top-k (temperature 1), over up to ``max_shards`` complete shards:
     how much of the PLD weight a given k drops, so users can choose k."""
-    teacher = reader.teacher(tid)
+    teacher = cache.teacher(tid)
     masses = []
-    done = [s for s in range(len(reader.shards))
-            if set(range(reader.meta.num_views)) <= reader.teacher_done.get((s, tid), set())][:max_shards]
+    done = [s for s in range(len(cache.shards)) if cache.complete(s, tid)][:max_shards]
     for shard in done:
-        block = reader.read_block(shard, tid, temperature=1.0)
+        block = cache.read(shard, tid, temperature=1.0)
         logp = block.topk_logp[block.status == SampleStatus.OK]
         masses.append(np.clip(1.0 - np.exp(logp.astype(np.float64)).sum(-1), 0.0, 1.0).ravel())
-    if not masses or teacher.k == reader.meta.num_classes:
+    if not masses or teacher.k == cache.meta.num_classes:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0} if masses else {}
     m = np.concatenate(masses)
     return {"p50": float(np.quantile(m, 0.5)), "p90": float(np.quantile(m, 0.9)),
@@ -233,33 +230,29 @@ def tail_mass_quantiles(reader: CacheReader, tid: str, max_shards: int = 8) -> d
 def inspect_cache(url: str) -> dict[str, Any]:
     """A summary for humans and scripts: teachers, classes, k, views, temperatures, completion, bytes, and
     warnings (a teacher near chance). Reads checked blocks of up to 8 shards per teacher for the tail mass."""
-    reader = CacheReader(url)
-    meta = reader.meta
+    cache = Cache(url)
+    meta = cache.meta
     nbytes = store_nbytes(url)
     samples = sum(s.nsamples for s in meta.shards)
     teachers, warnings = {}, []
     for tid, t in meta.teachers.items():
         correct = count = 0
-        for (shard, kind, unit_tid), units in reader.units.items():
-            if kind == "teacher" and unit_tid == tid:
-                for _, name in units:
-                    rec = read_marker(reader.root, name)
-                    correct += rec.get("correct", 0)
-                    count += rec.get("count", 0)
+        for unit in cache.units(kind="teacher", teacher=tid):
+            rec = cache.marker(unit)
+            correct += rec.get("correct", 0)
+            count += rec.get("count", 0)
         accuracy = (correct / count) if count else None
         warning = chance_warning(tid, accuracy, meta.num_classes)
         if warning:
             warnings.append(warning)
-        shards_done = sum(1 for s in range(len(meta.shards))
-                          if set(range(meta.num_views)) <= reader.teacher_done.get((s, tid), set()))
         teachers[tid] = {
             "source": t.source, "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
             "k": t.k, "full": t.k == meta.num_classes, "temperatures": list(t.temperatures),
-            "shards_done": shards_done, "accuracy_on_cached_views": accuracy,
-            "tail_mass": tail_mass_quantiles(reader, tid), "preprocessing": t.preprocessing,
+            "shards_done": sum(1 for s in range(len(meta.shards)) if set(range(meta.num_views)) <= cache.views_done(s, tid)),
+            "accuracy_on_cached_views": accuracy,
+            "tail_mass": tail_mass_quantiles(cache, tid), "preprocessing": t.preprocessing,
         }
-    shards_done = sum(1 for s in range(len(meta.shards))
-                      if s in reader.samples_done and set(range(meta.num_views)) <= reader.views_done.get(s, set()))
+    shards_done = sum(1 for s in range(len(meta.shards)) if cache.complete(s))
     views_total = samples * meta.num_views
     return {
         "url": url, "format": f"{meta.format} v{meta.version}", "num_classes": meta.num_classes,
@@ -267,5 +260,5 @@ def inspect_cache(url: str) -> dict[str, Any]:
         "shards_done": shards_done, "views": meta.num_views, "recipe": meta.recipe, "seed": meta.seed,
         "teachers": teachers, "bytes_on_disk": nbytes,
         "bytes_per_view": (nbytes / views_total) if nbytes and views_total else None,
-        "created_by": meta.created_by, "warnings": warnings, "key_index": key_index.state(reader.root, meta),
+        "created_by": meta.created_by, "warnings": warnings, "key_index": cache.key_index_state(),
     }

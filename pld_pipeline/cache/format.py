@@ -1,4 +1,4 @@
-"""The cache's on-disk vocabulary: metadata records, array paths, unit marker names, codecs.
+"""The cache's vocabulary: metadata records, unit names and their bindings (the arrays: schema.py).
 
 Everything here is documented field by field in docs/cache-format.md; keep the two in lockstep.
 """
@@ -22,38 +22,13 @@ ROOT_ATTR = "pld_cache"  # the root group's attribute holding CacheMeta
 #: rerun recognises (and restarts) a creation that was killed, and readers refuse it.
 CREATING_ATTR = "pld_cache_creating"
 
-KEY_ARRAY = "samples/key"  # uint8 [R, key_bytes], UTF-8 key, zero padded
-LABEL_ARRAY = "samples/label"  # int32 [R], -1 where no sample
-STATUS_ARRAY = "samples/status"  # uint8 [R], see SampleStatus
-DIGEST_ARRAY = "samples/digest"  # uint8 [R, 16]: blake2b-128 of the sample's encoded bytes (sample_digest)
-SAMPLE_ARRAYS = (KEY_ARRAY, LABEL_ARRAY, STATUS_ARRAY, DIGEST_ARRAY)
-DIGEST_BYTES = 16
-PARAMS_ARRAY = "views/params"  # int32 [R, V, 5]: top, left, height, width, flip; [R, V, 17] with mixing (views.MIXED_FIELDS)
-TEACHER_ARRAYS = ("topk_idx", "topk_dlogp", "top1_logp", "label_logp", "logz")
+DIGEST_BYTES = 16  # samples/digest: blake2b-128 (sample_digest)
 UNITS_GROUP = "units"
 #: Per-shard lists of complete units (``unit_index/s{shard:06d}``), for readers that cannot list folders.
 UNIT_INDEX_GROUP = "unit_index"
 
 #: Clamp for stored log-probabilities: float16's finite range; such classes have probability exp(-6e4) = 0.
 MIN_LOGP = -60000.0
-
-
-def split_logp(topk_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stored form of top-k log-probs: float16 deltas from the top-1 (<= 0) and the top-1 in float32.
-
-    float16 keeps ~11 bits relative to a value's magnitude, so storing deltas puts the precision where the
-    weight is: a class's weight error is at most p_T(top) * max_x(x e^-x) * 2^-11 < 2e-4 at any temperature,
-    where float16 absolute log-probs would exceed 1e-3 for unconfident teachers at T < 1.
-    """
-    logp = np.asarray(topk_logp, dtype=np.float32)
-    top1 = logp[..., 0]
-    dlogp = np.maximum(logp - top1[..., None], MIN_LOGP).astype(np.float16)
-    return dlogp, top1
-
-
-def join_logp(topk_dlogp: np.ndarray, top1_logp: np.ndarray) -> np.ndarray:
-    """Top-k log-probs (float32) from their stored form."""
-    return np.asarray(top1_logp, dtype=np.float32)[..., None] + np.asarray(topk_dlogp, dtype=np.float32)
 
 
 class SampleStatus:
@@ -82,10 +57,6 @@ def check_teacher_id(tid: str) -> str:
     if not _TEACHER_ID.match(tid):
         raise CacheError(f"Teacher id {tid!r} must be 1-64 letters, digits, '_' or '-'.")
     return tid
-
-
-def teacher_array(tid: str, name: str) -> str:
-    return f"teachers/{tid}/{name}"
 
 
 def sample_digest(sample: dict[str, Any]) -> bytes:
@@ -240,10 +211,19 @@ def teacher_unit(shard: int, tid: str, views: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class UnitName:
+    """A typed unit name: what a marker's name says (``parse_unit_name`` reads one, ``name`` writes it)."""
     shard: int
     kind: str  # samples | views | teacher
     teacher: str | None = None
     views: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "samples":
+            return samples_unit(self.shard)
+        if self.kind == "views":
+            return views_unit(self.shard, self.views)
+        return teacher_unit(self.shard, self.teacher, self.views)
 
 
 def parse_unit_name(name: str) -> UnitName | None:
@@ -275,21 +255,6 @@ def units_by_shard(names: list[str], shards) -> dict[int, set[str]]:
         if unit is not None and unit.shard in by_shard:
             by_shard[unit.shard].add(name)
     return by_shard
-
-
-def unit_arrays(unit: UnitName) -> tuple[str, ...]:
-    """The arrays a unit writes (and its marker checksums), in a fixed order."""
-    if unit.kind == "samples":
-        return SAMPLE_ARRAYS
-    if unit.kind == "views":
-        return (PARAMS_ARRAY,)
-    return tuple(teacher_array(unit.teacher, name) for name in TEACHER_ARRAYS)
-
-
-def unit_region(unit: UnitName, rows_per_shard: int) -> tuple[slice, ...]:
-    """The unit's region in each of its arrays: all of its shard's rows (padding included) x its views."""
-    rows = slice(unit.shard * rows_per_shard, (unit.shard + 1) * rows_per_shard)
-    return (rows,) if unit.views is None else (rows, slice(*unit.views))
 
 
 #: Teacher-record fields added after format v2 was first written, left out of the binding while at their default,

@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from . import format as fmt
+from . import schema
 from .format import CacheError, CacheMeta
 from .store import read_marker
 
@@ -52,10 +53,10 @@ def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
     except Exception as e:  # noqa: BLE001 - an unreadable marker or one naming no shard/teacher is damage
         raise DamagedUnit(url, name, f"unreadable marker ({type(e).__name__}: {e})") from None
     sums = record.get("checksums", {})
-    paths = fmt.unit_arrays(unit)
+    paths = schema.unit_paths(unit)
     if sorted(sums) != sorted(paths):
         raise DamagedUnit(url, name, f"its marker lists arrays {sorted(sums)}, expected {sorted(paths)}")
-    region = fmt.unit_region(unit, meta.rows_per_shard)
+    region = schema.unit_region(unit, meta.rows_per_shard)
     arrays = {}
     for path in paths:
         try:

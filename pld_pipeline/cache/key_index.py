@@ -11,7 +11,7 @@ comparisons, two chunk reads, whatever the cache's size.
 The index is derived data. ``cache-teacher`` builds it once every shard's samples unit exists and rebuilds it
 when the shards change (extension); a reader treats an index that does not cover the cache's shards as absent
 (and scans the samples units instead), and refuses an index whose bytes do not match their checksums. A found
-row is confirmed against the shard's own checked samples unit (``CacheReader.find``), so the index can make a
+row is confirmed against the shard's own checked samples unit (``Cache.find``), so the index can make a
 lookup fast, never wrong.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .format import KEY_ARRAY, STATUS_ARRAY, CacheError, CacheMeta, SampleStatus
+from .format import CacheError, CacheMeta, SampleStatus
 from .integrity import block_sha256
+from .schema import KEY, STATUS, compressors
 
 GROUP = "key_index"
 KEYS = f"{GROUP}/keys"
@@ -48,14 +49,13 @@ def index_binding(meta: CacheMeta) -> str:
 def build(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.ndarray]], level: int = 3) -> int:
     """Write the index from every shard's (checked) samples arrays: shard -> {path: array over its rows}.
     Rows that hold no sample (``SampleStatus.EMPTY``) are left out. Returns the number of keys."""
-    from .writer import default_compressors
     if sorted(samples) != list(range(len(meta.shards))):
         raise CacheError("The key index needs every shard's samples unit.")
     keys, rows = [], []
     for shard, arrays in sorted(samples.items()):
         n = meta.shards[shard].nsamples
-        present = np.flatnonzero(arrays[STATUS_ARRAY][:n] != SampleStatus.EMPTY)
-        keys.append(arrays[KEY_ARRAY][present])
+        present = np.flatnonzero(arrays[STATUS.path()][:n] != SampleStatus.EMPTY)
+        keys.append(arrays[KEY.path()][present])
         rows.append(shard * meta.rows_per_shard + present.astype(np.int64))
     key_arr = np.concatenate(keys) if keys else np.zeros((0, meta.key_bytes), np.uint8)
     row_arr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
@@ -67,7 +67,7 @@ def build(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.nda
     n = len(key_arr)
     for path, arr in ((KEYS, key_arr), (ROWS, row_arr)):
         root.create_array(path, shape=arr.shape, chunks=(CHUNK_ROWS,) + arr.shape[1:], dtype=arr.dtype,
-                          fill_value=0, compressors=default_compressors(level), overwrite=True)
+                          fill_value=0, compressors=compressors(level), overwrite=True)
         if n:
             root[path][...] = arr
     starts = range(0, n, CHUNK_ROWS)
@@ -148,8 +148,8 @@ def check(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.nda
     expected = {}
     for shard, arrays in samples.items():
         n = meta.shards[shard].nsamples
-        for i in np.flatnonzero(arrays[STATUS_ARRAY][:n] != SampleStatus.EMPTY):
-            expected[bytes(arrays[KEY_ARRAY][i])] = shard * meta.rows_per_shard + int(i)
+        for i in np.flatnonzero(arrays[STATUS.path()][:n] != SampleStatus.EMPTY):
+            expected[bytes(arrays[KEY.path()][i])] = shard * meta.rows_per_shard + int(i)
     stored = {bytes(k): int(r) for k, r in zip(keys, rows)}
     if len(samples) == len(meta.shards) and (stored != expected or record["count"] != len(expected)):
         problems.append(f"key index: {sum(stored.get(k) != r for k, r in expected.items())} key(s) missing or "

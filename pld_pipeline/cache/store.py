@@ -34,8 +34,15 @@ def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
     from fsspec.implementations.cached import CachingFileSystem
 
+    class WholeObjectCache(CachingFileSystem):
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            """A byte range of the local copy (fetched whole once). fsspec's version seeks from the end through a
+            ``size`` attribute that local files lack, and views that share an object are read from its end."""
+            with self.open(path, "rb", **kwargs) as f:
+                return f.read()[start:end]
+
     target, path = fsspec.core.url_to_fs(url, asynchronous=False, skip_instance_cache=True)
-    cached = CachingFileSystem(fs=target, cache_storage=cache_dir, check_files=True)
+    cached = WholeObjectCache(fs=target, cache_storage=cache_dir, check_files=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that the wrapper was not created asynchronous: intended
         return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached), path=path, read_only=True)
@@ -52,11 +59,57 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
         if cache_dir and mode == "r" and _is_remote(url):
             os.makedirs(cache_dir, exist_ok=True)
             return zarr.open_group(_cached_store(url, cache_dir), mode="r")
-        return zarr.open_group(url, mode=mode, attributes=attributes)
+        root = zarr.open_group(url, mode=mode, attributes=attributes)
+        if url.startswith(("http://", "https://")) and not _serves_ranges(root):
+            return zarr.open_group(WholeObjects(root.store), mode="r")
+        return root
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
     except ImportError as e:  # e.g. s3:// without s3fs
         raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
+
+
+def _serves_ranges(root: zarr.Group) -> bool:
+    """Whether the host answers a byte-range request with just that range (some minimal static servers, e.g.
+    ``python -m http.server``, send the whole file)."""
+    from zarr.abc.store import RangeByteRequest
+    buf = sync(root.store.get(f"{root.store_path.path}/zarr.json".lstrip("/"), default_buffer_prototype(),
+                              RangeByteRequest(0, 1)))
+    return buf is None or len(buf) == 1
+
+
+class WholeObjects(zarr.storage.WrapperStore):
+    """Views share stored objects (zarr's sharding codec) and are read by byte range. Over a host that ignores
+    ranges, fetch each object whole (kept while it is among the last few read) and cut the ranges from it, so
+    every object crosses the network once per block read, not once per view."""
+
+    def __init__(self, store: zarr.abc.store.Store, keep: int = 16) -> None:
+        super().__init__(store)
+        self._recent: dict[str, Any] = {}
+        self._keep = keep
+
+    def _with_store(self, store: zarr.abc.store.Store) -> "WholeObjects":
+        return type(self)(store, self._keep)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+        if byte_range is None:
+            return await self._store.get(key, prototype)
+        if key not in self._recent:
+            whole = await self._store.get(key, prototype)
+            if whole is None:
+                return None
+            self._recent[key] = whole.to_bytes()
+            while len(self._recent) > self._keep:
+                self._recent.pop(next(iter(self._recent)))
+        data = self._recent[key]
+        if isinstance(byte_range, RangeByteRequest):
+            data = data[byte_range.start:byte_range.end]
+        elif isinstance(byte_range, OffsetByteRequest):
+            data = data[byte_range.offset:]
+        elif isinstance(byte_range, SuffixByteRequest):
+            data = data[-byte_range.suffix:]
+        return prototype.buffer.from_bytes(data)
 
 
 def cache_exists(url: str) -> bool:
@@ -110,6 +163,11 @@ def list_markers(root: zarr.Group) -> list[str]:
 def delete_marker(root: zarr.Group, name: str) -> None:
     """Withdraw a unit's claim to be complete (before it is rewritten): one object deleted."""
     sync(root.store.delete(_marker_key(root, name)))
+
+
+def delete_object(root: zarr.Group, key: str) -> None:
+    """Delete one stored object, ``key`` relative to the root group (absent: nothing to do)."""
+    sync(root.store.delete(f"{root.store_path.path}/{key}".lstrip("/")))
 
 
 def _marker_key(root: zarr.Group, name: str) -> str:

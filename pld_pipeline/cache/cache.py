@@ -1,0 +1,471 @@
+"""One open cache: its metadata, its progress (the set of complete units), unit writes and checked reads.
+
+Every user of a cache goes through a :class:`Cache` opened once per process: cache-teacher creates or extends
+it and writes units, the student data path reads shard blocks, verify and inspect check units and read the
+indexes. The arrays' layout comes from schema.py, the raw objects (markers, unit index) from store.py.
+
+Writes: a unit writes whole chunks (one shard's rows x its views), then its marker, then its shard's unit
+index entry. Two processes never write one shard's units at once (ranks, ``--part`` and claims split shards).
+Reads: a reader trusts only units whose marker exists and reads each through integrity.read_unit (checksums
+and metadata binding); anything else is reported as incomplete or damaged, never read as data.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+
+from ..faults import kill_point
+from . import format as fmt
+from . import key_index
+from . import schema
+from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord, UnitName
+from .integrity import block_sha256, read_unit, units_under_other_metadata
+from .store import (
+    cache_exists, delete_marker, delete_object, find_markers, list_markers, open_root, read_index, read_marker,
+    write_index, write_marker,
+)
+
+
+@dataclass
+class TeacherBlock:
+    """One teacher's outputs for a unit: n samples x v views."""
+    topk_idx: np.ndarray  # [n, v, k] integer
+    topk_logp: np.ndarray  # [n, v, k] float
+    label_logp: np.ndarray  # [n, v] float
+    logz: np.ndarray  # [n, v, T] float
+    correct: int  # top-1 hits over the unit's OK rows and views (the teacher's accuracy is free here)
+    count: int
+
+
+@dataclass
+class ShardBlock:
+    """One data shard's cached rows (n = the shard's sample count), for one teacher and temperature."""
+    shard: int
+    keys: list[str]
+    labels: np.ndarray  # [n] int32
+    status: np.ndarray  # [n] uint8 (SampleStatus)
+    digests: np.ndarray  # [n, 16] uint8, format.sample_digest of each sample
+    params: np.ndarray  # [n, V, W] int32
+    topk_idx: np.ndarray | None  # [n, V, k]
+    topk_logp: np.ndarray | None  # [n, V, k] float32 (stored as float16 deltas from the top-1)
+    label_logp: np.ndarray | None  # [n, V] float32
+    logz: np.ndarray | None  # [n, V] float32, the requested temperature's column
+
+    def row_of(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import torch
+
+    from .. import __version__
+    return {"pld_pipeline": __version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+            "torch": torch.__version__, "numpy": np.__version__}
+
+
+class Cache:
+    """An open cache. ``mode='r'`` never modifies it (shared caches are read-only to readers); ``'r+'`` writes
+    units. ``cache_dir`` keeps a local copy of what a remote read-only cache serves. Cheap to pickle: DataLoader
+    workers re-open the store themselves."""
+
+    def __init__(self, url: str, mode: str = "r", cache_dir: str | None = None, *, root: zarr.Group | None = None) -> None:
+        self.url, self.mode, self.cache_dir = str(url), mode, cache_dir
+        self.root = open_root(self.url, mode=mode, cache_dir=cache_dir) if root is None else root
+        if fmt.ROOT_ATTR not in self.root.attrs and fmt.CREATING_ATTR in self.root.attrs:
+            raise CacheError(f"{self.url} was still being created when its writer stopped; rerun the same "
+                             "`pld cache-teacher` command to finish it.")
+        if fmt.ROOT_ATTR not in self.root.attrs:
+            raise CacheError(f"{self.url} is a zarr group but not a pld cache (no '{fmt.ROOT_ATTR}' attribute).")
+        self.meta = CacheMeta.from_dict(self.root.attrs[fmt.ROOT_ATTR])
+        self._arrays: dict[str, zarr.Array] = {}
+        self.refresh()
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "mode": self.mode, "cache_dir": self.cache_dir}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state.get("mode", "r"), state.get("cache_dir"))
+
+    @staticmethod
+    def meta_at(url: str) -> CacheMeta | None:
+        """The metadata of a complete cache at ``url``, None where there is none (or it is being created)."""
+        if not cache_exists(url):
+            return None
+        try:
+            return Cache(url).meta
+        except CacheError:
+            return None
+
+    # -- creation (one process, before any unit is written) -------------------------------------------
+    @classmethod
+    def create_or_extend(cls, url: str, request: CacheMeta, *, overwrite: bool = False,
+                         compression_level: int = 3) -> "Cache":
+        """Create the cache, or check that an existing one matches ``request`` and extend it with new
+        teachers and views. Anything else that differs is refused: the cache would silently mix runs."""
+        url = str(url)
+        local = url[len("file://"):] if url.startswith("file://") else url
+        if "://" not in local and os.path.isdir(local) and os.listdir(local) and not cache_exists(url):
+            raise CacheError(f"{url} is a folder with other files in it, not a cache; choose another --out (it is "
+                             "never emptied, not even with --overwrite).")
+        root = open_root(url, mode="r+") if not overwrite and cache_exists(url) else None
+        if root is not None and fmt.ROOT_ATTR not in root.attrs and fmt.CREATING_ATTR not in root.attrs:
+            raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out or pass --overwrite.")
+        if root is None or fmt.ROOT_ATTR not in root.attrs:
+            # New, or a creation that was killed (CREATING_ATTR, no ROOT_ATTR): nothing in it was ever complete.
+            root = open_root(url, mode="w", attributes={fmt.CREATING_ATTR: True})
+            kill_point("create.root")
+            meta = CacheMeta(**{**request.__dict__, "teachers": {}})
+            meta.created_by = _versions()
+            schema.create(root, "samples", meta, level=compression_level)
+            schema.create(root, "views", meta, level=compression_level)
+            root.create_group(fmt.UNITS_GROUP)
+        else:
+            meta = CacheMeta.from_dict(root.attrs[fmt.ROOT_ATTR])
+            edited = units_under_other_metadata(root, meta, list_markers(root), url)
+            if edited:
+                raise CacheError(
+                    f"The root metadata of {url} no longer matches what {len(edited)} intact unit(s) were written with "
+                    f"(e.g. {edited[0]}): its attributes were edited after writing. Restore the original metadata "
+                    "(from the cache's owner), or start over with --overwrite.")
+            _check_compatible(meta, request, url)
+            if request.num_views > meta.num_views:
+                for path in schema.per_view_paths(meta):  # metadata only: no stored object is rewritten
+                    arr = root[path]
+                    arr.resize((arr.shape[0], request.num_views) + arr.shape[2:])
+                meta.num_views = request.num_views
+        for tid, teacher in request.teachers.items():
+            if tid in meta.teachers:
+                if meta.teachers[tid].identity() != teacher.identity():
+                    old, new = meta.teachers[tid].identity(), teacher.identity()
+                    diff = sorted(k for k in new if old.get(k) != new.get(k))
+                    raise CacheError(
+                        f"Teacher '{tid}' already in {url} differs in {', '.join(diff)}; give the new teacher "
+                        "another name (--teacher-name) or start over with --overwrite.")
+                continue
+            schema.create(root, "teacher", meta, teacher, level=compression_level)
+            meta.teachers[tid] = teacher
+        kill_point("create.arrays")
+        if root.attrs.get(fmt.ROOT_ATTR) != meta.to_dict():  # unchanged: no write (other workers may be reading)
+            root.attrs.put({fmt.ROOT_ATTR: meta.to_dict()})  # one write; replaces CREATING_ATTR on a new cache
+        return cls(url, mode="r+", root=root)
+
+    # -- progress: which units are complete ----------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read which units are complete: their markers, listed, or from the unit index over http(s)."""
+        #: complete units; ``strays``: marker names that are no unit of this cache (verify reports them)
+        self.done: set[UnitName] = set()
+        self.strays: list[str] = []
+        for name in find_markers(self.root, self.url, len(self.meta.shards)):
+            unit = fmt.parse_unit_name(name)
+            if unit is None or unit.shard >= len(self.meta.shards):
+                self.strays.append(name)
+            else:
+                self.done.add(unit)
+
+    def units(self, shard: int | None = None, kind: str | None = None, teacher: str | None = None) -> list[UnitName]:
+        """Complete units, filtered, in a fixed order (shard, kind, teacher, views)."""
+        return sorted((u for u in self.done if (shard is None or u.shard == shard) and (kind is None or u.kind == kind)
+                       and (teacher is None or u.teacher == teacher)),
+                      key=lambda u: (u.shard, u.kind, u.teacher or "", u.views or (0, 0)))
+
+    @property
+    def samples_done(self) -> set[int]:
+        return {u.shard for u in self.done if u.kind == "samples"}
+
+    def views_done(self, shard: int, teacher: str | None = None) -> set[int]:
+        """Views of a shard whose params (``teacher=None``) or whose teacher's targets are complete."""
+        kind = "views" if teacher is None else "teacher"
+        return {v for u in self.done if u.shard == shard and u.kind == kind and u.teacher == teacher
+                for v in range(*u.views)}
+
+    def complete(self, shard: int, teacher: str | None = None, num_views: int | None = None) -> bool:
+        """Whether the shard's samples and views [0, num_views) (and ``teacher``'s targets) are all complete."""
+        views = set(range(self.meta.num_views if num_views is None else num_views))
+        return (shard in self.samples_done and views <= self.views_done(shard)
+                and (teacher is None or views <= self.views_done(shard, teacher)))
+
+    def missing_units(self, teacher: str | None, shards: Iterable[int] | None = None,
+                      num_views: int | None = None, data: bool = True) -> list[str]:
+        """What a reader needs but is not complete, for messages (views: the first missing ones listed).
+        ``data``: include the shards' samples and views units, not only ``teacher``'s."""
+        v_all = set(range(self.meta.num_views if num_views is None else num_views))
+        missing = []
+        for s in (range(len(self.meta.shards)) if shards is None else shards):
+            if data and s not in self.samples_done:
+                missing.append(fmt.samples_unit(s))
+            if data and v_all - self.views_done(s):
+                missing.append(f"s{s:06d}.views (views {sorted(v_all - self.views_done(s))[:5]}...)")
+            if teacher is not None and v_all - self.views_done(s, teacher):
+                missing.append(f"s{s:06d}.teacher.{teacher}")
+        return missing
+
+    def require_complete(self, teacher: str | None, shards: Iterable[int] | None = None) -> None:
+        missing = self.missing_units(teacher, shards)
+        if missing:
+            raise CacheError(
+                f"{self.url} is incomplete: {len(missing)} unit(s) not written, e.g. {', '.join(missing[:3])}. "
+                "Rerun the same `pld cache-teacher` command to finish it.")
+
+    # -- what the cache holds ----------------------------------------------------------------------
+    @property
+    def shards(self) -> list[ShardRecord]:
+        return self.meta.shards
+
+    def teacher(self, tid: str | None = None) -> TeacherRecord:
+        if not self.meta.teachers:
+            raise CacheError(f"{self.url} holds no teacher yet; run `pld cache-teacher` into it.")
+        if tid is None:
+            if len(self.meta.teachers) > 1:
+                raise CacheError(f"{self.url} holds several teachers ({', '.join(self.meta.teachers)}); "
+                                 "pick one with --teacher.")
+            return next(iter(self.meta.teachers.values()))
+        if tid not in self.meta.teachers:
+            raise CacheError(f"Teacher '{tid}' is not in {self.url}; it holds: {', '.join(self.meta.teachers)}.")
+        return self.meta.teachers[tid]
+
+    def temperature_column(self, teacher: TeacherRecord, temperature: float) -> int:
+        for i, t in enumerate(teacher.temperatures):
+            if abs(t - temperature) < 1e-9:
+                return i
+        grid = ", ".join(f"{t:g}" for t in teacher.temperatures)
+        raise CacheError(f"Temperature {temperature:g} is not in teacher '{teacher.id}''s cached grid ({grid}); "
+                         f"use one of those, or re-cache with --temperatures including {temperature:g}.")
+
+    def shard_for(self, name: str | None = None, quick_hash: str | None = None) -> int:
+        for i, s in enumerate(self.meta.shards):
+            if (quick_hash is not None and s.quick_hash == quick_hash) or (quick_hash is None and s.name == name):
+                return i
+        raise CacheError(f"Shard {name or quick_hash} is not covered by {self.url}; the cache was made from "
+                         f"{len(self.meta.shards)} other shards (see `pld inspect`).")
+
+    def marker(self, unit: UnitName | str) -> dict[str, Any]:
+        """A unit's marker attributes (raises CacheError when it is missing)."""
+        return read_marker(self.root, unit if isinstance(unit, str) else unit.name)
+
+    def unit_index(self, shard: int) -> list[str] | None:
+        """The shard's stored unit index (what hosts that cannot list see), None where there is none."""
+        return read_index(self.root, shard)
+
+    # -- checked reads --------------------------------------------------------------------------------
+    def read_unit(self, unit: UnitName | str) -> dict[str, np.ndarray]:
+        """One unit's arrays over its region, checked against its marker (raises integrity.DamagedUnit)."""
+        return read_unit(self.root, self.meta, unit if isinstance(unit, str) else unit.name, self.url)
+
+    def _gather(self, shard: int, kind: str, teacher: str | None, views: int) -> dict[str, np.ndarray]:
+        """Views [0, views) of a shard's view-indexed arrays, assembled from the (checked) units that hold them."""
+        n = self.meta.shards[shard].nsamples
+        out: dict[str, np.ndarray] = {}
+        for unit in self.units(shard, kind, teacher):
+            a, b = unit.views
+            if a >= views:
+                continue
+            stop = min(b, views)
+            for path, arr in self.read_unit(unit).items():
+                if path not in out:
+                    out[path] = np.empty((n, views) + arr.shape[2:], arr.dtype)
+                out[path][:, a:stop] = arr[:n, : stop - a]
+        return out
+
+    def samples(self, shard: int) -> dict[str, np.ndarray]:
+        """The shard's checked samples unit, cut to its sample count: path -> array."""
+        if shard not in self.samples_done:
+            raise CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; rerun "
+                             "`pld cache-teacher` to finish it.")
+        n = self.meta.shards[shard].nsamples
+        return {path: arr[:n] for path, arr in self.read_unit(UnitName(shard, "samples")).items()}
+
+    def read(self, shard: int, teacher: str | None = None, temperature: float | None = None,
+             views: int | None = None) -> ShardBlock:
+        """All cached rows of one data shard: keys, labels, sample digests, view params and (optionally) one
+        teacher's targets at one temperature, for views [0, views). Every unit read is checked first."""
+        views = self.meta.num_views if views is None else views
+        if not set(range(views)) <= self.views_done(shard):
+            raise CacheError(f"Shard {self.meta.shards[shard].name} is not complete in {self.url} (its views "
+                             "are missing); rerun `pld cache-teacher` to finish it.")
+        samples = self.samples(shard)
+        params = self._gather(shard, "views", None, views)[schema.PARAMS.path()]
+        block = ShardBlock(shard, schema.decode_keys(samples[schema.KEY.path()]), samples[schema.LABEL.path()],
+                           samples[schema.STATUS.path()], samples[schema.DIGEST.path()], params,
+                           None, None, None, None)
+        if teacher is not None:
+            rec = self.teacher(teacher)
+            if not set(range(views)) <= self.views_done(shard, rec.id):
+                raise CacheError(f"Teacher '{rec.id}' is not complete for shard {self.meta.shards[shard].name} "
+                                 f"views 0..{views - 1} in {self.url}; rerun `pld cache-teacher` to finish it.")
+            col = self.temperature_column(rec, 1.0 if temperature is None else temperature)
+            decoded = schema.decode_teacher(self._gather(shard, "teacher", rec.id, views), rec.id)
+            block.topk_idx, block.topk_logp = decoded["topk_idx"], decoded["topk_logp"]
+            block.label_logp, block.logz = decoded["label_logp"], decoded["logz"][..., col]
+        return block
+
+    def ok_samples(self, shard: int) -> int:
+        """Rows of a shard that hold a usable sample (skipped undecodable samples excluded)."""
+        return int((self.samples(shard)[schema.STATUS.path()] == SampleStatus.OK).sum())
+
+    # -- one key ------------------------------------------------------------------------------------
+    def key_index(self) -> dict[str, tuple[int, int]]:
+        """key -> (shard, row within shard), built in RAM from one checked read of each samples unit."""
+        index: dict[str, tuple[int, int]] = {}
+        for shard in sorted(self.samples_done):
+            samples = self.samples(shard)
+            keys, status = schema.decode_keys(samples[schema.KEY.path()]), samples[schema.STATUS.path()]
+            index.update((k, (shard, i)) for i, k in enumerate(keys) if status[i] != SampleStatus.EMPTY)
+        return index
+
+    def find(self, key: str) -> tuple[int, int] | None:
+        """(shard, row within shard) of ``key``, None if the cache has no such sample. Two chunk reads through
+        the stored key index when it covers the cache (cache/key_index.py), else one read of each samples unit;
+        either way the answer is confirmed against the shard's checked samples unit."""
+        try:
+            row = key_index.lookup(self.root, self.meta, key, self.url)
+        except LookupError:
+            return self.key_index().get(key)
+        if row is None:
+            return None
+        shard, i = divmod(row, self.meta.rows_per_shard)
+        samples = self.samples(shard) if shard < len(self.meta.shards) else None
+        keys = samples[schema.KEY.path()] if samples is not None else []
+        if i >= len(keys) or schema.decode_keys(keys[i:i + 1])[0] != key:
+            raise key_index.DamagedIndex(f"{self.url}: the key index points {key!r} at a row that holds another "
+                                         "sample; rerun `pld cache-teacher` to rebuild it.")
+        return shard, i
+
+    def key_index_state(self) -> str:
+        """``current``, ``stale`` (made for other shards; not used) or ``absent``."""
+        return key_index.state(self.root, self.meta)
+
+    def check_key_index(self, samples: dict[int, dict[str, np.ndarray]]) -> list[str]:
+        """verify's findings about the stored key index, given the intact shards' samples arrays."""
+        return key_index.check(self.root, self.meta, samples)
+
+    def ensure_key_index(self, level: int = 3) -> None:
+        """Build the stored key index once every shard's samples unit exists (the last worker to finish does
+        it), and again after the shards changed. Idempotent: workers finishing together write the same bytes."""
+        self.refresh()
+        if len(self.samples_done) == len(self.meta.shards) and self.key_index_state() != "current":
+            key_index.build(self.root, self.meta, {s: self.samples(s) for s in range(len(self.meta.shards))},
+                            level)
+
+    def array(self, path: str) -> zarr.Array:
+        """A raw zarr array, unchecked: for inspection and tests; training reads go through read()."""
+        return self.root[path]
+
+    # -- the unit index (for readers that cannot list) -----------------------------------------------
+    def sync_index(self, shards: Iterable[int]) -> None:
+        """Make these shards' unit indexes list exactly their markers: after a crash between a marker and its
+        index update, and for caches written before the index existed."""
+        for shard, names in fmt.units_by_shard(list_markers(self.root), shards).items():
+            if read_index(self.root, shard) != sorted(names):
+                write_index(self.root, shard, list(names))
+
+    def withdraw(self, unit: UnitName | str) -> None:
+        """Take a unit back (to rewrite it): out of the index first, then its marker, so no reader is ever
+        pointed at a unit without one."""
+        name = unit if isinstance(unit, str) else unit.name
+        shard = fmt.parse_unit_name(name).shard
+        write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])
+        delete_marker(self.root, name)
+        self.done.discard(fmt.parse_unit_name(name))
+
+    # -- unit writes -------------------------------------------------------------------------------
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = self.root[path]
+        return self._arrays[path]
+
+    def write(self, unit: UnitName, arrays: dict[str, np.ndarray], **record: Any) -> None:
+        """Write a unit: its arrays (by short name, the shard's samples first; padded to ``rows_per_shard``),
+        then its marker (checksums, binding, ``record``), then its shard's unit index entry."""
+        if self.mode == "r":
+            raise CacheError(f"{self.url} is open read-only; open it with mode='r+' to write.")
+        s = self.meta.rows_per_shard
+        region = schema.unit_region(unit, s)
+        sums = {}
+        for spec in schema.BY_KIND[unit.kind]:
+            path = spec.path(unit.teacher)
+            arr = self._array(path)
+            block = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
+            padded = np.full((s,) + block.shape[1:], arr.fill_value, dtype=arr.dtype)
+            padded[: block.shape[0]] = block
+            self._store(arr, path, unit, region, padded)
+            kill_point("unit.array")
+            sums[path] = block_sha256(padded)
+        shard = self.meta.shards[unit.shard]
+        write_marker(self.root, unit.name, {
+            "binding": fmt.unit_binding(unit.name, self.meta), "shard": unit.shard, "shard_name": shard.name,
+            "rows": shard.nsamples, "checksums": sums,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+            **record})
+        kill_point("unit.marker")  # a marker the index does not list yet: the next run's sync_index adds it
+        # One process writes a shard (ranks and --part split by shard), so this read-modify-write does not race.
+        write_index(self.root, unit.shard, (read_index(self.root, unit.shard) or []) + [unit.name])
+        self.done.add(unit)
+
+    def _store(self, arr: zarr.Array, path: str, unit: UnitName, region: tuple[slice, ...], block: np.ndarray) -> None:
+        """Write a unit's region. A per-view object also holds other views' chunks, which zarr keeps as stored.
+        An object too damaged to merge into (truncated, unreadable index) holds no unit a marker vouches for (the
+        re-check withdrew them all), so it is deleted and written afresh; any other failure is raised as is."""
+        try:
+            arr[region] = block
+        except Exception:
+            if unit.views is None:
+                raise
+            rows, first = region[0], unit.views[0] // schema.VIEWS_PER_OBJECT
+            broken = []
+            for j in range(first, (unit.views[1] - 1) // schema.VIEWS_PER_OBJECT + 1):
+                views = slice(j * schema.VIEWS_PER_OBJECT, min((j + 1) * schema.VIEWS_PER_OBJECT, arr.shape[1]))
+                try:
+                    arr[rows, views]
+                except Exception:  # noqa: BLE001 - crc32c or index mismatch: nothing in it can be read
+                    broken.append(schema.object_key(path, unit.shard, views.start))
+            if not broken:
+                raise
+            for key in broken:
+                delete_object(self.root, key)
+            arr[region] = block
+
+    def write_samples(self, shard: int, keys: list[str], labels: np.ndarray, status: np.ndarray,
+                      digests: np.ndarray) -> None:
+        """``digests``: uint8 [n, 16], :func:`format.sample_digest` of each sample's encoded bytes."""
+        n = self.meta.shards[shard].nsamples
+        if len(keys) != n or labels.shape != (n,) or status.shape != (n,) or digests.shape != (n, fmt.DIGEST_BYTES):
+            raise CacheError(f"Shard {self.meta.shards[shard].name} has {n} samples in the index but the unit "
+                             f"holds {len(keys)}; the shard changed since it was indexed.")
+        self.write(UnitName(shard, "samples"),
+                   {"key": schema.encode_keys(keys, self.meta.key_bytes), "label": labels, "status": status,
+                    "digest": digests},
+                   skipped=int((status == SampleStatus.SKIPPED).sum()))
+
+    def write_views(self, shard: int, views: tuple[int, int], params: np.ndarray) -> None:
+        self.write(UnitName(shard, "views", views=tuple(views)), {"params": params}, views=list(views))
+
+    def write_teacher(self, shard: int, tid: str, views: tuple[int, int], block: TeacherBlock) -> None:
+        self.write(UnitName(shard, "teacher", tid, tuple(views)),
+                   schema.encode_teacher(block.topk_idx, block.topk_logp, block.label_logp, block.logz),
+                   teacher=tid, views=list(views), correct=int(block.correct), count=int(block.count))
+
+
+def _check_compatible(meta: CacheMeta, request: CacheMeta, url: str) -> None:
+    def refuse(what: str, have: Any, want: Any) -> None:
+        raise CacheError(
+            f"{url} was made with a different {what} ({have!r}, now {want!r}); a cache holds one dataset and "
+            "one view recipe. Use another --out, or --overwrite to start over.")
+
+    if meta.num_classes != request.num_classes:
+        refuse("num_classes", meta.num_classes, request.num_classes)
+    have = [(s.name, s.sha256) for s in meta.shards]
+    want = [(s.name, s.sha256) for s in request.shards]
+    if have != want:
+        changed = [w[0] for h, w in zip(have, want) if h != w] or ["shard list length"]
+        refuse("dataset (shards: " + ", ".join(changed[:3]) + ")", len(have), len(want))
+    if meta.recipe != request.recipe:
+        refuse("view recipe", meta.recipe, request.recipe)
+    if meta.seed != request.seed:
+        refuse("view seed", meta.seed, request.seed)
