@@ -4,13 +4,16 @@
 
 For C in {10, 100, 1000} and k in {8, 32, C}: bytes per view on disk against raw float16 full logits
 (2*C bytes), the worst error of the reconstructed teacher weights at tau in {0.5, 1, 2, 4}, write throughput,
-and read throughput of whole shard blocks (what distill does) against random single-key reads.
+and read throughput of whole shard blocks (what distill does) against random single-key reads. Each case is
+written twice, side by side: in the cache's layout (per-view arrays: 16 views' chunks per object, zarr's sharding
+codec) and in the layout before it (every chunk its own object), so the table gives both and their ratio.
 Teacher logits are synthetic but shaped like a trained classifier's: a confident class, a few
 plausible ones, a long tail.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pld_pipeline.cache import CacheMeta, CacheReader, CacheWriter, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
-from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache import CacheMeta, Cache, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
+from pld_pipeline.cache import schema
 from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
 from pld_pipeline.cache.store import store_nbytes
 from pld_pipeline.losses import TeacherTargets
@@ -39,12 +42,12 @@ def teacher_logits(n: int, c: int, labels: torch.Tensor, g: torch.Generator) -> 
     return logits
 
 
-def raw_block(reader: CacheReader, shard: int, tid: str) -> list[np.ndarray]:
+def raw_block(reader: Cache, shard: int, tid: str) -> list[np.ndarray]:
     """What a block read costs without the integrity checks (v1's reader): the same regions, read raw."""
     s, n = reader.meta.rows_per_shard, reader.meta.shards[shard].nsamples
     rows = slice(shard * s, shard * s + n)
-    paths = [fmt.KEY_ARRAY, fmt.LABEL_ARRAY, fmt.STATUS_ARRAY, fmt.DIGEST_ARRAY, fmt.PARAMS_ARRAY] + [
-        fmt.teacher_array(tid, name) for name in fmt.TEACHER_ARRAYS]
+    paths = [schema.KEY.path(), schema.LABEL.path(), schema.STATUS.path(), schema.DIGEST.path(), schema.PARAMS.path()] + [
+        spec.path(tid) for spec in schema.BY_KIND["teacher"]]
     return [np.asarray(reader.array(p)[rows]) for p in paths]
 
 
@@ -60,7 +63,21 @@ def round_robin(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
+@contextlib.contextmanager
+def one_chunk_per_object():
+    """Create arrays in the layout before the sharding codec: every chunk its own object."""
+    real = schema.layout
+
+    def unsharded(*a, **kw):
+        return {**real(*a, **kw), "shards": None}
+    schema.layout = unsharded
+    try:
+        yield
+    finally:
+        schema.layout = real
+
+
+def run(c: int, k: int, args: argparse.Namespace, root: str, layout: str = "sharded") -> dict:
     g = torch.Generator().manual_seed(c * 7 + k)
     rng_np = np.random.default_rng(c * 7 + k)
     n, v = args.samples_per_shard, args.views
@@ -68,8 +85,9 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
     teacher = TeacherRecord("t", "synthetic", None, None, {}, k, TEMPS, "int16" if c < 32768 else "int32")
     meta = CacheMeta(num_classes=c, rows_per_shard=n, key_bytes=16, shards=shards, recipe={"name": "none"},
                      num_views=v, seed=0, teachers={"t": teacher})
-    url = os.path.join(root, f"c{c}_k{k}.zarr")
-    writer = CacheWriter.create_or_extend(url, meta, overwrite=True)
+    url = os.path.join(root, f"c{c}_k{k}_{layout}.zarr")
+    with one_chunk_per_object() if layout == "one_chunk_per_object" else contextlib.nullcontext():
+        writer = Cache.create_or_extend(url, meta, overwrite=True)
     write_s, max_err = 0.0, 0.0
     for s in range(args.shards):
         labels = torch.randint(0, c, (n,), generator=g)
@@ -85,9 +103,9 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
         writer.write_teacher(s, "t", (0, v), block)
         write_s += time.perf_counter() - t0
         if s == 0:  # precision: stored float16 values against exact float32 teacher weights
-            stored = CacheReader(url).read_block(0, "t")
+            stored = Cache(url).read(0, "t")
             for col, tau in enumerate(TEMPS):
-                logz = np.asarray(CacheReader(url).array("teachers/t/logz")[0:n])[..., col]
+                logz = np.asarray(Cache(url).array("teachers/t/logz")[0:n])[..., col]
                 got = targets_from_arrays(stored.topk_idx.reshape(n * v, k), stored.topk_logp.reshape(n * v, k),
                                           stored.label_logp.reshape(-1), logz.reshape(-1), temperature=tau, num_classes=c)
                 want = TeacherTargets.from_logits(logits, labels.repeat_interleave(v), k=k, temperature=tau)
@@ -98,8 +116,8 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
     teacher_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(url, "teachers"))
                         for f in fs)
     total_bytes = store_nbytes(url)
-    reader = CacheReader(url)
-    times = round_robin({"checked": lambda: [reader.read_block(s, "t", temperature=1.0) for s in range(args.shards)],
+    reader = Cache(url)
+    times = round_robin({"checked": lambda: [reader.read(s, "t", temperature=1.0) for s in range(args.shards)],
                          "raw": lambda: [raw_block(reader, s, "t") for s in range(args.shards)]}, rounds=3)
     stream, stream_raw = views / times["checked"], views / times["raw"]
     rng = np.random.default_rng(0)
@@ -109,7 +127,8 @@ def run(c: int, k: int, args: argparse.Namespace, root: str) -> dict:
     for row in picks:
         np.asarray(arr[int(row), int(rng.integers(0, v))])
     random_rate = args.random_reads / (time.perf_counter() - t0)
-    return {"classes": c, "k": k, "views": views, "teacher_bytes_per_view": teacher_bytes / views,
+    objects = sum(1 for _, _, fs in os.walk(os.path.join(url, "teachers")) for f in fs if f != "zarr.json")
+    return {"layout": layout, "classes": c, "k": k, "views": views, "teacher_objects": objects, "teacher_bytes_per_view": teacher_bytes / views,
             "total_bytes_per_view": total_bytes / views, "fp16_full_bytes_per_view": 2 * c,
             "ratio_to_fp16_full": teacher_bytes / views / (2 * c), "max_weight_error": max_err,
             "write_views_per_s": views / write_s, "stream_read_views_per_s": stream,
@@ -130,14 +149,16 @@ def main() -> None:
     try:
         for c in (10, 100, 1000):
             for k in sorted({min(8, c), min(32, c), c}):
-                row = run(c, k, args, root)
-                rows.append(row)
-                print(f"C={c:>5} k={k:>5}: {row['teacher_bytes_per_view']:7.1f} B/view teacher "
-                      f"({row['ratio_to_fp16_full']:.3f}x fp16 full), {row['total_bytes_per_view']:7.1f} B/view all | "
-                      f"max weight err {row['max_weight_error']:.1e} | write {row['write_views_per_s']:,.0f} views/s | "
-                      f"stream {row['stream_read_views_per_s']:,.0f} views/s (unchecked {row['stream_read_unchecked_views_per_s']:,.0f}, "
-                      f"check +{100 * row['check_cost']:.0f}%) vs random {row['random_read_views_per_s']:,.0f} "
-                      f"({row['stream_over_random']:,.0f}x)", flush=True)
+                for layout in ("one_chunk_per_object", "sharded"):
+                    row = run(c, k, args, root, layout)
+                    rows.append(row)
+                    print(f"C={c:>5} k={k:>5} {layout:>20}: {row['teacher_bytes_per_view']:7.1f} B/view teacher "
+                          f"({row['ratio_to_fp16_full']:.3f}x fp16 full), {row['total_bytes_per_view']:7.1f} B/view all, "
+                          f"{row['teacher_objects']} teacher objects | max weight err {row['max_weight_error']:.1e} | "
+                          f"write {row['write_views_per_s']:,.0f} views/s | stream {row['stream_read_views_per_s']:,.0f} "
+                          f"views/s (unchecked {row['stream_read_unchecked_views_per_s']:,.0f}, check "
+                          f"+{100 * row['check_cost']:.0f}%) vs random {row['random_read_views_per_s']:,.0f} "
+                          f"({row['stream_over_random']:,.0f}x)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     write_results(args.out, {"args": vars(args), "rows": rows})

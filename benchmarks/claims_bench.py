@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from pld_pipeline.cache import CacheReader, verify_cache
+from pld_pipeline.cache import Cache, verify_cache
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
@@ -51,8 +51,8 @@ def main() -> None:
     try:
         one_s, _ = workers(1, args, os.path.join(tmp, "one.zarr"))
         two_s, two = workers(2, args, os.path.join(tmp, "two.zarr"))
-        a, b = CacheReader(os.path.join(tmp, "one.zarr")), CacheReader(os.path.join(tmp, "two.zarr"))
-        same = all(np.array_equal(a.read_block(s, "r20").topk_logp, b.read_block(s, "r20").topk_logp)
+        a, b = Cache(os.path.join(tmp, "one.zarr")), Cache(os.path.join(tmp, "two.zarr"))
+        same = all(np.array_equal(a.read(s, "r20").topk_logp, b.read(s, "r20").topk_logp)
                    for s in range(len(a.meta.shards)))
         result = {"args": vars(args), "one_worker_seconds": one_s, "two_workers_seconds": two_s,
                   "two_over_one": two_s / one_s, "shards_written_by_each": [r["shards_written"] for r in two],

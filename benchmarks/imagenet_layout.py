@@ -8,10 +8,9 @@
    object they add is counted and sized by array, and the counts are scaled to all 1,024 shards (the per-shard
    layout is identical; root metadata is written once).
 2. Read rate. The same cache is copied to a local S3 server (moto's, in its own process) and read the way a
-   student epoch reads it: per data shard, the samples unit and every view of one teacher (`read_block`, each
-   unit checked against its marker). Beside it, the same arrays re-laid with zarr's sharding codec (one object
-   per data shard and array, one inner chunk per view), read with plain zarr, to decide whether the format
-   should use it.
+   student epoch reads it: per data shard, the samples unit and every view of one teacher (`Cache.read`, each
+   unit checked against its marker). Beside it, the same cache in the layout before the sharding codec (every
+   per-view chunk its own object), read the same way: what adopting the codec changed.
 
 Writes benchmarks/results/imagenet_layout.json and prints the tables.
 """
@@ -31,8 +30,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from pld_pipeline.cache import CacheMeta, CacheReader, CacheWriter, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
-from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache import CacheMeta, Cache, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
+from pld_pipeline.cache import schema
 from pld_pipeline.cache.encode import encode_teacher_logits
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
@@ -49,7 +48,7 @@ def write_cache(url: str, shards: int, views: int, k: int) -> CacheMeta:
     teacher = TeacherRecord("t", "synthetic", None, None, {}, k, TEMPS, "int16")
     meta = CacheMeta(num_classes=CLASSES, rows_per_shard=rows, key_bytes=24, shards=records,
                      recipe={"name": "imagenet", "size": 224}, num_views=views, seed=0, teachers={"t": teacher})
-    writer = CacheWriter.create_or_extend(url, meta, overwrite=True)
+    writer = Cache.create_or_extend(url, meta, overwrite=True)
     for s in range(shards):
         labels = torch.randint(0, CLASSES, (rows,), generator=g)
         per_view = labels.repeat_interleave(views)
@@ -103,19 +102,17 @@ def start_s3() -> tuple[subprocess.Popen, dict[str, str]]:
     return proc, env
 
 
-def resharded(src: str, dst: str, views: int) -> list[str]:
-    """The view-indexed arrays re-laid with zarr's sharding codec: one object per data shard (all its views)."""
+def one_chunk_per_object(src: str, dst: str, meta: CacheMeta) -> list[str]:
+    """The same cache in the layout before the sharding codec: every per-view chunk its own object. Same data,
+    same markers (their checksums cover array values, not objects), so it is a valid cache to read alike."""
     import zarr
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-    root_in, root_out = zarr.open_group(src, mode="r"), zarr.open_group(dst, mode="w")
-    paths = [fmt.PARAMS_ARRAY] + [fmt.teacher_array("t", n) for n in fmt.TEACHER_ARRAYS]
+    shutil.copytree(src, dst)
+    root_in, root_out = zarr.open_group(src, mode="r"), zarr.open_group(dst, mode="r+")
+    paths = schema.per_view_paths(meta)
     for path in paths:
         a = root_in[path]
-        inner = (a.chunks[0], 1) + a.shape[2:]
-        root_out.create_array(path, shape=a.shape, dtype=a.dtype, chunks=(a.chunks[0], views) + a.shape[2:],
-                              shards=None, fill_value=a.fill_value, compressors=None, serializer=ShardingCodec(
-                                  chunk_shape=inner, codecs=[BytesCodec(), ZstdCodec(level=3), Crc32cCodec()],
-                                  index_codecs=[BytesCodec(), Crc32cCodec()]))
+        root_out.create_array(path, shape=a.shape, chunks=a.chunks, dtype=a.dtype, fill_value=a.fill_value,
+                              compressors=schema.compressors(), overwrite=True)
         root_out[path][...] = a[...]
     return paths
 
@@ -164,21 +161,21 @@ def main() -> None:
             fs.mkdir("pld-bench")
             fs.put(url, "pld-bench/cache.zarr", recursive=True)
             s3_url = "s3://pld-bench/cache.zarr"
-            local = CacheReader(url)
-            remote = CacheReader(s3_url)
+            before_url = os.path.join(tmp, "one_chunk_per_object.zarr")
+            paths = one_chunk_per_object(url, before_url, meta)
+            fs.put(before_url, "pld-bench/before.zarr", recursive=True)
+            before_s3 = "s3://pld-bench/before.zarr"
+            local, remote, remote_before = Cache(url), Cache(s3_url), Cache(before_s3)
             rows = meta.rows_per_shard
-            epoch = lambda reader: [reader.read_block(s, "t", 1.0) for s in range(args.shards)]  # noqa: E731
-            t_local, t_s3 = timed(lambda: epoch(local)), timed(lambda: epoch(remote))
-            sharded_url = os.path.join(tmp, "sharded.zarr")
-            paths = resharded(url, sharded_url, args.views)
-            fs.put(sharded_url, "pld-bench/sharded.zarr", recursive=True)
+            epoch = lambda cache: [cache.read(s, "t", 1.0) for s in range(args.shards)]  # noqa: E731
+            t_local, t_s3, t_s3_before = timed(lambda: epoch(local)), timed(lambda: epoch(remote)), \
+                timed(lambda: epoch(remote_before))
             import zarr
-            plain_remote = zarr.open_group(s3_url, mode="r")
-            sharded_remote = zarr.open_group("s3://pld-bench/sharded.zarr", mode="r")
             raw = lambda root: [np.asarray(root[p][s * rows:(s + 1) * rows]) for s in range(args.shards) for p in paths]  # noqa: E731
-            t_raw_chunks, t_raw_sharded = timed(lambda: raw(plain_remote)), timed(lambda: raw(sharded_remote))
-            sharded_objects = sum(len(fs.find(f"pld-bench/sharded.zarr/{p}")) - 1 for p in paths) / args.shards
-            plain_objects = sum(len(fs.find(f"pld-bench/cache.zarr/{p}")) - 1 for p in paths) / args.shards
+            t_raw, t_raw_before = timed(lambda: raw(zarr.open_group(s3_url, mode="r"))), \
+                timed(lambda: raw(zarr.open_group(before_s3, mode="r")))
+            objects = sum(len(fs.find(f"pld-bench/cache.zarr/{p}")) - 1 for p in paths) / args.shards
+            objects_before = sum(len(fs.find(f"pld-bench/before.zarr/{p}")) - 1 for p in paths) / args.shards
         finally:
             proc.terminate()
             proc.wait(10)
@@ -186,10 +183,11 @@ def main() -> None:
         reads = {
             "student_epoch_local_samples_per_s": n / t_local,
             "student_epoch_s3_samples_per_s": n / t_s3,
+            "student_epoch_s3_one_chunk_per_object_samples_per_s": n / t_s3_before,
             "s3_epoch_minutes_1024_shards": IMAGES / (n / t_s3) / 60,
-            "view_arrays_s3_one_chunk_per_view_samples_per_s": n / t_raw_chunks,
-            "view_arrays_s3_sharding_codec_samples_per_s": n / t_raw_sharded,
-            "view_array_objects_per_data_shard": {"one_chunk_per_view": plain_objects, "sharding_codec": sharded_objects},
+            "view_arrays_s3_raw_samples_per_s": n / t_raw,
+            "view_arrays_s3_raw_one_chunk_per_object_samples_per_s": n / t_raw_before,
+            "view_array_objects_per_data_shard": {"sharding_codec": objects, "one_chunk_per_object": objects_before},
         }
         for key, value in reads.items():
             print(f"{key}: {value if isinstance(value, dict) else round(value, 1)}")

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 
-from pld_pipeline.cache import CacheReader
+from pld_pipeline.cache import Cache
 from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.data import iter_shard
@@ -55,10 +55,10 @@ def main() -> None:
         with open(os.path.join(root, "run", "metrics.jsonl")) as f:
             epoch_seconds = [json.loads(line)["epoch_seconds"] for line in f][-1]  # the epoch after the warm-up
 
-        reader = CacheReader(cache)
+        reader = Cache(cache)
         samples = [s for url in urls for s in iter_shard(url)]
         med = round_robin({
-            "checked": lambda: [reader.read_block(shard, "r20", temperature=1.0) for shard in range(args.shards)],
+            "checked": lambda: [reader.read(shard, "r20", temperature=1.0) for shard in range(args.shards)],
             "raw": lambda: [raw_block(reader, shard, "r20") for shard in range(args.shards)],
             "digests": lambda: [fmt.sample_digest(s) for s in samples]}, rounds=args.rounds)
         cost = max(med["checked"] - med["raw"], 0.0) + med["digests"]
