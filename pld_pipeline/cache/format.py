@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ..views import MIXED_FIELDS, PLAIN_WIDTH
+
 FORMAT_NAME = "pld-cache"
 FORMAT_VERSION = 2
 #: Caches whose recipe mixes views (CutMix/Mixup): 17 integers per view instead of 5, ``label_logp`` of a mixed
@@ -148,7 +150,7 @@ class CacheMeta:
     @property
     def params_width(self) -> int:
         """Integers stored per view (``views/params``' last dimension)."""
-        return 17 if self.recipe.get("mix") is not None else 5
+        return len(MIXED_FIELDS) if self.recipe.get("mix") is not None else PLAIN_WIDTH
 
     @property
     def num_rows(self) -> int:
