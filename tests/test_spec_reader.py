@@ -25,7 +25,7 @@ def assert_reads_alike(url, tids):
                 p = np.exp(want.topk_logp.astype(np.float64) / tau - want.logz[..., None])
                 np.testing.assert_allclose(got["topk_p"], p, rtol=1e-6, atol=1e-12)
                 np.testing.assert_allclose(got["label_p"], np.exp(want.label_logp / tau - want.logz), rtol=1e-6)
-                assert (got["tail"] >= 0).all()
+                assert (got["tail"][got["status"] == 1] >= 0).all()
     if ours.key_index_state() == "current":
         for key, (shard, row) in ours.key_index().items():
             assert spec.find(key) == shard * ours.meta.rows_per_shard + row
@@ -45,6 +45,26 @@ def test_the_spec_reader_reads_extended_full_and_two_teacher_caches(tmp_path):
     for s in range(len(SHARD_SIZES)):  # views 2-3 added later: their units sit beside the first ones
         write_shard(w, s, views=(2, 4), teachers=("t1", "t2"))
     assert_reads_alike(url, ["t1", "t2"])
+
+
+def test_the_spec_reader_reads_a_mixed_cache_with_a_skipped_sample(teacher_ckpt, tmp_path):
+    """Format v3 (CutMix/Mixup: 17 integers per view), full logits, and an undecodable sample stored as skipped."""
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+    from pld_pipeline.shards import encode_png, write_split
+    from pld_pipeline.views import MixRecipe
+    from conftest import NUM_CLASSES, make_images
+    images, labels = make_images(24, seed=3)
+    data = write_split(((f"m{i:03d}", b"not a png" if i == 5 else encode_png(images[i]), "png", int(labels[i]))
+                        for i in range(24)), str(tmp_path / "d"), "train", 12).pattern
+    url = str(tmp_path / "m.zarr")
+    cache_teacher(CacheTeacherConfig(
+        data=data, out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")], views=3, size=16, k=None,
+        temperatures=(1.0, 2.0), batch_size=16, workers=0, num_classes=NUM_CLASSES, device="cpu",
+        on_bad_sample="skip", recipe_overrides={"pad": 2, "mix": MixRecipe("both", prob=0.8).to_dict()}))
+    spec = SpecReader(url)
+    assert spec.meta["version"] == 3 and spec.shard(0, "r8")["params"].shape[-1] == 17
+    assert (spec.shard(0, "r8")["status"] == 2).sum() == 1
+    assert_reads_alike(url, ["r8"])
 
 
 DAMAGE = {
