@@ -358,9 +358,14 @@ class Cache:
         return self.root[path]
 
     # -- the unit index (for readers that cannot list) -----------------------------------------------
+    def _require_writable(self) -> None:
+        if self.mode == "r":
+            raise CacheError(f"{self.url} is open read-only; open it with mode='r+' to write.")
+
     def sync_index(self, shards: Iterable[int]) -> None:
         """Make these shards' unit indexes list exactly their markers: after a crash between a marker and its
         index update, and for caches written before the index existed."""
+        self._require_writable()
         for shard, names in fmt.units_by_shard(list_markers(self.root), shards).items():
             if read_index(self.root, shard) != sorted(names):
                 write_index(self.root, shard, list(names))
@@ -368,6 +373,7 @@ class Cache:
     def withdraw(self, unit: UnitName | str) -> None:
         """Take a unit back (to rewrite it): out of the index first, then its marker, so no reader is ever
         pointed at a unit without one."""
+        self._require_writable()
         name = unit if isinstance(unit, str) else unit.name
         shard = fmt.parse_unit_name(name).shard
         write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])
@@ -381,10 +387,9 @@ class Cache:
         return self._arrays[path]
 
     def write(self, unit: UnitName, arrays: dict[str, np.ndarray], **record: Any) -> None:
-        """Write a unit: its arrays (by short name, the shard's samples first; padded to ``rows_per_shard``),
-        then its marker (checksums, binding, ``record``), then its shard's unit index entry."""
-        if self.mode == "r":
-            raise CacheError(f"{self.url} is open read-only; open it with mode='r+' to write.")
+        """Write a unit: its arrays (by short name, one row per sample of the shard, padded here to
+        ``rows_per_shard``), then its marker (checksums, binding, ``record``), then its shard's unit index entry."""
+        self._require_writable()
         s = self.meta.rows_per_shard
         region = schema.unit_region(unit, s)
         sums = {}
@@ -415,16 +420,16 @@ class Cache:
         try:
             arr[region] = block
         except Exception:
-            if unit.views is None:
+            if unit.views is None or arr.shards is None:  # one object per chunk: nothing of others to merge
                 raise
-            rows, first = region[0], unit.views[0] // schema.VIEWS_PER_OBJECT
+            rows, per_object = region[0], arr.shards[1]
             broken = []
-            for j in range(first, (unit.views[1] - 1) // schema.VIEWS_PER_OBJECT + 1):
-                views = slice(j * schema.VIEWS_PER_OBJECT, min((j + 1) * schema.VIEWS_PER_OBJECT, arr.shape[1]))
+            for j in range(unit.views[0] // per_object, (unit.views[1] - 1) // per_object + 1):
+                views = slice(j * per_object, min((j + 1) * per_object, arr.shape[1]))
                 try:
                     arr[rows, views]
                 except Exception:  # noqa: BLE001 - crc32c or index mismatch: nothing in it can be read
-                    broken.append(schema.object_key(path, unit.shard, views.start))
+                    broken.append(schema.object_key(path, unit.shard, views.start, per_object))
             if not broken:
                 raise
             for key in broken:

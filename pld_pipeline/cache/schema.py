@@ -138,11 +138,12 @@ def spec_of(path: str) -> ArraySpec:
     raise KeyError(f"no array is declared at {path!r}")
 
 
-def object_key(path: str, shard: int, view: int = 0) -> str:
+def object_key(path: str, shard: int, view: int = 0, views_per_object: int = VIEWS_PER_OBJECT) -> str:
     """The stored object that holds a data shard's rows (and ``view``) of the array at ``path``, relative to the
-    root, for arrays created by this layout: zarr v3's default chunk keys, ``c/`` then one index per dimension."""
+    root: zarr v3's default chunk keys, ``c/`` then one index per dimension. ``views_per_object``: 16 for arrays
+    created by this layout, 1 for caches written before it (one object per chunk)."""
     spec = spec_of(path)
-    coords = [shard] + ([view // VIEWS_PER_OBJECT] if spec.per_view else []) + [0] * len(spec.trailing)
+    coords = [shard] + ([view // views_per_object] if spec.per_view else []) + [0] * len(spec.trailing)
     return f"{path}/c/" + "/".join(map(str, coords))
 
 
