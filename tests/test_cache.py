@@ -509,3 +509,24 @@ def test_views_of_one_data_shard_share_an_object_and_extension_keeps_the_earlier
     np.testing.assert_array_equal(block.topk_idx[:, :2], first_two.topk_idx)
     np.testing.assert_array_equal(block.topk_logp[:, :2], first_two.topk_logp)
     assert open(obj, "rb").read() != before  # the object now holds views 0-3
+
+
+def test_a_cache_from_before_the_sharded_layout_reads_and_extends(cache_url, monkeypatch):
+    """Caches written with one object per chunk (before 16 views shared an object) are the same format: they
+    read, verify and extend (new views into their old arrays, a new teacher in the new layout)."""
+    real = schema.layout
+    with monkeypatch.context() as m:
+        m.setattr(schema, "layout", lambda *a, **kw: {**real(*a, **kw), "shards": None})
+        filled(cache_url)
+    assert os.path.exists(os.path.join(cache_url, schema.object_key("teachers/t1/logz", 1, view=1, views_per_object=1)))
+    before = Cache(cache_url).read(1, "t1")
+    teachers = (teacher_record(), teacher_record("t2"))
+    w = Cache.create_or_extend(cache_url, request(4, teachers))
+    for s in range(len(SHARD_SIZES)):
+        write_shard(w, s, views=(2, 4), teachers=("t1",))
+        write_shard(w, s, views=(0, 4), teachers=("t2",))
+    assert Cache(cache_url).array("teachers/t1/logz").shards is None
+    assert Cache(cache_url).array("teachers/t2/logz").shards is not None
+    assert verify_cache(cache_url).ok
+    after = Cache(cache_url).read(1, "t1")
+    np.testing.assert_array_equal(after.topk_logp[:, :2], before.topk_logp)
