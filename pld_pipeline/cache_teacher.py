@@ -268,12 +268,11 @@ def _recheck(cache: Cache, shards: Sequence[int]) -> list[tuple[str, str]]:
     during the repair never leaves a marker claiming damaged data. Returns (unit, first problem) pairs."""
     samples_of: dict[int, Any] = {}
     damaged = []
-    for unit in cache.units():
-        if unit.shard in shards:
-            found = check_unit(cache, unit, samples_of)
-            if found.problems:
-                damaged.append((unit.name, found.problems[0]))
-                cache.withdraw(unit)
+    for unit in (unit for shard in shards for unit in cache.units(shard)):
+        found = check_unit(cache, unit, samples_of)
+        if found.problems:
+            damaged.append((unit.name, found.problems[0]))
+            cache.withdraw(unit)
     return damaged
 
 
@@ -285,7 +284,7 @@ def _plan(cache: Cache, shards: Sequence[int], num_views: int,
     for s in shards:
         missing_params = sorted(set(range(num_views)) - cache.views_done(s))
         missing = {tid: sorted(set(range(num_views)) - cache.views_done(s, tid)) for tid in teacher_ids}
-        need_samples = s not in cache.samples_done
+        need_samples = not cache.has_samples(s)
         views = sorted(set(missing_params).union(*missing.values())) or ([0] if need_samples else [])
         if not views:
             continue

@@ -159,36 +159,46 @@ class Cache:
     # -- progress: which units are complete ----------------------------------------------------------
     def refresh(self) -> None:
         """Re-read which units are complete: their markers, listed, or from the unit index over http(s)."""
-        #: complete units; ``strays``: marker names that are no unit of this cache (verify reports them)
-        self.done: set[UnitName] = set()
+        #: complete units by shard (the progress every lookup below reads, one shard at a time); ``strays``:
+        #: marker names that are no unit of this cache (verify reports them)
+        self._by_shard: dict[int, set[UnitName]] = {}
         self.strays: list[str] = []
         for name in find_markers(self.root, self.url, len(self.meta.shards)):
             unit = fmt.parse_unit_name(name)
             if unit is None or unit.shard >= len(self.meta.shards):
                 self.strays.append(name)
             else:
-                self.done.add(unit)
+                self._by_shard.setdefault(unit.shard, set()).add(unit)
+
+    @property
+    def done(self) -> set[UnitName]:
+        """Every complete unit."""
+        return set().union(*self._by_shard.values())
 
     def units(self, shard: int | None = None, kind: str | None = None, teacher: str | None = None) -> list[UnitName]:
         """Complete units, filtered, in a fixed order (shard, kind, teacher, views)."""
-        return sorted((u for u in self.done if (shard is None or u.shard == shard) and (kind is None or u.kind == kind)
-                       and (teacher is None or u.teacher == teacher)),
+        pool = self.done if shard is None else self._by_shard.get(shard, ())
+        return sorted((u for u in pool if (kind is None or u.kind == kind) and (teacher is None or u.teacher == teacher)),
                       key=lambda u: (u.shard, u.kind, u.teacher or "", u.views or (0, 0)))
+
+    def has_samples(self, shard: int) -> bool:
+        """Whether the shard's samples unit is complete."""
+        return UnitName(shard, "samples") in self._by_shard.get(shard, ())
 
     @property
     def samples_done(self) -> set[int]:
-        return {u.shard for u in self.done if u.kind == "samples"}
+        return {s for s in self._by_shard if self.has_samples(s)}
 
     def views_done(self, shard: int, teacher: str | None = None) -> set[int]:
         """Views of a shard whose params (``teacher=None``) or whose teacher's targets are complete."""
         kind = "views" if teacher is None else "teacher"
-        return {v for u in self.done if u.shard == shard and u.kind == kind and u.teacher == teacher
+        return {v for u in self._by_shard.get(shard, ()) if u.kind == kind and u.teacher == teacher
                 for v in range(*u.views)}
 
     def complete(self, shard: int, teacher: str | None = None, num_views: int | None = None) -> bool:
         """Whether the shard's samples and views [0, num_views) (and ``teacher``'s targets) are all complete."""
         views = set(range(self.meta.num_views if num_views is None else num_views))
-        return (shard in self.samples_done and views <= self.views_done(shard)
+        return (self.has_samples(shard) and views <= self.views_done(shard)
                 and (teacher is None or views <= self.views_done(shard, teacher)))
 
     def missing_units(self, teacher: str | None, shards: Iterable[int] | None = None,
@@ -198,7 +208,7 @@ class Cache:
         v_all = set(range(self.meta.num_views if num_views is None else num_views))
         missing = []
         for s in (range(len(self.meta.shards)) if shards is None else shards):
-            if data and s not in self.samples_done:
+            if data and not self.has_samples(s):
                 missing.append(fmt.samples_unit(s))
             if data and v_all - self.views_done(s):
                 missing.append(f"s{s:06d}.views (views {sorted(v_all - self.views_done(s))[:5]}...)")
@@ -275,7 +285,7 @@ class Cache:
 
     def samples(self, shard: int) -> dict[str, np.ndarray]:
         """The shard's checked samples unit, cut to its sample count: path -> array."""
-        if shard not in self.samples_done:
+        if not self.has_samples(shard):
             raise CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; rerun "
                              "`pld cache-teacher` to finish it.")
         n = self.meta.shards[shard].nsamples
@@ -378,7 +388,7 @@ class Cache:
         shard = fmt.parse_unit_name(name).shard
         write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])
         delete_marker(self.root, name)
-        self.done.discard(fmt.parse_unit_name(name))
+        self._by_shard.get(shard, set()).discard(fmt.parse_unit_name(name))
 
     # -- unit writes -------------------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array:
@@ -411,7 +421,7 @@ class Cache:
         kill_point("unit.marker")  # a marker the index does not list yet: the next run's sync_index adds it
         # One process writes a shard (ranks and --part split by shard), so this read-modify-write does not race.
         write_index(self.root, unit.shard, (read_index(self.root, unit.shard) or []) + [unit.name])
-        self.done.add(unit)
+        self._by_shard.setdefault(unit.shard, set()).add(unit)
 
     def _store(self, arr: zarr.Array, path: str, unit: UnitName, region: tuple[slice, ...], block: np.ndarray) -> None:
         """Write a unit's region. A per-view object also holds other views' chunks, which zarr keeps as stored.
