@@ -28,6 +28,15 @@ def stored_object(url: str, path: str, shard: int, view: int = 0) -> str:
     return os.path.join(url, schema.object_key(path, shard, view))
 
 
+def swap_objects(url: str, path: str, a: int, b: int) -> None:
+    """Swap the stored objects of data shards ``a`` and ``b`` of the array at ``path`` (a copy gone wrong)."""
+    fa, fb = stored_object(url, path, a), stored_object(url, path, b)
+    da, db = open(fa, "rb").read(), open(fb, "rb").read()
+    assert da != db
+    open(fa, "wb").write(db)
+    open(fb, "wb").write(da)
+
+
 def swap_views_in_object(url: str, path: str, shard: int, a: int, b: int) -> None:
     """Swap two views' chunks inside one stored object by editing its shard index (zarr's sharding codec: one
     (offset, nbytes) uint64 pair per inner chunk, then a crc32c of the index), keeping every checksum zarr

@@ -18,7 +18,7 @@ from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_te
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import encode_png, write_split
 
-from conftest import NUM_CLASSES, make_images, stored_object, swap_views_in_object
+from conftest import NUM_CLASSES, make_images, stored_object, swap_objects, swap_views_in_object
 from test_cache_teacher import assert_same_cache
 
 pytestmark = pytest.mark.slow
@@ -103,14 +103,6 @@ def truncate(url, path, shard):
     os.truncate(f, os.path.getsize(f) // 2)
 
 
-def swap(url, path, a, b):
-    fa, fb = stored_object(url, path, a), stored_object(url, path, b)
-    da, db = open(fa, "rb").read(), open(fb, "rb").read()
-    assert da != db
-    open(fa, "wb").write(db)
-    open(fb, "wb").write(da)
-
-
 DAMAGE = {
     "bit flip in a teacher object": (lambda u: flip_byte(u, "teachers/r8/top1_logp", 1), ["s000001.teacher.r8.0-2"]),
     "bit flip in samples/label": (lambda u: flip_byte(u, "samples/label", 0), ["s000000.samples"]),
@@ -118,11 +110,11 @@ DAMAGE = {
     "deleted teacher object": (lambda u: os.remove(stored_object(u, "teachers/r8/top1_logp", 0)),
                                ["s000000.teacher.r8.0-2"]),
     "deleted samples/status chunk": (lambda u: os.remove(stored_object(u, "samples/status", 1)), ["s000001.samples"]),
-    "object swapped between shards": (lambda u: swap(u, "teachers/r8/topk_dlogp", 0, 1),
+    "object swapped between shards": (lambda u: swap_objects(u, "teachers/r8/topk_dlogp", 0, 1),
                                       ["s000000.teacher.r8.0-2", "s000001.teacher.r8.0-2"]),
     "chunks swapped between views inside an object": (
         lambda u: swap_views_in_object(u, "teachers/r8/label_logp", 2, 0, 1), ["s000002.teacher.r8.0-2"]),
-    "view params swapped between shards": (lambda u: swap(u, "views/params", 0, 1),
+    "view params swapped between shards": (lambda u: swap_objects(u, "views/params", 0, 1),
                                            ["s000000.views.0-2", "s000001.views.0-2"]),
 }
 

@@ -9,7 +9,7 @@ import pytest
 
 from pld_pipeline.cache import Cache, CacheError
 from spec_reader import Refused, SpecReader
-from conftest import stored_object, swap_views_in_object
+from conftest import stored_object, swap_objects, swap_views_in_object
 from test_cache import SHARD_SIZES, filled, request, teacher_record, write_shard
 
 
@@ -68,18 +68,11 @@ def test_the_spec_reader_reads_a_mixed_cache_with_a_skipped_sample(teacher_ckpt,
 
 
 DAMAGE = {
-    "object swapped between shards": lambda u: _swap(stored_object(u, "teachers/r14/topk_dlogp", 0),
-                                                     stored_object(u, "teachers/r14/topk_dlogp", 1)),
+    "object swapped between shards": lambda u: swap_objects(u, "teachers/r14/topk_dlogp", 0, 1),
     "chunks swapped between views": lambda u: swap_views_in_object(u, "teachers/r14/label_logp", 0, 0, 1),
     "deleted object": lambda u: os.remove(stored_object(u, "teachers/r14/top1_logp", 0)),
     "temperature grid reordered": lambda u: _edit_root(u, lambda m: m["teachers"]["r14"].update(temperatures=[2.0, 1.0])),
 }
-
-
-def _swap(a, b):
-    da, db = open(a, "rb").read(), open(b, "rb").read()
-    open(a, "wb").write(db)
-    open(b, "wb").write(da)
 
 
 def _edit_root(url, edit):
