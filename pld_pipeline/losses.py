@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .loss_names import BUILTIN_LOSSES
+
 __all__ = [
     "TeacherTargets", "pld_loss", "pld_loss_from_ranking", "kd_loss", "dist_loss", "ce_loss",
     "PLDLoss", "LOSSES", "LossEntry", "MixedLabels", "create_loss", "get_loss", "register_loss",
@@ -471,6 +473,10 @@ def register_loss(name: str, *, needs_teacher: bool = True, temperature: float =
     def register(fn: LossFn) -> LossFn:
         params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
                   if p.kind is p.KEYWORD_ONLY and p.name not in ("reduction", "mix")}
+        if fn.__module__ == __name__:  # a built-in: the torch-free description (loss_names.py) must agree
+            info = BUILTIN_LOSSES.get(name)
+            if info is None or (info.needs_teacher, info.temperature, info.params) != (needs_teacher, temperature, params):
+                raise RuntimeError(f"loss_names.BUILTIN_LOSSES[{name!r}] disagrees with its definition in losses.py")
         LOSSES[name] = LossEntry(name, fn, needs_teacher, temperature, params)
         return fn
     return register

@@ -18,17 +18,15 @@ import hashlib
 import io
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:  # torch is imported where views are replayed: recipes and view layouts are read without it
+    import torch
 
 RECIPES = ("cifar", "imagenet", "none")
-_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                   "nearest": InterpolationMode.NEAREST}
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # torchvision InterpolationMode values
 
 
 @dataclass(frozen=True)
@@ -146,10 +144,12 @@ def view_params(recipe: ViewRecipe, seed: int, key: str, view: int, height: int,
 def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe) -> torch.Tensor:
     """The view's uint8 [3, size, size] tensor from a decoded uint8 [3, H, W] image and stored params.
     Deterministic CPU ops only, so teacher and student get identical bytes."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
     top, left, h, w, flip = (int(x) for x in params)
     out = TF.crop(image, top, left, h, w)  # pads with zeros where the box leaves the image
     if (h, w) != (recipe.size, recipe.size):
-        out = TF.resize(out, [recipe.size, recipe.size], interpolation=_INTERPOLATIONS[recipe.interpolation],
+        out = TF.resize(out, [recipe.size, recipe.size], interpolation=InterpolationMode(recipe.interpolation),
                         antialias=True)
     if flip:
         out = TF.horizontal_flip(out)
@@ -279,6 +279,7 @@ def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.n
     """Any stored view's uint8 [3, size, size] tensor: plain views as :func:`replay_view`; mixed ones replay both
     boxes, then Mixup ``(a * lam + b * (2^16 - lam) + 2^15) >> 16`` in int32 or CutMix (the partner's pixels
     inside the box). Integer arithmetic only: identical bytes on every machine."""
+    import torch
     own = replay_view(image, params[:5], recipe)
     kind = view_kind(params)
     if kind == KIND_PLAIN:
@@ -298,6 +299,8 @@ def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.n
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides)."""
+    import torch
+    from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
         arr = np.asarray(img.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -312,5 +315,6 @@ def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ..
 
 @functools.lru_cache(maxsize=32)
 def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
     return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
             torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
