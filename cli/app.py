@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pld_pipeline.losses import LOSSES
+from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES  # torch-free: light commands never import torch
 
 from .progress import ProgressReporter
 
@@ -38,15 +40,19 @@ def _rank() -> int:
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends in one line naming the problem and the fix, not a traceback (PLD_DEBUG=1 shows it)."""
+    """Every failure ends in one line naming the problem and the fix (pld_pipeline.errors.one_line: an unknown
+    one is called an internal error), not a traceback; PLD_DEBUG=1 shows the traceback instead."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError) as e:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer's own exits and usage errors
+        except Exception as e:  # noqa: BLE001 - the one place every failure is turned into one line
             if os.environ.get("PLD_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            from pld_pipeline.errors import one_line
+            err.print(f"[bold red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
     return wrapper
 
@@ -62,8 +68,12 @@ def _class_names(path: Optional[Path], data: str) -> Optional[list[str]]:
     from pld_pipeline.data import expand_shards
     from pld_pipeline.shards import read_classes
     if path is not None:
-        doc = json.loads(path.read_text())
-        return list(doc["class_names"] if isinstance(doc, dict) else doc)
+        from pld_pipeline.files import json_field, read_json
+        doc = read_json(str(path))
+        names = json_field(doc, str(path), "class_names", kind=list) if isinstance(doc, dict) else doc
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"--class-names {path}: expected a JSON list of strings (or {{\"class_names\": [...]}}).")
+        return names
     return read_classes(expand_shards(data)[0])
 
 
@@ -160,6 +170,9 @@ def cache_teacher_cmd(
               + (f" | skipped {summary['skipped_samples']} bad sample(s)" if summary["skipped_samples"] else ""))
     if summary["repaired_units"]:
         out.print(f"repaired {len(summary['repaired_units'])} damaged unit(s): {', '.join(summary['repaired_units'])}")
+    out.print(f"digest: {summary['digest']}" + ("" if summary["complete"] else "  (the cache is not complete yet: "
+              "its digest changes as the other workers write; publish the one `pld inspect` prints once it is)"),
+              highlight=False)
     _print_warnings(summary["warnings"])
 
 
@@ -174,13 +187,14 @@ def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     key: Annotated[Optional[str], typer.Option(help="Show where one sample is (shard, row, label, status), found through the key index.")] = None,
+    expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
 ) -> None:
     """Show what a cache holds: teachers, classes, k, views, temperatures, completion, size, teacher tail mass."""
     from pld_pipeline.cache import inspect_cache
     if key is not None:
-        _print_key(cache, key, json_)
+        _print_key(cache, key, json_, expect_digest)
         return
-    info = inspect_cache(cache)
+    info = inspect_cache(cache, expect_digest=expect_digest)
     if json_:
         out.print_json(data=info)
         return
@@ -192,6 +206,8 @@ def inspect_cmd(
     t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
                        f"seed {info['seed']}{mixed}")
     t.add_row("key index", info["key_index"])
+    t.add_row("digest", (info["digest"] or "none (a metadata document is not JSON: run `pld verify`)")
+              + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"))
     if info["bytes_on_disk"] is not None:
         t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
     out.print(t)
@@ -208,10 +224,10 @@ def inspect_cmd(
     _print_warnings(info["warnings"])
 
 
-def _print_key(cache: str, key: str, json_: bool) -> None:
+def _print_key(cache: str, key: str, json_: bool, expect_digest: Optional[str] = None) -> None:
     from pld_pipeline.cache import Cache
     from pld_pipeline.cache import schema
-    reader = Cache(cache)
+    reader = Cache(cache, expect_digest=expect_digest)
     where = reader.find(key)
     if where is None:
         raise ValueError(f"{cache} holds no sample with key {key!r}.")
@@ -231,15 +247,16 @@ def _print_key(cache: str, key: str, json_: bool) -> None:
 def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
 ) -> None:
     """Check every unit: complete, checksums and metadata binding match, labels, indices and values valid.
     Lists every damaged unit and how to repair it (exit 1); warns about near-chance teachers."""
     from pld_pipeline.cache import verify_cache
-    report = verify_cache(cache)
+    report = verify_cache(cache, expect_digest=expect_digest)
     if json_:
         out.print_json(data=report.to_dict())
     elif report.ok:
-        out.print(f"ok: {report.units_checked} unit(s) verified in {cache}")
+        out.print(f"ok: {report.units_checked} unit(s) verified in {cache}, digest {report.digest}", highlight=False)
     else:
         err.print(f"[bold red]{len(report.problems)} problem(s)[/] in {cache} ({report.units_checked} unit(s) checked):")
         for p in report.problems:
@@ -282,6 +299,7 @@ def distill_cmd(
     cache: Annotated[Optional[str], typer.Option(help="Teacher cache from `pld cache-teacher` (not needed for --loss ce).", rich_help_panel=DATA)] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch on the clean view.", rich_help_panel=DATA)] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache (s3://, gs://, http://): each byte is fetched once.", rich_help_panel=DATA)] = None,
+    expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (published beside a shared cache; `pld inspect` prints it), before anything is trained or written.", rich_help_panel=DATA)] = None,
     loss: Annotated[str, typer.Option(help=f"One of: {', '.join(LOSSES)}.", rich_help_panel=LOSS)] = "pld",
     teacher: Annotated[Optional[str], typer.Option(help="Cached teacher id, when the cache holds several; 'a,b' learns from an ensemble: the teachers' probabilities averaged per view, ranked anew (exact from full caches; from top-k caches each class is short by at most the mean tail mass).", rich_help_panel=LOSS)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Teacher temperature (default: " + ", ".join(f"{e.name} {e.temperature:g}" for e in LOSSES.values() if e.needs_teacher) + "); must be in the cache's grid.", rich_help_panel=LOSS)] = None,
@@ -335,7 +353,8 @@ def distill_cmd(
     from pld_pipeline.distill import DistillConfig, distill
 
     cfg = DistillConfig(
-        data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, val_data=val_data, teacher=teacher,
+        data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, expect_digest=expect_digest,
+        val_data=val_data, teacher=teacher,
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, mixed_first=mixed_first, view_policy=view_policy, epochs=epochs,
         batch_size=batch_size, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
         warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad, ema_decay=ema_decay,
@@ -408,12 +427,16 @@ def make_shards_cmd(
     val_fraction: Annotated[float, typer.Option(help="Fraction held out as val (digits, folder; CIFAR uses its test split).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Shuffle seed (samples are shuffled before sharding).")] = 0,
     upscale: Annotated[int, typer.Option(help="digits: integer upscale of the 8x8 images.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace classes.json and train/val shards already in --out.")] = False,
 ) -> None:
     """Write webdataset shards (unique dot-free keys, `cls` labels, classes.json) and print the patterns to use."""
     from pld_pipeline import shards as S
 
     if shard_size < 1 or not 0 <= val_fraction < 1:
         raise ValueError(f"--shard-size must be >= 1 and --val-fraction in [0, 1), got {shard_size} and {val_fraction}.")
+    if source not in ("digits", "cifar", "folder"):
+        raise ValueError(f"Unsupported source '{source}'. Use one of: digits, cifar, folder.")
+    S.refuse_existing(str(out_), overwrite=overwrite)
     if source == "digits":
         images, labels, names = S.digits_arrays(upscale=upscale)
         splits = S.split_arrays(images, labels, names, str(out_), val_fraction=val_fraction, shard_size=shard_size, seed=seed)
@@ -452,6 +475,7 @@ def sweep_cmd(
     val_data: Annotated[Optional[str], typer.Option(help="Validation shards (base setting).")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student (base setting).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache, shared by all runs.")] = None,
+    expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (published beside a shared cache; `pld inspect` prints it), before anything is trained or written. Every run (and every printed command) carries it.")] = None,
     log: Annotated[Optional[str], typer.Option(help=LOG_HELP + " A sweep is one parent run (MLflow) or group (W&B) with a child run per configuration.")] = None,
     jobs: Annotated[int, typer.Option(help="Local launcher: runs at once (CPU threads split between them; one GPU each where several exist).", rich_help_panel=LAUNCH)] = 1,
     launcher: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'pld-pipeline[ray]').", rich_help_panel=LAUNCH)] = "local",
@@ -477,7 +501,8 @@ def sweep_cmd(
     base, file_grid, runs = load_sweep_file(str(config)) if config else ({}, {}, [])
     base.update(parse_settings(set_ or []))
     base.update({k: v for k, v in dict(data=data, cache=cache, val_data=val_data, student=student,
-                                         cache_dir=cache_dir, log=log).items() if v is not None})
+                                         cache_dir=cache_dir, expect_digest=expect_digest, log=log).items()
+                 if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown --scheduler '{scheduler}'. Use one of: {', '.join(SCHEDULERS)}.")
@@ -511,13 +536,13 @@ def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made b
 
 
 def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
-    t = Table(title=f"sweep {sweep_dir}")
+    t = Table(title=f"sweep {escape(sweep_dir)}")
     keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1", "train_seconds")]
     for col in keys + ["best top-1", "last top-1", "train s"]:
-        t.add_column(col)
+        t.add_column(escape(col))
     for r in rows:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-        t.add_row(*[str(r[k]) for k in keys], fmt(r["best_val_top1"]), fmt(r["last_val_top1"]),
+        t.add_row(*[escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]), fmt(r["last_val_top1"]),
                   "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
     out.print(t)
     out.print(f"results: {os.path.join(sweep_dir, 'results.md')}, {os.path.join(sweep_dir, 'results.csv')}, "

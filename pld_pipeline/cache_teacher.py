@@ -277,9 +277,11 @@ def _recheck(cache: Cache, shards: Sequence[int]) -> list[tuple[str, str]]:
 
 
 def _plan(cache: Cache, shards: Sequence[int], num_views: int,
-          teacher_ids: list[str], expected: dict[int, _Expected]) -> list[_Job]:
+          teacher_ids: list[str], expected: dict[int, _Expected], urls: Sequence[str]) -> list[_Job]:
     """One job per shard with missing units. Shards whose samples unit is intact must match it sample by
-    sample (keys and content digests) when they are read again."""
+    sample (keys and content digests) when they are read again. ``urls``: the user's own --data, in cache
+    order (matched by content hash); a url recorded in the cache is never opened (it is a stranger's text and
+    webdataset would run a ``pipe:`` one)."""
     jobs = []
     for s in shards:
         missing_params = sorted(set(range(num_views)) - cache.views_done(s))
@@ -292,7 +294,7 @@ def _plan(cache: Cache, shards: Sequence[int], num_views: int,
             samples = cache.samples(s)
             expected[s] = _Expected(schema.decode_keys(samples[schema.KEY.path()]), samples[schema.DIGEST.path()])
         rec = cache.meta.shards[s]
-        jobs.append(_Job(s, rec.url, rec.nsamples, views, need_samples, _runs(missing_params),
+        jobs.append(_Job(s, urls[s], rec.nsamples, views, need_samples, _runs(missing_params),
                          {tid: _runs(v) for tid, v in missing.items() if v}))
     return jobs
 
@@ -352,6 +354,10 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
         raise ValueError(f"--on-bad-sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}.")
     if cfg.views < 1:
         raise ValueError(f"--views must be >= 1, got {cfg.views}.")
+    # every setting is checked before anything is created at --out
+    if cfg.batch_size < 1 or (cfg.workers is not None and cfg.workers < 0) or not cfg.claim_ttl > 0:
+        raise ValueError(f"--batch-size must be >= 1, --workers >= 0 and --claim-ttl > 0, got {cfg.batch_size}, "
+                         f"{cfg.workers} and {cfg.claim_ttl}.")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--teacher-precision must be fp32 or bf16, got {cfg.precision!r}.")
     if os.path.isfile(cfg.out):
@@ -424,7 +430,8 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     repaired = _recheck(cache, my_shards)
     if repaired:
         emit({"event": "repairing", "units": repaired})
-    jobs = _plan(cache, my_shards, cfg.views, list(teachers), expected)
+    user_urls = [r.url for r in records]  # the user's --data, never the urls recorded in the cache
+    jobs = _plan(cache, my_shards, cfg.views, list(teachers), expected, user_urls)
     total_items = sum(j.nsamples * len(j.views) for j in jobs)
     emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
           "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
@@ -444,13 +451,18 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
                 _add_stats(stats, _process(cfg, batch, cache, models, prep, teachers, recipe, num_classes, device,
                                            expected, emit))
         cache.refresh()
-        jobs = _plan(cache, [j.shard for j in jobs], cfg.views, list(teachers), expected)
+        jobs = _plan(cache, [j.shard for j in jobs], cfg.views, list(teachers), expected, user_urls)
     totals = D.all_reduce_sum([stats["items"], stats["skipped"], *[stats["correct"][t] for t in teachers],
                                *[stats["count"][t] for t in teachers]], dist, device)
     repaired = [name for part in D.all_gather_objects([name for name, _ in repaired], dist) for name in part]
     D.barrier(dist)  # rank 0 reports only after every rank's units are written
+    digest, complete = None, False
     if dist.is_main:
         cache.ensure_key_index(cfg.compression_level)
+        # What a consumer pins (docs/cache-format.md, "Cache digest"). A --part worker that finishes before the
+        # others reports the digest of an incomplete cache: it changes as the other parts write.
+        complete = not any(cache.missing_units(tid) for tid in cache.meta.teachers) and not cache.missing_units(None)
+        digest = cache.digest()
     elapsed = time.perf_counter() - t_start
     n_t = len(teachers)
     summary = {
@@ -459,7 +471,7 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         "teacher_accuracy": {tid: totals[2 + i] / totals[2 + n_t + i] if totals[2 + n_t + i] else None
                              for i, tid in enumerate(teachers)},
         "num_classes": num_classes, "k": k, "views": cfg.views, "world_size": dist.world_size,
-        "repaired_units": sorted(repaired),
+        "repaired_units": sorted(repaired), "digest": digest, "complete": complete,
     }
     summary["warnings"] = [w for tid, acc in summary["teacher_accuracy"].items()
                            if (w := chance_warning(tid, acc, num_classes))]

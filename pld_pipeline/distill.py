@@ -8,6 +8,7 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -28,7 +29,8 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from .data import expand_shards, worker_errors
 from .faults import kill_point
-from .files import write_json
+from .errors import MetadataError, PldError
+from .files import STATE_FILE, SUMMARY_FILE, json_field, read_json, write_bytes, write_json, write_text
 from .halving import Halving
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
@@ -38,8 +40,6 @@ from .tracking import Tracker, fingerprint_digest, parse_log, read_ids
 from .views import ViewRecipe, normalize
 
 ProgressFn = Callable[[dict[str, Any]], None]
-STATE_FILE = "last_state.pt"
-SUMMARY_FILE = "summary.json"  # written when a run ends (trained to the last epoch, or stopped by its sweep)
 
 
 @dataclass
@@ -50,6 +50,7 @@ class DistillConfig:
     loss: str = "pld"
     cache: str | None = None
     cache_dir: str | None = None  # local block cache for a remote (s3://, gs://, http://) cache
+    expect_digest: str | None = None  # the cache's published digest (sha256:HEX): any other cache is refused
     val_data: str | None = None
     teacher: str | None = None  # which cached teacher (needed when the cache holds several)
     temperature: float | None = None  # default: the loss's (pld 1, kd 2, dist 1)
@@ -99,7 +100,7 @@ class DistillConfig:
 
 
 # -- setup ------------------------------------------------------------------------------------------
-_MAY_CHANGE_ON_RESUME = ("resume", "workers", "device", "deterministic", "log", "sweep")
+_MAY_CHANGE_ON_RESUME = ("resume", "workers", "device", "deterministic", "log", "sweep", "expect_digest")
 
 
 def _same_setting(key: str, saved: Any, now: Any) -> bool:
@@ -121,9 +122,9 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise ValueError(f"--resume: no {STATE_FILE} in {cfg.out}; start without --resume.")
-        with open(os.path.join(cfg.out, "config.json")) as f:
-            run_config = json.load(f)
-        saved = run_config["config"]
+        config_path = os.path.join(cfg.out, "config.json")
+        run_config = read_json(config_path)
+        saved = json_field(run_config, config_path, "config", kind=dict)
         if run_config.get("world_size", 1) != world_size:
             raise ValueError(f"--resume on {world_size} process(es), but {cfg.out} was trained on "
                              f"{run_config.get('world_size', 1)}: resume with the same torchrun --nproc_per_node.")
@@ -135,10 +136,102 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
         return torch.load(state_path, map_location="cpu", weights_only=True)
     if os.path.isfile(state_path):
         raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out.")
+    _check_foreign_files(cfg.out)
     return None
 
 
+#: What a run writes into its folder (tracking.json: tracking.py, halving.json: halving.py; tensorboard/ and
+#: wandb/ are the trackers' own folders); a fresh run may rewrite these, and nothing else.
+RUN_FILES = frozenset({"config.json", "metrics.jsonl", "metrics.csv", "best.safetensors", "best.json",
+                       "last.safetensors", "last.json", STATE_FILE, SUMMARY_FILE, "tracking.json", "halving.json",
+                       "tensorboard", "wandb"})
+
+
+def _check_foreign_files(out: str) -> None:
+    """A fresh run writes into ``out`` only if it is new, empty, or a run folder that pld started (its first
+    file, config.json, is pld's): never over files the user put there."""
+    if not os.path.isdir(out):
+        return
+    names = sorted(os.listdir(out))
+    foreign = [n for n in names if n not in RUN_FILES and not n.endswith(".tmp")]
+    config_path = os.path.join(out, "config.json")
+    if not foreign and names and not os.path.islink(config_path) and os.path.isfile(config_path):
+        try:
+            doc = read_json(config_path)
+        except MetadataError:
+            doc = None
+        if not (isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "student" in doc["config"]):
+            foreign = ["config.json (not a pld run's)"]
+    elif names and not foreign:
+        foreign = [n for n in names if n != "config.json"] or names  # pld writes config.json before anything else
+    links = [n for n in names if os.path.islink(os.path.join(out, n))]
+    if foreign or links:
+        shown = ", ".join((foreign or links)[:5]) + (", ..." if len(foreign or links) > 5 else "")
+        raise ValueError(f"--out {out} holds files pld did not write ({shown}); a run writes only into a new or "
+                         "empty folder (or its own, with --resume): choose another --out.")
+
+
 # -- one epoch --------------------------------------------------------------------------------------
+class NonFiniteLoss(PldError):
+    """A step's loss was NaN or infinite: the run stops before anything it trained is saved."""
+
+
+class LossGuard:
+    """Stops a run within one step of a non-finite loss, naming the epoch, the step and, where the batch came
+    from the cache, its units. On a CPU a step is checked before its update; on a GPU step n's flag is copied
+    without blocking and read at step n+1 (or at the epoch's end, before its checkpoints), so training never
+    waits for the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.pending = device, None
+
+    def step(self, epoch: int, step: int, loss: torch.Tensor, logits: torch.Tensor,
+             targets: TeacherTargets | None, source: torch.Tensor | None) -> None:
+        flag, event = torch.isfinite(loss.detach()), None
+        if self.device.type == "cuda":
+            flag, event = flag.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        previous = self.pending
+        self.pending = (epoch, step, flag, event, loss.detach(), logits.detach(), targets, source)
+        if previous is not None:
+            self._check(*previous)
+        if event is None:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._check(*pending)
+
+    @staticmethod
+    def _check(epoch: int, step: int, flag: torch.Tensor, event: Any, loss: torch.Tensor, logits: torch.Tensor,
+               targets: TeacherTargets | None, source: torch.Tensor | None) -> None:
+        if event is not None:
+            event.synchronize()
+        if bool(flag):
+            return
+        rows = None
+        if targets is not None:  # which samples' cached values are not finite (a cache edited and re-signed)
+            ok = (torch.isfinite(targets.topk_logp).all(1) & torch.isfinite(targets.label_logp)
+                  & torch.isfinite(targets.logz))
+            rows = (~ok).nonzero().flatten().cpu() if not bool(ok.all()) else None
+        if rows is not None:
+            why, fix = "the teacher targets of some samples are not finite", ("the cache is damaged or was edited: "
+                                                                               "run `pld verify` on it")
+        elif not bool(torch.isfinite(logits).all()):
+            why, fix = "the student's outputs overflowed (training diverged)", "lower --lr or set --clip-grad"
+        else:
+            why, fix = "the loss overflowed", "lower --lr or set --clip-grad"
+        units = ""
+        if source is not None:
+            pairs = sorted({(int(s), int(v)) for s, v in (source if rows is None else source[rows]).tolist()})
+            units = "; batch from cache " + ", ".join(f"s{s:06d} view {v}" for s, v in pairs[:6]) + (
+                f" and {len(pairs) - 6} more" if len(pairs) > 6 else "")
+        raise NonFiniteLoss(f"Non-finite loss ({float(loss):g}) at epoch {epoch}, step {step}: {why}{units}. Stopped "
+                            f"before saving this epoch; {fix}.")
+
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], device: torch.device,
              dist: D.DistInfo, channels_last: bool, autocast: Any) -> dict[str, float]:
@@ -160,22 +253,20 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, prep: dict[str, Any], d
 
 
 def _write_metrics(out: str, history: list[dict[str, Any]]) -> None:
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    write_text(os.path.join(out, "metrics.csv"), buf.getvalue())
 
 
 def _save_weights(model: torch.nn.Module, path: str, meta: dict[str, Any]) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path + ".tmp", metadata={"pld": json.dumps(meta)[:60000]})
-    os.replace(path + ".tmp", path)
-    with open(path.replace(".safetensors", ".json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    # serialised in memory, written by files.write_bytes: atomic, never through a link, a full disk named
+    write_bytes(path, save(state, metadata={"pld": json.dumps(meta)[:60000]}))
+    write_json(path.replace(".safetensors", ".json"), meta)
 
 
 def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -189,6 +280,8 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
     # the teacher runs on them every step: the baseline that shows what the cached targets are worth.
     if needs_teacher and not (cfg.cache or cfg.online_teacher):
         raise ValueError(f"--loss {cfg.loss} needs --cache (teacher targets); only --loss ce trains without one.")
+    if cfg.expect_digest is not None and not cfg.cache:
+        raise ValueError("--expect-digest pins a teacher cache; give the cache with --cache.")
     if cfg.student_size is not None and cfg.student_size < 1:
         raise ValueError(f"--student-size must be >= 1 pixel, got {cfg.student_size}.")
     if cfg.temperature is not None and not cfg.temperature > 0:
@@ -237,6 +330,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     tracker = _tracker(cfg, data, temperature if needs_teacher else None, start_epoch) if dist.is_main and cfg.log else None
     halving = Halving.for_run(cfg.sweep, cfg.out, history) if dist.is_main else None
     stopped: dict[str, Any] = {}
+    guard = LossGuard(device)
     emit({"event": "train_start", "loss": cfg.loss, "student": cfg.student, "params": params, "epochs": cfg.epochs,
           "device": str(device), "world_size": dist.world_size, "resumed_epoch": start_epoch or None})
 
@@ -257,6 +351,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                 with autocast:
                     logits = train_model(normalize(x, prep["mean"], prep["std"]))
                 loss = loss_fn(logits.float(), y, targets, mix)
+                guard.step(epoch, step, loss, logits, targets, batch.source)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
@@ -272,6 +367,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                     emit({"event": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()),
                           "samples_per_s": seen * dist.world_size / max(time.perf_counter() - t0, 1e-9),
                           "lr": optimizer.param_groups[0]["lr"]})
+            guard.flush()  # before this epoch's checkpoints are written
             if seen < steps_per_epoch * cfg.batch_size:
                 raise RuntimeError(f"Epoch {epoch} produced {seen} samples, expected {steps_per_epoch * cfg.batch_size}; "
                                    "were samples skipped at cache time? Lower --batch-size.")
@@ -295,10 +391,11 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                     best = {"val_top1": row["val_top1"] if val_loader is not None else -1.0, "epoch": epoch}
                     _save_weights(model, os.path.join(cfg.out, "best.safetensors"), meta)
                 _save_weights(model, os.path.join(cfg.out, "last.safetensors"), meta)
+                state_buf = io.BytesIO()
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
-                            "history": history}, os.path.join(cfg.out, STATE_FILE + ".tmp"))
-                os.replace(os.path.join(cfg.out, STATE_FILE + ".tmp"), os.path.join(cfg.out, STATE_FILE))
+                            "history": history}, state_buf)
+                write_bytes(os.path.join(cfg.out, STATE_FILE), state_buf.getvalue())
                 _write_metrics(cfg.out, history)
             D.barrier(dist)
             if tracker is not None:
@@ -349,7 +446,8 @@ def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, dev
                        shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
                        num_classes=num_classes if num_classes is not None else cfg.num_classes, recipe=recipe,
                        image_field=cfg.image_field, label_field=cfg.label_field, pin_memory=device.type == "cuda",
-                       student_size=cfg.student_size, rank=dist.rank, world_size=dist.world_size)
+                       student_size=cfg.student_size, rank=dist.rank, world_size=dist.world_size,
+                       expect_digest=cfg.expect_digest)
 
 
 TargetsFn = Callable[[Batch, torch.Tensor, torch.Tensor], "TeacherTargets | None"]
@@ -430,5 +528,4 @@ def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float 
                   "temperature": temperature, "steps_per_epoch": len(data), "world_size": world_size,
                   "student_preprocessing": prep, "cache": data.fingerprint(),
                   "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in data.shards]}
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=1)
+    write_json(os.path.join(cfg.out, "config.json"), run_config)

@@ -92,6 +92,8 @@ class TrainSamples(IterableDataset):
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
                  cache_dir: str | None = None, student_size: int | None = None, cache: Cache | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
+        #: the caller's pinned digest: each worker process checks it again when it opens the cache
+        self.expect_digest = cache.expected_digest if cache is not None else None
         self.cache_url, self.teachers, self.temperature = cache_url, list(teachers), temperature
         self.k = k
         self.num_views, self.view_policy, self.shuffle_buffer = num_views, view_policy, shuffle_buffer
@@ -107,7 +109,8 @@ class TrainSamples(IterableDataset):
 
     def _cache(self) -> Cache:
         if self._reader is None or self._reader_pid != os.getpid():  # zarr/fsspec handles do not survive a fork
-            self._reader, self._reader_pid = Cache(self.cache_url, cache_dir=self.cache_dir), os.getpid()
+            self._reader = Cache(self.cache_url, cache_dir=self.cache_dir, expect_digest=self.expect_digest)
+            self._reader_pid = os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -146,6 +149,7 @@ class TrainSamples(IterableDataset):
                 if used >= part.stop:
                     return
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
+                item["source"] = np.array([shard.cache_shard, v], np.int64)  # where its targets came from
                 params = block.params[row, v]
                 label = int(block.labels[row])
                 if self.teachers:  # [teachers, k]: --loss ce reads no teacher arrays
@@ -254,12 +258,14 @@ class Batch:
     labels: torch.Tensor  # int64 [B]: each sample's own label
     targets: TeacherTargets | None
     mix: MixedLabels | None = None  # a cache with mixed views: partners' labels and lambdas (pass to the loss)
+    #: int64 [B, 2] on the CPU: each sample's (cache shard, view), to name the cache units a bad step came from
+    source: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.images), move(self.labels),
                      None if self.targets is None else self.targets.to(device, non_blocking),
-                     None if self.mix is None else self.mix.to(device, non_blocking))
+                     None if self.mix is None else self.mix.to(device, non_blocking), self.source)
 
 
 class StudentData:
@@ -268,14 +274,16 @@ class StudentData:
     The same key join, view choice, rank split, shuffle and read-time integrity checks as `pld distill` (which is
     built on it): every rank gets the same number of batches per epoch (``len(data)``), and a run's data order
     depends only on (seed, epoch). Under torch.distributed the rank and world size are read from the process
-    group. Without ``cache`` it streams plain labelled views (``num_classes`` and ``recipe`` then needed)."""
+    group. Without ``cache`` it streams plain labelled views (``num_classes`` and ``recipe`` then needed).
+    ``expect_digest`` (``sha256:HEX``, as published beside a shared cache) refuses any other cache."""
 
     def __init__(self, data: str | Sequence[str], *, cache: str | None = None, teacher: str | None = None,
                  temperature: float = 1.0, batch_size: int = 128, seed: int = 0, view_policy: str = "rotate",
                  top_k: int | None = None, with_targets: bool = True, workers: int = 2, shuffle_buffer: int = 1000,
                  cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", pin_memory: bool = False,
-                 student_size: int | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+                 student_size: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 expect_digest: str | None = None) -> None:
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"Unsupported view policy '{view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
         if rank is None or world_size is None:
@@ -284,7 +292,10 @@ class StudentData:
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
         self.batch_size, self.temperature, self.top_k, self.workers = batch_size, temperature, top_k, workers
         self.pin_memory, self.rank, self.world_size = pin_memory, rank, world_size
-        self.reader = Cache(cache, cache_dir=cache_dir) if cache else None
+        if expect_digest is not None and not cache:
+            raise ValueError("expect_digest pins a teacher cache, but no cache was given.")
+        # expect_digest: refuse (before anything else reads it) a cache other than the one the digest was published for
+        self.reader = Cache(cache, cache_dir=cache_dir, expect_digest=expect_digest) if cache else None
         self.teachers: list[TeacherRecord] = []
         if self.reader is not None:
             meta = self.reader.meta
@@ -350,7 +361,7 @@ class StudentData:
                 return
             mix = MixedLabels(batch["label2"].long(), batch["lam"].float()) if "lam" in batch else None
             yield Batch(batch["image"], batch["label"].long(),
-                        batch_targets(batch, self.temperature, self.num_classes, self.top_k), mix)
+                        batch_targets(batch, self.temperature, self.num_classes, self.top_k), mix, batch.get("source"))
 
     def fingerprint(self) -> dict[str, Any] | None:
         """What identifies the teacher outputs a run used (recorded in each run's config.json)."""

@@ -8,10 +8,12 @@ cache is only ever opened read-only, and no teacher is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import functools
+import io
 import itertools
-import json
 import math
 import os
 import re
@@ -19,27 +21,37 @@ import statistics
 import tomllib
 from typing import Any, Callable
 
-from .distill import SUMMARY_FILE, DistillConfig
+from .errors import MetadataError
+from .files import SUMMARY_FILE, json_field, read_json, refuse_link, write_bytes, write_json, write_text
 from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
 from .tracking import finish_sweep_parent, parse_log, sweep_parent
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+@functools.cache
+def _fields() -> dict[str, dataclasses.Field]:
+    """DistillConfig's fields, imported on first use: `pld report` reads a sweep without torch."""
+    from .distill import DistillConfig
+    return {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
 _NOT_SWEPT = {"out", "resume", "sweep"}
+_PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\\x00]{1,255}")  # one folder name inside the sweep folder
 
 
 def _check_key(key: str) -> str:
-    if key not in _FIELDS or key in _NOT_SWEPT:
-        allowed = ", ".join(sorted(k for k in _FIELDS if k not in _NOT_SWEPT))
+    if key not in _fields() or key in _NOT_SWEPT:
+        allowed = ", ".join(sorted(k for k in _fields() if k not in _NOT_SWEPT))
         raise ValueError(f"Unknown sweep setting '{key}'. Use one of: {allowed}.")
     return key
 
 
 def _convert(key: str, text: str) -> Any:
     """A grid value typed like the DistillConfig field it sets."""
-    kind = str(_FIELDS[key].type)
+    kind = str(_fields()[key].type)
     if text.lower() in ("none", "null") and "None" in kind:
         return None
     try:
@@ -84,9 +96,23 @@ def load_sweep_file(path: str) -> tuple[dict[str, Any], dict[str, list[Any]], li
     with open(path, "rb") as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
-            doc = yaml.safe_load(f) or {}
+            try:
+                doc = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise MetadataError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
         else:
-            doc = tomllib.load(f)
+            try:
+                doc = tomllib.load(f)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise MetadataError(f"{path}: not valid TOML ({e}); fix the file.") from None
+    if not isinstance(doc, dict):
+        raise MetadataError(f"{path}: expected sections base, grid and runs, got a {type(doc).__name__}.")
+    for section, kind in (("base", dict), ("grid", dict), ("runs", list)):
+        if not isinstance(doc.get(section, kind()), kind):
+            raise MetadataError(f"{path}: section {section} invalid (must be a {'table' if kind is dict else 'list'}).")
+    if not all(isinstance(v, list) for v in doc.get("grid", {}).values()) or not all(
+            isinstance(r, dict) for r in doc.get("runs", [])):
+        raise MetadataError(f"{path}: every grid entry must be a list and every run a table.")
     unknown = set(doc) - {"base", "grid", "runs"}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; use base, grid and runs.")
@@ -148,6 +174,23 @@ def _open_parent(base: dict[str, Any], grid: dict[str, list[Any]], out: str, hal
     return backends
 
 
+def _check_pinned_caches(base: dict[str, Any], plan: list[dict[str, Any]]) -> None:
+    """A pinned cache (``expect_digest``) whose digest differs is refused before any run starts or anything is
+    written (each run checks it again when it opens the cache); one check per distinct cache."""
+    from .cache import Cache
+    checked = set()
+    for overrides in plan:
+        s = {**base, **overrides}
+        if s.get("expect_digest") is None:
+            continue
+        if not s.get("cache"):
+            raise ValueError("expect_digest pins a teacher cache; give the cache too (--cache or cache=...).")
+        key = (s["cache"], s.get("cache_dir"), s["expect_digest"])
+        if key not in checked:
+            Cache(s["cache"], cache_dir=s.get("cache_dir"), expect_digest=s["expect_digest"])
+            checked.add(key)
+
+
 def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str,
                halving: HalvingRule | None = None) -> dict[str, dict[str, Any]]:
     """Check the sweep, record it in ``out/sweep.json`` and return the pending runs (name -> full settings).
@@ -162,14 +205,16 @@ def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict
         raise ValueError(f"The sweep needs {', '.join(missing)} (in base settings or in every run).")
     if halving is not None and not base.get("val_data") and not all(p.get("val_data") for p in plan):
         raise ValueError("--scheduler halving compares runs by validation top-1: give --val-data.")
+    _check_pinned_caches(base, plan)
     parse_log(base.get("log"))
     os.makedirs(out, exist_ok=True)
     named = {run_name(o): o for o in plan}
     if len(named) != len(plan):
         raise ValueError("Two runs of the sweep have the same settings; remove the duplicate.")
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"base": base, "grid": grid, "runs": runs, "names": named,
-                   "scheduler": halving.to_dict() if halving else None}, f, indent=1, default=str)
+    for n in named:
+        refuse_link(os.path.join(out, n))  # a run folder planted as a link would send the run's writes elsewhere
+    write_json(os.path.join(out, "sweep.json"), {"base": base, "grid": grid, "runs": runs, "names": named,
+                                                  "scheduler": halving.to_dict() if halving else None}, default=str)
     base = {**base, "device": base.get("device", "auto"), "sweep": os.path.abspath(out)}
     return {n: {**base, **o, "out": os.path.join(out, n)} for n, o in named.items()
             if not os.path.isfile(os.path.join(out, n, SUMMARY_FILE))}
@@ -179,8 +224,12 @@ def _read_plan(sweep_dir: str) -> dict[str, dict[str, Any]]:
     path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no sweep.json); run `pld sweep` first.")
-    with open(path) as f:
-        return json.load(f)["names"]
+    names = json_field(read_json(path), path, "names", kind=dict)
+    for name, overrides in names.items():
+        if not _PLAIN_NAME.fullmatch(name) or not isinstance(overrides, dict):
+            raise MetadataError(f"{path}: field names.{name[:80]!r} invalid (a run is a plain folder name with a "
+                                "dict of settings); restore the file or rerun `pld sweep` into a new folder.")
+    return names
 
 
 def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
@@ -188,9 +237,15 @@ def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], 
     for name, overrides in _read_plan(sweep_dir).items():
         run_dir = os.path.join(sweep_dir, name)
         summary_path = os.path.join(run_dir, SUMMARY_FILE)
-        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+        summary = read_json(summary_path) if os.path.isfile(summary_path) else {}
+        if not isinstance(summary, dict):
+            raise MetadataError(f"{summary_path}: not a JSON object; remove the run folder to rerun it.")
+        for key in ("best_val_top1", "last_val_top1", "train_seconds", "stopped_after_epochs"):
+            if summary.get(key) is not None:
+                json_field(summary, summary_path, key, kind=(int, float))
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        metrics = [json.loads(line) for line in open(metrics_path)] if os.path.isfile(metrics_path) else []
+        with open(metrics_path) if os.path.isfile(metrics_path) else contextlib.nullcontext([]) as f:
+            metrics = [line for line in f if line.strip()]  # only counted: one line per finished epoch
         out.append((name, overrides, summary, metrics))
     return out
 
@@ -198,6 +253,8 @@ def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], 
 def report(sweep_dir: str) -> list[dict[str, Any]]:
     """(Re)write results.csv, results.md and results.png from the run directories."""
     runs = _runs_in(sweep_dir)
+    if not runs:
+        raise MetadataError(f"{sweep_dir} holds no runs (its sweep.json names none); run `pld sweep` with a grid first.")
     keys = sorted({k for _, o, _, _ in runs for k in o})
     rows = []
     for name, overrides, summary, metrics in runs:
@@ -205,14 +262,17 @@ def report(sweep_dir: str) -> list[dict[str, Any]]:
                      "epochs_done": len(metrics), "best_val_top1": summary.get("best_val_top1"),
                      "last_val_top1": summary.get("last_val_top1"), "train_seconds": summary.get("train_seconds"),
                      "stopped_after_epochs": summary.get("stopped_after_epochs"), "stop_reason": summary.get("stop_reason")})
-    with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    paths = {ext: os.path.join(sweep_dir, f"results.{ext}") for ext in ("csv", "md", "png")}
+    for path in paths.values():
+        refuse_link(path)  # before any is written: a refused report leaves the folder as it was
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=[csv_cell(k) for k in rows[0]])
+    w.writeheader()
+    w.writerows([{csv_cell(k): csv_cell(v) for k, v in r.items()} for r in rows])
+    write_text(paths["csv"], buf.getvalue())
     groups = _group_by_config(rows, keys)
-    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-        f.write(_markdown(rows, keys, groups))
-    _plot(groups, os.path.join(sweep_dir, "results.png"))
+    write_text(paths["md"], _markdown(rows, keys, groups))
+    _plot(groups, paths["png"])
     return rows
 
 
@@ -232,18 +292,34 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def md_cell(value: Any) -> str:
+    """A value as one Markdown table cell that stays one cell of plain text: control characters (newlines) become
+    spaces, and pipes, backticks, backslashes, brackets (links) and HTML are escaped. Settings come from untrusted folders."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in str(value))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\|`\[\]])", r"\\\1", text)
+
+
+def csv_cell(value: Any) -> Any:
+    """A value for a CSV cell that a spreadsheet shows as text: strings starting with =, +, -, @ (or a tab or
+    carriage return) get a leading apostrophe (OWASP's CSV-injection rule); the csv module quotes the rest."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _markdown(rows: list[dict[str, Any]], keys: list[str], groups: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| " + " | ".join(keys + ["best top-1", "last top-1", "train s", "done"]) + " |",
+    lines = ["| " + " | ".join(md_cell(k) for k in keys + ["best top-1", "last top-1", "train s", "done"]) + " |",
              "|" + "---|" * (len(keys) + 4)]
     for r in rows:
-        cells = [str(r[k]) for k in keys] + [_fmt([r["best_val_top1"]]), _fmt([r["last_val_top1"]]),
+        cells = [md_cell(r[k]) for k in keys] + [_fmt([r["best_val_top1"]]), _fmt([r["last_val_top1"]]),
                                              f"{r['train_seconds']:.1f}" if r["train_seconds"] else "-",
                                              _status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if any(len(g) > 1 for g in groups.values()):
         lines += ["", "| configuration | runs | best top-1 (mean ± std) | last top-1 (mean ± std) |", "|---|---|---|---|"]
         for label, g in groups.items():
-            lines.append(f"| {label} | {len(g)} | {_fmt([r['best_val_top1'] for r in g])} | "
+            lines.append(f"| {md_cell(label)} | {len(g)} | {_fmt([r['best_val_top1'] for r in g])} | "
                          f"{_fmt([r['last_val_top1'] for r in g])} |")
     return "\n".join(lines) + "\n"
 
@@ -266,11 +342,14 @@ def _plot(groups: dict[str, list[dict[str, Any]]], path: str) -> None:
         errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4), dpi=120)
     ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color="tab:blue")
+    labels = [label.replace("$", r"\$") for label in labels]  # text, not mathtext
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("best validation top-1 (%)")
     lo = min((m - e for m, e in zip(means, errs)), default=0)
     ax.set_ylim(max(0, lo - 5), min(100, max(means, default=100) + 5))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    write_bytes(path, buf.getvalue())

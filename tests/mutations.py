@@ -166,6 +166,23 @@ MUTATIONS = [
              "        write_index(self.root, shard, [n for n in read_index(self.root, shard) or [] if n != name])\n        delete_marker(self.root, name)",
              "        delete_marker(self.root, name)",
              ("tests/test_http.py::test_a_withdrawn_unit_leaves_the_index_before_its_marker",)),
+    Mutation("the cache digest ignores the unit markers", "pld_pipeline/cache/digest.py",
+             '+ [f"units/{name}/zarr.json" for name in unit_names])', "+ [])",
+             ("tests/test_digest.py::test_any_edit_a_reader_sees_changes_the_digest_even_re_signed[marker]",
+              "tests/test_digest.py::test_any_edit_a_reader_sees_changes_the_digest_even_re_signed[stored value, re-signed]")),
+    Mutation("--expect-digest not checked", "pld_pipeline/cache/cache.py",
+             "digest.require(expected, digest.of(docs), self.url)", "None",
+             ("tests/test_digest.py::test_expect_digest_refuses_in_one_line_before_anything_is_trained_or_written",
+              "tests/test_digest.py::test_student_data_refuses_another_cache_before_reading_it")),
+    Mutation("a pinned cache re-reads its markers", "pld_pipeline/cache/cache.py",
+             "record = None if self._pinned is None else self._pinned.get(name, {})", "record = None",
+             ("tests/test_digest.py::test_a_pinned_cache_reads_only_against_the_markers_it_hashed",)),
+    Mutation("views.py imports torch at import time (pld --help, inspect, verify pay ~830 MB)", "pld_pipeline/views.py",
+             "import numpy as np\n\nif TYPE_CHECKING:", "import numpy as np\nimport torch\n\nif TYPE_CHECKING:",
+             ("tests/test_startup.py::test_light_commands_do_not_import_torch",)),
+    Mutation("the CLI builds its loss help from the torch registry", "cli/app.py",
+             "from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES", "from pld_pipeline.losses import LOSSES",
+             ("tests/test_startup.py::test_light_commands_do_not_import_torch",)),
 ]
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
+import urllib.error
+import urllib.request
 
 import numpy as np
 import zarr
 
 UNBOUND_DEFAULTS = {"precision": "fp32", "pretrained": None}  # "Binding": left out while at these values
 TEACHER_ARRAYS = ("topk_idx", "top1_logp", "topk_dlogp", "label_logp", "logz")
+DATA_ARRAYS = ("samples/key", "samples/label", "samples/status", "samples/digest", "views/params")  # "Cache digest"
 
 
 class Refused(Exception):
@@ -33,6 +37,7 @@ def region_sha256(arr: np.ndarray) -> str:
 
 class SpecReader:
     def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
         self.root = zarr.open_group(url, mode="r")
         self.meta = self.root.attrs["pld_cache"]
         if self.meta["format"] != "pld-cache" or self.meta["version"] not in (2, 3):
@@ -138,3 +143,29 @@ class SpecReader:
         as_bytes = [bytes(k) for k in keys]
         i = bisect.bisect_left(as_bytes, padded)
         return int(rows[i]) if i < len(as_bytes) and as_bytes[i] == padded else None
+
+    # -- "Cache digest": the listed documents, parsed, in one canonical JSON document ----------------------------
+    def document(self, key: str):
+        """The parsed JSON object at ``key`` (relative to the cache), None where there is none."""
+        if self.url.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(f"{self.url}/{key}") as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    return None
+                raise
+        path = os.path.join(self.url, *key.split("/"))
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def digest(self) -> str:
+        names = sorted({n for s in range(len(self.meta["shards"])) for n in self.units(s)})
+        arrays = list(DATA_ARRAYS) + [f"teachers/{t}/{a}" for t in sorted(self.meta["teachers"]) for a in TEACHER_ARRAYS]
+        keys = (["zarr.json"] + [f"{a}/zarr.json" for a in arrays]
+                + ["key_index/zarr.json", "key_index/keys/zarr.json", "key_index/rows/zarr.json"]
+                + [f"units/{n}/zarr.json" for n in names])
+        doc = {"definition": "pld-cache-digest/1", "objects": {k: self.document(k) for k in keys}}
+        return "sha256:" + canonical_sha256(doc)

@@ -101,6 +101,13 @@ def test_inspect_verify_and_distill_over_http_equal_the_local_cache(served, tiny
         assert all(torch.equal(want[k], got[k]) for k in want), run
 
 
+def test_the_digest_is_the_same_over_http_with_and_without_a_block_cache(served, tmp_path):
+    """Over HTTP the markers are found through the unit index, not a listing: the same documents, the same digest."""
+    digest = Cache(served["local"]).digest()
+    assert Cache(served["url"]).digest() == digest
+    assert Cache(served["url"], cache_dir=str(tmp_path / "blocks"), expect_digest=digest).read(0, "r14").keys
+
+
 def test_a_reader_that_cannot_list_sees_exactly_the_index(served):
     """Writers keep each shard's index a subset of its markers; a shard whose index lost a unit reads as
     incomplete over HTTP (never as wrong data), and verify on the listing side names the stale index."""

@@ -15,6 +15,7 @@ from test_cache import SHARD_SIZES, filled, request, teacher_record, write_shard
 
 def assert_reads_alike(url, tids):
     spec, ours = SpecReader(url), Cache(url)
+    assert spec.digest() == ours.digest()  # "Cache digest": the page alone gives the same string
     for tid in tids:
         for tau in ours.teacher(tid).temperatures:
             for s in range(len(ours.shards)):

@@ -21,14 +21,17 @@ import numpy as np
 import zarr
 
 from ..faults import kill_point
+from . import bounds
+from . import digest
 from . import format as fmt
 from . import key_index
 from . import schema
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord, UnitName
 from .integrity import block_sha256, read_unit, units_under_other_metadata
+from .target import check_empty, check_replaceable, refuse_symlinks
 from .store import (
-    cache_exists, delete_marker, delete_object, find_markers, list_markers, open_root, read_index, read_marker,
-    write_index, write_marker,
+    cache_exists, delete_marker, delete_object, find_markers, limit_objects, list_markers, open_root, read_index,
+    read_marker, write_index, write_marker,
 )
 
 
@@ -75,23 +78,56 @@ class Cache:
     units. ``cache_dir`` keeps a local copy of what a remote read-only cache serves. Cheap to pickle: DataLoader
     workers re-open the store themselves."""
 
-    def __init__(self, url: str, mode: str = "r", cache_dir: str | None = None, *, root: zarr.Group | None = None) -> None:
+    def __init__(self, url: str, mode: str = "r", cache_dir: str | None = None, *, root: zarr.Group | None = None,
+                 expect_digest: str | None = None) -> None:
         self.url, self.mode, self.cache_dir = str(url), mode, cache_dir
+        #: the pinned digest (``expect_digest``), and the unit markers it was checked over: every later read of a
+        #: unit is checked against these, not against markers read again (a host cannot swap them after the check)
+        self.expected_digest = None if expect_digest is None else digest.parse(expect_digest)
+        self._pinned: dict[str, dict[str, Any]] | None = None
         self.root = open_root(self.url, mode=mode, cache_dir=cache_dir) if root is None else root
         if fmt.ROOT_ATTR not in self.root.attrs and fmt.CREATING_ATTR in self.root.attrs:
             raise CacheError(f"{self.url} was still being created when its writer stopped; rerun the same "
                              "`pld cache-teacher` command to finish it.")
         if fmt.ROOT_ATTR not in self.root.attrs:
             raise CacheError(f"{self.url} is a zarr group but not a pld cache (no '{fmt.ROOT_ATTR}' attribute).")
-        self.meta = CacheMeta.from_dict(self.root.attrs[fmt.ROOT_ATTR])
+        self.meta = parse_meta(self.root.attrs[fmt.ROOT_ATTR], self.url)
+        bounds.check(self.root, self.meta, self.url)  # sizes and array metadata, before any chunk is read
+        if mode != "r":
+            refuse_symlinks(self.url)
+        limit_objects(self.root, bounds.object_caps(self.meta))
         self._arrays: dict[str, zarr.Array] = {}
         self.refresh()
+        if self.expected_digest is not None:
+            self._pin(self.expected_digest)
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "mode": self.mode, "cache_dir": self.cache_dir}
+        return {"url": self.url, "mode": self.mode, "cache_dir": self.cache_dir, "expect_digest": self.expected_digest}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], state.get("mode", "r"), state.get("cache_dir"))
+        self.__init__(state["url"], state.get("mode", "r"), state.get("cache_dir"),
+                      expect_digest=state.get("expect_digest"))
+
+    # -- authenticity: the digest consumers pin (cache/digest.py) -------------------------------------
+    def marker_names(self) -> list[str]:
+        """Every marker this reader found (complete units and strays), sorted: what the digest covers."""
+        return sorted({u.name for u in self.done} | set(self.strays))
+
+    def digest(self) -> str:
+        """``sha256:HEX`` over the root metadata, every array's metadata, the key index and every unit marker
+        (docs/cache-format.md, "Cache digest"): equal digests mean equal caches for every reader."""
+        return digest.of(digest.documents(self.root, self.meta, self.marker_names()))
+
+    def _pin(self, expected: str) -> None:
+        """Refuse the cache unless its digest is ``expected``; then read units only against the markers hashed."""
+        names = self.marker_names()
+        docs = digest.documents(self.root, self.meta, names)
+        digest.require(expected, digest.of(docs), self.url)
+        hashed = ((docs["zarr.json"] or {}).get("attributes") or {}).get(fmt.ROOT_ATTR)
+        if not isinstance(hashed, dict) or CacheMeta.from_dict(hashed).to_dict() != self.meta.to_dict():
+            raise CacheError(f"{self.url} changed while it was being opened (its root metadata differs between two "
+                             "reads); open it again once nothing writes to it.")
+        self._pinned = {name: (docs[f"units/{name}/zarr.json"] or {}).get("attributes", {}) for name in names}
 
     @staticmethod
     def meta_at(url: str) -> CacheMeta | None:
@@ -110,14 +146,19 @@ class Cache:
         """Create the cache, or check that an existing one matches ``request`` and extend it with new
         teachers and views. Anything else that differs is refused: the cache would silently mix runs."""
         url = str(url)
-        local = url[len("file://"):] if url.startswith("file://") else url
-        if "://" not in local and os.path.isdir(local) and os.listdir(local) and not cache_exists(url):
-            raise CacheError(f"{url} is a folder with other files in it, not a cache; choose another --out (it is "
-                             "never emptied, not even with --overwrite).")
-        root = open_root(url, mode="r+") if not overwrite and cache_exists(url) else None
+        refuse_symlinks(url)
+        exists = cache_exists(url)
+        if overwrite:
+            check_replaceable(url)  # a pld cache and nothing else, whatever the URL scheme
+        elif not exists:
+            check_empty(url)
+        root = open_root(url, mode="r+") if not overwrite and exists else None
         if root is not None and fmt.ROOT_ATTR not in root.attrs and fmt.CREATING_ATTR not in root.attrs:
-            raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out or pass --overwrite.")
+            raise CacheError(f"{url} is a zarr group but not a pld cache; choose another --out (pld never deletes "
+                             "it, not even with --overwrite).")
         if root is None or fmt.ROOT_ATTR not in root.attrs:
+            if root is not None:
+                check_replaceable(url)  # a killed creation: restarted only if it holds nothing but pld's
             # New, or a creation that was killed (CREATING_ATTR, no ROOT_ATTR): nothing in it was ever complete.
             root = open_root(url, mode="w", attributes={fmt.CREATING_ATTR: True})
             kill_point("create.root")
@@ -127,7 +168,8 @@ class Cache:
             schema.create(root, "views", meta, level=compression_level)
             root.create_group(fmt.UNITS_GROUP)
         else:
-            meta = CacheMeta.from_dict(root.attrs[fmt.ROOT_ATTR])
+            meta = parse_meta(root.attrs[fmt.ROOT_ATTR], url)
+            bounds.check(root, meta, url)
             edited = units_under_other_metadata(root, meta, list_markers(root), url)
             if edited:
                 raise CacheError(
@@ -165,7 +207,7 @@ class Cache:
         self.strays: list[str] = []
         for name in find_markers(self.root, self.url, len(self.meta.shards)):
             unit = fmt.parse_unit_name(name)
-            if unit is None or unit.shard >= len(self.meta.shards):
+            if unit is None or unit.shard >= len(self.meta.shards) or not _views_within(unit, self.meta.num_views):
                 self.strays.append(name)
             else:
                 self._by_shard.setdefault(unit.shard, set()).add(unit)
@@ -256,8 +298,13 @@ class Cache:
                          f"{len(self.meta.shards)} other shards (see `pld inspect`).")
 
     def marker(self, unit: UnitName | str) -> dict[str, Any]:
-        """A unit's marker attributes (raises CacheError when it is missing)."""
-        return read_marker(self.root, unit if isinstance(unit, str) else unit.name)
+        """A unit's marker attributes (raises CacheError when it is missing); the pinned one under a digest."""
+        name = unit if isinstance(unit, str) else unit.name
+        if self._pinned is not None:
+            if name not in self._pinned:
+                raise CacheError(f"Unit marker {name} is not in the cache whose digest was checked.")
+            return self._pinned[name]
+        return read_marker(self.root, name)
 
     def unit_index(self, shard: int) -> list[str] | None:
         """The shard's stored unit index (what hosts that cannot list see), None where there is none."""
@@ -266,7 +313,9 @@ class Cache:
     # -- checked reads --------------------------------------------------------------------------------
     def read_unit(self, unit: UnitName | str) -> dict[str, np.ndarray]:
         """One unit's arrays over its region, checked against its marker (raises integrity.DamagedUnit)."""
-        return read_unit(self.root, self.meta, unit if isinstance(unit, str) else unit.name, self.url)
+        name = unit if isinstance(unit, str) else unit.name
+        record = None if self._pinned is None else self._pinned.get(name, {})
+        return read_unit(self.root, self.meta, name, self.url, record)
 
     def _gather(self, shard: int, kind: str, teacher: str | None, views: int) -> dict[str, np.ndarray]:
         """Views [0, views) of a shard's view-indexed arrays, assembled from the (checked) units that hold them."""
@@ -465,6 +514,25 @@ class Cache:
         self.write(UnitName(shard, "teacher", tid, tuple(views)),
                    schema.encode_teacher(block.topk_idx, block.topk_logp, block.label_logp, block.logz),
                    teacher=tid, views=list(views), correct=int(block.correct), count=int(block.count))
+
+
+def parse_meta(attrs: Any, url: str) -> CacheMeta:
+    """The root metadata, or one line naming the malformed field (never a KeyError or TypeError from inside)."""
+    try:
+        return CacheMeta.from_dict(attrs)
+    except CacheError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CacheError(f"{url}: malformed root metadata ({what}); re-create it with `pld cache-teacher`, or ask "
+                         "its owner for an intact copy.") from None
+
+
+def _views_within(unit: UnitName, num_views: int) -> bool:
+    """A unit's views lie inside the cache's: ``num_views`` is not in the bindings (extension grows it), so a
+    unit beyond it (``num_views`` edited down) is no unit of this cache, and a run like ``0-10000000000`` is never
+    expanded."""
+    return unit.views is None or 0 <= unit.views[0] < unit.views[1] <= num_views
 
 
 def _check_compatible(meta: CacheMeta, request: CacheMeta, url: str) -> None:

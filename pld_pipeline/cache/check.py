@@ -24,6 +24,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)  # intact, but probably not what was meant
     teacher_accuracy: dict[str, float | None] = field(default_factory=dict)  # top-1 on the intact units' views
     fix: str = REPAIR
+    digest: str | None = None  # what consumers pin (None: a metadata document is not JSON; a problem says which)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +33,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "ok": self.ok, "units_checked": self.units_checked, "problems": self.problems,
                 "damaged_units": self.damaged, "warnings": self.warnings, "teacher_accuracy": self.teacher_accuracy,
-                "fix": None if self.ok else self.fix}
+                "fix": None if self.ok else self.fix, "digest": self.digest}
 
 
 @dataclass
@@ -118,11 +119,12 @@ def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> l
     return problems
 
 
-def verify_cache(url: str) -> VerifyReport:
+def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
     """Check every unit (see :func:`check_unit`) and that every unit a reader needs exists. Reports every
-    finding and never stops at the first; also warns about teachers whose top-1 is near chance."""
-    cache = Cache(url)
-    report = VerifyReport(url)
+    finding and never stops at the first; also warns about teachers whose top-1 is near chance.
+    ``expect_digest``: refuse (CacheError) a cache whose digest differs, before checking anything else."""
+    cache = Cache(url, expect_digest=expect_digest)
+    report = VerifyReport(url, digest=_digest_or_none(cache))
     report.problems.extend(f"incomplete: {m}" for m in cache.missing_units(None))
     for tid in cache.meta.teachers:
         report.problems.extend(f"incomplete: {m}" for m in cache.missing_units(tid, data=False))
@@ -227,10 +229,19 @@ def tail_mass_quantiles(cache: Cache, tid: str, max_shards: int = 8) -> dict[str
             "p99": float(np.quantile(m, 0.99)), "max": float(m.max())}
 
 
-def inspect_cache(url: str) -> dict[str, Any]:
-    """A summary for humans and scripts: teachers, classes, k, views, temperatures, completion, bytes, and
-    warnings (a teacher near chance). Reads checked blocks of up to 8 shards per teacher for the tail mass."""
-    cache = Cache(url)
+def _digest_or_none(cache: Cache) -> str | None:
+    """The cache's digest; None where a document it covers is not JSON (verify reports that unit as damaged)."""
+    try:
+        return cache.expected_digest or cache.digest()
+    except CacheError:
+        return None
+
+
+def inspect_cache(url: str, expect_digest: str | None = None) -> dict[str, Any]:
+    """A summary for humans and scripts: teachers, classes, k, views, temperatures, completion, bytes, the
+    digest, and warnings (a teacher near chance). Reads checked blocks of up to 8 shards per teacher for the
+    tail mass. ``expect_digest``: refuse (CacheError) a cache whose digest differs."""
+    cache = Cache(url, expect_digest=expect_digest)
     meta = cache.meta
     nbytes = store_nbytes(url)
     samples = sum(s.nsamples for s in meta.shards)
@@ -261,4 +272,6 @@ def inspect_cache(url: str) -> dict[str, Any]:
         "teachers": teachers, "bytes_on_disk": nbytes,
         "bytes_per_view": (nbytes / views_total) if nbytes and views_total else None,
         "created_by": meta.created_by, "warnings": warnings, "key_index": cache.key_index_state(),
+        "complete": shards_done == len(meta.shards) and all(t["shards_done"] == len(meta.shards) for t in teachers.values()),
+        "digest": _digest_or_none(cache),
     }

@@ -9,6 +9,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from ..errors import reaching
 from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 
@@ -55,18 +56,76 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
     url = _normalise(str(url))
     if os.path.isfile(url):
         raise CacheError(f"{url} is a file, not a cache (a cache is a directory, a zarr group); choose another path.")
+    with reaching(url):  # network failures name the cache URL
+        try:
+            if cache_dir and mode == "r" and _is_remote(url):
+                os.makedirs(cache_dir, exist_ok=True)
+                return zarr.open_group(_cached_store(url, cache_dir), mode="r")
+            fmt3 = {} if mode == "w" else {"zarr_format": 3}  # never opens a format 2 store (its codecs unpickle)
+            where = _capped_http_store(url) if mode == "r" and url.startswith(("http://", "https://")) else url
+            root = zarr.open_group(where, mode=mode, attributes=attributes, **fmt3)
+            if url.startswith(("http://", "https://")) and not _serves_ranges(root):
+                return zarr.open_group(WholeObjects(root.store), mode="r")
+            return root
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            if mode != "w" and _is_format_2(url):
+                raise CacheError(f"{url} is a zarr format 2 store; pld reads only zarr format 3 caches it wrote "
+                                 "(format 2 codecs can unpickle). Re-create it with `pld cache-teacher`.") from None
+            raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
+        except ImportError as e:  # e.g. s3:// without s3fs
+            raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
+
+
+#: The most bytes a metadata object (zarr.json of the root, an array, a marker, an index) may hold when fetched from
+#: a remote host; array objects are capped by their layout (bounds.object_caps via :func:`limit_objects`).
+MAX_METADATA_BYTES = 64 << 20
+
+
+def _is_format_2(url: str) -> bool:
     try:
-        if cache_dir and mode == "r" and _is_remote(url):
-            os.makedirs(cache_dir, exist_ok=True)
-            return zarr.open_group(_cached_store(url, cache_dir), mode="r")
-        root = zarr.open_group(url, mode=mode, attributes=attributes)
-        if url.startswith(("http://", "https://")) and not _serves_ranges(root):
-            return zarr.open_group(WholeObjects(root.store), mode="r")
-        return root
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-        raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
-    except ImportError as e:  # e.g. s3:// without s3fs
-        raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
+        zarr.open_group(url, mode="r", zarr_format=2)  # reads .zgroup/.zattrs only: no chunk is decoded
+        return True
+    except Exception:  # noqa: BLE001 - not a format 2 group either
+        return False
+
+
+def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
+    """A read-only store over HTTP whose every response is cut off (and refused) past the object's cap: a host
+    with an endless body costs at most one object's worth of memory."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    class CappedHTTP(HTTPFileSystem):
+        async def _cat_file(self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            kw = {**self.kwargs, **kwargs}
+            if start is not None or end is not None:
+                if start == end:
+                    return b""
+                kw["headers"] = {**kw.pop("headers", {}), "Range": await self._process_limits(url, start, end)}
+            cap = max((c for p, c in self.caps.items() if url.startswith(p)), default=MAX_METADATA_BYTES)
+            session = await self.set_session()
+            async with session.get(self.encode_url(url), **kw) as r:
+                self._raise_not_found_for_status(r, url)
+                out = bytearray()
+                async for part in r.content.iter_chunked(1 << 16):
+                    out += part
+                    if len(out) > cap:
+                        raise CacheError(f"{url} sent more than the {cap} bytes its cache layout allows for that "
+                                         "object; refusing the host's answer (a damaged or hostile host).")
+            return bytes(out)
+
+    fs = CappedHTTP(asynchronous=True, skip_instance_cache=True)
+    fs.caps = {}
+    return zarr.storage.FsspecStore(fs, path=url.rstrip("/"), read_only=True)
+
+
+def limit_objects(root: zarr.Group, caps: dict[str, int]) -> None:
+    """Cap remote reads of each array's objects (path -> bytes, bounds.object_caps); a no-op on other stores."""
+    store = root.store
+    while isinstance(store, zarr.storage.WrapperStore):
+        store = store._store
+    if hasattr(getattr(store, "fs", None), "caps"):
+        base = f"{store.path.rstrip('/')}/{root.store_path.path}".rstrip("/")
+        store.fs.caps.update({f"{base}/{path}/": cap for path, cap in caps.items()})
 
 
 def _serves_ranges(root: zarr.Group) -> bool:
@@ -114,7 +173,7 @@ class WholeObjects(zarr.storage.WrapperStore):
 
 def cache_exists(url: str) -> bool:
     try:
-        zarr.open_group(_normalise(str(url)), mode="r")
+        zarr.open_group(_normalise(str(url)), mode="r", zarr_format=3)
         return True
     except Exception:  # noqa: BLE001 - any failure to open means "no cache here"
         return False
@@ -207,3 +266,14 @@ def store_nbytes(url: str) -> int | None:
     if "://" in path or not os.path.isdir(path):
         return None
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def read_document(root: zarr.Group, key: str) -> Any:
+    """The parsed JSON of the object at ``key`` (relative to the root group), None where there is none."""
+    buf = sync(root.store.get(f"{root.store_path.path}/{key}".lstrip("/"), default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        return json.loads(buf.to_bytes())
+    except ValueError as e:
+        raise CacheError(f"{key} in the cache is not a JSON document ({e}); the cache is damaged.") from None
