@@ -30,6 +30,7 @@ CACHE = "Cache"
 RUN = "Run"
 LAUNCH = "Launch"
 HALVING = "Early stopping"
+AUDIT = "Audit"
 LOG_HELP = ("Experiment tracking, comma-separated: tensorboard (event files in the run directory), mlflow "
             "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_MODE, WANDB_PROJECT). Nothing is logged "
             "unless asked; a backend that fails only warns.")
@@ -46,7 +47,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # typer's own exits and usage errors
         except Exception as e:  # noqa: BLE001 - the one place every failure is turned into one line
             if os.environ.get("PLD_DEBUG"):
@@ -176,6 +177,21 @@ def cache_teacher_cmd(
     _print_warnings(summary["warnings"])
 
 
+def _print_table(table: Table) -> None:
+    """A table at its natural width when stdout is not a terminal (CI logs, `| tee`, notebooks): rich would
+    otherwise squeeze it into 80 columns and cut model names and keys short."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.measure import Measurement
+    saved = out.width
+    out.width = max(saved, Measurement.get(out, out.options.update(width=10_000), table).maximum)
+    try:
+        out.print(table)
+    finally:
+        out.width = saved
+
+
 def _print_warnings(warnings: list[str]) -> None:
     for w in warnings:
         err.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
@@ -248,9 +264,27 @@ def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
+    audit: Annotated[Optional[int], typer.Option(help="Instead of the unit checks: re-run the teacher on this many randomly drawn cached (sample, view) pairs, replayed from --data, with the preprocessing the cache records, and compare with the cached targets (exit 1 beyond the recorded precision's tolerance).", rich_help_panel=AUDIT)] = None,
+    data: Annotated[Optional[str], typer.Option(help="--audit: the cached shards (a subset is fine).", rich_help_panel=AUDIT)] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="--audit: the teacher, timm name or module.path:factory.", rich_help_panel=AUDIT)] = None,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--audit: its weights (.pth/.pt/.th/.safetensors); their sha256 is compared with the recorded one.", rich_help_panel=AUDIT)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="--audit: load the teacher's hub weights through timm.", rich_help_panel=AUDIT)] = False,
+    teacher_id: Annotated[Optional[str], typer.Option(help="--audit: which cached teacher, when the cache holds several.", rich_help_panel=AUDIT)] = None,
+    seed: Annotated[int, typer.Option(help="--audit: seed of the draw.", rich_help_panel=AUDIT)] = 0,
+    device: Annotated[str, typer.Option(help="--audit: auto, cpu, cuda, cuda:N.", rich_help_panel=AUDIT)] = "auto",
 ) -> None:
     """Check every unit: complete, checksums and metadata binding match, labels, indices and values valid.
-    Lists every damaged unit and how to repair it (exit 1); warns about near-chance teachers."""
+    Lists every damaged unit and how to repair it (exit 1); warns about near-chance teachers. With --audit N,
+    re-runs the teacher on N cached views instead and compares its outputs with the cached targets."""
+    if audit is not None:
+        if data is None or teacher is None:
+            raise ValueError("--audit needs --data (the cached shards) and --teacher (and its weights: "
+                             "--teacher-checkpoint or --pretrained).")
+        from pld_pipeline.audit import audit_cache
+        _print_audit(audit_cache(cache, data, teacher, checkpoint=teacher_checkpoint, pretrained=pretrained,
+                                 teacher_id=teacher_id, n=audit, seed=seed, device=device,
+                                 expect_digest=expect_digest), json_)
+        return
     from pld_pipeline.cache import verify_cache
     report = verify_cache(cache, expect_digest=expect_digest)
     if json_:
@@ -264,6 +298,39 @@ def verify_cmd(
         err.print(f"to repair: {report.fix}", highlight=False, soft_wrap=True)
     if not json_:
         _print_warnings(report.warnings)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_audit(report: Any, json_: bool) -> None:
+    if json_:
+        out.print_json(data=report.to_dict())
+    else:
+        s, w = report.summary(), report.weights
+        t = Table(title=f"audit of teacher '{report.teacher}' in {report.cache}", show_header=False)
+        t.add_row("teacher", f"{report.source['given']} (recorded: {report.source['recorded']}), precision "
+                             f"{report.precision}, tolerance {report.tolerance:g}")
+        t.add_row("weights sha256", {True: "match the recorded ones", False: f"DIFFER: given {w['given_sha256'] or 'none (random init)'}, "
+                                     f"recorded {w['recorded_sha256'] or 'none'}", None: "none recorded, none given"}[w["match"]])
+        t.add_row("views audited", f"{s['views']} ({s['mixed']} mixed), {s['failed']} beyond tolerance")
+        t.add_row("top-1 agreement", f"{s['top1_agreement'] * 100:.1f}%")
+        t.add_row("max |log-prob| diff", f"top-k {s['max_logp_diff']:.3g}, label {s['max_label_logp_diff']:.3g}, "
+                                         f"log-partition {s['max_logz_diff']:.3g}")
+        t.add_row("rank mismatches", str(s["rank_mismatches"]))
+        _print_table(t)
+        wt = Table(title="worst views")
+        for col in ("key", "shard/row", "view", "kind", "top-k diff", "label diff", "logz diff", "ranks off", "ok"):
+            wt.add_column(col)
+        for v in report.worst():
+            wt.add_row(v.key, f"{v.shard}/{v.row}", str(v.view), v.kind, f"{v.max_logp_diff:.3g}",
+                       f"{v.label_logp_diff:.3g}", f"{v.logz_diff:.3g}", str(v.rank_mismatches), "yes" if v.ok else "NO")
+        _print_table(wt)
+        for note in report.notes:
+            err.print(f"[bold yellow]NOTE:[/] {note}", highlight=False, soft_wrap=True)
+        failed = [v.key for v in report.views if not v.ok]
+        if failed:
+            err.print(f"[bold red]audit failed[/]: {len(failed)} view(s) differ from the teacher's outputs beyond "
+                      f"tolerance, e.g. {', '.join(failed[:5])}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -407,7 +474,7 @@ def demo_cmd(
     for r in results["students"]:
         t.add_row(r["run"], r["model"], f"{r['params']:,}", f"{r['best_val_top1']:.2f}%", f"{r['last_val_top1']:.2f}%",
                   f"{r['train_seconds']:.1f}s")
-    out.print(t)
+    _print_table(t)
     c = results["cache"]
     out.print(f"cache: {c['url']} ({c['bytes'] / 1024:.1f} KiB, {c['bytes_per_view']:.1f} bytes per view, "
               f"{c['views']} views per sample); plot: {results['plot']}; table: {os.path.join(out_, 'results.md')}",

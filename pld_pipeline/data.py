@@ -15,6 +15,7 @@ import fsspec
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from . import errors
 from .cache.format import ShardRecord
 
 IMAGE_FIELDS = "jpg;jpeg;png;webp"
@@ -22,7 +23,7 @@ LABEL_FIELD = "cls"
 _QUICK_BYTES = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(errors.PldError):
     """Bad input data: the message names the shard and key and says what to do."""
 
 
@@ -44,7 +45,8 @@ def open_shard(url: str) -> IO[bytes]:
     if url.startswith("pipe:"):
         return wds.gopen(url, "rb")
     try:
-        return fsspec.open(url, "rb").open()
+        with errors.reaching(url):
+            return fsspec.open(url, "rb").open()
     except FileNotFoundError as e:
         raise DataError(f"Shard {url} does not exist; check the --data pattern.") from e
 
@@ -87,7 +89,7 @@ def quick_hash(url: str) -> str | None:
     """sha256 over (size, first MiB, last MiB): a cheap identity check; None where the source can't seek."""
     if url.startswith("pipe:"):
         return None
-    with fsspec.open(url, "rb") as f:
+    with errors.reaching(url), fsspec.open(url, "rb") as f:
         size = f.seek(0, 2)
         f.seek(0)
         head = f.read(_QUICK_BYTES)
@@ -186,4 +188,9 @@ def worker_errors(loader: Iterable[T]) -> Iterator[T]:
         lines = [line for line in text.rstrip().splitlines() if line and not line.startswith(" ")]
         last = lines[-1]
         message = last.split(": ", 1)[1] if re.match(rf"^[\w.]*{match.group(1)}: ", last) else last
+        # torch re-creates it as RuntimeError where its constructor takes more than a message (DamagedUnit), and an
+        # OSError without its errno: keep the type and errno that say what went wrong
+        rebuilt = errors.rebuild(match.group(1), message) or errors.rebuild_os_error(message)
+        if rebuilt is not None:
+            raise rebuilt from None
         raise type(e)(message) from None

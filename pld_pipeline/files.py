@@ -1,17 +1,89 @@
-"""Small files in run and sweep directories, written so that a crash leaves the old version or the new one.
+"""Files pld writes into run and sweep folders: atomic, never through a symbolic link, full disks named.
 
 A run killed mid-write must never leave a truncated summary.json, tracking.json or halving.json behind: the
-next reader would fail on it (or, worse, a rerun would treat the run as something it is not).
+next reader would fail on it (or, worse, a rerun would treat the run as something it is not). Sweep and run
+folders are also shared and untrusted: a symlink planted at ``results.md`` must not make pld overwrite the file
+it points to, so every write goes to a fresh temporary file in the same folder (``O_EXCL | O_NOFOLLOW``) that is
+then renamed over the target (a rename replaces a link, it never writes through one).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 from typing import Any
 
+from .errors import MetadataError, WriteError
 
-def write_json(path: str, doc: Any) -> None:
-    """``doc`` as indented JSON at ``path``: written to ``path.tmp``, then renamed over it (atomic on POSIX)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
+_CHUNK = 1 << 20
+#: A run folder's files that others read without torch (pld report, the sweep's skip-finished-runs check).
+STATE_FILE = "last_state.pt"
+SUMMARY_FILE = "summary.json"  # written when a run ends (trained to the last epoch, or stopped by its sweep)
+
+
+def refuse_link(path: str) -> None:
+    """Refuse ``path`` if it is a symbolic link: pld never writes through one inside a folder it writes."""
+    if os.path.islink(path):
+        raise WriteError(f"{path} is a symbolic link; pld does not write through links in a run or sweep folder "
+                         "(the file it points to was left unchanged): remove the link and rerun.")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """``data`` at ``path``, atomically: a new temporary file beside it, then renamed over it."""
+    refuse_link(path)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    written = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            while written < len(view):
+                written += f.write(view[written:written + _CHUNK])
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"{path}: no space left on device after writing {written:,} of {len(data):,} bytes "
+                             "(the previous file, if any, is unchanged); free space there or choose another "
+                             "location.") from e
+        if e.errno == errno.EROFS:
+            raise WriteError(f"{path}: read-only file system, nothing written; choose a writable location.") from e
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, doc: Any, default: Any = None) -> None:
+    """``doc`` as indented JSON at ``path`` (see :func:`write_bytes`)."""
+    write_text(path, json.dumps(doc, indent=1, default=default))
+
+
+def read_json(path: str) -> Any:
+    """A JSON file from a run, sweep or cache folder; malformed JSON is refused naming the file and line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise MetadataError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}{where}); restore the file or "
+                            "remove the folder that holds it.") from None
+
+
+def json_field(doc: Any, path: str, *names: str, kind: type | tuple[type, ...] = object) -> Any:
+    """``doc[names[0]][names[1]]...`` from a JSON file at ``path``, checked to be ``kind``: a missing or mistyped
+    field is refused as ``FILE: field X missing/invalid``, not a KeyError/TypeError from deep inside pld."""
+    value = doc
+    for i, name in enumerate(names):
+        if not isinstance(value, dict) or name not in value:
+            raise MetadataError(f"{path}: field {'.'.join(names[:i + 1])} missing; restore the file or remove the "
+                                "folder that holds it.")
+        value = value[name]
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise MetadataError(f"{path}: field {'.'.join(names)} invalid (a {type(value).__name__}); restore the file "
+                            "or remove the folder that holds it.")
+    return value

@@ -10,13 +10,12 @@ not in the top ``1/reduction`` of the runs that reached that rung stops there, w
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .files import write_json
+from .files import json_field, read_json, refuse_link, write_json
 
 SCHEDULERS = ("none", "halving")
 STUDY_FILE = "halving.journal"
@@ -43,11 +42,11 @@ def read_rule(sweep_dir: str) -> HalvingRule | None:
     path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--sweep {sweep_dir} is not a sweep directory (no sweep.json); make it with `pld sweep`.")
-    with open(path) as f:
-        scheduler = json.load(f).get("scheduler") or {}
-    if scheduler.get("name") != "halving":
+    doc = read_json(path)
+    scheduler = (doc.get("scheduler") if isinstance(doc, dict) else None) or {}
+    if not isinstance(scheduler, dict) or scheduler.get("name") != "halving":
         return None
-    return HalvingRule(scheduler["grace_epochs"], scheduler["reduction_factor"])
+    return HalvingRule(json_field(scheduler, path, "grace_epochs", kind=int), json_field(scheduler, path, "reduction_factor", kind=int))
 
 
 def open_study(sweep_dir: str, rule: HalvingRule) -> Any:
@@ -58,6 +57,7 @@ def open_study(sweep_dir: str, rule: HalvingRule) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
     optuna.logging.set_verbosity(logging.WARNING)
     path = os.path.join(sweep_dir, STUDY_FILE)
+    refuse_link(path)  # the journal is appended to: never through a link planted in the sweep folder
     # The open(O_EXCL) lock works on network file systems (NFS), where a sweep's nodes share the folder.
     storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=rule.grace_epochs,
@@ -76,8 +76,7 @@ class Halving:
         trial_path = os.path.join(run_dir, TRIAL_FILE)
         trial_id = None
         if os.path.isfile(trial_path):
-            with open(trial_path) as f:
-                trial_id = json.load(f)["trial_id"]
+            trial_id = json_field(read_json(trial_path), trial_path, "trial_id", kind=int)
             if self.study._storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
                 trial_id = None  # finished before (e.g. a stopped run continued by hand): a new trial
         if trial_id is None:

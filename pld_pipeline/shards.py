@@ -1,16 +1,20 @@
 """Writing webdataset shards from images in memory, an ImageFolder tree, CIFAR pickles or sklearn's digits."""
 from __future__ import annotations
 
+import codecs
 import io
-import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from .data import DataError
+from .files import json_field, read_json, refuse_link, write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -42,13 +46,15 @@ def write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: str, pr
         if count % shard_size == 0:
             if writer is not None:
                 writer.close()
+                writer.stream.close()  # a TarWriter given a file object leaves it open
             path = os.path.join(out_dir, f"{prefix}-{len(shards):06d}.tar")
             shards.append(path)
-            writer = wds.TarWriter(path)
+            writer = wds.TarWriter(_open_new(path))
         writer.write({"__key__": key, ext: data, "cls": str(int(label)).encode()})
         count += 1
     if writer is not None:
         writer.close()
+        writer.stream.close()
     if not shards:
         raise ValueError(f"No samples to write for split '{prefix}'.")
     last = len(shards) - 1
@@ -56,11 +62,29 @@ def write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: str, pr
     return Split(prefix, pattern, shards, count)
 
 
+def _open_new(path: str) -> IO[bytes]:
+    """``path`` opened for writing, refusing a symbolic link there (a link planted in --out is not followed)."""
+    refuse_link(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666), "wb")
+
+
 def write_classes(out_dir: str, class_names: list[str]) -> str:
     path = os.path.join(out_dir, "classes.json")
-    with open(path, "w") as f:
-        json.dump({"class_names": class_names}, f, indent=1)
+    write_json(path, {"class_names": class_names})
     return path
+
+
+def refuse_existing(out_dir: str, prefixes: Iterable[str] = ("train", "val"), overwrite: bool = False) -> None:
+    """make-shards writes classes.json and ``{prefix}-NNNNNN.tar``: refuse an --out that already holds any of
+    them unless the user said --overwrite (they may be another dataset's, or the user's own)."""
+    if overwrite or not os.path.isdir(out_dir):
+        return
+    names = os.listdir(out_dir)
+    taken = sorted(n for n in names if n == "classes.json"
+                   or any(re.fullmatch(rf"{re.escape(p)}-\d{{6}}\.tar", n) for p in prefixes))
+    if taken:
+        raise DataError(f"{out_dir} already holds {', '.join(taken[:4])}{', ...' if len(taken) > 4 else ''}; pass "
+                        "--overwrite to replace them, or choose another --out.")
 
 
 def read_classes(shard_url: str) -> list[str] | None:
@@ -68,8 +92,10 @@ def read_classes(shard_url: str) -> list[str] | None:
     path = os.path.join(os.path.dirname(shard_url), "classes.json")
     if "://" in shard_url or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return list(json.load(f)["class_names"])
+    names = json_field(read_json(path), path, "class_names", kind=list)
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: field class_names invalid (not a list of strings); fix the file or pass --class-names.")
+    return names
 
 
 def _shuffled(n: int, seed: int) -> np.ndarray:
@@ -111,26 +137,72 @@ def digits_arrays(upscale: int = 2) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return rgb, d.target.astype(np.int64), [str(i) for i in range(10)]
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    from numpy._core import multiarray, numeric
+    return {("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            # bytes in a protocol-2 pickle written by Python 3: _codecs.encode(text, "latin1") (a codec, no code)
+            ("_codecs", "encode"): codecs.encode}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's official batches are pickles of dicts of numpy arrays, lists, strings and numbers: resolve only
+    the globals that rebuild a numpy array (``_reconstruct``/``_frombuffer``, ``ndarray``, ``dtype``), so a
+    pickle that names anything else (``os.system``, ``builtins.eval``) is refused before it runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: a CIFAR batch holds only numpy "
+                                         "arrays, lists, dicts, strings and numbers; use the official "
+                                         "cifar-10-batches-py or cifar-100-python folder.")
+        return allowed[(module, name)]
+
+
 def cifar_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """CIFAR-10/100 python pickle batches (the official ``cifar-10-batches-py`` / ``cifar-100-python``)."""
     def load(name: str) -> dict:
-        with open(os.path.join(root, name), "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+            try:
+                doc = _CifarUnpickler(f, encoding="latin1").load()
+            except pickle.UnpicklingError as e:
+                raise DataError(f"{path}: {e}") from None
+            except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+                raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e}); use the official "
+                                "cifar-10-batches-py or cifar-100-python folder.") from None
+        if not isinstance(doc, dict):
+            raise DataError(f"{path}: not a CIFAR pickle (a {type(doc).__name__}, not a dict); use the official "
+                            "cifar-10-batches-py or cifar-100-python folder.")
+        return doc
 
     if os.path.isfile(os.path.join(root, "batches.meta")):
-        names = load("batches.meta")["label_names"]
+        names = load("batches.meta").get("label_names")
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         key = "labels"
     elif os.path.isfile(os.path.join(root, "meta")):
-        names = load("meta")["fine_label_names"]
+        names = load("meta").get("fine_label_names")
         files = ["train" if split == "train" else "test"]
         key = "fine_labels"
     else:
         raise FileNotFoundError(f"{root} holds neither CIFAR-10 (batches.meta) nor CIFAR-100 (meta) pickles.")
     batches = [load(f) for f in files]
+    for f, b in zip(files, batches):
+        data, labels = b.get("data"), b.get(key)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+                and isinstance(labels, (list, np.ndarray)) and len(labels) == len(data)):
+            raise DataError(f"{os.path.join(root, f)}: not a CIFAR batch (needs 'data', uint8 [N, 3072], and "
+                            f"'{key}', N labels); use the official cifar-10-batches-py or cifar-100-python folder.")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{root}: the class names in its meta file are not a list of strings.")
     data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.concatenate([np.asarray(b[key]) for b in batches])
-    return np.ascontiguousarray(data), labels, list(names)
+    if labels.dtype.kind not in "iu" or labels.size and not 0 <= labels.min() <= labels.max() < len(names):
+        raise DataError(f"{root}: labels outside [0, {len(names)}) or not integers; the batches are damaged.")
+    return np.ascontiguousarray(data), labels.astype(np.int64), list(names)
 
 
 def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:

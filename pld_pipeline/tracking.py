@@ -19,7 +19,8 @@ import time
 import uuid
 from typing import Any
 
-from .files import write_json
+from .errors import MetadataError
+from .files import read_json, write_json
 
 log = logging.getLogger("pld_pipeline.tracking")
 
@@ -62,8 +63,10 @@ def read_ids(folder: str) -> dict[str, str]:
     path = os.path.join(folder, IDS_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    ids = read_json(path)
+    if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
+        raise MetadataError(f"{path}: not a JSON object of run ids; remove it (tracking then starts a new run).")
+    return ids
 
 
 def _write_ids(folder: str, ids: dict[str, str]) -> None:

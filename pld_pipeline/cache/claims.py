@@ -36,8 +36,18 @@ def _key(root: zarr.Group, shard: int) -> str:
 
 
 def read_claim(root: zarr.Group, shard: int) -> dict | None:
+    """The shard's claim, or None where there is none or what is stored is not one (garbage, a half-written or
+    edited file): a claim only defers work, so an unreadable one holds nothing and the next claim replaces it."""
     buf = sync(root.store.get(_key(root, shard), default_buffer_prototype()))
-    return None if buf is None else json.loads(buf.to_bytes())
+    if buf is None:
+        return None
+    try:
+        doc = json.loads(buf.to_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = (isinstance(doc, dict) and isinstance(doc.get("owner"), str) and isinstance(doc.get("expires"), (int, float))
+          and not isinstance(doc.get("expires"), bool))
+    return doc if ok else None
 
 
 def _dead_here(owner: str) -> bool:

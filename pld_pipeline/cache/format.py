@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import PldError
 from ..views import MIXED_FIELDS, PLAIN_WIDTH
 
 FORMAT_NAME = "pld-cache"
@@ -40,7 +41,7 @@ class SampleStatus:
     SKIPPED = 2  # undecodable sample skipped under --on-bad-sample skip; distill skips it too
 
 
-class CacheError(ValueError):
+class CacheError(PldError):
     """A cache that does not match what the caller expects, or is incomplete or corrupt."""
 
 

@@ -1,0 +1,424 @@
+"""Sweep, run and data folders from strangers, and every failure a user can fix, end in one line.
+
+Each hostile file is built here: a symlink planted where pld writes, names that would break out of a Markdown
+table or a CSV cell, a user's own files in a run folder, a CIFAR pickle that runs code, a non-finite loss, and
+the failures that come from outside pld (full or read-only disk, network, malformed files).
+"""
+import csv
+import errno
+import functools
+import http.server
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import free_port
+from pld_pipeline import errors, files
+from pld_pipeline.cache.integrity import DamagedUnit
+from pld_pipeline.data import worker_errors
+from pld_pipeline_cli.app import app
+
+runner = CliRunner()
+_REAL_FDOPEN = os.fdopen
+
+
+def run(*args, env=None):
+    """The CLI in-process; returns (exit code, output as one string)."""
+    result = runner.invoke(app, [str(a) for a in args], env=env)
+    return result.exit_code, result.output
+
+
+def one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
+    return lines[0]
+
+
+def sweep_folder(root, names: dict, summaries: dict | None = None):
+    """A sweep folder as `pld sweep` leaves it (sweep.json, one run folder per name), without training."""
+    root.mkdir(exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({"base": {}, "grid": {}, "runs": [], "names": names}))
+    for i, name in enumerate(names):
+        (root / name).mkdir()
+        summary = (summaries or {}).get(name, {"best_val_top1": 50.0 + i, "last_val_top1": 40.0 + i,
+                                               "train_seconds": 1.5})
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+# -- writes stay where the user pointed ----------------------------------------------------------------------------
+@pytest.mark.parametrize("planted", ["results.md", "results.csv", "results.png"])
+def test_report_refuses_a_symlink_planted_in_the_sweep_folder(tmp_path, planted):
+    sweep = sweep_folder(tmp_path / "sw", {"lr=0.1": {"lr": 0.1}})
+    victim = tmp_path / "bashrc"
+    victim.write_text("echo mine\n")
+    (sweep / planted).symlink_to(victim)
+    code, output = run("report", sweep)
+    assert code == 2 and "symbolic link" in one_error_line(output) and planted in output
+    assert victim.read_text() == "echo mine\n" and (sweep / planted).is_symlink()
+    assert not any(p.name.startswith("results") and not p.is_symlink() for p in sweep.iterdir())  # nothing written
+
+
+def test_print_commands_refuses_a_symlinked_sweep_json(tmp_path):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine")
+    (sweep / "sweep.json").symlink_to(victim)
+    code, output = run("sweep", "--print-commands", "--out", sweep, "--set", "data=x.tar", "--set",
+                       "student=cifar_resnet8", "--grid", "lr=0.1,0.2")
+    assert code == 2 and "sweep.json is a symbolic link" in one_error_line(output)
+    assert victim.read_text() == "mine"
+
+
+def test_a_run_folder_planted_as_a_symlink_is_refused(tmp_path):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (sweep / "lr=0.1").symlink_to(tmp_path / "elsewhere")
+    code, output = run("sweep", "--print-commands", "--out", sweep, "--set", "data=x.tar", "--set",
+                       "student=cifar_resnet8", "--grid", "lr=0.1")
+    assert code == 2 and "lr=0.1 is a symbolic link" in one_error_line(output)
+    assert not os.listdir(tmp_path / "elsewhere")
+
+
+def test_names_and_settings_are_escaped_in_markdown_and_csv(tmp_path):
+    hostile = "x\nimport os; os.system('touch pwned') | `rm` <img src=x>"
+    names = {"run\nA|b": {"lr": 0.1, "student": hostile}, "runB": {"lr": 0.2, "student": "=HYPERLINK(\"http://e\")"}}
+    sweep = sweep_folder(tmp_path / "sw", names)
+    code, output = run("report", sweep)
+    assert code == 0, output
+    md = (sweep / "results.md").read_text().splitlines()
+    table = md[:md.index("")] if "" in md else md
+    assert len(table) == 2 + len(names)  # header, rule, one line per run: no cell broke its row
+    assert all(line.startswith("|") and line.endswith("|") for line in table)
+    row = next(line for line in table if "touch pwned" in line)
+    assert "\\|" in row and "\\`rm\\`" in row and "&lt;img src=x&gt;" in row and "<img" not in row
+    assert row.count(" | ") == len(table[0].split(" | ")) - 1  # as many cells as the header
+    with open(sweep / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_lr = {r["lr"]: r for r in rows}
+    assert by_lr["0.1"]["student"] == hostile  # kept exactly, quoted by the csv module
+    assert by_lr["0.2"]["student"] == "'=HYPERLINK(\"http://e\")"  # a formula is shown as text
+
+
+def test_distill_out_refuses_a_folder_with_the_users_own_files(tiny_data, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    (out / "metrics.csv").write_text("a,b\n1,2\n")
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, "--student", "cifar_resnet8",
+                       "--loss", "ce", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                       "--size", "16")
+    line = one_error_line(output)
+    assert code == 2 and "files pld did not write" in line and "config.json" in line
+    assert (out / "config.json").read_text() == '{"my": "settings"}' and sorted(os.listdir(out)) == ["config.json",
+                                                                                                     "metrics.csv"]
+
+
+def test_distill_out_refuses_a_folder_with_an_unknown_file(tmp_path):
+    from pld_pipeline.distill import _check_foreign_files
+    (tmp_path / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="thesis.tex"):
+        _check_foreign_files(str(tmp_path))
+    (tmp_path / "thesis.tex").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"student": "s"}}))
+    (tmp_path / "metrics.csv").write_text("")
+    _check_foreign_files(str(tmp_path))  # a run pld started and that stopped before its first checkpoint
+
+
+def image_folder(root):
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((6, 6, 3), 50 * i, np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_make_shards_refuses_to_overwrite_without_overwrite(tmp_path):
+    src = image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classes.json").write_text('{"class_names": ["mine"]}')
+    code, output = run("make-shards", "folder", src, "--out", out, "--val-fraction", "0.5")
+    assert code == 2 and "--overwrite" in one_error_line(output) and "classes.json" in output
+    assert (out / "classes.json").read_text() == '{"class_names": ["mine"]}' and os.listdir(out) == ["classes.json"]
+    code, output = run("make-shards", "folder", src, "--out", out, "--val-fraction", "0.5", "--overwrite")
+    assert code == 0, output
+    assert json.loads((out / "classes.json").read_text())["class_names"] == ["cats", "dogs"]
+    code, output = run("make-shards", "folder", src, "--out", out, "--val-fraction", "0.5")
+    assert code == 2 and "train-000000.tar" in output  # its own earlier output is not replaced silently either
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["meta", "batch"])
+def test_a_hostile_cifar_pickle_is_refused_and_its_payload_not_run(tmp_path, where):
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    marker = tmp_path / "pwned"
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        doc = {"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8), "labels": [0, 1]}
+        if where == "batch" and name == "data_batch_3":
+            doc["labels"] = _Payload(marker)
+        (src / name).write_bytes(pickle.dumps(doc, protocol=2))
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
+    if where == "meta":
+        meta["num_cases_per_batch"] = _Payload(marker)
+    (src / "batches.meta").write_bytes(pickle.dumps(meta))
+    code, output = run("make-shards", "cifar", src, "--out", tmp_path / "out")
+    line = one_error_line(output)
+    assert code == 2 and "refused to unpickle posix.system" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_official_style_cifar_pickles_still_load(tmp_path):
+    """Protocol 2 (the official files are Python 2 pickles; Python 3 writes their bytes via _codecs.encode)."""
+    from pld_pipeline.shards import cifar_arrays
+    src = tmp_path / "c"
+    src.mkdir()
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (src / name).write_bytes(pickle.dumps({b"batch_label": b"x", "data": data, "labels": [3, 1],
+                                               "filenames": [b"a.png", b"b.png"]}, protocol=2))
+    (src / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
+    images, labels, names = cifar_arrays(str(src), "test")
+    assert images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 1] and images[1, 0, 0, 0] == 3072 % 256
+
+
+# -- the loss guard ------------------------------------------------------------------------------------------------
+def test_distill_stops_within_one_step_of_a_non_finite_loss_naming_the_unit(cache, tiny_data, tmp_path, monkeypatch):
+    """A cached target made non-finite on the third batch (after the read checks, as an edit that slipped past
+    them would be): the run stops at that step, names the sample's cache unit and saves nothing."""
+    import pld_pipeline.student_data as SD
+    real, calls, seen = SD.batch_targets, [], {}
+
+    def poisoned(batch, *args, **kwargs):
+        targets = real(batch, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            targets.logz[5] = float("nan")
+            seen["unit"] = tuple(batch["source"][5].tolist())
+        return targets
+
+    monkeypatch.setattr(SD, "batch_targets", poisoned)
+    out = tmp_path / "run"
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--cache", cache, "--out", out, "--student",
+                       "cifar_resnet8", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                       "--quiet")
+    line = one_error_line(output)
+    shard, view = seen["unit"]
+    assert code == 2 and "Non-finite loss" in line and "epoch 0, step 2" in line
+    assert f"s{shard:06d} view {view}" in line and "teacher targets" in line
+    assert line.count(" view ") == 1  # only the poisoned sample's unit, not the whole batch's
+    assert not (out / "last.safetensors").exists() and not (out / "metrics.csv").exists()
+
+
+def test_a_diverging_student_is_stopped_naming_the_step(tiny_data, tmp_path, monkeypatch):
+    import pld_pipeline.distill as distill_mod
+    real = distill_mod.create_loss
+
+    def exploding(name, **kwargs):
+        loss, count = real(name, **kwargs), [0]
+
+        def fn(logits, y, targets, mix):
+            count[0] += 1
+            return loss(logits, y, targets, mix) * (float("inf") if count[0] == 2 else 1.0)
+        return fn
+
+    monkeypatch.setattr(distill_mod, "create_loss", exploding)
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", tmp_path / "r", "--student",
+                       "cifar_resnet8", "--loss", "ce", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                       "--device", "cpu", "--size", "16", "--quiet")
+    line = one_error_line(output)
+    assert code == 2 and "Non-finite loss (inf) at epoch 0, step 1" in line and "--lr" in line
+
+
+# -- every failure is one line -------------------------------------------------------------------------------------
+def test_damage_found_in_a_dataloader_worker_keeps_its_type_and_message():
+    class Damaged(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            raise DamagedUnit("c.zarr", "s000001.samples", "checksum differs")
+            yield
+
+    loader = torch.utils.data.DataLoader(Damaged(), num_workers=1)
+    with pytest.raises(DamagedUnit) as caught:
+        list(worker_errors(loader))
+    assert str(caught.value).startswith("c.zarr: unit s000001.samples is damaged: checksum differs.")
+    assert "\n" not in str(caught.value)
+
+
+def test_an_os_error_in_a_worker_keeps_its_errno():
+    class Full(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            raise OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
+            yield
+
+    with pytest.raises(OSError) as caught:
+        list(worker_errors(torch.utils.data.DataLoader(Full(), num_workers=1)))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/tmp/x"
+    assert errors.one_line(caught.value).startswith("no space left on device writing /tmp/x")
+
+
+def _failing_fdopen(code, after):
+    """os.fdopen whose file takes ``after`` bytes and then fails with ``code`` (a full or read-only disk)."""
+    def fdopen(fd, *args, **kwargs):
+        f = _REAL_FDOPEN(fd, *args, **kwargs)
+        raw_write, room = f.write, [after]
+
+        def write(data):
+            if len(data) > room[0]:
+                raw_write(bytes(data[:room[0]]))
+                raise OSError(code, os.strerror(code))
+            room[0] -= len(data)
+            return raw_write(data)
+        f.write = write
+        return f
+    return fdopen
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device after writing 0 of"),
+                                         (errno.EROFS, "read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, code, words):
+    sweep = sweep_folder(tmp_path / "sw", {"lr=0.1": {"lr": 0.1}})
+    monkeypatch.setattr(files.os, "fdopen", _failing_fdopen(code, 0))
+    code_, output = run("report", sweep)
+    line = one_error_line(output)
+    assert code_ == 2 and words in line and str(sweep / "results.csv") in line
+    assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]  # the temporary file is removed
+
+
+def test_a_full_disk_mid_file_names_how_much_was_written_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    monkeypatch.setattr(files.os, "fdopen", _failing_fdopen(errno.ENOSPC, 3))
+    monkeypatch.setattr(files, "_CHUNK", 4)
+    with pytest.raises(errors.WriteError, match=r"after writing 0 of 12 bytes") as caught:
+        files.write_bytes(str(path), b"x" * 12)
+    assert path.read_text() == "old" and "unchanged" in str(caught.value)
+    monkeypatch.setattr(files.os, "fdopen", _failing_fdopen(errno.ENOSPC, 9))
+    with pytest.raises(errors.WriteError, match=r"after writing 8 of 12 bytes"):
+        files.write_bytes(str(path), b"x" * 12)
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+def test_connection_refused_names_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/c.zarr"
+    code, output = run("inspect", url)
+    line = one_error_line(output)
+    assert code == 2 and line.startswith(f"error: {url}: cannot connect")
+
+
+def test_a_404_names_the_url(tmp_path):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/missing-000000.tar"
+        code, output = run("distill", "--data", url, "--out", tmp_path / "r", "--student", "cifar_resnet8", "--loss",
+                           "ce", "--num-classes", "10", "--device", "cpu", "--workers", "0")
+    finally:
+        server.shutdown()
+    assert code == 2 and one_error_line(output) == f"error: {url}: HTTP 404 (not found); check the URL and your access to it"
+
+
+def test_s3_without_credentials_is_one_line_on_stderr_naming_the_url(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    proc = subprocess.run([sys.executable, "-m", "pld_pipeline", "inspect", "s3://no-such-bucket/c.zarr"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: s3://no-such-bucket/c.zarr: "), proc.stderr
+    assert "credentials" in lines[0]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "sweep.json: not valid JSON"),
+    ('{"base": {}}', "sweep.json: field names missing"),
+    ('{"names": []}', "sweep.json: field names invalid"),
+    ('{"names": {"../../etc": {}}}', "field names.'../../etc' invalid"),
+    ('{"names": {}}', "holds no runs"),
+])
+def test_malformed_or_empty_sweep_folders_are_one_line(tmp_path, content, words):
+    (tmp_path / "sweep.json").write_text(content)
+    code, output = run("report", tmp_path)
+    assert code == 2 and words in one_error_line(output)
+
+
+def test_a_malformed_summary_names_the_file_and_field(tmp_path):
+    sweep = sweep_folder(tmp_path / "sw", {"a": {"lr": 1}}, {"a": {"best_val_top1": "high"}})
+    code, output = run("report", sweep)
+    line = one_error_line(output)
+    assert code == 2 and "summary.json: field best_val_top1 invalid" in line
+
+
+def test_a_malformed_sweep_file_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "s.toml"
+    bad.write_text("[base]\nepochs = \n")
+    code, output = run("sweep", bad, "--print-commands", "--out", tmp_path / "sw")
+    line = one_error_line(output)
+    assert code == 2 and "s.toml: not valid TOML" in line and "line 2" in line
+
+
+def test_cache_teacher_refuses_batch_size_zero_before_creating_anything(tmp_path):
+    out = tmp_path / "c.zarr"
+    code, output = run("cache-teacher", "--data", tmp_path / "x.tar", "--out", out, "--teacher", "cifar_resnet8",
+                       "--batch-size", "0", "--device", "cpu")
+    assert code == 2 and "--batch-size must be >= 1" in one_error_line(output) and not out.exists()
+
+
+def test_a_garbage_claim_file_holds_nothing(tmp_path):
+    import zarr
+    from pld_pipeline.cache import claims
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    for garbage in (b"\x00garbage", b"[1, 2]", b'{"owner": "x", "expires": "soon"}'):
+        (tmp_path / "c.zarr" / "claims").mkdir(exist_ok=True)
+        (tmp_path / "c.zarr" / "claims" / "s000000.json").write_bytes(garbage)
+        assert claims.read_claim(root, 0) is None and not claims.held_by_other(root, 0, "me")
+
+
+def test_explain_turns_outside_failures_into_one_line():
+    assert errors.one_line(ValueError("invalid literal for int() with base 10: 'x'")) == \
+        "'x' is not a number where one is expected"
+    assert "permission denied: /srv/out" in errors.one_line(PermissionError(errno.EACCES, "Permission denied",
+                                                                             "/srv/out"))
+    assert errors.one_line(TimeoutError("read")).startswith("timed out")
+    line = errors.one_line(KeyError("teachers"))
+    assert line == "internal error: KeyError: 'teachers'; rerun with PLD_DEBUG=1 for the traceback"
+
+
+def test_an_unexpected_error_is_one_line_and_pld_debug_shows_the_traceback(tmp_path, monkeypatch):
+    import pld_pipeline.sweep as sweep_mod
+
+    def broken(sweep_dir):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(sweep_mod, "report", broken)
+    code, output = run("report", tmp_path)
+    assert code == 2 and one_error_line(output) == ("error: internal error: ZeroDivisionError: division by zero "
+                                                    "second line; rerun with PLD_DEBUG=1 for the traceback")
+    result = runner.invoke(app, ["report", str(tmp_path)], env={"PLD_DEBUG": "1"})
+    assert isinstance(result.exception, ZeroDivisionError)
