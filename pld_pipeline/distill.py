@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -133,7 +134,11 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
         if diff:
             raise ValueError(f"--resume with different settings ({', '.join(diff)}) than {cfg.out}/config.json; "
                              "resume with the same command, or use another --out.")
-        return torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise MetadataError(f"{state_path}: not a run state pld can load safely ({type(e).__name__}); start the "
+                                "run again in a new --out.") from None
     if os.path.isfile(state_path):
         raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out.")
     _check_foreign_files(cfg.out)
@@ -266,7 +271,7 @@ def _save_weights(model: torch.nn.Module, path: str, meta: dict[str, Any]) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # serialised in memory, written by files.write_bytes: atomic, never through a link, a full disk named
     write_bytes(path, save(state, metadata={"pld": json.dumps(meta)[:60000]}))
-    write_json(path.replace(".safetensors", ".json"), meta)
+    write_json(os.path.splitext(path)[0] + ".json", meta)  # the file's own suffix, not one in a folder name
 
 
 def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
