@@ -5,7 +5,16 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+
+# One torch thread per test process, and (through the environment) per `pld`, torchrun or pytest subprocess a
+# test starts: these tiny models gain nothing from a second thread, and processes each spinning two OpenMP
+# threads on 2 shared cores (xdist workers, subprocesses) made a cifar_resnet14 forward 30x slower (0.03 s vs
+# 0.8-1.2 s). Tests assert results, never speed. A value the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after OMP_NUM_THREADS: torch reads it once, at import)
+
+THREADS = int(os.environ["OMP_NUM_THREADS"])
+torch.set_num_threads(THREADS)
 
 from pld_pipeline.cache import schema
 from pld_pipeline.models import load_model
@@ -14,6 +23,14 @@ from pld_pipeline.shards import split_arrays
 sys.path.insert(0, os.path.dirname(__file__))  # so `fake_models:factory` resolves in-process
 
 NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's thread count (test_ray matches a Ray task's) must not leave it to the next."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 def free_port() -> int:
