@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, Callable
 
-from .distill import STATE_FILE, DistillConfig, distill
+from .files import STATE_FILE
+
+# distill (torch) is imported where a run is built or trained: `pld report` reads sweeps without torch.
 
 LAUNCHERS = ("local", "ray")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -62,6 +64,7 @@ def absolute(settings: dict[str, Any]) -> dict[str, Any]:
 # -- the command line of one run ------------------------------------------------------------------------------
 def distill_argv(settings: dict[str, Any]) -> list[str]:
     """The ``pld distill`` arguments that make exactly ``DistillConfig(**settings)`` (defaults left out)."""
+    from .distill import DistillConfig
     cfg = DistillConfig(**settings)
     defaults = DistillConfig(data="", out="", student="")
     argv = ["--data", cfg.data, "--student", cfg.student, "--out", cfg.out]
@@ -99,6 +102,7 @@ def command_line(settings: dict[str, Any], program: str = "pld") -> str:
 # -- running one -----------------------------------------------------------------------------------------------
 def run_one(settings: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one run in this process; its summary.json marks it finished."""
+    from .distill import DistillConfig, distill
     return distill(DistillConfig(**_resuming(settings)))
 
 

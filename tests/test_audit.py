@@ -1,0 +1,151 @@
+"""`pld verify --audit`: the teacher re-run on cached views agrees with an honest cache and exposes forged ones
+(targets from another checkpoint, from bf16 while fp32 is recorded, from another normalisation, or edited and
+re-signed with valid checksums), naming the keys."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pld_pipeline.cache_teacher as CT
+from pld_pipeline.audit import TOLERANCE, audit_cache
+from pld_pipeline.cache import Cache, TeacherBlock, verify_cache
+from pld_pipeline.cache import schema
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.models import file_sha256, load_state_dict
+from pld_pipeline.views import normalize
+from pld_pipeline_cli.app import app
+
+from conftest import NUM_CLASSES
+
+ALL = 10_000  # more than the session cache's 40 samples x 4 views: every view is audited
+
+
+def _build(tiny_data, ckpt, url, source="cifar_resnet14", tid="r14", **kw):
+    """The session `cache` fixture's settings (conftest.py), so an honest build would be identical to it."""
+    cache_teacher(CacheTeacherConfig(
+        data=tiny_data["train"].pattern, out=url, teachers=[TeacherSpec(source, ckpt, tid)], views=4, size=16, k=5,
+        temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu", num_classes=NUM_CLASSES,
+        recipe_overrides={"pad": 2, **kw}))
+    return url
+
+
+def _audit(url, tiny_data, ckpt, source="cifar_resnet14", n=ALL):
+    return audit_cache(url, tiny_data["train"].pattern, source, checkpoint=ckpt, n=n, seed=0, device="cpu")
+
+
+def test_an_honest_cache_passes_every_view(cache, tiny_data, teacher_run):
+    report = _audit(cache, tiny_data, teacher_run)
+    s = report.summary()
+    assert report.ok and s["views"] == 40 * 4 and s["failed"] == 0 and s["top1_agreement"] == 1.0
+    assert report.weights == {"recorded_sha256": file_sha256(teacher_run), "given_sha256": file_sha256(teacher_run),
+                              "match": True}
+    assert max(s["max_logp_diff"], s["max_label_logp_diff"], s["max_logz_diff"]) < 1e-4
+    assert report.preprocessing["mean"] == Cache(cache).teacher("r14").preprocessing["mean"]
+    # seeded: the same draw twice, another seed another draw
+    keys = lambda r: [(v.key, v.view) for v in r.views]  # noqa: E731
+    a, b, c = (audit_cache(cache, tiny_data["train"].pattern, "cifar_resnet14", checkpoint=teacher_run, n=12,
+                           seed=seed, device="cpu") for seed in (3, 3, 4))
+    assert keys(a) == keys(b) != keys(c) and len(keys(a)) == 12
+
+
+def test_mixed_views_are_audited_too(tiny_data, teacher_ckpt, tmp_path):
+    from test_mix import MIX
+    url = _build(tiny_data, teacher_ckpt, str(tmp_path / "m.zarr"), "cifar_resnet8", "r8", mix=MIX.to_dict())
+    report = _audit(url, tiny_data, teacher_ckpt, "cifar_resnet8")
+    assert report.ok and report.summary()["mixed"] > 40, report.summary()
+
+
+def _other_checkpoint(teacher_run, tmp_path):
+    """The same architecture with other weights (as the non-EMA weights or another epoch would be)."""
+    from safetensors.torch import save_file
+    state = load_state_dict(teacher_run)
+    torch.manual_seed(0)
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    path = str(tmp_path / "other.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("forgery", ["other checkpoint", "bf16 recorded as fp32", "another normalisation"])
+def test_a_forged_cache_fails_naming_keys(forgery, cache, tiny_data, teacher_run, tmp_path, monkeypatch):
+    ckpt = teacher_run
+    if forgery == "other checkpoint":  # ... while the record claims the honest weights' sha256
+        ckpt = _other_checkpoint(teacher_run, tmp_path)
+        monkeypatch.setattr(CT, "file_sha256", lambda path: file_sha256(teacher_run))
+    elif forgery == "bf16 recorded as fp32":
+        monkeypatch.setattr(CT, "nullcontext", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    else:
+        monkeypatch.setattr(CT, "normalize", lambda x, mean, std: normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    url = _build(tiny_data, ckpt, str(tmp_path / "forged.zarr"))
+    monkeypatch.undo()
+    assert verify_cache(url).ok  # every checksum and binding is fine: only the audit can tell
+    assert Cache(url).teacher("r14").identity() == Cache(cache).teacher("r14").identity()  # the same record
+    report = _audit(url, tiny_data, teacher_run, n=40)
+    failed = {v.key for v in report.views if not v.ok}
+    assert not report.ok and len(failed) >= 10, report.summary()
+    assert report.weights["match"] is True  # the record's claim: the outputs expose it
+    assert failed <= set(schema.decode_keys(Cache(url).samples(0)[schema.KEY.path()])) | {
+        k for s in (1, 2) for k in schema.decode_keys(Cache(url).samples(s)[schema.KEY.path()])}
+    if forgery == "bf16 recorded as fp32":  # within the tolerance a bf16 record would have had
+        assert report.summary()["max_logp_diff"] < TOLERANCE["bf16"] < 1 and report.summary()["max_logp_diff"] > TOLERANCE["fp32"]
+
+
+def _resign(url, shard, edit):
+    """Edit one teacher unit's arrays and write it back through the cache's own writer: new checksums, new
+    marker, a cache that verifies (what a dishonest or buggy writer produces)."""
+    c = Cache(url, mode="r+")
+    unit = next(u for u in c.units(shard, "teacher", "r14"))
+    arrays = schema.decode_teacher(c.read_unit(unit), "r14")
+    n = c.meta.shards[shard].nsamples
+    arrays = {k: v[:n].copy() for k, v in arrays.items()}
+    edit(arrays, c.samples(shard)[schema.LABEL.path()])
+    marker = c.marker(unit)
+    c.write_teacher(shard, "r14", unit.views, TeacherBlock(arrays["topk_idx"], arrays["topk_logp"],
+                                                           arrays["label_logp"], arrays["logz"],
+                                                           marker["correct"], marker["count"]))
+    return schema.decode_keys(c.samples(shard)[schema.KEY.path()])
+
+
+def test_an_edited_and_resigned_cache_fails_on_exactly_the_edited_views(cache, tiny_data, teacher_run, tmp_path):
+    url = str(tmp_path / "edited.zarr")
+    shutil.copytree(cache, url)
+
+    def edit(a, labels):  # each edit keeps the unit's values consistent: `pld verify` cannot see it
+        idx, logp = a["topk_idx"], a["topk_logp"]
+        idx[0:4, 0, [0, 1]] = idx[0:4, 0, [1, 0]]  # rows 0-3, view 0: the top-2 classes swapped
+        logp[4:7, 1] -= 0.05  # rows 4-6, view 1: every cached class made less likely
+        for r in range(7):  # the label's log-prob follows its top-k entry, as verify requires
+            for v in (0, 1):
+                hit = np.flatnonzero(idx[r, v] == labels[r])
+                if hit.size:
+                    a["label_logp"][r, v] = logp[r, v, hit[0]]
+        a["logz"][7:9, 2, 1] -= 0.05  # rows 7-8, view 2: the T=2 log-partition
+    keys = _resign(url, 0, edit)
+    assert verify_cache(url).ok
+    report = _audit(url, tiny_data, teacher_run)
+    failed = {(v.key, v.view) for v in report.views if not v.ok}
+    assert failed == {(keys[r], 0) for r in range(4)} | {(keys[r], 1) for r in (4, 5, 6)} | {(keys[r], 2) for r in (7, 8)}
+    assert {v.key for v in report.worst(9)} == {keys[r] for r in range(9)}
+
+
+def test_cli_audit_table_json_and_exit_codes(cache, tiny_data, teacher_run, teacher_ckpt, tmp_path):
+    runner = CliRunner()
+    base = ["verify", cache, "--audit", "6", "--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet14",
+            "--device", "cpu"]
+    ok = runner.invoke(app, base + ["--teacher-checkpoint", teacher_run])
+    assert ok.exit_code == 0, ok.output
+    assert "match the recorded ones" in ok.output and "worst views" in ok.output
+    other = _other_checkpoint(teacher_run, tmp_path)
+    bad = runner.invoke(app, base + ["--teacher-checkpoint", other, "--json"])
+    assert bad.exit_code == 1, bad.output
+    doc = json.loads(bad.stdout)
+    assert doc["ok"] is False and doc["weights"]["match"] is False and doc["summary"]["failed"] == 6
+    assert doc["weights"]["given_sha256"] == file_sha256(other) != doc["weights"]["recorded_sha256"]
+    missing = runner.invoke(app, ["verify", cache, "--audit", "6", "--teacher", "cifar_resnet14"])
+    assert missing.exit_code == 2 and "--audit needs --data" in missing.output
+    val = runner.invoke(app, ["verify", cache, "--audit", "6", "--data", tiny_data["val"].pattern, "--teacher",
+                              "cifar_resnet14", "--teacher-checkpoint", teacher_run, "--device", "cpu"])
+    assert val.exit_code == 2 and "is not one of the shards" in val.output and "Traceback" not in val.output
