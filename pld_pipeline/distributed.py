@@ -25,6 +25,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer that torchrun (or SLURM) sets in the environment; a stray value is named, not a bare
+    "invalid literal for int()"."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={text!r} is not an integer; torchrun sets it (unset it when "
+                         "not running under torchrun).") from None
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """The torch device this process uses. ``auto``: a GPU when CUDA is present, else the CPU. ``cuda`` (no index)
     and ``auto`` take GPU ``LOCAL_RANK % visible GPUs``: one process per GPU under torchrun, and one visible GPU
@@ -40,7 +51,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         return dev
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu.")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1)
     if dev.index is not None and world > 1:
         raise ValueError(f"--device {device} names one GPU, but torchrun started {world} processes and each would "
                          "take it; use --device cuda (each process takes GPU LOCAL_RANK).")
@@ -73,13 +84,13 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type != "cuda":
         return 2
-    per_process = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = (os.cpu_count() or 2) // max(1, env_int("LOCAL_WORLD_SIZE", 1))
     return max(1, min(8, per_process - 1))
 
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (no-op for a single process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
@@ -87,7 +98,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         # 10-minute watchdog would abort them. device_id binds NCCL to this rank's GPU up front.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6),
                                 device_id=device if device.type == "cuda" else None)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0))
 
 
 def barrier(info: DistInfo) -> None:
