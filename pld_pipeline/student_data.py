@@ -94,6 +94,7 @@ class TrainSamples(IterableDataset):
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
         #: the caller's pinned digest: each worker process checks it again when it opens the cache
         self.expect_digest = cache.expected_digest if cache is not None else None
+        self._pins = cache.pins() if cache is not None else None  # what it was checked against (not re-read)
         self.cache_url, self.teachers, self.temperature = cache_url, list(teachers), temperature
         self.k = k
         self.num_views, self.view_policy, self.shuffle_buffer = num_views, view_policy, shuffle_buffer
@@ -109,7 +110,8 @@ class TrainSamples(IterableDataset):
 
     def _cache(self) -> Cache:
         if self._reader is None or self._reader_pid != os.getpid():  # zarr/fsspec handles do not survive a fork
-            self._reader = Cache(self.cache_url, cache_dir=self.cache_dir, expect_digest=self.expect_digest)
+            self._reader = Cache(self.cache_url, cache_dir=self.cache_dir, expect_digest=self.expect_digest,
+                                 pinned=self._pins)
             self._reader_pid = os.getpid()
         return self._reader
 

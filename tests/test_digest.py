@@ -115,6 +115,21 @@ def test_student_data_refuses_another_cache_before_reading_it(cache, tiny_data):
     assert next(iter(data.epoch(0))).targets is not None
 
 
+def test_data_loader_workers_read_against_the_markers_their_parent_hashed(cache, tiny_data, tmp_path):
+    """Workers take the parent's pinned markers instead of hashing the cache again: an edit re-signed after the
+    check is refused as damage of that unit, not trained on."""
+    from pld_pipeline.student_data import StudentData
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(cache, url)
+    data = StudentData(tiny_data["train"].pattern, cache=url, expect_digest=Cache(url).digest(), workers=1,
+                       batch_size=4)
+    assert data.dataset._pins["markers"][UNIT]["checksums"]
+    edit_logz(url)
+    with pytest.raises(CacheError, match=UNIT):
+        for _ in data.epoch(0):
+            pass
+
+
 def _one_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output

@@ -21,13 +21,13 @@ import numpy as np
 import zarr
 
 from ..faults import kill_point
-from . import bounds
+from . import bounds, values
 from . import digest
 from . import format as fmt
 from . import key_index
 from . import schema
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord, UnitName
-from .integrity import block_sha256, read_unit, units_under_other_metadata
+from .integrity import DamagedUnit, block_sha256, read_unit, units_under_other_metadata
 from .target import check_empty, check_replaceable, refuse_symlinks
 from .store import (
     cache_exists, delete_marker, delete_object, find_markers, limit_objects, list_markers, open_root, read_index,
@@ -79,7 +79,9 @@ class Cache:
     workers re-open the store themselves."""
 
     def __init__(self, url: str, mode: str = "r", cache_dir: str | None = None, *, root: zarr.Group | None = None,
-                 expect_digest: str | None = None) -> None:
+                 expect_digest: str | None = None, pinned: dict[str, Any] | None = None) -> None:
+        """``expect_digest``: refuse the cache unless its digest is this (cache/digest.py). ``pinned``: another
+        process's :meth:`pins` for the same digest (a DataLoader worker's), so its markers are not read again."""
         self.url, self.mode, self.cache_dir = str(url), mode, cache_dir
         #: the pinned digest (``expect_digest``), and the unit markers it was checked over: every later read of a
         #: unit is checked against these, not against markers read again (a host cannot swap them after the check)
@@ -99,14 +101,15 @@ class Cache:
         self._arrays: dict[str, zarr.Array] = {}
         self.refresh()
         if self.expected_digest is not None:
-            self._pin(self.expected_digest)
+            self._pin(self.expected_digest, pinned)
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "mode": self.mode, "cache_dir": self.cache_dir, "expect_digest": self.expected_digest}
+        return {"url": self.url, "mode": self.mode, "cache_dir": self.cache_dir, "expect_digest": self.expected_digest,
+                "pinned": self.pins()}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["url"], state.get("mode", "r"), state.get("cache_dir"),
-                      expect_digest=state.get("expect_digest"))
+                      expect_digest=state.get("expect_digest"), pinned=state.get("pinned"))
 
     # -- authenticity: the digest consumers pin (cache/digest.py) -------------------------------------
     def marker_names(self) -> list[str]:
@@ -118,13 +121,26 @@ class Cache:
         (docs/cache-format.md, "Cache digest"): equal digests mean equal caches for every reader."""
         return digest.of(digest.documents(self.root, self.meta, self.marker_names()))
 
-    def _pin(self, expected: str) -> None:
-        """Refuse the cache unless its digest is ``expected``; then read units only against the markers hashed."""
+    def pins(self) -> dict[str, Any] | None:
+        """What a pinned cache was checked against (digest, root metadata, markers), for worker processes."""
+        if self._pinned is None:
+            return None
+        return {"digest": self.expected_digest, "meta": self.meta.to_dict(), "markers": self._pinned}
+
+    def _pin(self, expected: str, pinned: dict[str, Any] | None = None) -> None:
+        """Refuse the cache unless its digest is ``expected``; then read units only against the markers hashed.
+        With ``pinned`` (checked by another process), only the root metadata is compared again."""
+        if pinned is not None and pinned.get("digest") == expected:
+            if pinned.get("meta") != self.meta.to_dict():
+                raise CacheError(f"{self.url} changed after its digest was checked (its root metadata differs); "
+                                 "nothing more is read from it. Check it again with `pld verify --expect-digest`.")
+            self._pinned = pinned["markers"]
+            return
         names = self.marker_names()
         docs = digest.documents(self.root, self.meta, names)
         digest.require(expected, digest.of(docs), self.url)
         hashed = ((docs["zarr.json"] or {}).get("attributes") or {}).get(fmt.ROOT_ATTR)
-        if not isinstance(hashed, dict) or CacheMeta.from_dict(hashed).to_dict() != self.meta.to_dict():
+        if not isinstance(hashed, dict) or parse_meta(hashed, self.url).to_dict() != self.meta.to_dict():
             raise CacheError(f"{self.url} changed while it was being opened (its root metadata differs between two "
                              "reads); open it again once nothing writes to it.")
         self._pinned = {name: (docs[f"units/{name}/zarr.json"] or {}).get("attributes", {}) for name in names}
@@ -360,6 +376,11 @@ class Cache:
                                  f"views 0..{views - 1} in {self.url}; rerun `pld cache-teacher` to finish it.")
             col = self.temperature_column(rec, 1.0 if temperature is None else temperature)
             decoded = schema.decode_teacher(self._gather(shard, "teacher", rec.id, views), rec.id)
+            found = values.first_problem(decoded["topk_idx"], decoded["topk_logp"], decoded["label_logp"],
+                                         decoded["logz"], block.status == SampleStatus.OK, self.meta.num_classes)
+            if found is not None:  # what no honest writer stores, whatever its checksums say
+                unit = next(u.name for u in self.units(shard, "teacher", rec.id) if u.views[0] <= found[1] < u.views[1])
+                raise DamagedUnit(self.url, unit, f"it holds {found[0]} (view {found[1]})")
             block.topk_idx, block.topk_logp = decoded["topk_idx"], decoded["topk_logp"]
             block.label_logp, block.logz = decoded["label_logp"], decoded["logz"][..., col]
         return block
