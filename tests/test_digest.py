@@ -84,6 +84,21 @@ def test_any_edit_a_reader_sees_changes_the_digest_even_re_signed(cache, tmp_pat
         Cache(url, expect_digest=before)
 
 
+def test_cache_teacher_prints_and_returns_the_digest_and_a_rerun_with_nothing_to_do_keeps_it(
+        cache, tiny_data, teacher_run, tmp_path):
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(cache, url)
+    digest = Cache(url).digest()
+    result = runner.invoke(app, ["cache-teacher", "--data", tiny_data["train"].pattern, "--out", url, "--teacher",
+                                 "cifar_resnet14", "--teacher-checkpoint", teacher_run, "--teacher-name", "r14",
+                                 "--views", "4", "--size", "16", "--top-k", "5", "--temperatures", "1,2", "--pad", "2",
+                                 "--ratio", "0.75,1.3333333333333333", "--batch-size", "16", "--workers", "0",
+                                 "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"digest: {digest}" in result.output and "not complete" not in result.output
+    assert Cache(url).digest() == digest
+
+
 def test_a_unit_added_or_removed_changes_the_digest(cache, tmp_path):
     """An incomplete cache has a digest too, and it is not the complete one's."""
     url = str(tmp_path / "c.zarr")
