@@ -530,3 +530,27 @@ def test_a_cache_from_before_the_sharded_layout_reads_and_extends(cache_url, mon
     assert verify_cache(cache_url).ok
     after = Cache(cache_url).read(1, "t1")
     np.testing.assert_array_equal(after.topk_logp[:, :2], before.topk_logp)
+
+
+def test_claims_that_expired_or_whose_local_worker_died_are_taken_over(tmp_path):
+    """A claim is held only while its worker lives: one from another machine until its Unix-time expiry (which
+    says nothing about this machine's clocks since boot), one from a process of this machine until that process
+    is gone (a crashed run, rerun, redoes its shards at once, not after --claim-ttl)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pld_pipeline.cache import claims
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # reaped: its pid names no process now
+    here = socket.gethostname()
+    claims.claim(root, [0], "other-host:123:aaaa", ttl=-60)  # another machine's, expired a minute ago
+    claims.claim(root, [1], f"{here}:{finished.pid}:bbbb", ttl=3600)  # a dead local worker's, for another hour
+    claims.claim(root, [2], "other-host:123:cccc", ttl=3600)  # live: another machine's, not expired
+    claims.claim(root, [3], f"{here}:{os.getpid()}:dddd", ttl=3600)  # live: a running process of this machine
+    me = claims.new_owner()
+    assert [claims.held_by_other(root, s, me) for s in range(5)] == [False, False, True, True, False]
+    assert claims.acquire(root, [0, 1], me, ttl=60, checked_at=time.monotonic()) == [0, 1]
+    assert {claims.read_claim(root, s)["owner"] for s in (0, 1)} == {me}

@@ -350,3 +350,19 @@ def test_the_key_index_is_built_by_the_worker_that_completes_the_shards(tiny_dat
     assert "current" in CliRunner().invoke(app, ["inspect", cfg.out]).output
     missing = CliRunner().invoke(app, ["inspect", cfg.out, "--key", "nope"])
     assert missing.exit_code == 2 and "no sample with key 'nope'" in missing.output
+
+
+def _tree(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_a_part_above_zero_with_overwrite_is_refused_and_deletes_nothing(tiny_data, teacher_ckpt, tmp_path):
+    """Only part 0 may start a cache over: `--part 1/2 --overwrite` would delete part 0's finished units while
+    part 0 writes."""
+    cfg = config(tiny_data, tmp_path / "c.zarr", teacher_ckpt, views=1, part=(0, 2))
+    assert cache_teacher(cfg)["shards_written"] == 2
+    before = _tree(cfg.out)
+    with pytest.raises(ValueError, match=r"--part 1/2 with --overwrite would delete the other parts' work"):
+        cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, views=1, part=(1, 2), overwrite=True, part_wait=1.0))
+    assert _tree(cfg.out) == before

@@ -83,6 +83,90 @@ def test_resume_after_a_crash_gives_the_same_final_weights(tiny_data, cache, tmp
     assert [r.split(",")[1] for r in whole] == [r.split(",")[1] for r in resumed]  # same train losses
 
 
+def plain(tiny_data, out, **kw):
+    """A --loss ce run without a cache on the smallest train shard (8 samples: one step per epoch)."""
+    base = dict(data=tiny_data["train"].shards[-1], out=str(out), student="cifar_resnet8", loss="ce",
+                val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0, device="cpu",
+                num_classes=NUM_CLASSES, recipe={"name": "cifar", "size": 16, "pad": 2})
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+class Ranked(torch.nn.Module):
+    """A fixed classifier: sample i (its index in pixel [0, 0, 0]) gets row i of ``table`` as logits."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].round().long()]
+
+
+def test_evaluation_counts_top1_and_top5_hits_apart():
+    """A fixed model whose true label sits at known ranks: top-1 = rank 0 only (30%), top-5 = ranks 0-4 (70%)."""
+    from contextlib import nullcontext
+
+    from pld_pipeline.distill import evaluate
+    from pld_pipeline.distributed import DistInfo
+    ranks = [0, 0, 0, 1, 2, 4, 5, 7, 9, 3]
+    g = torch.Generator().manual_seed(0)
+    table = torch.empty(10, NUM_CLASSES)
+    labels = torch.empty(10, dtype=torch.long)
+    for i, r in enumerate(ranks):
+        order = torch.randperm(NUM_CLASSES, generator=g)  # order[j]: the class ranked j-th
+        table[i, order] = torch.linspace(3.0, -3.0, NUM_CLASSES)
+        labels[i] = order[r]
+    images = torch.zeros(10, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(10, dtype=torch.uint8)
+    loader = [{"image": images[:6], "label": labels[:6]}, {"image": images[6:], "label": labels[6:]}]
+    prep = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}  # normalize() leaves the pixel values as they are
+    got = evaluate(Ranked(table), loader, prep, torch.device("cpu"), DistInfo(), False, nullcontext())
+    assert got["val_top1"] == pytest.approx(30.0) and got["val_top5"] == pytest.approx(70.0)
+    assert got["val_samples"] == 10
+    assert got["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(table, labels)), rel=1e-6)
+
+
+def test_eval_every_n_evaluates_after_epochs_n_2n_and_the_last(tiny_data, tmp_path):
+    summary = distill(plain(tiny_data, tmp_path / "run", epochs=5, eval_every=2))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evaluated = [r["epoch"] for r in rows if np.isfinite(r["val_top1"])]
+    assert evaluated == [1, 3, 4]  # epochs are 0-based: after the 2nd, the 4th and the last
+    assert all(r["val_samples"] == 12 for r in rows if r["epoch"] in evaluated)
+    best = max(evaluated, key=lambda e: (rows[e]["val_top1"], -e))  # the first epoch reaching the best top-1
+    assert summary["best_epoch"] == best and summary["best_val_top1"] == rows[best]["val_top1"]
+
+
+def test_a_resumed_run_keeps_its_saved_best(tiny_data, tmp_path):
+    """A run crashes after epoch 1 with its best at epoch 0; the resumed epoch 2 must beat that best to replace
+    best.safetensors, not "nothing yet" (a run that forgets its best ships a worse checkpoint)."""
+    out = tmp_path / "run"
+
+    def crash(event):
+        if event["event"] == "epoch_end" and event["epoch"] == 1:
+            raise CrashAfterEpoch
+    with pytest.raises(CrashAfterEpoch):
+        distill(plain(tiny_data, out), crash)
+    state = torch.load(out / "last_state.pt", weights_only=True)
+    state["best"] = {"val_top1": 100.0, "epoch": 0}  # a best no later epoch can beat (ties do not replace it)
+    torch.save(state, out / "last_state.pt")
+    best_bytes = (out / "best.safetensors").read_bytes()
+    summary = distill(plain(tiny_data, out, resume=True))
+    assert summary["resumed_from_epoch"] == 2
+    assert summary["best_epoch"] == 0 and summary["best_val_top1"] == 100.0
+    assert (out / "best.safetensors").read_bytes() == best_bytes
+    assert torch.load(out / "last_state.pt", weights_only=True)["best"] == {"val_top1": 100.0, "epoch": 0}
+
+
+def test_a_run_folder_named_after_a_checkpoint_gets_its_files(tiny_data, tmp_path):
+    """A sweep over --init-checkpoint names its runs after the files (`init_checkpoint=..._a.safetensors`): the
+    run's best.json and last.json go inside that folder, not to a path with its name rewritten."""
+    out = tmp_path / "init_checkpoint=_ckpt_a.safetensors"
+    distill(plain(tiny_data, out, epochs=1))
+    assert {"best.json", "best.safetensors", "last.json", "last.safetensors"} <= set(os.listdir(out))
+    assert json.load(open(out / "best.json"))["epoch"] == 0
+
+
 def test_the_student_trains_on_exactly_the_views_the_teacher_saw(tiny_data, cache):
     from pld_pipeline.cache import Cache
     reader = Cache(cache)
@@ -145,6 +229,18 @@ def test_views_rotate_through_all_cached_views():
     assert len({choose_view("rotate", 0, f"k{i}", 0, 4) for i in range(50)}) == 4  # per-sample offsets
 
 
+def test_random_view_policy_draws_a_new_view_each_epoch_deterministically():
+    """--view-policy random: a stable draw per (seed, sample, epoch), so a run uses the cached views (not one view
+    for the whole run) and a resumed or repeated run draws the same ones."""
+    keys = [f"k{i}" for i in range(20)]
+    draws = {key: [choose_view("random", 7, key, epoch, 4) for epoch in range(8)] for key in keys}
+    assert all(len(set(views)) >= 2 for views in draws.values()), draws  # never one view for a whole run
+    assert len({v for views in draws.values() for v in views}) == 4
+    assert draws == {key: [choose_view("random", 7, key, epoch, 4) for epoch in range(8)] for key in keys}
+    other_seed = {key: [choose_view("random", 8, key, epoch, 4) for epoch in range(8)] for key in keys}
+    assert other_seed != draws
+
+
 def test_rebatch_gives_exact_batches_across_partial_worker_batches():
     parts = [{"label": torch.arange(n), "image": torch.zeros(n, 2)} for n in (5, 3, 7, 2)]
     out = list(rebatch(iter(parts), 4))
@@ -186,9 +282,37 @@ def test_no_teacher_is_loaded_the_teachers_code_and_weights_can_be_gone(tiny_dat
     assert run.returncode == 0 and "trained" in run.stdout, run.stderr[-2000:]
 
 
-def test_a_subset_of_the_cached_shards_is_fine(tiny_data, cache, tmp_path):
-    summary = distill(cfg(tiny_data, cache, tmp_path / "sub", data=tiny_data["train"].shards[1], epochs=1))
+def test_a_subset_of_the_cached_shards_is_fine(tiny_data, cache, tmp_path, monkeypatch):
+    """Training on one of the three cached shards reads that shard's samples, each once per epoch, as the views
+    the teacher saw: nothing from the other shards, nothing missing."""
+    import pld_pipeline.distill
+    from pld_pipeline.cache import Cache
+    from pld_pipeline.data import iter_shard
+    from pld_pipeline.student_data import StudentData
+    trained = []
+
+    class Recording(StudentData):
+        def epoch(self, epoch):
+            for batch in super().epoch(epoch):
+                trained.extend(zip(batch.images, batch.labels.tolist()))
+                yield batch
+    monkeypatch.setattr(pld_pipeline.distill, "StudentData", Recording)
+    shard = tiny_data["train"].shards[1]
+    summary = distill(cfg(tiny_data, cache, tmp_path / "sub", data=shard, epochs=1))
+    config = json.load(open(tmp_path / "sub" / "config.json"))
+    assert config["train_shards"] == [{"url": shard, "nsamples": 16}] and config["steps_per_epoch"] == 2
     assert summary["epochs"] == 1
+    reader = Cache(cache)
+    recipe, index = ViewRecipe.from_dict(reader.meta.recipe), reader.key_index()
+    expected = []
+    for sample in iter_shard(shard):
+        cache_shard, row = index[sample["__key__"]]
+        assert cache_shard == 1
+        v = choose_view("rotate", 0, sample["__key__"], 0, 4)
+        image = replay_view(decode_image(sample["png"]), reader.read(cache_shard, "r14").params[row, v], recipe)
+        expected.append((image.numpy().tobytes(), int(sample["cls"])))
+    got = [(image.numpy().tobytes(), label) for image, label in trained]
+    assert len(got) == 16 and sorted(got) == sorted(expected)
 
 
 @pytest.mark.parametrize("change, error, match", [

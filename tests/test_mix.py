@@ -145,6 +145,30 @@ def test_mixed_labels_in_the_losses():
         create_loss("kd", mixed_first="teacher")
 
 
+def test_dist_on_mixed_views_gives_the_partner_label_its_share():
+    """DIST's CE term on a mixed view is timm's mixed one-hot target: lam on the sample's own label, 1 - lam on
+    its partner's; the relation terms do not see labels. Reference written out by hand (alpha 0.1, beta 0.45,
+    gamma 0.45, T = 1)."""
+    torch.manual_seed(1)
+    s = torch.randn(6, NUM_CLASSES, dtype=torch.float64)
+    t = torch.randn(6, NUM_CLASSES, dtype=torch.float64) * 3
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    y2 = torch.tensor([9, 8, 7, 6, 5, 4])  # every partner label differs from the sample's own
+    lam = torch.tensor([0.3, 0.3, 0.3, 1.0, 0.3, 1.0], dtype=torch.float64)  # mixed views and plain ones
+    got = create_loss("dist")(s, y, TeacherTargets.from_logits(t, y), MixedLabels(y2, lam))
+
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    p_s, p_t = torch.softmax(s, 1), torch.softmax(t, 1)
+    relation = 0.45 * (1 - pearson(p_s, p_t).mean()) + 0.45 * (1 - pearson(p_s.T, p_t.T).mean())
+    log_q = torch.log_softmax(s, 1)
+    ce = -(lam * log_q[torch.arange(6), y] + (1 - lam) * log_q[torch.arange(6), y2])
+    torch.testing.assert_close(got, 0.1 * ce.mean() + relation)
+    own_only = 0.1 * -log_q[torch.arange(6), y].mean() + relation
+    assert abs(float(got - own_only)) > 1e-3  # the partner's share is a visible part of the loss
+
+
 def test_distill_from_mixed_cached_views_equals_online_distillation_on_them(mixed_cache, tiny_data, teacher_ckpt,
                                                                            tmp_path):
     """Same seed, same mixed views: targets from the cache or from the teacher run on each step's replayed mixed

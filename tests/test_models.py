@@ -44,6 +44,23 @@ def test_checkpoints_load_through_wrappers_and_prefixes(tmp_path, wrap):
     assert torch.equal(model(x), src(x))
 
 
+@pytest.mark.parametrize("first", ["state_dict", "state_dict_ema"])
+def test_a_checkpoint_with_ema_and_plain_weights_loads_the_ema(tmp_path, first):
+    """timm's train script saves both; the EMA weights are the ones to use (the teacher a user means), whatever
+    the order of the keys in the file."""
+    torch.manual_seed(0)
+    plain, ema = load_model("cifar_resnet8", num_classes=7), load_model("cifar_resnet8", num_classes=7)
+    wrapped = {"state_dict": plain.state_dict(), "state_dict_ema": ema.state_dict()}
+    if first == "state_dict_ema":
+        wrapped = dict(reversed(list(wrapped.items())))
+    torch.save({**wrapped, "epoch": 9}, str(tmp_path / "both.pth.tar"))
+    loaded = load_state_dict(str(tmp_path / "both.pth.tar"))
+    assert all(torch.equal(loaded[k], v) for k, v in ema.state_dict().items())
+    model = load_model("cifar_resnet8", checkpoint=str(tmp_path / "both.pth.tar")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), ema.eval()(x)) and not torch.equal(model(x), plain.eval()(x))
+
+
 def test_a_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
     path = tmp_path / "m.pth"
     torch.save(load_model("cifar_resnet8").state_dict(), str(path))

@@ -188,6 +188,29 @@ def test_printed_commands_are_the_sweep_runs(tiny_data, cache, tmp_path, monkeyp
         distill_argv({"data": "d", "out": "o", "student": "s", "recipe": {"name": "imagenet", "scale": [0.5, 1]}})
 
 
+def test_a_started_runs_printed_command_resumes_it(tiny_data, cache, tmp_path):
+    """After a preempted task (a run folder with a saved state), the reprinted line carries --resume, and running
+    it continues the run instead of failing "already holds a run"; a run not started yet prints without it."""
+    import shlex
+
+    from pld_pipeline.distill import distill
+    settings = {**base(tiny_data, cache), "data": tiny_data["train"].shards[-1], "epochs": 2}
+    out = str(tmp_path / "sw")
+    todo = plan_sweep(settings, parse_grid(["loss=ce,kd"]), [], out)
+
+    def preempted(event):
+        if event["event"] == "epoch_end" and event["epoch"] == 0:
+            raise KeyboardInterrupt  # after the first epoch's state is saved
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(**todo["loss=ce"]), progress=preempted)
+    lines = dict(zip(todo, pending_commands(settings, parse_grid(["loss=ce,kd"]), [], out)))
+    assert "--resume" in shlex.split(lines["loss=ce"]) and "--resume" not in shlex.split(lines["loss=kd"])
+    ran = CliRunner().invoke(app, shlex.split(lines["loss=ce"])[1:] + ["--quiet"])
+    assert ran.exit_code == 0, ran.output
+    summary = json.load(open(os.path.join(out, "loss=ce", "summary.json")))
+    assert summary["resumed_from_epoch"] == 1 and len(_metrics(os.path.join(out, "loss=ce"))) == 2
+
+
 @pytest.mark.slow
 def test_a_printed_command_run_elsewhere_is_gathered_by_report(tiny_data, cache, tmp_path):
     import shlex

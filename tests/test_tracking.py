@@ -128,24 +128,54 @@ def test_a_tracking_server_that_is_down_only_warns(tiny_data, cache, tmp_path, m
     assert glob.glob(str(tmp_path / "run" / "tensorboard" / "events.*"))  # the other backend still logged
 
 
+def constant_classifier(path, cls):
+    """A cifar_resnet8 that predicts class ``cls`` for every input (zero classifier weights, its bias alone):
+    with lr 0 its validation top-1 is the share of ``cls`` in the validation set, known before training."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pld_pipeline.models import load_model
+    torch.manual_seed(0)
+    model = load_model("cifar_resnet8", num_classes=10)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["linear.weight"].zero_()
+    state["linear.bias"].copy_(torch.arange(10.0) - 10.0)
+    state["linear.bias"][cls] = 5.0
+    save_file(state, str(path))
+    return str(path)
+
+
 @pytest.mark.slow
 def test_a_sweep_is_one_mlflow_parent_run_with_a_child_per_configuration(tiny_data, cache, tmp_path, tracking_env):
+    """Two runs whose accuracies differ by construction (constant classifiers of a frequent and a rare validation
+    class): the parent run names the better one best, with its top-1."""
+    from collections import Counter
+
     from mlflow.tracking import MlflowClient
+
+    from pld_pipeline.data import iter_shard
+    counts = Counter(int(s["cls"]) for u in tiny_data["val"].shards for s in iter_shard(u)).most_common()
+    (common, n_common), (rare, n_rare) = counts[0], counts[-1]
+    assert n_common > n_rare
+    n_val = sum(n for _, n in counts)
+    checkpoints = [constant_classifier(tmp_path / "rare.safetensors", rare),  # the worse one first
+                   constant_classifier(tmp_path / "common.safetensors", common)]
     base = {"data": tiny_data["train"].pattern, "val_data": tiny_data["val"].pattern, "cache": cache,
-            "student": "cifar_resnet8", "epochs": 1, "batch_size": 8, "workers": 0, "device": "cpu",
-            "log": "mlflow,wandb"}
-    rows = run_sweep(base, parse_grid(["loss=ce,kd"]), [], str(tmp_path / "sw"))
+            "student": "cifar_resnet8", "loss": "ce", "lr": 0.0, "epochs": 1, "batch_size": 8, "workers": 0,
+            "device": "cpu", "log": "mlflow,wandb"}
+    rows = run_sweep(base, {"init_checkpoint": checkpoints}, [], str(tmp_path / "sw"))
+    names = [r["run"] for r in rows]
+    assert [r["best_val_top1"] for r in rows] == pytest.approx([100 * n_rare / n_val, 100 * n_common / n_val])
     parent_id = json.load(open(tmp_path / "sw" / "tracking.json"))["mlflow"]
     client = MlflowClient(tracking_env)
     parent = client.get_run(parent_id)
     experiment = client.get_experiment_by_name("pld-test").experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(c.info.run_name for c in children) == ["loss=ce", "loss=kd"]
-    assert {c.data.params["loss"] for c in children} == {"ce", "kd"}
-    best = max(rows, key=lambda r: r["best_val_top1"])
-    assert parent.info.status == "FINISHED" and parent.data.params["grid.loss"] == "[\"ce\", \"kd\"]"
-    assert parent.data.tags["pld.best_run"] == best["run"]
-    assert parent.data.metrics["final_best_val_top1"] == best["best_val_top1"]
-    groups = {rec.run.run_group for name in ("loss=ce", "loss=kd") for rec in wandb_records(str(tmp_path / "sw" / name))
+    assert sorted(c.info.run_name for c in children) == sorted(names)
+    assert {c.data.params["init_checkpoint"] for c in children} == set(checkpoints)
+    assert parent.info.status == "FINISHED" and json.loads(parent.data.params["grid.init_checkpoint"]) == checkpoints
+    assert parent.data.tags["pld.best_run"] == names[1]  # the common class's run: the maximum, not the first
+    assert parent.data.metrics["final_best_val_top1"] == pytest.approx(100 * n_common / n_val)
+    groups = {rec.run.run_group for name in names for rec in wandb_records(str(tmp_path / "sw" / name))
               if rec.WhichOneof("record_type") == "run"}
     assert groups == {"sw"}  # W&B: one group per sweep
