@@ -268,6 +268,19 @@ MUTATIONS = [
     Mutation("the CLI builds its loss help from the torch registry", "cli/app.py",
              "from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES", "from pld_pipeline.losses import LOSSES",
              ("tests/test_startup.py::test_light_commands_do_not_import_torch",)),
+    Mutation("audit tolerance ignores the recorded precision (bf16's for every cache)", "pld_pipeline/audit.py",
+             "tol = TOLERANCE[rec.precision]", 'tol = TOLERANCE["bf16"]',
+             ("tests/test_audit.py::test_a_forged_cache_fails_naming_keys",)),
+    Mutation("audit compares every view with view 0's cached targets", "pld_pipeline/audit.py",
+             "block.topk_idx[r, v].astype(np.int64), block.topk_logp[r, v]",
+             "block.topk_idx[r, 0].astype(np.int64), block.topk_logp[r, 0]",
+             ("tests/test_audit.py::test_an_honest_cache_passes_every_view",)),
+    Mutation("audit ignores the log-partition", "pld_pipeline/audit.py",
+             "and dlabel <= tol and dlogz <= tol", "and dlabel <= tol",
+             ("tests/test_audit.py::test_an_edited_and_resigned_cache_fails_on_exactly_the_edited_views",)),
+    Mutation("audit draw ignores --seed", "pld_pipeline/audit.py",
+             "rng = np.random.default_rng(seed)", "rng = np.random.default_rng(0)",
+             ("tests/test_audit.py::test_an_honest_cache_passes_every_view",)),
 ]
 
 
