@@ -119,7 +119,12 @@ class Cache:
     def digest(self) -> str:
         """``sha256:HEX`` over the root metadata, every array's metadata, the key index and every unit marker
         (docs/cache-format.md, "Cache digest"): equal digests mean equal caches for every reader."""
-        return digest.of(digest.documents(self.root, self.meta, self.marker_names()))
+        return digest.of(digest.documents(self.root, self.meta, self.marker_names(), self._reads_at_once()))
+
+    def _reads_at_once(self) -> int:
+        """Concurrent metadata reads: many on stores, one through --cache-dir (fsspec's file cache keeps its
+        bookkeeping unsynchronised)."""
+        return 1 if self.cache_dir else 64
 
     def pins(self) -> dict[str, Any] | None:
         """What a pinned cache was checked against (digest, root metadata, markers), for worker processes."""
@@ -137,7 +142,7 @@ class Cache:
             self._pinned = pinned["markers"]
             return
         names = self.marker_names()
-        docs = digest.documents(self.root, self.meta, names)
+        docs = digest.documents(self.root, self.meta, names, self._reads_at_once())
         digest.require(expected, digest.of(docs), self.url)
         hashed = ((docs["zarr.json"] or {}).get("attributes") or {}).get(fmt.ROOT_ATTR)
         if not isinstance(hashed, dict) or parse_meta(hashed, self.url).to_dict() != self.meta.to_dict():

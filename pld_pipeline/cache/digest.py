@@ -17,7 +17,7 @@ import zarr
 
 from .format import CacheError, CacheMeta, check_teacher_id
 from .schema import ARRAYS
-from .store import read_document
+from .store import read_documents
 
 PREFIX = "sha256:"
 #: What the hashed document says it is: a later change of the definition changes this name.
@@ -36,9 +36,9 @@ def object_keys(meta: CacheMeta, unit_names: list[str]) -> list[str]:
             + [f"units/{name}/zarr.json" for name in unit_names])
 
 
-def documents(root: zarr.Group, meta: CacheMeta, unit_names: list[str]) -> dict[str, Any]:
-    """Each covered object's parsed JSON (None where it does not exist)."""
-    return {key: read_document(root, key) for key in object_keys(meta, unit_names)}
+def documents(root: zarr.Group, meta: CacheMeta, unit_names: list[str], at_once: int = 64) -> dict[str, Any]:
+    """Each covered object's parsed JSON (None where it does not exist), ``at_once`` reads in flight."""
+    return read_documents(root, object_keys(meta, unit_names), at_once)
 
 
 def of(docs: dict[str, Any]) -> str:
