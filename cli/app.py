@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -58,6 +59,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             from pld_pipeline.errors import one_line
             err.print(f"[bold red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
+            # an HTTP session left open by the failed read is reported by asyncio at exit ("Unclosed client
+            # session"): the line above already said what failed
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise typer.Exit(code=2) from None
     return wrapper
 

@@ -257,7 +257,7 @@ MUTATIONS = [
     Mutation("the CLI catches only ValueError (other failures print tracebacks)", "cli/app.py",
              "        except Exception as e:  # noqa: BLE001 - the one place", "        except ValueError as e:  # noqa: BLE001 - the one place",
              (HOSTILE + "test_an_unexpected_error_is_one_line_and_pld_debug_shows_the_traceback",
-              HOSTILE + "test_connection_refused_names_the_url")),
+              HOSTILE + "test_connection_refused_names_the_url_in_one_line_on_stderr")),
     Mutation("a full disk is not named with what was written", "pld_pipeline/files.py",
              "        if e.errno in (errno.ENOSPC, errno.EDQUOT):", "        if False:",
              (HOSTILE + "test_a_full_or_read_only_disk_is_one_line_naming_the_file",
