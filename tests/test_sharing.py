@@ -79,9 +79,19 @@ def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_
         reader.array("samples/label")[0:1] = 1  # readers are read-only
 
 
-def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, cache, tmp_path):
+def _files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, cache, teacher_run, tmp_path):
+    """Over HTTP a cache is read, never written: a reader's raw write and a writer's open are refused in one line,
+    and inspecting it and training from it leave every served byte as it was."""
+    from pld_pipeline.cache import CacheError
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
     port = free_port()
     root = os.path.dirname(cache)
+    served = _files(cache)
     proc = _serve([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", root], port)
     try:
         url = f"http://127.0.0.1:{port}/{os.path.basename(cache)}"
@@ -91,7 +101,17 @@ def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, ca
         summary = distill(DistillConfig(data=tiny_data["train"].pattern, out=str(tmp_path / "run"),
                                         student="cifar_resnet8", cache=url, cache_dir=str(tmp_path / "blocks"),
                                         epochs=1, batch_size=8, workers=0, device="cpu"))
-        assert summary["epochs"] == 1
+        assert summary["epochs"] == 1 and json.load(open(tmp_path / "run" / "config.json"))["cache"]["url"] == url
+        with pytest.raises(ValueError, match="read-only"):
+            Cache(url).array("samples/label")[0:1] = 1  # zarr's own store refuses the write
+        with pytest.raises(CacheError, match="served over plain HTTP is read-only; write it to a local path"):
+            Cache(url, mode="r+")
+        with pytest.raises(CacheError, match="served over plain HTTP is read-only"):  # one more view, written there
+            cache_teacher(CacheTeacherConfig(
+                data=tiny_data["train"].pattern, out=url, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
+                views=5, size=16, k=5, temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu",
+                recipe_overrides={"pad": 2}))
+        assert _files(cache) == served
     finally:
         proc.terminate()
         proc.wait(10)
@@ -107,9 +127,8 @@ def _cache_args(tiny_data, teacher_ckpt):
 def whole(tiny_data, teacher_ckpt, tmp_path_factory):
     """The cache one uninterrupted worker makes: what cooperating workers must produce together."""
     out = str(tmp_path_factory.mktemp("whole") / "whole.zarr")
-    run = subprocess.run(_cache_args(tiny_data, teacher_ckpt) + ["--out", out], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = CliRunner().invoke(app, _cache_args(tiny_data, teacher_ckpt)[3:] + ["--out", out], catch_exceptions=False)
+    assert run.exit_code == 0, run.output[-2000:]  # the same command line, in this process: no interpreter to start
     return out
 
 

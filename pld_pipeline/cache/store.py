@@ -56,6 +56,9 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
     url = _normalise(str(url))
     if os.path.isfile(url):
         raise CacheError(f"{url} is a file, not a cache (a cache is a directory, a zarr group); choose another path.")
+    if mode != "r" and url.startswith(("http://", "https://")):  # zarr would fail deep inside, on the first write
+        raise CacheError(f"{url}: a cache served over plain HTTP is read-only; write it to a local path or object "
+                         "storage (s3://, gs://) and serve that folder.")
     with reaching(url):  # network failures name the cache URL
         try:
             if cache_dir and mode == "r" and _is_remote(url):
