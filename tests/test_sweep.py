@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pld_pipeline.distill import DistillConfig
@@ -79,10 +80,19 @@ def test_parallel_jobs_give_the_same_runs_as_sequential(tiny_data, cache, tmp_pa
     grid = parse_grid(["loss=kd,pld"])
     run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "seq"), launch=Launch(jobs=1))
     run_sweep(base(tiny_data, cache), grid, [], str(tmp_path / "par"), launch=Launch(jobs=2))
+    weights = {}
     for name in ("loss=kd", "loss=pld"):
-        a = json.load(open(tmp_path / "seq" / name / "summary.json"))
-        b = json.load(open(tmp_path / "par" / name / "summary.json"))
-        assert a["last_val_top1"] == b["last_val_top1"]
+        a, b = (_metrics(tmp_path / how / name) for how in ("seq", "par"))
+        assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6, abs=0)
+        weights[name] = [load_file(str(tmp_path / how / name / "last.safetensors")) for how in ("seq", "par")]
+        seq, par = weights[name]
+        assert max(float((seq[k].float() - par[k].float()).abs().max()) for k in seq) < 1e-5, name
+    # ... while the two configurations, trained differently, differ far beyond that tolerance: a parallel sweep
+    # that trained one configuration twice, or wrote one run's weights into the other's folder, fails above.
+    kd, pld = weights["loss=kd"][0], weights["loss=pld"][0]
+    assert max(float((kd[k].float() - pld[k].float()).abs().max()) for k in kd) > 1e-3
+    assert _metrics(tmp_path / "seq" / "loss=kd")[0]["train_loss"] != \
+        pytest.approx(_metrics(tmp_path / "seq" / "loss=pld")[0]["train_loss"], rel=1e-3)
 
 
 def test_sweep_command_line(tiny_data, cache, tmp_path):
