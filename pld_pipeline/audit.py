@@ -18,7 +18,7 @@ import torch
 
 from .cache import Cache, schema
 from .cache.format import MIN_LOGP, CacheError, SampleStatus, TeacherRecord, sample_digest
-from .data import expand_shards, iter_shard, pick_field, quick_hash
+from .data import IMAGE_FIELDS, expand_shards, iter_shard, pick_field, quick_hash
 from .distributed import resolve_device
 from .models import file_sha256, load_model, preprocessing_of, pretrained_identity
 from .views import KIND_PLAIN, ViewRecipe, decode_image, first_labels, normalize, replay_mixed, stable_int, view_kind
@@ -87,17 +87,33 @@ class AuditReport:
 
 
 def _draw(reader: Cache, shards: list[int], n: int, seed: int) -> dict[int, list[tuple[int, int]]]:
-    """Up to ``n`` distinct (row, view) pairs per shard, uniform over the usable rows of ``shards`` and all views."""
+    """``n`` distinct (row, view) pairs by shard, uniform over the usable rows of ``shards`` and every view. Drawn by
+    position among all rows (no list of an ImageNet-sized population is built); rows skipped at cache time are
+    passed over, and only the drawn shards' samples units are read."""
     rng = np.random.default_rng(seed)
-    ok_rows = {s: np.flatnonzero(reader.samples(s)[schema.STATUS.path()] == SampleStatus.OK) for s in shards}
-    population = [(s, int(r), v) for s in shards for r in ok_rows[s] for v in range(reader.meta.num_views)]
-    if not population:
-        raise CacheError(f"{reader.url} holds no usable sample in the given shards to audit.")
-    picks = rng.choice(len(population), size=min(n, len(population)), replace=False)
+    views = reader.meta.num_views
+    starts = np.concatenate([[0], np.cumsum([reader.meta.shards[s].nsamples * views for s in shards])])
+    total = int(starts[-1])
+    candidates = (rng.permutation(total) if total <= 4 * n + 64 else rng.choice(total, 2 * n + 64, replace=False))
+    status: dict[int, np.ndarray] = {}
     out: dict[int, list[tuple[int, int]]] = {}
-    for i in sorted(int(p) for p in picks):
-        s, r, v = population[i]
-        out.setdefault(s, []).append((r, v))
+    found = 0
+    for _ in range(2):
+        for i in (int(c) for c in candidates):
+            k = int(np.searchsorted(starts, i, side="right")) - 1
+            s, row, v = shards[k], (i - int(starts[k])) // views, (i - int(starts[k])) % views
+            if s not in status:
+                status[s] = reader.samples(s)[schema.STATUS.path()]
+            if status[s][row] == SampleStatus.OK and (row, v) not in out.get(s, []):
+                out.setdefault(s, []).append((row, v))
+                found += 1
+                if found == n:
+                    return out
+        if len(candidates) == total:
+            break
+        candidates = rng.permutation(total)  # many skipped rows: walk the whole population
+    if not found:
+        raise CacheError(f"{reader.url} holds no usable sample in the given shards to audit.")
     return out
 
 
@@ -134,7 +150,7 @@ def _replay(url: str, block: Any, picks: list[tuple[int, int]], recipe: ViewReci
             if i >= len(block.keys) or block.keys[i] != sample["__key__"] or block.digests[i].tobytes() != sample_digest(sample):
                 raise CacheError(f"Sample {i} ({sample['__key__']!r}) of {url} is not the sample cached in that row (key "
                                  "or content digest differs): audit with the shards the cache was made from.")
-            encoded[i] = pick_field(sample, "jpg;jpeg;png;webp")
+            encoded[i] = pick_field(sample, IMAGE_FIELDS)
         if i >= max(need):
             break
     if not need <= set(encoded):
