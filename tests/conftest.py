@@ -1,7 +1,12 @@
 """Tiny generated datasets and teachers: tests never need ../shared or a network."""
+import json
 import os
+import shutil
 import socket
 import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,7 +23,7 @@ torch.set_num_threads(THREADS)
 
 from pld_pipeline.cache import schema
 from pld_pipeline.models import load_model
-from pld_pipeline.shards import split_arrays
+from pld_pipeline.shards import Split, split_arrays
 
 sys.path.insert(0, os.path.dirname(__file__))  # so `fake_models:factory` resolves in-process
 
@@ -84,44 +89,100 @@ def make_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``build(folder)`` filled, built once per test run. Under pytest-xdist each worker is a session
+    of its own: the first worker to ask builds under a file lock and the others wait and reuse its files (the
+    recipe in pytest-xdist's docs), so two workers never pay for the same teacher and all see the same paths."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed half-way left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """train: 3 shards (16, 16, 8 samples); val: 1 shard (12 samples); 16x16 PNG, 10 classes."""
-    root = tmp_path_factory.mktemp("data")
-    images, labels = make_images(52)
-    splits = split_arrays(images, labels, [f"class{i}" for i in range(NUM_CLASSES)], str(root),
-                          val_fraction=12 / 52, shard_size=16, seed=0)
-    return splits
+    def build(root):
+        images, labels = make_images(52)
+        splits = split_arrays(images, labels, [f"class{i}" for i in range(NUM_CLASSES)], str(root),
+                              val_fraction=12 / 52, shard_size=16, seed=0)
+        (root / "splits.json").write_text(json.dumps({k: asdict(v) for k, v in splits.items()}))
+    root = build_once(tmp_path_factory, "data", build)
+    return {k: Split(**v) for k, v in json.loads((root / "splits.json").read_text()).items()}
 
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
     """A random (seeded) cifar_resnet8 saved as safetensors, wrapped the way real checkpoints are."""
-    from safetensors.torch import save_file
-    torch.manual_seed(123)
-    model = load_model("cifar_resnet8", num_classes=NUM_CLASSES)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
+    def build(folder):
+        from safetensors.torch import save_file
+        torch.manual_seed(123)
+        model = load_model("cifar_resnet8", num_classes=NUM_CLASSES)
+        save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()},
+                  str(folder / "teacher.safetensors"))
+    return str(build_once(tmp_path_factory, "teacher", build) / "teacher.safetensors")
 
 
 @pytest.fixture(scope="session")
 def teacher_run(tiny_data, tmp_path_factory):
     """A teacher trained with --loss ce (how users train one), saved as a checkpoint."""
-    out = tmp_path_factory.mktemp("teacher_run")
-    from pld_pipeline.distill import DistillConfig, distill
-    distill(DistillConfig(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet14", loss="ce",
-                          val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0,
-                          device="cpu", num_classes=NUM_CLASSES, recipe={"name": "cifar", "size": 16, "pad": 2}))
-    return str(out / "best.safetensors")
+    def build(out):
+        from pld_pipeline.distill import DistillConfig, distill
+        distill(DistillConfig(data=tiny_data["train"].pattern, out=str(out), student="cifar_resnet14", loss="ce",
+                              val_data=tiny_data["val"].pattern, epochs=3, batch_size=8, lr=3e-3, workers=0,
+                              device="cpu", num_classes=NUM_CLASSES, recipe={"name": "cifar", "size": 16, "pad": 2}))
+    return str(build_once(tmp_path_factory, "teacher_run", build) / "best.safetensors")
 
 
 @pytest.fixture(scope="session")
 def cache(tiny_data, teacher_run, tmp_path_factory):
-    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-    url = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-    cache_teacher(CacheTeacherConfig(
-        data=tiny_data["train"].pattern, out=url, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
-        views=4, size=16, k=5, temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu",
-        recipe_overrides={"pad": 2}))
-    return url
+    """teacher_run's cifar_resnet14 as teacher 'r14' over tiny_data's train split: 4 views, top-5, temperatures
+    1 and 2. Shared by every test of the run: tests that damage or extend a cache work on a copy."""
+    def build(folder):
+        from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+        cache_teacher(CacheTeacherConfig(
+            data=tiny_data["train"].pattern, out=str(folder / "c.zarr"),
+            teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")], views=4, size=16, k=5,
+            temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu", recipe_overrides={"pad": 2}))
+    return str(build_once(tmp_path_factory, "cache", build) / "c.zarr")
+
+
+# -- pytest-xdist (pyproject's addopts: -n auto --dist loadgroup) ----------------------------------------------
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU (at most 8: past that the slowest test bounds the run) for the whole suite.
+    A run naming test files or tests stays in this process (0): two workers' start-up and session fixtures cost
+    more than a selection gains, and helper runs (tests/mutations.py, benchmarks/gpu_check.py) stay light.
+    PYTEST_XDIST_AUTO_NUM_WORKERS, or an explicit -n N, decides instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    if config.args_source == pytest.Config.ArgsSource.ARGS and not any(
+            os.path.isdir(arg.split("::")[0]) for arg in config.args):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, 8) if cpus > 1 else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: a test using a module-scoped fixture (a server, a reference cache) joins its module's
+    xdist_group, so `--dist loadgroup` builds that fixture on one worker, once; and slow tests are handed out
+    first, so no long test starts last while the other worker sits idle. A plain run keeps file order."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d[-1].scope for d in defs.name2fixturedefs.values() if d} if defs else set()
+        if scopes & {"module", "package", "class"} and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
