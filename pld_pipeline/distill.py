@@ -120,6 +120,10 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
     """The state to resume from, or None for a fresh run; refuses to silently clobber another run, and a resume
     on another number of processes (its schedule, steps per epoch and data split were sized for the old one)."""
     state_path = os.path.join(cfg.out, STATE_FILE)
+    links = sorted(n for n in os.listdir(cfg.out) if os.path.islink(os.path.join(cfg.out, n))) if os.path.isdir(cfg.out) else []
+    if links:  # a link planted in a (shared) run folder would send the run's writes elsewhere
+        raise ValueError(f"--out {cfg.out} holds symbolic links ({', '.join(links[:5])}); pld does not write through "
+                         "links in a run folder: remove them, or choose another --out.")
     if cfg.resume:
         if not os.path.isfile(state_path):
             raise ValueError(f"--resume: no {STATE_FILE} in {cfg.out}; start without --resume.")
@@ -169,9 +173,8 @@ def _check_foreign_files(out: str) -> None:
             foreign = ["config.json (not a pld run's)"]
     elif names and not foreign:
         foreign = [n for n in names if n != "config.json"] or names  # pld writes config.json before anything else
-    links = [n for n in names if os.path.islink(os.path.join(out, n))]
-    if foreign or links:
-        shown = ", ".join((foreign or links)[:5]) + (", ..." if len(foreign or links) > 5 else "")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ValueError(f"--out {out} holds files pld did not write ({shown}); a run writes only into a new or "
                          "empty folder (or its own, with --resume): choose another --out.")
 

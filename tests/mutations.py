@@ -33,6 +33,7 @@ MIX = "tests/test_mix.py::"
 SWEEP = "tests/test_sweep.py::"
 TRACK = "tests/test_tracking.py::"
 HOSTILE = "tests/test_hostile_folders.py::"
+CACHE_ATTACK = "tests/test_hostile_cache.py::"
 MUTATIONS = [
     Mutation("halving keeps the worst runs (study minimises top-1)", "pld_pipeline/halving.py",
              'direction="maximize"', 'direction="minimize"',
@@ -245,7 +246,7 @@ MUTATIONS = [
              'if isinstance(value, str) and value[:1] in', 'if False and value[:1] in',
              (HOSTILE + "test_names_and_settings_are_escaped_in_markdown_and_csv",)),
     Mutation("distill --out writes over the user's files", "pld_pipeline/distill.py",
-             "    if foreign or links:\n", "    if False:\n",
+             "    if foreign:\n        shown", "    if False:\n        shown",
              (HOSTILE + "test_distill_out_refuses_a_folder_with_the_users_own_files",
               HOSTILE + "test_distill_out_refuses_a_folder_with_an_unknown_file")),
     Mutation("make-shards overwrites without --overwrite", "pld_pipeline/shards.py",
@@ -292,6 +293,36 @@ MUTATIONS = [
     Mutation("audit draw ignores --seed", "pld_pipeline/audit.py",
              "rng = np.random.default_rng(seed)", "rng = np.random.default_rng(0)",
              ("tests/test_audit.py::test_an_honest_cache_passes_every_view",)),
+    Mutation("hostile cache: foreign codecs decoded (no allow-list)", "pld_pipeline/cache/codecs.py",
+             "if names is None or tuple(names) != allowed:", "if names is None:",
+             (CACHE_ATTACK + "test_a_foreign_codec_in_a_v3_array_is_refused_before_any_chunk",)),
+    Mutation("hostile cache: zarr format 2 stores opened", "pld_pipeline/cache/store.py",
+             'fmt3 = {} if mode == "w" else {"zarr_format": 3}', "fmt3 = {}",
+             (CACHE_ATTACK + "test_a_zarr_v2_store_with_a_pickle_codec_is_refused_before_any_chunk",)),
+    Mutation("hostile cache: k not checked against the classes", "pld_pipeline/cache/bounds.py",
+             "_int_in(url, f\"k of teacher '{tid}'\", t.k, 1, meta.num_classes)", "pass",
+             (CACHE_ATTACK + "test_sizes_in_the_metadata_are_checked_before_anything_is_allocated[k > classes]",)),
+    Mutation("hostile cache: rows_per_shard not held to the largest shard", "pld_pipeline/cache/bounds.py",
+             "if meta.rows_per_shard != max(s.nsamples for s in meta.shards):", "if False:",
+             (CACHE_ATTACK + "test_sizes_in_the_metadata_are_checked_before_anything_is_allocated[rows not the largest shard]",)),
+    Mutation("hostile cache: array chunking not checked", "pld_pipeline/cache/bounds.py",
+             "if [outer, None if inner is None else list(inner)] not in [list(x) for x in layouts]:", "if False:",
+             (CACHE_ATTACK + "test_sizes_in_the_metadata_are_checked_before_anything_is_allocated[chunk shape]",)),
+    Mutation("hostile cache: teacher values not checked at read time", "pld_pipeline/cache/values.py",
+             "        if bad.any():\n            return what", "        if False:\n            return what",
+             (CACHE_ATTACK + "test_values_no_honest_writer_stores_are_refused_where_they_are_read",)),
+    Mutation("hostile cache: writers follow symlinks inside a cache", "pld_pipeline/cache/target.py",
+             "if os.path.islink(os.path.join(folder, name)):", "if False:",
+             (CACHE_ATTACK + "test_a_symlink_planted_inside_a_cache_is_refused_by_writers",)),
+    Mutation("hostile cache: --overwrite deletes a non-pld group", "pld_pipeline/cache/target.py",
+             "if not isinstance(attrs, dict) or not ({ROOT_ATTR, CREATING_ATTR} & set(attrs)):", "if False:",
+             (CACHE_ATTACK + "test_overwrite_deletes_only_a_pld_cache_whatever_the_url_scheme",)),
+    Mutation("hostile cache: repair opens the url recorded in the cache", "pld_pipeline/cache_teacher.py",
+             "jobs.append(_Job(s, urls[s], rec.nsamples,", "jobs.append(_Job(s, rec.url, rec.nsamples,",
+             (CACHE_ATTACK + "test_a_pipe_url_recorded_in_the_cache_is_never_run_by_repair_or_extension",)),
+    Mutation("hostile cache: units beyond num_views accepted", "pld_pipeline/cache/cache.py",
+             "return unit.views is None or 0 <= unit.views[0] < unit.views[1] <= num_views", "return True",
+             (CACHE_ATTACK + "test_num_views_edited_down_is_no_longer_ok",)),
 ]
 
 

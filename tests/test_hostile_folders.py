@@ -137,6 +137,27 @@ def test_distill_out_refuses_a_folder_with_an_unknown_file(tmp_path):
     _check_foreign_files(str(tmp_path))  # a run pld started and that stopped before its first checkpoint
 
 
+def test_a_run_folder_with_a_planted_link_is_refused_even_on_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / "tensorboard").symlink_to(tmp_path / "elsewhere")
+    code, output = run("distill", "--data", tmp_path / "x.tar", "--out", out, "--student", "cifar_resnet8", "--loss",
+                       "ce", "--num-classes", "10", "--device", "cpu", "--resume")
+    assert code == 2 and "symbolic links (tensorboard)" in one_error_line(output)
+    assert not os.listdir(tmp_path / "elsewhere")
+
+
+def test_checkpoints_are_written_through_the_safe_writer(tmp_path, monkeypatch):
+    """A full disk while saving weights (safetensors) names the file and the bytes written; no temporary is left."""
+    from pld_pipeline.distill import _save_weights
+    model = torch.nn.Linear(64, 10)
+    monkeypatch.setattr(files.os, "fdopen", _failing_fdopen(errno.ENOSPC, 1000))
+    with pytest.raises(errors.WriteError, match=r"last.safetensors: no space left on device after writing 0 of "):
+        _save_weights(model, str(tmp_path / "last.safetensors"), {"epoch": 0})
+    assert os.listdir(tmp_path) == []
+
+
 def image_folder(root):
     for cls in ("cats", "dogs"):
         (root / cls).mkdir(parents=True)
