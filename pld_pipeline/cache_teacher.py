@@ -364,7 +364,7 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
         raise ValueError(f"--out {cfg.out} is an existing file; a cache is a directory (a zarr group): choose "
                          "another --out.")
     part, parts = cfg.part
-    if False:
+    if part > 0 and cfg.overwrite:
         raise ValueError(f"--part {part}/{parts} with --overwrite would delete the other parts' work; only part 0 "
                          "may start a cache over.")
     if not 0 <= part < parts:

@@ -250,8 +250,9 @@ def inspect_cache(url: str, expect_digest: str | None = None) -> dict[str, Any]:
         correct = count = 0
         for unit in cache.units(kind="teacher", teacher=tid):
             rec = cache.marker(unit)
-            correct += rec.get("correct", 0)
-            count += rec.get("count", 0)
+            hits = (rec.get("correct"), rec.get("count")) if isinstance(rec, dict) else (0, 0)
+            if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hits):  # a stranger's marker
+                correct, count = correct + hits[0], count + hits[1]
         accuracy = (correct / count) if count else None
         warning = chance_warning(tid, accuracy, meta.num_classes)
         if warning:

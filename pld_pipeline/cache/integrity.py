@@ -52,7 +52,9 @@ def read_unit(root: zarr.Group, meta: CacheMeta, name: str, url: str,
         binding = fmt.unit_binding(name, meta)
     except Exception as e:  # noqa: BLE001 - an unreadable marker or one naming no shard/teacher is damage
         raise DamagedUnit(url, name, f"unreadable marker ({type(e).__name__}: {e})") from None
-    sums = record.get("checksums", {})
+    sums = record.get("checksums") if isinstance(record, dict) else None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise DamagedUnit(url, name, "its marker records no checksums (malformed marker)")
     paths = schema.unit_paths(unit)
     if sorted(sums) != sorted(paths):
         raise DamagedUnit(url, name, f"its marker lists arrays {sorted(sums)}, expected {sorted(paths)}")

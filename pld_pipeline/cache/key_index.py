@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import bounds
 from .format import CacheError, CacheMeta, SampleStatus
 from .integrity import block_sha256
 from .schema import KEY, STATUS, compressors
+from .store import read_document
 
 GROUP = "key_index"
 KEYS = f"{GROUP}/keys"
@@ -89,9 +91,35 @@ def state(root: zarr.Group, meta: CacheMeta) -> str:
 
 def _record(root: zarr.Group) -> dict[str, Any] | None:
     try:
-        return dict(root[GROUP].attrs[ATTR]) if GROUP in root and ATTR in root[GROUP].attrs else None
+        record = root[GROUP].attrs[ATTR] if GROUP in root and ATTR in root[GROUP].attrs else None
     except KeyError:
         return None
+    return record if record is None or _well_formed(record) else {"binding": None, "malformed": True}
+
+
+def _well_formed(r: Any) -> bool:
+    """A record as build() writes it: a stranger's can hold anything, and lookups index lists by its numbers."""
+    def ints(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not isinstance(r, dict) or not ints(r.get("count")) or r.get("chunk_rows") != CHUNK_ROWS:
+        return False
+    fence, sums = r.get("fence"), r.get("checksums")
+    chunks = -(-r["count"] // CHUNK_ROWS)
+    return (isinstance(fence, list) and len(fence) == chunks and all(isinstance(f, str) for f in fence)
+            and isinstance(sums, dict) and all(isinstance(sums.get(a), list) and len(sums[a]) == chunks
+                                               for a in ("keys", "rows")))
+
+
+def _check_arrays(root: zarr.Group, meta: CacheMeta, record: dict[str, Any], url: str) -> None:
+    """The index arrays' stored metadata (format, codecs, shape, chunking) before any of their chunks is read."""
+    if record["count"] > meta.num_rows:
+        raise DamagedIndex(f"{url}: the key index claims {record['count']} keys, more than the cache's "
+                           f"{meta.num_rows} rows; rerun `pld cache-teacher` to rebuild it.")
+    for path, dtype, trailing in ((KEYS, np.dtype(np.uint8), (meta.key_bytes,)), (ROWS, np.dtype(np.int64), ())):
+        doc = read_document(root, f"{path}/zarr.json")
+        if not isinstance(doc, dict):
+            raise DamagedIndex(f"{url}: the key index array {path} is missing; rerun `pld cache-teacher` to rebuild it.")
+        bounds.check_array(doc, path, dtype, (record["count"],) + trailing, (CHUNK_ROWS,) + trailing, None, url)
 
 
 def lookup(root: zarr.Group, meta: CacheMeta, key: str, url: str) -> int | None:
@@ -99,13 +127,19 @@ def lookup(root: zarr.Group, meta: CacheMeta, key: str, url: str) -> int | None:
     ``LookupError`` when there is no current index (the caller scans), :class:`DamagedIndex` when its bytes
     do not match their checksums."""
     record = _record(root)
+    if record is not None and record.get("malformed"):
+        raise DamagedIndex(f"{url}: the key index record is malformed; rerun `pld cache-teacher` to rebuild it.")
     if record is None or record.get("binding") != index_binding(meta):
         raise LookupError("no current key index")
+    _check_arrays(root, meta, record, url)
     raw = key.encode("utf-8")
     if len(raw) > meta.key_bytes:
         return None
     padded = raw + b"\0" * (meta.key_bytes - len(raw))
-    fence = [bytes.fromhex(f) for f in record["fence"]]
+    try:
+        fence = [bytes.fromhex(f) for f in record["fence"]]
+    except ValueError:
+        raise DamagedIndex(f"{url}: the key index fence is not hex; rerun `pld cache-teacher` to rebuild it.") from None
     c = bisect.bisect_right(fence, padded) - 1
     if c < 0:
         return None
@@ -131,10 +165,13 @@ def check(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.nda
     record = _record(root)
     if record is None:
         return []
+    if record.get("malformed"):
+        return ["key index: its record is malformed; rerun `pld cache-teacher` to rebuild it"]
     if record.get("binding") != index_binding(meta):
         return []  # stale: readers do not use it (verify warns)
     problems = []
     try:
+        _check_arrays(root, meta, record, "the cache")
         keys, rows = np.asarray(root[KEYS][...]), np.asarray(root[ROWS][...])
     except Exception as e:  # noqa: BLE001
         return [f"key index: unreadable ({type(e).__name__}); rerun `pld cache-teacher` to rebuild it"]

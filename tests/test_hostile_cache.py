@@ -1,0 +1,451 @@
+"""A cache written by a stranger is data: it never runs code, never steers a write outside the cache, never
+exhausts memory, and its values are checked where they are used. Each attack is built from a copy of the session
+cache and run through the real entry points; a few through `python -m pld_pipeline` to see the one line on
+stderr, exit code 2 and the child's peak RSS against the same command on the honest cache."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import google_crc32c
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pld_pipeline.cache import Cache, CacheError, CacheMeta, inspect_cache, verify_cache
+from pld_pipeline.cache import format as fmt
+from pld_pipeline.cache import claims, schema
+from pld_pipeline.cache.integrity import block_sha256
+from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.student_data import StudentData
+
+from conftest import stored_object
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- building hostile caches -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def copy(cache, tmp_path):
+    """A private copy of the session cache, to damage."""
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(cache, url)
+    return url
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def dump(path, doc):
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def edit_meta(url, change):
+    """Apply ``change`` to the root metadata (a dict) in place, as an attacker edits zarr.json."""
+    doc = load(os.path.join(url, "zarr.json"))
+    change(doc["attributes"][fmt.ROOT_ATTR])
+    dump(os.path.join(url, "zarr.json"), doc)
+
+
+def edit_array(url, path, change):
+    doc = load(os.path.join(url, path, "zarr.json"))
+    change(doc)
+    dump(os.path.join(url, path, "zarr.json"), doc)
+
+
+def resign(url, arrays=False):
+    """Re-sign every marker under the (edited) root metadata, and with ``arrays`` re-checksum the stored data:
+    checksums and bindings are unkeyed sha256, so anyone can."""
+    meta = CacheMeta.from_dict(load(os.path.join(url, "zarr.json"))["attributes"][fmt.ROOT_ATTR])
+    root = zarr.open_group(url, mode="r")
+    for name in os.listdir(os.path.join(url, "units")):
+        if fmt.parse_unit_name(name) is None:
+            continue
+        path = os.path.join(url, "units", name, "zarr.json")
+        doc = load(path)
+        doc["attributes"]["binding"] = fmt.unit_binding(name, meta)
+        if arrays:
+            unit = fmt.parse_unit_name(name)
+            region = schema.unit_region(unit, meta.rows_per_shard)
+            doc["attributes"]["checksums"] = {p: block_sha256(np.asarray(root[p][region]))
+                                              for p in schema.unit_paths(unit)}
+        dump(path, doc)
+
+
+def write_teacher_values(url, change):
+    """Rewrite teacher r14's arrays of shard 0 through zarr (valid chunks), then re-sign: values only a value
+    check can refuse."""
+    root = zarr.open_group(url, mode="r+")
+    for name in ("topk_idx", "top1_logp", "topk_dlogp", "label_logp", "logz"):
+        arr = root[f"teachers/r14/{name}"]
+        region = np.asarray(arr[0:16])
+        change(name, region)
+        arr[0:16] = region
+    resign(url, arrays=True)
+
+
+def run_cli(*args, cwd=None):
+    """``python -m pld_pipeline ARGS``: (exit code, stderr, the child's own peak RSS in KiB)."""
+    out, err = open(os.devnull, "w"), subprocess.PIPE
+    proc = subprocess.Popen([sys.executable, "-m", "pld_pipeline", *args], stdout=out, stderr=err, cwd=cwd or ROOT,
+                            env={**os.environ, "COLUMNS": "10000"}, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, stderr.strip(), usage.ru_maxrss
+
+
+def one_line(e):
+    msg = str(e.value if hasattr(e, "value") else e)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def honest_rss(cache):
+    """Peak RSS of `pld verify` and `pld inspect` on the honest cache: what hostile runs are held to."""
+    rss = {}
+    for cmd in ("verify", "inspect"):
+        code, stderr, rss[cmd] = run_cli(cmd, cache)
+        assert code == 0, stderr
+    return rss
+
+
+# -- 1. recorded shard URLs are never opened ---------------------------------------------------------------------
+
+def teacher_config(tiny_data, teacher_run, out, **kw):
+    return CacheTeacherConfig(data=tiny_data["train"].pattern, out=out,
+                              teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")], views=4, size=16, k=5,
+                              temperatures=(1.0, 2.0), batch_size=16, workers=0, device="cpu",
+                              recipe_overrides={"pad": 2}, **kw)
+
+
+def test_a_pipe_url_recorded_in_the_cache_is_never_run_by_repair_or_extension(copy, tiny_data, teacher_run, tmp_path):
+    pwned = tmp_path / "pwned"
+
+    def plant(meta):
+        for s in meta["shards"]:
+            s["url"] = f"pipe:touch {pwned}; cat {s['url']}"
+    edit_meta(copy, plant)  # urls are informational: no binding changes, verify stays ok
+    assert verify_cache(copy).ok
+    shutil.rmtree(os.path.join(copy, "units", "s000001.teacher.r14.0-4"))  # something to repair
+    summary = cache_teacher(teacher_config(tiny_data, teacher_run, copy))
+    assert summary["shards_written"] == 1 and not pwned.exists()
+    more = teacher_config(tiny_data, teacher_run, copy)
+    more.views = 5
+    cache_teacher(more)
+    assert not pwned.exists()
+    assert verify_cache(copy).ok and Cache(copy).meta.num_views == 5
+
+
+def test_data_that_does_not_match_the_recorded_hashes_is_refused(copy, tiny_data, teacher_run):
+    cfg = teacher_config(tiny_data, teacher_run, copy)
+    cfg.data = tiny_data["val"].pattern
+    with pytest.raises(CacheError, match="different dataset") as e:
+        cache_teacher(cfg)
+    one_line(e)
+
+
+# -- 2. zarr format 3 only, pld's codecs only -------------------------------------------------------------------
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_zarr_v2_store_with_a_pickle_codec_is_refused_before_any_chunk(cache, tmp_path):
+    url, pwned = str(tmp_path / "v2.zarr"), tmp_path / "pwned"
+    root = zarr.open_group(url, mode="w", zarr_format=2)
+    root.attrs[fmt.ROOT_ATTR] = load(os.path.join(cache, "zarr.json"))["attributes"][fmt.ROOT_ATTR]
+    os.makedirs(os.path.join(url, "samples", "key"))
+    dump(os.path.join(url, "samples", "key", ".zarray"), {
+        "zarr_format": 2, "shape": [40, 12], "chunks": [16, 12], "dtype": "|O", "compressor": {"id": "pickle"},
+        "fill_value": 0, "order": "C", "filters": None})
+    with open(os.path.join(url, "samples", "key", "0.0"), "wb") as f:
+        f.write(pickle.dumps(Payload(str(pwned))))
+    for reader in (Cache, verify_cache, inspect_cache):
+        with pytest.raises(CacheError, match="zarr format 2") as e:
+            reader(url)
+        one_line(e)
+    assert not pwned.exists()
+
+
+def test_a_foreign_codec_in_a_v3_array_is_refused_before_any_chunk(copy):
+    edit_array(copy, "samples/label", lambda d: d.update(codecs=[{"name": "bytes"}, {"name": "numcodecs.pickle"}]))
+    for reader in (Cache, verify_cache, inspect_cache):
+        with pytest.raises(CacheError, match=r"samples/label: codecs \['bytes', 'numcodecs.pickle'\] are not") as e:
+            reader(copy)
+        one_line(e)
+
+
+# -- 3. bounded reads ----------------------------------------------------------------------------------------------
+
+def grow_views(url, n):
+    edit_meta(url, lambda m: m["views"].update(num_views=n))
+    for path in ["views/params"] + [f"teachers/r14/{a.name}" for a in schema.BY_KIND["teacher"]]:
+        edit_array(url, path, lambda d: d["shape"].__setitem__(1, n))
+
+
+def grow_rows(url, n):
+    edit_meta(url, lambda m: m.update(rows_per_shard=n))
+    for spec in schema.ARRAYS:
+        path = spec.path("r14")
+        edit_array(url, path, lambda d: (d["shape"].__setitem__(0, 3 * n), d["chunk_grid"]["configuration"]["chunk_shape"].__setitem__(0, n)))
+
+
+def huge_classes(url):
+    edit_meta(url, lambda m: (m.update(num_classes=10**9, class_names=None),
+                              m["teachers"]["r14"].update(index_dtype="int32")))
+    resign(url)
+
+
+@pytest.mark.parametrize("attack, match", [
+    (lambda u: grow_views(u, 10**10), r"num_views=10000000000 lies outside"),
+    (lambda u: grow_rows(u, 2 * 10**8), r"rows_per_shard=200000000 lies outside"),
+    (huge_classes, r"num_classes=1000000000 lies outside"),
+    (lambda u: edit_meta(u, lambda m: [s.update(nsamples=15) for s in m["shards"][:2]]), "rows_per_shard=16 is not"),
+    (lambda u: edit_array(u, "samples/key", lambda d: d["chunk_grid"]["configuration"]["chunk_shape"].__setitem__(0, 10**6)),
+     r"samples/key is chunked"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(k=11)), r"k of teacher 'r14'=11 lies outside"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(temperatures=[1.0] * 100)), "temperature count"),
+    (lambda u: edit_meta(u, lambda m: m.update(key_bytes=10**6)), "key_bytes=1000000 lies outside"),
+], ids=["num_views=1e10", "rows_per_shard=2e8", "num_classes=1e9", "rows not the largest shard", "chunk shape",
+        "k > classes", "100 temperatures", "key_bytes=1e6"])
+def test_sizes_in_the_metadata_are_checked_before_anything_is_allocated(copy, attack, match, tiny_data):
+    attack(copy)
+    for reader in (Cache, verify_cache, inspect_cache,
+                   lambda u: StudentData(tiny_data["train"].pattern, cache=u, batch_size=4, workers=0)):
+        with pytest.raises(CacheError, match=match) as e:
+            reader(copy)
+        one_line(e)
+
+
+def test_num_views_edited_down_is_no_longer_ok(copy):
+    edit_meta(copy, lambda m: m["views"].update(num_views=3))
+    for path in ["views/params"] + [f"teachers/r14/{a.name}" for a in schema.BY_KIND["teacher"]]:
+        edit_array(copy, path, lambda d: d["shape"].__setitem__(1, 3))
+    report = verify_cache(copy)
+    assert not report.ok and any("a unit name this cache cannot hold" in p for p in report.problems)
+
+
+def zstd_bomb(size=2**31):
+    """A valid zstd frame (RLE blocks of 128 KiB) that declares and inflates to ``size`` bytes: ~66 KB."""
+    block, n = 1 << 17, size >> 17
+    header = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little")  # single segment, 8-byte size
+    blocks = b"".join(((block << 3) | (1 << 1) | (i == n - 1)).to_bytes(3, "little") + b"\0" for i in range(n))
+    return header + blocks
+
+
+def test_a_zstd_bomb_chunk_decodes_into_its_own_chunk_size_or_not_at_all(copy):
+    frame = zstd_bomb()
+    assert len(frame) < 70_000
+    with open(stored_object(copy, schema.STATUS.path(), 0), "wb") as f:
+        f.write(frame + google_crc32c.value(frame).to_bytes(4, "little"))  # crc32c valid: zarr's check passes
+    with pytest.raises(CacheError, match="samples/status is unreadable .*destination buffer too small") as e:
+        Cache(copy).read(0)
+    one_line(e)
+    assert not verify_cache(copy).ok
+
+
+def test_hostile_sizes_through_the_cli_are_one_line_exit_2_and_bounded_memory(cache, honest_rss, tmp_path):
+    cases = {"inspect": lambda u: grow_views(u, 10**10), "verify": lambda u: grow_rows(u, 2 * 10**8)}
+    for cmd, attack in cases.items():
+        url = str(tmp_path / f"{cmd}.zarr")
+        shutil.copytree(cache, url)
+        attack(url)
+        before = sorted(os.listdir(tmp_path))
+        code, stderr, rss = run_cli(cmd, url)
+        assert code == 2 and len(stderr.splitlines()) == 1 and "lies outside" in stderr, stderr
+        assert rss <= 1.5 * honest_rss[cmd], (cmd, rss, honest_rss)
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_host_with_an_endless_body_is_refused_past_the_objects_size(cache, tmp_path):
+    from test_http import NoListing, serve
+
+    class Endless(NoListing):
+        def send_head(self):
+            if "/c/" not in self.path:
+                return super().send_head()
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                return None
+
+    shutil.copytree(cache, tmp_path / "c.zarr")
+    server = serve(tmp_path, Endless)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/c.zarr"
+        with pytest.raises(CacheError, match="sent more than the .* bytes its cache layout allows") as e:
+            Cache(url).samples(0)
+        one_line(e)
+    finally:
+        server.shutdown()
+
+
+# -- 4. values checked where they are used -------------------------------------------------------------------------
+
+def _nan_logz(name, a):
+    if name == "logz":
+        a[3, 1, 0] = np.nan
+
+
+def _bad_index(name, a):
+    if name == "topk_idx":
+        a[3, 1, 2] = 37
+
+
+def _ascending(name, a):
+    if name == "topk_dlogp":
+        a[3, 1, 1] = 0.5
+
+
+def _positive_label(name, a):
+    if name == "label_logp":
+        a[3, 1] = 0.25
+
+
+@pytest.mark.parametrize("damage, what", [
+    (_nan_logz, "non-finite logz"), (_bad_index, r"class indices outside \[0, 10\)"),
+    (_ascending, "top-k log-probs not in descending order"), (_positive_label, "a label log-prob above 0"),
+])
+def test_values_no_honest_writer_stores_are_refused_where_they_are_read(copy, damage, what, tiny_data):
+    write_teacher_values(copy, damage)
+    with pytest.raises(CacheError, match=f"unit s000000.teacher.r14.0-4 is damaged: it holds {what} \\(view 1\\)") as e:
+        Cache(copy).read(0, "r14")
+    one_line(e)
+    data = StudentData(tiny_data["train"].pattern, cache=copy, teacher="r14", batch_size=4, workers=0)
+    with pytest.raises(CacheError, match=what):
+        for _ in data.epoch(0):
+            pass
+    assert Cache(copy).read(1, "r14").logz.shape[0] == 16  # other shards read as before
+
+
+# -- 5. writes stay inside the cache; --overwrite deletes only a pld cache ------------------------------------------
+
+@pytest.mark.parametrize("folder", ["unit_index", "claims", "units/s000000.samples"])
+def test_a_symlink_planted_inside_a_cache_is_refused_by_writers(copy, folder, tmp_path, tiny_data, teacher_run):
+    outside = tmp_path / "outside"
+    target = os.path.join(copy, folder)
+    if os.path.isdir(target):
+        shutil.copytree(target, outside)
+        shutil.rmtree(target)
+    else:
+        outside.mkdir()
+    os.symlink(outside, target)
+    snapshot = sorted(os.listdir(outside))
+    with pytest.raises(CacheError, match=f"holds a symlink \\({folder}\\)") as e:
+        cache_teacher(teacher_config(tiny_data, teacher_run, copy))
+    one_line(e)
+    with pytest.raises(CacheError, match="holds a symlink"):
+        Cache(copy, mode="r+")
+    assert sorted(os.listdir(outside)) == snapshot
+
+
+def test_overwrite_deletes_only_a_pld_cache_whatever_the_url_scheme(copy, tmp_path, tiny_data, teacher_run):
+    notes = tmp_path / "notes.zarr"
+    group = zarr.open_group(str(notes), mode="w")
+    group.attrs["mine"] = "the user's notes"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.jpg").write_bytes(b"x")
+    with open(os.path.join(copy, "NOTES.txt"), "w") as f:
+        f.write("mine")
+    cases = [(str(notes), (True, False), "not a (pld )?cache"), ("file://" + str(photos), (True, False), "not a cache"),
+             ("local://" + str(photos), (True, False), "not a cache"), (copy, (True,), "also holds NOTES.txt")]
+    for out, overwrites, match in cases:
+        for overwrite in overwrites:
+            with pytest.raises(CacheError, match=match) as e:
+                cache_teacher(teacher_config(tiny_data, teacher_run, out, overwrite=overwrite))
+            one_line(e)
+    assert zarr.open_group(str(notes), mode="r").attrs["mine"] == "the user's notes"
+    assert (photos / "keep.jpg").read_bytes() == b"x" and open(os.path.join(copy, "NOTES.txt")).read() == "mine"
+    memory = "memory://h1-user-folder"
+    import fsspec
+    fsspec.filesystem("memory").pipe(memory + "/keep.txt", b"x")
+    with pytest.raises(CacheError, match="not a cache"):
+        Cache.create_or_extend(memory, Cache(copy).meta, overwrite=True)
+    assert fsspec.filesystem("memory").cat(memory + "/keep.txt") == b"x"
+
+
+# -- fuzzing: every edit ends in a correct read or a one-line refusal ----------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=6)
+
+
+def paths_of(doc, prefix=()):
+    """Every (path, value) inside a JSON document."""
+    yield prefix, doc
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for k, v in items:
+        yield from paths_of(v, prefix + (k,))
+
+
+def edited(doc, pick, value, drop):
+    """``doc`` with the value at one of its paths (index ``pick``) replaced by ``value`` (or removed)."""
+    doc = json.loads(json.dumps(doc))
+    paths = [p for p, _ in paths_of(doc) if p]
+    path = paths[pick % len(paths)]
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if drop and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return doc
+
+
+def read_everything(url):
+    """What readers do: open, read a shard block with its teacher, verify, inspect, find a key, check claims."""
+    cache = Cache(url)
+    cache.read(0, "r14", temperature=1.0)
+    cache.find("nope")
+    verify_cache(url)
+    inspect_cache(url)
+    claims.held_by_other(cache.root, 0, "me")
+
+
+FUZZED = {"root": "zarr.json", "marker": "units/s000000.teacher.r14.0-4/zarr.json",
+          "unit index": "unit_index/s000000/zarr.json", "key index": "key_index/zarr.json", "claim": "claims/s000000.json"}
+
+
+@pytest.mark.parametrize("target", FUZZED)
+def test_fuzzed_metadata_ends_in_a_read_or_a_one_line_refusal(copy, target):
+    path = os.path.join(copy, FUZZED[target])
+    if target == "claim":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dump(path, {"owner": "host:1:abc", "expires": 1e12})
+    original = open(path, "rb").read()
+    doc = json.loads(original)
+
+    @settings(max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(pick=st.integers(0, 10**6), value=JSON, drop=st.booleans(), garbage=st.booleans())
+    def one_edit(pick, value, drop, garbage):
+        with open(path, "wb") as f:
+            f.write(b"\x00{not json" if garbage and pick % 7 == 0 else json.dumps(edited(doc, pick, value, drop)).encode())
+        try:
+            read_everything(copy)
+        except ValueError as e:  # CacheError included: a refusal, in one line
+            one_line(e)
+        finally:
+            with open(path, "wb") as f:
+                f.write(original)
+
+    one_edit()
