@@ -323,6 +323,9 @@ MUTATIONS = [
     Mutation("hostile cache: units beyond num_views accepted", "pld_pipeline/cache/cache.py",
              "return unit.views is None or 0 <= unit.views[0] < unit.views[1] <= num_views", "return True",
              (CACHE_ATTACK + "test_num_views_edited_down_is_no_longer_ok",)),
+    Mutation("tables squeezed to 80 columns outside a terminal (model names cut)", "cli/app.py",
+             "    if out.is_terminal:\n        out.print(table)", "    if True:\n        out.print(table)",
+             ("tests/test_cli.py::test_tables_print_in_full_outside_a_terminal",)),
 ]
 
 

@@ -137,3 +137,22 @@ def test_the_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
         "cuda tests", "cache-teacher vs bare forward", "cache for distill", "distill pld from cache",
         "distill ce without cache"}
     assert result["cache_teacher_over_bare_forward"] > 0 and result["distill_from_cache_over_ce"] > 0
+
+
+def test_tables_print_in_full_outside_a_terminal(monkeypatch):
+    """CI logs, `| tee`, notebooks: rich would squeeze a table into 80 columns and cut model names short."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    import pld_pipeline_cli.app as cli
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buf, soft_wrap=True))  # a file, not a terminal: 80 columns
+    name = "hf-hub:timm/convnext_tiny.in12k_ft_in1k_384"
+    t = Table(title="demo")
+    for col in ("run", "model", "params", "best val top-1", "last val top-1", "train time per run"):
+        t.add_column(col)
+    t.add_row("student pld, online teacher", name, "28,589,128", "97.21 ± 0.40%", "96.66 ± 0.52%", "12.3s")
+    cli._print_table(t)
+    assert name in buf.getvalue() and "student pld, online teacher" in buf.getvalue()
