@@ -3,15 +3,20 @@
     python tests/mutations.py [--only NAME] [--json OUT]
 
 Each mutation rewrites one snippet of the library (the snippet must occur exactly once), runs the tests that
-should catch it, and restores the file whatever happens. A mutation the tests do not fail on is "alive": a
+should catch it, and restores the file whatever happens. The mutations are applied to a private copy of the tree
+(the files git tracks or would track), never to the working tree: edits made there while a list runs are kept,
+and tests run elsewhere never see a mutated library. A mutation the tests do not fail on is "alive": a
 hole in the suite. Exit status 1 if any is alive.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,8 +334,23 @@ MUTATIONS = [
 ]
 
 
-def run(m: Mutation, timeout: int) -> dict:
-    path = ROOT / m.file
+def private_copy() -> Path:
+    """The tree's files in a temporary folder, importable ahead of the editable install (PYTHONPATH), so a
+    mutation applied there reaches in-process tests and the CLI subprocesses they start."""
+    dest = Path(tempfile.mkdtemp(prefix="pld-mutations-"))
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "pld_pipeline_cli").symlink_to("cli", target_is_directory=True)  # the CLI's installed name
+    return dest
+
+
+def run(m: Mutation, timeout: int, root: Path) -> dict:
+    path = root / m.file
     original = path.read_text()
     if original.count(m.old) != 1:
         return {"name": m.name, "outcome": f"snippet found {original.count(m.old)} times (update the mutation)"}
@@ -338,7 +358,9 @@ def run(m: Mutation, timeout: int) -> dict:
     t0 = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                              cwd=root, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
         outcome = "killed" if proc.returncode != 0 else "ALIVE"
     except subprocess.TimeoutExpired:
         outcome = "killed (timeout)"
@@ -355,13 +377,17 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=600)
     args = ap.parse_args()
     results = []
+    root = private_copy()
     print("| mutation | outcome | s |\n|---|---|---|")
-    for m in MUTATIONS:
-        if args.only and args.only not in m.name:
-            continue
-        r = run(m, args.timeout)
-        results.append(r)
-        print(f"| {r['name']} | {r['outcome']} | {r.get('seconds', '')} |", flush=True)
+    try:
+        for m in MUTATIONS:
+            if args.only and args.only not in m.name:
+                continue
+            r = run(m, args.timeout, root)
+            results.append(r)
+            print(f"| {r['name']} | {r['outcome']} | {r.get('seconds', '')} |", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return int(any(r["outcome"] != "killed" and not r["outcome"].startswith("killed") for r in results))
