@@ -144,11 +144,11 @@ class Cache:
         names = self.marker_names()
         docs = digest.documents(self.root, self.meta, names, self._reads_at_once())
         digest.require(expected, digest.of(docs), self.url)
-        hashed = ((docs["zarr.json"] or {}).get("attributes") or {}).get(fmt.ROOT_ATTR)
+        hashed = digest.attributes(docs["zarr.json"]).get(fmt.ROOT_ATTR)
         if not isinstance(hashed, dict) or parse_meta(hashed, self.url).to_dict() != self.meta.to_dict():
             raise CacheError(f"{self.url} changed while it was being opened (its root metadata differs between two "
                              "reads); open it again once nothing writes to it.")
-        self._pinned = {name: (docs[f"units/{name}/zarr.json"] or {}).get("attributes", {}) for name in names}
+        self._pinned = {name: digest.attributes(docs[f"units/{name}/zarr.json"]) for name in names}
 
     @staticmethod
     def meta_at(url: str) -> CacheMeta | None:

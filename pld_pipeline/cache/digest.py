@@ -41,6 +41,12 @@ def documents(root: zarr.Group, meta: CacheMeta, unit_names: list[str], at_once:
     return read_documents(root, object_keys(meta, unit_names), at_once)
 
 
+def attributes(doc: Any) -> dict[str, Any]:
+    """A group document's attributes; {} for anything else (a hostile marker may be any JSON value)."""
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
 def of(docs: dict[str, Any]) -> str:
     """``sha256:`` + sha256 hex of the canonical JSON of ``{"definition", "objects"}``."""
     text = json.dumps({"definition": DEFINITION, "objects": docs}, sort_keys=True, separators=(",", ":"))
