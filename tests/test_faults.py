@@ -7,16 +7,19 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from pld_pipeline.cache import CacheError, Cache, inspect_cache, verify_cache
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import encode_png, write_split
+from pld_pipeline_cli.app import app
 
 from conftest import NUM_CLASSES, make_images, stored_object, swap_objects, swap_views_in_object
 from test_cache_teacher import assert_same_cache
@@ -25,9 +28,18 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args, kill_at=None):
+    """`pld ARGS` in a fresh process: the runs a fault point kills, and errors that start in loader workers."""
     env = {**os.environ, "PLD_KILL_AT": kill_at} if kill_at else {k: v for k, v in os.environ.items() if k != "PLD_KILL_AT"}
     return subprocess.run([sys.executable, "-m", "pld_pipeline", *args], capture_output=True, text=True, env=env,
                           timeout=300)
+
+
+def cli_here(*args):
+    """`pld ARGS` run by the same command line in this process: the uninterrupted references, resumes and
+    reruns, which need the command's behaviour, not a process to kill (a fresh interpreter costs ~6 s of CPU).
+    An exception the command lets escape fails the test, as its traceback would in a terminal."""
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 def cache_args(tiny_data, teacher_ckpt, out):
@@ -40,7 +52,7 @@ def cache_args(tiny_data, teacher_ckpt, out):
 def reference(tiny_data, teacher_ckpt, tmp_path_factory):
     """A complete cache made by one uninterrupted run (random teacher: near chance on purpose)."""
     out = tmp_path_factory.mktemp("faults") / "ref.zarr"
-    run = cli(*cache_args(tiny_data, teacher_ckpt, out), "--json")
+    run = cli_here(*cache_args(tiny_data, teacher_ckpt, out), "--json")
     assert run.returncode == 0, run.stderr
     return str(out), json.loads(run.stdout)
 
@@ -62,7 +74,7 @@ def test_cache_teacher_killed_anywhere_resumes_to_the_uninterrupted_cache(tiny_d
         report = verify_cache(str(out))
         assert not report.ok and report.damaged == [], report.problems
         assert all(p.startswith("incomplete") for p in report.problems)
-    resumed = cli(*cache_args(tiny_data, teacher_ckpt, out))
+    resumed = cli_here(*cache_args(tiny_data, teacher_ckpt, out))
     assert resumed.returncode == 0, resumed.stderr
     report = verify_cache(str(out))
     assert report.ok and not any("unit index" in w for w in report.warnings), report.warnings
@@ -76,12 +88,12 @@ def distill_args(tiny_data, cache, out):
 
 
 def test_distill_killed_mid_epoch_resumes_to_the_same_weights_and_ema(tiny_data, cache, tmp_path):
-    whole = cli(*distill_args(tiny_data, cache, tmp_path / "whole"))
+    whole = cli_here(*distill_args(tiny_data, cache, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     # 40 samples / batch 8 = 5 steps an epoch: the 8th step is in the middle of epoch 1
     killed = cli(*distill_args(tiny_data, cache, tmp_path / "killed"), kill_at="distill.step:8")
     assert killed.returncode == -9, killed.stderr
-    resumed = cli(*distill_args(tiny_data, cache, tmp_path / "killed"), "--resume")
+    resumed = cli_here(*distill_args(tiny_data, cache, tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = (load_file(str(tmp_path / d / "last.safetensors")) for d in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -145,7 +157,7 @@ def test_a_rerun_repairs_every_kind_of_damage_at_once(tiny_data, teacher_ckpt, r
         damage(url)
     units = sorted({u for _, us in DAMAGE.values() for u in us})
     assert verify_cache(url).damaged == units
-    rerun = cli(*cache_args(tiny_data, teacher_ckpt, url))
+    rerun = cli_here(*cache_args(tiny_data, teacher_ckpt, url))
     assert rerun.returncode == 0, rerun.stderr
     assert f"repaired {len(units)} damaged unit(s): {', '.join(units)}" in rerun.stdout
     assert verify_cache(url).ok
@@ -180,7 +192,7 @@ def test_edited_root_metadata_is_caught_by_every_reader_and_never_laundered(tiny
     assert all("other root metadata" in p for p in report.problems)
     with pytest.raises(CacheError, match="is damaged: its marker was written under other root metadata"):
         distill(student(tiny_data, url, tmp_path / "run", **distill_kw))
-    rerun = cli(*cache_args(tiny_data, teacher_ckpt, url))
+    rerun = cli_here(*cache_args(tiny_data, teacher_ckpt, url))
     assert rerun.returncode != 0 and "Traceback" not in rerun.stderr
     assert "edited after writing" in rerun.stderr or "different num_classes" in rerun.stderr, rerun.stderr
 
