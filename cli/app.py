@@ -202,7 +202,7 @@ def _print_table(table: Table) -> None:
 
 def _print_warnings(warnings: list[str]) -> None:
     for w in warnings:
-        err.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")
@@ -222,13 +222,14 @@ def inspect_cmd(
     if json_:
         out.print_json(data=info)
         return
-    t = Table(title=f"{info['url']}  ({info['format']})", show_header=False)
-    t.add_row("classes", str(info["num_classes"]) + (f"  ({', '.join(info['class_names'][:10])}{'...' if len(info['class_names']) > 10 else ''})" if info["class_names"] else ""))
+    # strings from the cache are a stranger's text: shown as text, never as rich markup (links, styles)
+    t = Table(title=escape(f"{info['url']}  ({info['format']})"), show_header=False)
+    t.add_row("classes", str(info["num_classes"]) + (escape(f"  ({', '.join(map(str, info['class_names'][:10]))}{'...' if len(info['class_names']) > 10 else ''})") if info["class_names"] else ""))
     t.add_row("samples", f"{info['samples']:,} in {info['shards_total']} shard(s), {info['shards_done']} complete")
     mix = info["recipe"].get("mix")
     mixed = f"; mixed views: {mix['mode']}, {mix['prob']:g} of them" if mix else ""
-    t.add_row("views", f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
-                       f"seed {info['seed']}{mixed}")
+    t.add_row("views", escape(f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
+                              f"seed {info['seed']}{mixed}"))
     t.add_row("key index", info["key_index"])
     t.add_row("digest", (info["digest"] or "none (a metadata document is not JSON: run `pld verify`)")
               + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"))
@@ -241,7 +242,7 @@ def inspect_cmd(
     for tid, d in info["teachers"].items():
         tm = d["tail_mass"]
         acc = d["accuracy_on_cached_views"]
-        tt.add_row(tid, d["source"], f"{d['k']}{' (full)' if d['full'] else ''}", ",".join(f"{x:g}" for x in d["temperatures"]),
+        tt.add_row(escape(tid), escape(str(d["source"])), f"{d['k']}{' (full)' if d['full'] else ''}", ",".join(f"{x:g}" for x in d["temperatures"]),
                    f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
                    "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
     out.print(tt)
@@ -384,6 +385,7 @@ def distill_cmd(
     mixed_first: Annotated[Optional[str], typer.Option(help=_param_help("mixed_first", "class ranked first for a mixed (CutMix/Mixup) view: the dominant label, or the teacher's own ranking"), rich_help_panel=LOSS)] = None,
     view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
     top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
+    class_map: Annotated[Optional[str], typer.Option(help="JSON list, one entry per student class: the cached teacher's class(es) it covers, by index or name ([0, 1, 8, 9], [[0], [1, 9], [8]], [\"airplane\", ...]). The student learns the teacher's mass of each group, renormalised over the mapped classes; its labels and accuracy are in its own classes.", rich_help_panel=LOSS)] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,
     online_teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint for --online-teacher.", rich_help_panel=LOSS)] = None,
     online_teacher_pretrained: Annotated[bool, typer.Option("--online-teacher-pretrained", help="Load --online-teacher's hub weights through timm.", rich_help_panel=LOSS)] = False,
@@ -436,7 +438,7 @@ def distill_cmd(
         channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,
         deterministic=deterministic, init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size, "pad": pad},
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
-        top_k=top_k, eval_every=eval_every, online_teacher=online_teacher,
+        top_k=top_k, class_map=class_map, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
         pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
@@ -554,6 +556,7 @@ def sweep_cmd(
     student: Annotated[Optional[str], typer.Option(help="Student (base setting).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache, shared by all runs.")] = None,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (published beside a shared cache; `pld inspect` prints it), before anything is trained or written. Every run (and every printed command) carries it.")] = None,
+    class_map: Annotated[Optional[str], typer.Option(help="Class map (base setting): JSON list, one entry per student class, of the cached teacher's class(es) it covers (see `pld distill --help`).")] = None,
     log: Annotated[Optional[str], typer.Option(help=LOG_HELP + " A sweep is one parent run (MLflow) or group (W&B) with a child run per configuration.")] = None,
     jobs: Annotated[int, typer.Option(help="Local launcher: runs at once (CPU threads split between them; one GPU each where several exist).", rich_help_panel=LAUNCH)] = 1,
     launcher: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'pld-pipeline[ray]').", rich_help_panel=LAUNCH)] = "local",
@@ -579,7 +582,8 @@ def sweep_cmd(
     base, file_grid, runs = load_sweep_file(str(config)) if config else ({}, {}, [])
     base.update(parse_settings(set_ or []))
     base.update({k: v for k, v in dict(data=data, cache=cache, val_data=val_data, student=student,
-                                         cache_dir=cache_dir, expect_digest=expect_digest, log=log).items()
+                                         cache_dir=cache_dir, expect_digest=expect_digest, class_map=class_map,
+                                         log=log).items()
                  if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
     if scheduler not in SCHEDULERS:

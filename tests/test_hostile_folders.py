@@ -224,6 +224,25 @@ def test_official_style_cifar_pickles_still_load(tmp_path):
     assert images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 1] and images[1, 0, 0, 0] == 3072 % 256
 
 
+def test_inspect_shows_a_caches_strings_as_text_not_markup(cache, monkeypatch):
+    """Class names and teacher sources are a stranger's text: rich markup in them is printed, not obeyed."""
+    import pld_pipeline.cache as cache_mod
+    real = cache_mod.inspect_cache
+
+    def hostile(url, **kwargs):
+        info = real(url, **kwargs)
+        info["class_names"] = ["[link=file:///etc/passwd]cat[/link]", "dog[/]"]
+        for d in info["teachers"].values():
+            d["source"] = "[b]x[/b]"
+        return info
+
+    monkeypatch.setattr(cache_mod, "inspect_cache", hostile)
+    code, output = run("inspect", cache)
+    assert code == 0, output
+    assert "[link=file:///etc/passwd]cat[/link]" in output and "dog[/]" in output
+    assert "[b]x[/b]" in output
+
+
 # -- the loss guard ------------------------------------------------------------------------------------------------
 def test_distill_stops_within_one_step_of_a_non_finite_loss_naming_the_unit(cache, tiny_data, tmp_path, monkeypatch):
     """A cached target made non-finite on the third batch (after the read checks, as an edit that slipped past
