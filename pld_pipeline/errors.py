@@ -43,6 +43,9 @@ def rebuild(type_name: str, message: str) -> Exception | None:
     """The pld error named ``type_name`` carrying ``message``: a DataLoader worker's error, which torch could not
     re-create in the main process (its constructor takes more than one message), keeps its type and message."""
     cls = PldError if type_name == "PldError" else PldError._known.get(type_name)
+    if cls is None and type_name in _NETWORK_TYPES:  # torch cannot re-create the client libraries' errors either
+        return RemoteError(f"{message} ({type_name} in a data-loading worker); check the network, the host and "
+                           "your credentials")
     if cls is None:
         return None
     exc = cls.__new__(cls, message)  # not __init__: subclasses may build their message from several fields
@@ -50,6 +53,10 @@ def rebuild(type_name: str, message: str) -> Exception | None:
     return exc
 
 
+_NETWORK_TYPES = {"ClientConnectorError", "ClientConnectorDNSError", "ClientResponseError", "ServerTimeoutError",
+                  "ServerDisconnectedError", "ClientOSError", "NoCredentialsError", "EndpointConnectionError",
+                  "ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError", "ConnectionRefusedError",
+                  "ConnectionResetError", "TimeoutError"}
 _ERRNO = re.compile(r"^\[Errno (\d+)\] (.*?)(?:: '(.*)')?$", re.S)
 
 

@@ -317,6 +317,25 @@ def test_an_os_error_in_a_worker_keeps_its_errno():
     assert errors.one_line(caught.value).startswith("no space left on device writing /tmp/x")
 
 
+class ClientConnectorError(Exception):
+    """Like aiohttp's: a constructor torch cannot call with one message, so torch re-raises a RuntimeError."""
+
+    def __init__(self, key, error):
+        super().__init__(f"Cannot connect to host {key} [{error}]")
+
+
+def test_a_network_error_in_a_worker_is_one_line():
+    class Remote(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            raise ClientConnectorError("bucket.example:443", "Connect call failed")
+            yield
+
+    with pytest.raises(errors.RemoteError) as caught:
+        list(worker_errors(torch.utils.data.DataLoader(Remote(), num_workers=1)))
+    assert errors.one_line(caught.value).startswith("Cannot connect to host bucket.example:443 [Connect call failed] "
+                                                    "(ClientConnectorError in a data-loading worker)")
+
+
 def _failing_fdopen(code, after):
     """os.fdopen whose file takes ``after`` bytes and then fails with ``code`` (a full or read-only disk)."""
     def fdopen(fd, *args, **kwargs):
