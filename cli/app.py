@@ -212,6 +212,7 @@ def inspect_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     key: Annotated[Optional[str], typer.Option(help="Show where one sample is (shard, row, label, status), found through the key index.")] = None,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
+    class_map: Annotated[Optional[str], typer.Option(help="Also show what this class map (as `pld distill --class-map`) does: each teacher's out-of-map mass and its top-1 accuracy in the student's classes, over up to 8 shards.")] = None,
 ) -> None:
     """Show what a cache holds: teachers, classes, k, views, temperatures, completion, size, teacher tail mass."""
     from pld_pipeline.cache import inspect_cache
@@ -219,6 +220,9 @@ def inspect_cmd(
         _print_key(cache, key, json_, expect_digest)
         return
     info = inspect_cache(cache, expect_digest=expect_digest)
+    if class_map is not None:
+        from pld_pipeline.class_map import inspect_class_map
+        info["class_map"] = inspect_class_map(cache, class_map, expect_digest=expect_digest)
     if json_:
         out.print_json(data=info)
         return
@@ -246,6 +250,17 @@ def inspect_cmd(
                    f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
                    "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
     out.print(tt)
+    if class_map is not None:
+        cm = info["class_map"]
+        mt = Table(title=f"class map {class_map}: {cm['student_classes']} student classes from "
+                         f"{cm['mapped_teacher_classes']} of {cm['teacher_classes']} teacher classes")
+        for col in ("teacher", "out-of-map mass mean/p90/max", "upper bound (+ tail) mean", "student top-1"):
+            mt.add_column(col)
+        for tid, d in cm["teachers"].items():
+            lo, hi, acc = d["out_of_map_mass"], d["out_of_map_mass_upper"], d["student_accuracy_on_cached_views"]
+            mt.add_row(tid, "-" if not lo else f"{lo['mean']:.4f} / {lo['p90']:.4f} / {lo['max']:.4f}",
+                       "-" if not hi else f"{hi['mean']:.4f}", "-" if acc is None else f"{acc * 100:.2f}%")
+        out.print(mt)
     _print_warnings(info["warnings"])
 
 

@@ -33,6 +33,7 @@ from .faults import kill_point
 from .errors import MetadataError, PldError
 from .files import STATE_FILE, SUMMARY_FILE, json_field, read_json, write_bytes, write_json, write_text
 from .halving import Halving
+from .class_map import map_targets
 from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
@@ -61,6 +62,7 @@ class DistillConfig:
     mixed_first: str | None = None  # pld on mixed views: dominant (default) or teacher (losses.MIXED_FIRST)
     view_policy: str = "rotate"
     top_k: int | None = None  # use only the first k cached classes (what a top-k cache would hold)
+    class_map: str | None = None  # JSON file: the student's classes as groups of the cached teacher's (class_map.py)
     eval_every: int = 1
     epochs: int = 10
     batch_size: int = 128
@@ -196,8 +198,9 @@ class LossGuard:
     def step(self, epoch: int, step: int, loss: torch.Tensor, logits: torch.Tensor,
              targets: TeacherTargets | None, source: torch.Tensor | None) -> None:
         flag, event = torch.isfinite(loss.detach()), None
-        if self.device.type == "cuda":
-            flag, event = flag.to("cpu", non_blocking=True), torch.cuda.Event()
+        if self.device.type == "cuda":  # into page-locked memory: a copy that does not wait for the device
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
             event.record()
         previous = self.pending
         self.pending = (epoch, step, flag, event, loss.detach(), logits.detach(), targets, source)
@@ -425,7 +428,9 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                "best_val_top1": best["val_top1"] if cfg.val_data else None, "best_epoch": best["epoch"],
                "last_val_top1": last.get("val_top1"), "seconds": time.perf_counter() - t_run,
                "train_seconds": sum(r["epoch_seconds"] for r in history), "params": params,
-               "resumed_from_epoch": start_epoch if state is not None else None, **stopped}
+               "resumed_from_epoch": start_epoch if state is not None else None, **stopped,
+               **({"class_map": data.class_map.to_dict()["sha256"], "num_classes": data.num_classes}
+                  if data.class_map else {})}
     if dist.is_main:
         if halving is not None and not stopped:
             halving.complete(last.get("val_top1", math.nan))
@@ -455,7 +460,7 @@ def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, dev
                        num_classes=num_classes if num_classes is not None else cfg.num_classes, recipe=recipe,
                        image_field=cfg.image_field, label_field=cfg.label_field, pin_memory=device.type == "cuda",
                        student_size=cfg.student_size, rank=dist.rank, world_size=dist.world_size,
-                       expect_digest=cfg.expect_digest)
+                       expect_digest=cfg.expect_digest, class_map=cfg.class_map)
 
 
 TargetsFn = Callable[[Batch, torch.Tensor, torch.Tensor], "TeacherTargets | None"]
@@ -467,12 +472,13 @@ def _targets_source(cfg: DistillConfig, data: StudentData, temperature: float, n
     baseline, a teacher run on the step's own views. The loop does not know which."""
     if not cfg.online_teacher or not needs_teacher:
         return lambda batch, x, y: None if batch.targets is None else batch.targets.to(device, device.type == "cuda")
-    online = load_model(cfg.online_teacher, num_classes=None if cfg.online_teacher_pretrained else data.num_classes,
+    teacher_classes = data.teacher_classes or data.num_classes  # under a class map: the cached teacher's
+    online = load_model(cfg.online_teacher, num_classes=None if cfg.online_teacher_pretrained else teacher_classes,
                         checkpoint=cfg.online_teacher_checkpoint, pretrained=cfg.online_teacher_pretrained)
     online = online.to(device).eval().to(memory_format=torch.channels_last)
-    if output_width(online) != data.num_classes:
+    if output_width(online) != teacher_classes:
         raise ValueError(f"Online teacher {cfg.online_teacher} has {output_width(online)} classes, the data has "
-                         f"{data.num_classes}.")
+                         f"{teacher_classes}.")
     prep = preprocessing_of(online)
     require_teacher_input(prep, cfg.online_teacher, size_given=True)  # views come at the recipe's size
 
@@ -480,7 +486,8 @@ def _targets_source(cfg: DistillConfig, data: StudentData, temperature: float, n
         with torch.inference_mode():  # fp32, like cache-teacher's default: bf16 logits reorder the ranking
             logits = online(normalize(x, prep["mean"], prep["std"])).float()
         first = y if batch.mix is None else batch.mix.to(y.device).dominant(y)  # what the cache ranks first
-        return TeacherTargets.from_logits(logits.clone(), first, temperature=temperature)
+        targets = TeacherTargets.from_logits(logits.clone(), first, temperature=temperature)
+        return targets if data.class_map is None else map_targets(targets, data.class_map, first)
 
     return run_teacher
 

@@ -26,7 +26,7 @@ LAUNCHERS = ("local", "ray")
 ProgressFn = Callable[[dict[str, Any]], None]
 # Settings that name local files: made absolute before they travel to another process or machine.
 _PATH_SETTINGS = ("data", "val_data", "cache", "cache_dir", "init_checkpoint", "online_teacher_checkpoint", "out",
-                  "sweep")
+                  "sweep", "class_map")
 # Environment a Ray task gets from the driver: tracking, object-store and hub credentials, debugging.
 _PASSED_ENV = ("MLFLOW_", "WANDB_", "AWS_", "HF_", "PLD_", "FSSPEC_", "GOOGLE_")
 

@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
+from .class_map import ClassMap, load_class_map, map_targets, parse_class_map
 from .cache.format import CacheError, SampleStatus, TeacherRecord, sample_digest
 from .data import (
     DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
@@ -238,10 +239,12 @@ def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int,
-                  top_k: int | None = None) -> TeacherTargets | None:
+                  top_k: int | None = None, class_map: ClassMap | None = None) -> TeacherTargets | None:
     """A loader batch's cached arrays (``[B, teachers, k]``) as loss targets (None when training without a cache):
     one teacher's as they are, several teachers' as their :meth:`TeacherTargets.ensemble`. ``top_k`` keeps the
-    first k classes: exactly what a cache made with that k would hold."""
+    first k classes: exactly what a cache made with that k would hold. ``num_classes``: the teacher's.
+    ``class_map``: the (ensembled) teacher's targets mapped to the student's classes (class_map.map_targets), the
+    label ranked first being the sample's own or, for a mixed view, the dominant one."""
     if "topk_idx" not in batch:
         return None
     k = slice(0, top_k)
@@ -249,7 +252,13 @@ def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classe
                               label_logp=batch["label_logp"][:, i].float(), logz=batch["logz"][:, i].float(),
                               temperature=temperature, num_classes=num_classes)
                for i in range(batch["topk_idx"].shape[1])]
-    return members[0] if len(members) == 1 else TeacherTargets.ensemble(members)
+    targets = members[0] if len(members) == 1 else TeacherTargets.ensemble(members)
+    if class_map is None:
+        return targets
+    labels = batch["label"].long()
+    if "lam" in batch:
+        labels = MixedLabels(batch["label2"].long(), batch["lam"].float()).dominant(labels)
+    return map_targets(targets, class_map, labels)
 
 
 @dataclass
@@ -285,7 +294,7 @@ class StudentData:
                  cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", pin_memory: bool = False,
                  student_size: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 expect_digest: str | None = None) -> None:
+                 expect_digest: str | None = None, class_map: str | list | ClassMap | None = None) -> None:
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"Unsupported view policy '{view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
         if rank is None or world_size is None:
@@ -299,11 +308,20 @@ class StudentData:
         # expect_digest: refuse (before anything else reads it) a cache other than the one the digest was published for
         self.reader = Cache(cache, cache_dir=cache_dir, expect_digest=expect_digest) if cache else None
         self.teachers: list[TeacherRecord] = []
+        self.class_map: ClassMap | None = None
+        self.teacher_classes: int | None = None  # the cached teacher's classes (the student's too, without a map)
+        if class_map is not None and self.reader is None:
+            raise ValueError("--class-map maps a cached teacher's classes to the student's; it needs --cache.")
         if self.reader is not None:
             meta = self.reader.meta
-            if num_classes is not None and num_classes != meta.num_classes:
-                raise ValueError(f"--num-classes {num_classes} differs from the cache's {meta.num_classes} classes.")
-            self.num_classes, self.recipe = meta.num_classes, ViewRecipe.from_dict(meta.recipe)
+            self.teacher_classes = meta.num_classes
+            if class_map is not None:  # the student's classes are the map's entries
+                self.class_map = _class_map(class_map, meta.num_classes, meta.class_names)
+            student_classes = self.class_map.num_classes if self.class_map else meta.num_classes
+            if num_classes is not None and num_classes != student_classes:
+                raise ValueError(f"--num-classes {num_classes} differs from the {student_classes} classes of the "
+                                 + ("class map." if self.class_map else "cache."))
+            self.num_classes, self.recipe = student_classes, ViewRecipe.from_dict(meta.recipe)
             if with_targets:  # "a,b": an ensemble of cached teachers
                 ids = [t.strip() for t in teacher.split(",")] if teacher else [None]
                 self.teachers = [self.reader.teacher(tid) for tid in ids]
@@ -363,7 +381,8 @@ class StudentData:
                 return
             mix = MixedLabels(batch["label2"].long(), batch["lam"].float()) if "lam" in batch else None
             yield Batch(batch["image"], batch["label"].long(),
-                        batch_targets(batch, self.temperature, self.num_classes, self.top_k), mix, batch.get("source"))
+                        batch_targets(batch, self.temperature, self.teacher_classes, self.top_k, self.class_map),
+                        mix, batch.get("source"))
 
     def fingerprint(self) -> dict[str, Any] | None:
         """What identifies the teacher outputs a run used (recorded in each run's config.json)."""
@@ -374,7 +393,20 @@ class StudentData:
                 "seed": meta.seed, "recipe": meta.recipe,
                 "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
                 "teacher": self.teachers[0].to_dict() if len(self.teachers) == 1 else None,
-                "ensemble": [rec.to_dict() for rec in self.teachers] if len(self.teachers) > 1 else None}
+                "ensemble": [rec.to_dict() for rec in self.teachers] if len(self.teachers) > 1 else None,
+                **({"class_map": self.class_map.to_dict()} if self.class_map else {})}
+
+
+def _class_map(spec: str | list | ClassMap, num_teacher_classes: int, names: list[str] | None) -> ClassMap:
+    """A class map given as a JSON file, its parsed JSON value, or a ClassMap, checked against the cache's teacher."""
+    if isinstance(spec, ClassMap):
+        if spec.num_teacher_classes != num_teacher_classes:
+            raise ValueError(f"The class map is for a teacher with {spec.num_teacher_classes} classes; the cache's "
+                             f"has {num_teacher_classes}.")
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load_class_map(os.fspath(spec), num_teacher_classes, names)
+    return parse_class_map(spec, num_teacher_classes, names)
 
 
 def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,0 +1,261 @@
+"""Class maps: a teacher's label space (ImageNet-1k, a hub model's classes) seen through a student's smaller one.
+
+A map is one entry per student class, in student-class order: the teacher class(es) that class covers, by index
+or by name. The student's distribution over its own classes is the teacher's probability mass of each group,
+renormalised over the mapped classes; mass on unmapped teacher classes is dropped (and reported as out-of-map
+mass). Mapping happens when targets are built, not when a cache is written, so one teacher cache serves any
+number of subset students (docs/design.md, "Class maps"; the definition in docs/cache-format.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import PldError
+from .losses import TeacherTargets, _compute_dtype
+
+__all__ = ["ClassMap", "ClassMapError", "load_class_map", "parse_class_map", "map_by_names", "map_targets",
+           "out_of_map_mass", "timm_class_names", "timm_index_map", "inspect_class_map"]
+
+#: A map file larger than this is refused before it is read (a 21k-class map by name is ~0.5 MB).
+MAX_MAP_BYTES = 64 << 20
+
+
+class ClassMapError(PldError):
+    """A class map that cannot be used as written (one line naming the file and the entry)."""
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """``groups[j]``: the teacher classes student class ``j`` covers (disjoint, non-empty, each in [0, C_t))."""
+    groups: tuple[tuple[int, ...], ...]
+    num_teacher_classes: int
+
+    @property
+    def num_classes(self) -> int:
+        """Student classes."""
+        return len(self.groups)
+
+    def student_of(self, device: torch.device | str = "cpu") -> Tensor:
+        """int64 [C_t]: each teacher class's student class, ``num_classes`` for an unmapped one."""
+        out = torch.full((self.num_teacher_classes,), self.num_classes, dtype=torch.int64)
+        for j, group in enumerate(self.groups):
+            out[list(group)] = j
+        return out.to(device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a run records (config.json, summary): the resolved groups and their digest."""
+        groups = [list(g) for g in self.groups]
+        text = json.dumps({"groups": groups, "num_teacher_classes": self.num_teacher_classes}, separators=(",", ":"))
+        return {"groups": groups, "num_teacher_classes": self.num_teacher_classes,
+                "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[str] | None = None,
+                    where: str = "class map") -> ClassMap:
+    """A map from its JSON value: ``[0, 1, 8, 9]``, ``[[0], [1, 9], [8]]`` or ``["airplane", ...]`` (names are
+    looked up in ``teacher_names``). Refuses, naming ``where`` and the entry: an unknown class, an empty entry,
+    a teacher class claimed twice (two student classes cannot share one: its mass would count twice)."""
+    if not isinstance(doc, list) or not doc:
+        raise ClassMapError(f"{where}: expected a non-empty JSON list with one entry per student class, e.g. "
+                            "[0, 1, 8, 9], [[0], [1, 9], [8]] or [\"airplane\", \"ship\"].")
+    index = {name: i for i, name in enumerate(teacher_names)} if teacher_names else None
+    owner: dict[int, int] = {}
+    groups = []
+    for j, entry in enumerate(doc):
+        members = entry if isinstance(entry, list) else [entry]
+        if not members:
+            raise ClassMapError(f"{where}: entry {j} is empty; each student class covers at least one teacher class.")
+        group = []
+        for m in members:
+            if isinstance(m, str):
+                if index is None:
+                    raise ClassMapError(f"{where}: entry {j} names class {m!r}, but the teacher's class names are "
+                                        "not known (the cache records none); use class indices.")
+                if m not in index:
+                    raise ClassMapError(f"{where}: entry {j} names class {m!r}, which the teacher lacks (its "
+                                        f"{num_teacher_classes} classes do not include it).")
+                c = index[m]
+            elif isinstance(m, int) and not isinstance(m, bool):
+                if not 0 <= m < num_teacher_classes:
+                    raise ClassMapError(f"{where}: entry {j} names class {m}, which the teacher lacks (it has "
+                                        f"classes 0..{num_teacher_classes - 1}).")
+                c = m
+            else:
+                raise ClassMapError(f"{where}: entry {j} holds {json.dumps(m)[:40]}; entries are a teacher class "
+                                    "index, a class name, or a list of them.")
+            if c in owner:
+                raise ClassMapError(f"{where}: teacher class {c} is claimed by student classes {owner[c]} and {j}; "
+                                    "each teacher class may belong to one student class only (merge them, or "
+                                    "drop it from one).")
+            owner[c] = j
+            group.append(c)
+        groups.append(tuple(group))
+    return ClassMap(tuple(groups), num_teacher_classes)
+
+
+def load_class_map(path: str, num_teacher_classes: int, teacher_names: Sequence[str] | None = None) -> ClassMap:
+    """A map from a JSON file (``--class-map FILE``); size checked before reading, errors name the file."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_MAP_BYTES:
+            raise ClassMapError(f"{path}: {size} bytes, more than a class map needs ({MAX_MAP_BYTES} at most).")
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        raise ClassMapError(f"--class-map {path}: no such file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClassMapError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); a class map is a JSON list.") from None
+    return parse_class_map(doc, num_teacher_classes, teacher_names, where=path)
+
+
+def map_by_names(student_names: Sequence[str], teacher_names: Sequence[str]) -> list[int]:
+    """The map (teacher index per student class) of a student whose class names all appear among the teacher's:
+    e.g. a classes.json of ten ImageNet synsets under a 1k or 22k teacher. Refuses a name the teacher lacks."""
+    index = {name: i for i, name in enumerate(teacher_names)}
+    missing = [n for n in student_names if n not in index]
+    if missing:
+        raise ClassMapError(f"{len(missing)} student class name(s) are not teacher classes, e.g. {missing[0]!r}.")
+    return [index[n] for n in student_names]
+
+
+def timm_class_names(subset: str) -> list[str]:
+    """The class names (WordNet synsets) timm ships for an ImageNet label set: imagenet-1k, imagenet-12k,
+    imagenet-22k, imagenet-21k-goog, ... (no network). With
+    :func:`map_by_names` this gives e.g. the 22k -> 1k map: ``map_by_names(timm_class_names('imagenet-1k'),
+    timm_class_names('imagenet-22k'))``."""
+    from timm.data import ImageNetInfo
+    try:
+        return list(ImageNetInfo(subset).label_names())
+    except (AssertionError, KeyError, FileNotFoundError, ValueError) as e:
+        raise ClassMapError(f"timm ships no class names for {subset!r} ({e}); try imagenet-1k, imagenet-12k, "
+                            "imagenet-22k or imagenet-21k-goog.") from None
+
+
+def timm_index_map(name: str) -> list[int]:
+    """One of timm's own label-map files (``timm/data/_info/{name}_indices.txt``, shipped with timm, no network):
+    the teacher index of each student class, e.g. ``imagenet22k_to_12k`` (a 22k teacher, a 12k student),
+    ``imagenet21k_goog_to_12k``, ``imagenet_a`` / ``imagenet_r`` / ``mini_imagenet`` (a 1k teacher, a
+    200/200/100-class student)."""
+    from importlib import resources
+    if not name.replace("_", "").isalnum():
+        raise ClassMapError(f"{name!r} is not a timm label-map name (e.g. imagenet22k_to_12k, imagenet_a).")
+    path = resources.files("timm.data") / "_info" / f"{name}_indices.txt"
+    if not path.is_file():
+        raise ClassMapError(f"timm ships no label map {name!r} (no _info/{name}_indices.txt); e.g. "
+                            "imagenet22k_to_12k, imagenet21k_goog_to_12k, imagenet_a, imagenet_r, mini_imagenet.")
+    return [int(line) for line in path.read_text().split()]
+
+
+def _group_log_mass(log_p: Tensor, group: Tensor, groups: int) -> Tensor:
+    """[B, groups]: ``log sum exp(log_p)`` over the entries of each group (``-inf`` for an empty one), computed
+    with a per-group shift so tiny probabilities do not underflow to 0."""
+    batch = log_p.shape[0]
+    hi = torch.full((batch, groups), -math.inf, dtype=log_p.dtype, device=log_p.device)
+    hi = hi.scatter_reduce(1, group, log_p, "amax", include_self=True)
+    shift = hi.gather(1, group)
+    total = torch.zeros_like(hi).scatter_add_(1, group, torch.exp(log_p - shift))
+    return hi + total.log()
+
+
+def map_targets(targets: TeacherTargets, cmap: ClassMap, labels: Tensor) -> TeacherTargets:
+    """The teacher's targets seen through ``cmap``: a student-space :class:`TeacherTargets` (``num_classes`` =
+    the student's) at the same temperature T, which every loss reads as it reads a cached target.
+
+    ``q_j = m_j / (M + t)``: ``m_j`` the teacher's probability (at T) of student class j's group among its top-k,
+    ``M`` the sum of the ``m_j`` (the in-map mass), ``t`` the tail mass outside the top-k. From full targets
+    (t = 0) this is the exact renormalised group mass. From top-k targets each ``q_j`` is a lower bound of the
+    exact one (``m_j`` can only grow and ``M + t`` bounds the true in-map mass from above), and the unranked
+    remainder ``t / (M + t)`` is the mapped target's own tail. Keeps the ``min(k, C_s)`` student classes with the
+    largest ``q`` (ties: lower index first). ``labels`` (student classes; the dominant label of a mixed view)
+    give the label's ``q``, which PLD ranks first. Expressed at T directly (``topk_logp = T log q``, ``logz = 0``),
+    as :meth:`TeacherTargets.ensemble` does."""
+    if targets.num_classes != cmap.num_teacher_classes:
+        raise ClassMapError(f"the class map is for a teacher with {cmap.num_teacher_classes} classes; this "
+                            f"teacher has {targets.num_classes}.")
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cmap.num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= cmap.num_classes else int(labels.min())
+        raise ClassMapError(f"label {bad} is not a student class of the class map ({cmap.num_classes} entries, "
+                            f"labels 0..{cmap.num_classes - 1}); the map needs one entry per student class.")
+    dtype = _compute_dtype(targets.topk_logp)
+    temp, c_s = targets.temperature, cmap.num_classes
+    log_p = targets.topk_log_probs().to(dtype)
+    group = cmap.student_of(log_p.device)[targets.topk_idx.long()]
+    log_m = _group_log_mass(log_p, group, c_s + 1)[:, :c_s]  # column c_s: the unmapped classes, dropped
+    full = targets.k == targets.num_classes
+    tail = torch.zeros_like(log_p[:, 0]) if full else targets.tail_mass().to(dtype)
+    log_den = torch.logaddexp(torch.logsumexp(log_m, dim=1), tail.log())
+    log_den = torch.where(torch.isfinite(log_den), log_den, 0.0)  # nothing in the map among the top-k: all q = 0
+    log_q = log_m - log_den[:, None]
+    k = min(targets.k, c_s)
+    top = torch.sort(log_q, dim=1, descending=True, stable=True)
+    floor = math.log(torch.finfo(dtype).tiny)  # a class with no known mass: a lower bound of 0, kept finite
+    label_log_q = log_q.gather(1, labels[:, None]).squeeze(1)
+    return TeacherTargets(topk_idx=top.indices[:, :k], topk_logp=temp * top.values[:, :k].clamp_min(floor),
+                          label_logp=temp * label_log_q.clamp_min(floor), logz=torch.zeros_like(label_log_q),
+                          temperature=temp, num_classes=c_s)
+
+
+def out_of_map_mass(targets: TeacherTargets, cmap: ClassMap) -> tuple[Tensor, Tensor]:
+    """Per view: the teacher's probability (at T) on unmapped classes among its top-k (a lower bound), and the
+    tail mass outside the top-k (the most the exact out-of-map mass can exceed it by; 0 for full targets)."""
+    log_p = targets.topk_log_probs().to(_compute_dtype(targets.topk_logp))
+    unmapped = cmap.student_of(log_p.device)[targets.topk_idx.long()] == cmap.num_classes
+    known = torch.where(unmapped, log_p.exp(), 0.0).sum(1)
+    full = targets.k == targets.num_classes
+    return known, torch.zeros_like(known) if full else targets.tail_mass()
+
+
+def inspect_class_map(url: str, class_map: str | list, expect_digest: str | None = None,
+                      max_shards: int = 8) -> dict[str, Any]:
+    """What a map does to a cache's teachers (``pld inspect --class-map``), over up to ``max_shards`` complete
+    shards at temperature 1: the out-of-map mass (the teacher's top-k probability on unmapped classes, a lower
+    bound, and that plus the tail, an upper bound) and the teacher's top-1 accuracy in the student's classes
+    (the student class with the largest mapped mass against each sample's own label; views whose label is not a
+    student class are counted apart)."""
+    import numpy as np
+    from .cache import Cache
+    from .cache.format import SampleStatus
+    cache = Cache(url, expect_digest=expect_digest)
+    meta = cache.meta
+    cmap = (load_class_map(class_map, meta.num_classes, meta.class_names) if isinstance(class_map, str)
+            else parse_class_map(class_map, meta.num_classes, meta.class_names))
+    teachers = {}
+    for tid in meta.teachers:
+        known, upper, hits, count, outside = [], [], 0, 0, 0
+        for shard in [s for s in range(len(meta.shards)) if cache.complete(s, tid)][:max_shards]:
+            block = cache.read(shard, tid, temperature=1.0)
+            ok = block.status == SampleStatus.OK
+            n, v, k = block.topk_idx[ok].shape
+            labels = torch.from_numpy(np.repeat(block.labels[ok].astype(np.int64), v))
+            targets = TeacherTargets(torch.from_numpy(block.topk_idx[ok].reshape(n * v, k).astype(np.int64)),
+                                     torch.from_numpy(block.topk_logp[ok].reshape(n * v, k)),
+                                     torch.zeros(n * v), torch.from_numpy(block.logz[ok].reshape(n * v)),
+                                     1.0, meta.num_classes)
+            lo, tail = out_of_map_mass(targets, cmap)
+            known.append(lo.numpy())
+            upper.append((lo + tail).clamp_max(1.0).numpy())
+            inside = labels < cmap.num_classes
+            outside += int((~inside).sum())
+            if bool(inside.any()):
+                mapped = map_targets(targets, cmap, torch.where(inside, labels, 0))
+                hits += int((mapped.topk_idx[:, 0] == labels)[inside].sum())
+                count += int(inside.sum())
+        lo_all = np.concatenate(known) if known else np.zeros(0)
+        hi_all = np.concatenate(upper) if upper else np.zeros(0)
+        quant = lambda m: ({"mean": float(m.mean()), "p50": float(np.quantile(m, 0.5)),  # noqa: E731
+                            "p90": float(np.quantile(m, 0.9)), "max": float(m.max())} if m.size else {})
+        teachers[tid] = {"out_of_map_mass": quant(lo_all), "out_of_map_mass_upper": quant(hi_all),
+                         "student_accuracy_on_cached_views": hits / count if count else None,
+                         "views_with_labels_outside_the_map": outside}
+    return {"class_map_sha256": cmap.to_dict()["sha256"], "student_classes": cmap.num_classes,
+            "mapped_teacher_classes": sum(len(g) for g in cmap.groups),
+            "teacher_classes": meta.num_classes, "teachers": teachers}
