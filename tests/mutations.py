@@ -39,6 +39,7 @@ SWEEP = "tests/test_sweep.py::"
 TRACK = "tests/test_tracking.py::"
 HOSTILE = "tests/test_hostile_folders.py::"
 CACHE_ATTACK = "tests/test_hostile_cache.py::"
+CMAP = "tests/test_class_map.py::"
 MUTATIONS = [
     Mutation("halving keeps the worst runs (study minimises top-1)", "pld_pipeline/halving.py",
              'direction="maximize"', 'direction="minimize"',
@@ -334,6 +335,43 @@ MUTATIONS = [
     Mutation("tables squeezed to 80 columns outside a terminal (model names cut)", "cli/app.py",
              "    if out.is_terminal:\n        out.print(table)", "    if True:\n        out.print(table)",
              ("tests/test_cli.py::test_tables_print_in_full_outside_a_terminal",)),
+    Mutation("audit guesses a normalisation the cache does not record", "pld_pipeline/audit.py",
+             'if not prep.get("mean") or not prep.get("std") or rec.precision not in TOLERANCE:',
+             'if rec.precision not in TOLERANCE:',
+             ("tests/test_audit.py::test_a_cache_that_does_not_record_the_normalisation_is_refused_not_guessed",)),
+    Mutation("class map: group masses not renormalised", "pld_pipeline/class_map.py",
+             "log_q = log_m - log_den[:, None]", "log_q = log_m",
+             (CMAP + "test_mapped_full_targets_are_the_renormalised_group_mass",)),
+    Mutation("class map: the top class, not the true label, weighs PLD's first step", "pld_pipeline/class_map.py",
+             "label_log_q = log_q.gather(1, labels[:, None]).squeeze(1)",
+             "label_log_q = log_q.gather(1, top.indices[:, :1]).squeeze(1)",
+             (CMAP + "test_losses_on_mapped_targets_match_brute_force_values_and_gradients",)),
+    Mutation("class map: a teacher class claimed by two student classes accepted", "pld_pipeline/class_map.py",
+             "            if c in owner:", "            if False:",
+             (CMAP + "test_bad_maps_are_refused_in_one_line_naming_the_entry",)),
+    Mutation("class map: an index the teacher lacks accepted", "pld_pipeline/class_map.py",
+             "if not 0 <= m < num_teacher_classes:", "if m < 0:",
+             (CMAP + "test_bad_maps_are_refused_in_one_line_naming_the_entry",)),
+    Mutation("class map: a label outside the map accepted", "pld_pipeline/class_map.py",
+             "if labels.numel() and (int(labels.min()) < 0", "if False and (int(labels.min()) < 0",
+             (CMAP + "test_a_label_outside_the_map_is_refused",)),
+    Mutation("class map: top-k tail ignored (mapped masses no longer lower bounds)", "pld_pipeline/class_map.py",
+             "tail = torch.zeros_like(log_p[:, 0]) if full else targets.tail_mass().to(dtype)",
+             "tail = torch.zeros_like(log_p[:, 0])",
+             (CMAP + "test_topk_mapped_mass_is_a_lower_bound_short_by_at_most_the_mapped_tail",)),
+    Mutation("class map: group masses summed without a shift (underflow)", "pld_pipeline/class_map.py",
+             "shift = hi.gather(1, group)", "shift = torch.zeros_like(log_p)",
+             (CMAP + "test_a_teacher_sure_of_an_unmapped_class_still_gives_the_exact_renormalised_mass",)),
+    Mutation("class map: a mixed view's own label ranked first, not the dominant one", "pld_pipeline/student_data.py",
+             'labels = MixedLabels(batch["label2"].long(), batch["lam"].float()).dominant(labels)', "pass",
+             (CMAP + "test_a_mixed_view_batch_ranks_the_dominant_student_label_first",)),
+    Mutation("class map: distill ignores --class-map", "pld_pipeline/distill.py",
+             "expect_digest=cfg.expect_digest, class_map=cfg.class_map)", "expect_digest=cfg.expect_digest)",
+             (CMAP + "test_a_mapped_run_trains_and_evaluates_in_the_students_classes",)),
+    Mutation("class map: inspect counts mapped mass as out-of-map", "pld_pipeline/class_map.py",
+             "unmapped = cmap.student_of(log_p.device)[targets.topk_idx.long()] == cmap.num_classes",
+             "unmapped = cmap.student_of(log_p.device)[targets.topk_idx.long()] >= 0",
+             (CMAP + "test_inspect_with_a_map_reports_out_of_map_mass_and_student_accuracy",)),
 ]
 
 

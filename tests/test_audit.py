@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import pld_pipeline.cache_teacher as CT
 from pld_pipeline.audit import TOLERANCE, audit_cache
-from pld_pipeline.cache import Cache, TeacherBlock, verify_cache
+from pld_pipeline.cache import Cache, CacheError, TeacherBlock, verify_cache
 from pld_pipeline.cache import schema
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.models import file_sha256, load_state_dict
@@ -149,3 +149,13 @@ def test_cli_audit_table_json_and_exit_codes(cache, tiny_data, teacher_run, teac
     val = runner.invoke(app, ["verify", cache, "--audit", "6", "--data", tiny_data["val"].pattern, "--teacher",
                               "cifar_resnet14", "--teacher-checkpoint", teacher_run, "--device", "cpu"])
     assert val.exit_code == 2 and "is not one of the shards" in val.output and "Traceback" not in val.output
+
+
+def test_a_cache_that_does_not_record_the_normalisation_is_refused_not_guessed(cache, tiny_data, teacher_run, tmp_path):
+    url = str(tmp_path / "no_mean.zarr")
+    shutil.copytree(cache, url)
+    doc = json.loads((tmp_path / "no_mean.zarr" / "zarr.json").read_text())
+    doc["attributes"]["pld_cache"]["teachers"]["r14"]["preprocessing"]["mean"] = None
+    (tmp_path / "no_mean.zarr" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match="does not record teacher 'r14''s normalisation"):
+        _audit(url, tiny_data, teacher_run, n=4)
