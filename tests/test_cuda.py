@@ -124,3 +124,21 @@ def test_a_one_rank_nccl_group(monkeypatch):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_loss_guard_stops_within_one_step_on_a_gpu():
+    """On a GPU step n's finiteness is read at step n+1 (a copy that does not wait): the NaN of step 1 is raised
+    at step 2, or by flush() at the epoch's end."""
+    from pld_pipeline.distill import LossGuard, NonFiniteLoss
+    device = torch.device("cuda")
+    logits = torch.zeros(4, 10, device=device)
+    source = torch.tensor([[0, 1], [0, 2], [1, 0], [1, 3]])
+    guard = LossGuard(device)
+    guard.step(0, 0, torch.tensor(1.0, device=device), logits, None, source)
+    guard.step(0, 1, torch.tensor(float("nan"), device=device), logits, None, source)
+    with pytest.raises(NonFiniteLoss, match="epoch 0, step 1"):
+        guard.step(0, 2, torch.tensor(1.0, device=device), logits, None, source)
+    guard = LossGuard(device)
+    guard.step(3, 7, torch.tensor(float("inf"), device=device), logits, None, source)
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 7: the loss overflowed; batch from cache s000000 view 1"):
+        guard.flush()
