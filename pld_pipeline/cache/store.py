@@ -63,7 +63,7 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
         try:
             if cache_dir and mode == "r" and _is_remote(url):
                 os.makedirs(cache_dir, exist_ok=True)
-                return zarr.open_group(_cached_store(url, cache_dir), mode="r")
+                return zarr.open_group(_cached_store(url, cache_dir), mode="r", zarr_format=3)
             fmt3 = {} if mode == "w" else {"zarr_format": 3}  # never opens a format 2 store (its codecs unpickle)
             where = _capped_http_store(url) if mode == "r" and url.startswith(("http://", "https://")) else url
             root = zarr.open_group(where, mode=mode, attributes=attributes, **fmt3)
@@ -263,10 +263,13 @@ def write_index(root: zarr.Group, shard: int, names: list[str]) -> None:
 
 def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:
     key = _marker_key(root, name)
-    buf = sync(root.store.get(key, default_buffer_prototype()))
-    if buf is None:
+    doc = _parse_document(key, sync(root.store.get(key, default_buffer_prototype())))
+    if doc is None:
         raise CacheError(f"Unit marker {name} is missing.")
-    return json.loads(buf.to_bytes())["attributes"]
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise CacheError(f"Unit marker {name} is not a zarr group document with attributes; the cache is damaged.")
+    return attrs
 
 
 def store_nbytes(url: str) -> int | None:
@@ -304,5 +307,5 @@ def _parse_document(key: str, buf: Any) -> Any:
         return None
     try:
         return json.loads(buf.to_bytes())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python parses
         raise CacheError(f"{key} in the cache is not a JSON document ({e}); the cache is damaged.") from None
