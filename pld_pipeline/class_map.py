@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -43,12 +44,16 @@ class ClassMap:
         """Student classes."""
         return len(self.groups)
 
-    def student_of(self, device: torch.device | str = "cpu") -> Tensor:
-        """int64 [C_t]: each teacher class's student class, ``num_classes`` for an unmapped one."""
+    @cached_property
+    def _student_of(self) -> Tensor:
         out = torch.full((self.num_teacher_classes,), self.num_classes, dtype=torch.int64)
         for j, group in enumerate(self.groups):
             out[list(group)] = j
-        return out.to(device)
+        return out
+
+    def student_of(self, device: torch.device | str = "cpu") -> Tensor:
+        """int64 [C_t]: each teacher class's student class, ``num_classes`` for an unmapped one (built once)."""
+        return self._student_of.to(device)
 
     def to_dict(self) -> dict[str, Any]:
         """What a run records (config.json, summary): the resolved groups and their digest."""
