@@ -18,7 +18,7 @@ from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.shards import write_split
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
 
-from conftest import NUM_CLASSES, make_images
+from conftest import NUM_CLASSES, free_port, make_images
 
 
 def config(tiny_data, out, teacher_ckpt=None, **kw):
@@ -156,16 +156,27 @@ def _cli(*args):
     return [sys.executable, "-m", "pld_pipeline", "cache-teacher", *args]
 
 
+def _cli_here(*args):
+    """The same `pld cache-teacher` line run in this process (for the runs no signal is sent to): a fresh
+    interpreter costs ~6 s of CPU."""
+    from typer.testing import CliRunner
+
+    from pld_pipeline_cli.app import app
+    result = CliRunner().invoke(app, ["cache-teacher", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, teacher_ckpt):
     images, labels = make_images(160, seed=5)
     split = write_split(((f"k{i:04d}", __import__("pld_pipeline.shards", fromlist=["x"]).encode_png(images[i]), "png",
                           int(labels[i])) for i in range(160)), str(tmp_path / "d"), "train", 16)
-    args = ["--data", split.pattern, "--teacher", "cifar_resnet14", "--teacher-name", "r14", "--views", "6",
+    args = ["--data", split.pattern, "--teacher", "cifar_resnet14", "--teacher-name", "r14", "--views", "3",
             "--size", "16", "--num-classes", "10", "--batch-size", "8", "--workers", "0", "--device", "cpu",
             "--top-k", "5", "--quiet"]
     ref = str(tmp_path / "ref.zarr")
-    subprocess.run(_cli("--out", ref, *args), check=True, capture_output=True)
+    _cli_here("--out", ref, *args)
     killed = str(tmp_path / "killed.zarr")
     proc = subprocess.Popen(_cli("--out", killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     units = os.path.join(killed, "units")
@@ -180,8 +191,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     partial = Cache(killed)
     assert 0 < len(partial.units(kind="teacher")) < 10
     assert not verify_cache(killed).ok  # the reader knows the cache is incomplete
-    done = subprocess.run(_cli("--out", killed, *args[:-1], "--json"), check=True, capture_output=True, text=True)
-    assert '"skipped_samples": 0' in done.stdout
+    done = _cli_here("--out", killed, *args[:-1], "--json")
+    assert '"skipped_samples": 0' in done
     assert verify_cache(killed).ok
     assert_same_cache(ref, killed, "r14")
 
@@ -193,9 +204,9 @@ def test_two_process_torchrun_equals_one_process(tiny_data, teacher_ckpt, tmp_pa
     args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
             "--teacher-name", "r8", "--views", "3", "--size", "16", "--top-k", "4", "--batch-size", "10",
             "--workers", "0", "--device", "cpu", "--quiet"]
-    subprocess.run(_cli("--out", one, *args), check=True, capture_output=True)
+    _cli_here("--out", one, *args)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + os.getpid() % 1000), "-m", "pld_pipeline", "cache-teacher", "--out", two, *args],
+                          str(free_port()), "-m", "pld_pipeline", "cache-teacher", "--out", two, *args],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert_same_cache(one, two)
