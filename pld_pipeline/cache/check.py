@@ -178,7 +178,8 @@ def chance_warning(tid: str, accuracy: float | None, num_classes: int) -> str | 
         return None
     return (f"teacher '{tid}' is near chance on its cached views: top-1 {accuracy * 100:.2f}% with {num_classes} "
             f"classes (chance {100 / num_classes:.2f}%). Check its weights (--teacher-checkpoint) and preprocessing "
-            "(--size, --mean, --std): students would learn from noise.")
+            "(--size, --mean, --std): students would learn from noise. (Labels in a student's own classes, not the "
+            "teacher's, also look like this: see `pld inspect --class-map`.)")
 
 
 def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarray) -> list[str]:
