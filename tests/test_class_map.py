@@ -386,3 +386,38 @@ def test_the_cli_takes_a_map_and_refuses_a_bad_one_in_one_line(subset, tmp_path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{bad}: teacher class 1 is claimed by student classes 1 and 2" in text
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_an_offline_hub_teacher_with_1000_classes_distils_into_a_10_class_student(tiny_data, tmp_path):
+    """timm's test_resnet as a 1000-class hub teacher (seeded random weights from a local HF cache, offline), cached
+    once over the tests' 10-class shards; the student's 10 classes are the first 10 of timm's own imagenet-a map."""
+    from test_hub import hf_cache, pld
+    from pld_pipeline.class_map import inspect_class_map
+    from pld_pipeline.distill import DistillConfig, distill
+    from pld_pipeline.student_data import StudentData
+    hf_cache(tmp_path / "hf")
+    cache_url = str(tmp_path / "c.zarr")
+    made = pld("cache-teacher", "--data", tiny_data["train"].pattern, "--teacher", "test_resnet.r160_in1k",
+               "--teacher-name", "hub", "--pretrained", "--views", "1", "--recipe", "imagenet", "--size", "48",
+               "--top-k", "50", "--workers", "0", "--device", "cpu", "--quiet", "--out", cache_url,
+               hf_home=tmp_path / "hf")
+    assert made.returncode == 0, made.stderr
+    groups = timm_index_map("imagenet_a")[:10]
+    map_path = tmp_path / "map.json"
+    map_path.write_text(json.dumps(groups))
+    data = StudentData(tiny_data["train"].pattern, cache=cache_url, batch_size=8, workers=0, class_map=str(map_path))
+    plain = StudentData(tiny_data["train"].pattern, cache=cache_url, batch_size=8, workers=0)
+    mapped, raw = next(data.epoch(0)), next(plain.epoch(0))
+    assert (data.num_classes, raw.targets.num_classes, mapped.targets.num_classes, mapped.targets.k) == (10, 1000, 10, 10)
+    # every mapped probability is a lower bound of the group's share: at most (known group mass + tail) / (M + tail)
+    p = torch.zeros(8, 1000).scatter(1, raw.targets.topk_idx, raw.targets.topk_log_probs().exp())[:, groups]
+    t = raw.targets.tail_mass()
+    q = torch.zeros(8, 10).scatter(1, mapped.targets.topk_idx, mapped.targets.topk_log_probs().exp())
+    torch.testing.assert_close(q, p / (p.sum(1, keepdim=True) + t[:, None]), atol=1e-6, rtol=1e-4)
+    info = inspect_class_map(cache_url, str(map_path))["teachers"]["hub"]
+    assert info["out_of_map_mass_upper"]["mean"] > 0.9  # a random 1000-class teacher puts little mass on these 10
+    summary = distill(DistillConfig(data=tiny_data["train"].pattern, out=str(tmp_path / "run"), student="cifar_resnet8",
+                                    loss="pld", cache=cache_url, class_map=str(map_path), epochs=1, batch_size=8,
+                                    workers=0, device="cpu", val_data=tiny_data["val"].pattern))
+    assert summary["num_classes"] == 10 and summary["best_val_top1"] is not None
