@@ -4,7 +4,7 @@
    cache-teacher and distill smoke runs on the GPU, fp32 GPU cache against the CPU one, a one-rank NCCL group);
 2. cache-teacher throughput against the bare teacher forward on the same views (bf16, resnet56, 50k images);
 3. one distill epoch from the cache (PLD) against one CE epoch without a cache, same student and data.
-``--tiny``: the same steps on CPU with 256 images and a small teacher, so CI keeps the script working.
+``--tiny``: the same steps on CPU with 64 images and a small teacher, so CI keeps the script working.
 Writes gpu_check.json (and the steps' own JSON) under --out.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def synthetic_shards(out: str, n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--tiny", action="store_true", help="CPU, 256 images, a small teacher: a one-minute smoke run")
+    ap.add_argument("--tiny", action="store_true", help="CPU, 64 images, a small teacher: a one-minute smoke run")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -67,17 +67,18 @@ def main() -> None:
     step("cuda tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", f"--junitxml={out}/cuda_tests.xml"],
          results, timeout=180)
 
-    data = os.environ.get("DATA") or synthetic_shards(os.path.join(out, "data"), 256 if args.tiny else 50_000)
+    data = os.environ.get("DATA") or synthetic_shards(os.path.join(out, "data"), 64 if args.tiny else 50_000)
     teacher, ckpt = ("cifar_resnet8", None) if args.tiny else ("cifar_resnet56", os.environ.get("TEACHER_CKPT"))
     bench = [py, "benchmarks/cache_teacher_bench.py", "--data", data, "--teacher", teacher, "--views", "1",
              "--device", device, "--precision", "bf16" if cuda else "fp32", "--workers", "2" if args.tiny else "12",
-             "--batch-size", "64" if args.tiny else "1024", "--out", f"{out}/cache_teacher.json"]
+             "--batch-size", "32" if args.tiny else "1024", "--out", f"{out}/cache_teacher.json"]
     step("cache-teacher vs bare forward", bench + (["--checkpoint", ckpt] if ckpt else []), results, timeout=300)
 
     cache = os.path.join(out, "cache.zarr")
     pld = [py, "-m", "pld_pipeline"]
-    common = ["--data", data, "--student", "cifar_resnet20", "--epochs", "2", "--batch-size", "256",
-              "--workers", "2" if args.tiny else "12", "--device", device, "--quiet", "--json"]
+    common = ["--data", data, "--student", "cifar_resnet20", "--epochs", "2",
+              "--batch-size", "32" if args.tiny else "256", "--workers", "2" if args.tiny else "12",
+              "--device", device, "--quiet", "--json"]
     step("cache for distill", pld + ["cache-teacher", "--data", data, "--teacher", teacher, "--views", "2",
                                      "--size", "32", "--num-classes", "10", "--device", device, "--quiet",
                                      "--workers", "2" if args.tiny else "12", "--out", cache]
