@@ -1,6 +1,7 @@
 """Opening a cache by path or fsspec URL, and the raw-object operations zarr's Group API lacks."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -92,9 +93,10 @@ def _is_format_2(url: str) -> bool:
         return False
 
 
-def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
-    """A read-only store over HTTP whose every response is cut off (and refused) past the object's cap: a host
-    with an endless body costs at most one object's worth of memory."""
+@functools.cache
+def _capped_http() -> type:
+    """fsspec's HTTP file system, reading each response only up to its object's cap (``caps``: URL prefix ->
+    bytes, MAX_METADATA_BYTES elsewhere). One class, so fsspec's instance cache (and its session) is shared."""
     from fsspec.implementations.http import HTTPFileSystem
 
     class CappedHTTP(HTTPFileSystem):
@@ -116,8 +118,15 @@ def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
                                          "object; refusing the host's answer (a damaged or hostile host).")
             return bytes(out)
 
-    fs = CappedHTTP(asynchronous=True, skip_instance_cache=True)
-    fs.caps = {}
+    return CappedHTTP
+
+
+def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
+    """A read-only store over HTTP whose every response is cut off (and refused) past the object's cap: a host
+    with an endless body costs at most one object's worth of memory."""
+    fs = _capped_http()(asynchronous=True)
+    if not hasattr(fs, "caps"):
+        fs.caps = {}
     return zarr.storage.FsspecStore(fs, path=url.rstrip("/"), read_only=True)
 
 
