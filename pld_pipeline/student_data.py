@@ -319,8 +319,8 @@ class StudentData:
                 self.class_map = _class_map(class_map, meta.num_classes, meta.class_names)
             student_classes = self.class_map.num_classes if self.class_map else meta.num_classes
             if num_classes is not None and num_classes != student_classes:
-                raise ValueError(f"--num-classes {num_classes} differs from the {student_classes} classes of the "
-                                 + ("class map." if self.class_map else "cache."))
+                whose = "class map's" if self.class_map else "cache's"
+                raise ValueError(f"--num-classes {num_classes} differs from the {whose} {student_classes} classes.")
             self.num_classes, self.recipe = student_classes, ViewRecipe.from_dict(meta.recipe)
             if with_targets:  # "a,b": an ensemble of cached teachers
                 ids = [t.strip() for t in teacher.split(",")] if teacher else [None]
