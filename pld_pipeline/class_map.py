@@ -39,6 +39,13 @@ class ClassMap:
     groups: tuple[tuple[int, ...], ...]
     num_teacher_classes: int
 
+    def __post_init__(self) -> None:  # a map built in code gets the checks a file gets (parse_class_map names entries)
+        flat = [c for g in self.groups for c in g]
+        if (not self.groups or not all(self.groups) or len(set(flat)) != len(flat)
+                or not all(isinstance(c, int) and 0 <= c < self.num_teacher_classes for c in flat)):
+            raise ClassMapError("a ClassMap needs non-empty, disjoint groups of teacher classes in "
+                                f"[0, {self.num_teacher_classes}); build it with parse_class_map for a precise error.")
+
     @property
     def num_classes(self) -> int:
         """Student classes."""

@@ -228,6 +228,9 @@ def test_maps_by_index_by_list_and_by_name_agree():
     assert a == b == c and a.groups == ((3,), (5,)) and d.groups == ((0, 7, 9), (5,))
     assert map_by_names(["c9", "c1"], names) == [9, 1]
     assert a.to_dict()["sha256"] != d.to_dict()["sha256"]
+    from pld_pipeline.class_map import ClassMap
+    with pytest.raises(ClassMapError, match="disjoint groups"):  # built in code, not parsed: the same checks
+        ClassMap(((3,), (5, 3)), C_T)
 
 
 @pytest.mark.parametrize("doc, match", [
