@@ -113,6 +113,19 @@ def _same_setting(key: str, saved: Any, now: Any) -> bool:
     return saved == now
 
 
+def _check_same_class_map(cfg: DistillConfig, data: StudentData) -> None:
+    """A resumed run keeps its class map: the same path (checked with the settings) must still give the same groups
+    (a map file edited between the runs would change the student's classes mid-run)."""
+    config_path = os.path.join(cfg.out, "config.json")
+    cache = read_json(config_path).get("cache")
+    saved = cache.get("class_map") if isinstance(cache, dict) else None
+    saved_sha = saved.get("sha256") if isinstance(saved, dict) else None
+    now = data.class_map.to_dict()["sha256"] if data.class_map else None
+    if saved_sha != now:
+        raise ValueError(f"--resume: --class-map {cfg.class_map} now maps other classes than {cfg.out} was trained "
+                         "with (its config.json); resume with the map it used, or use another --out.")
+
+
 def recipe_of(overrides: dict[str, Any]) -> ViewRecipe:
     """The recipe a run without a cache uses: the defaults with ``DistillConfig.recipe`` on top."""
     return ViewRecipe.from_dict({**ViewRecipe().to_dict(), **overrides})
@@ -319,6 +332,8 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     state = _check_run_dir(cfg, dist.world_size)
     temperature = get_loss(cfg.loss).temperature if cfg.temperature is None else cfg.temperature
     data = _train_data(cfg, temperature, needs_teacher, device, dist)
+    if state is not None:
+        _check_same_class_map(cfg, data)
     targets_for = _targets_source(cfg, data, temperature, needs_teacher, device)
     model, prep = _student(cfg, data.num_classes, device)
     optimizer, scheduler = _optimizer(cfg, model, len(data))

@@ -424,3 +424,18 @@ def test_an_offline_hub_teacher_with_1000_classes_distils_into_a_10_class_studen
                                     loss="pld", cache=cache_url, class_map=str(map_path), epochs=1, batch_size=8,
                                     workers=0, device="cpu", val_data=tiny_data["val"].pattern))
     assert summary["num_classes"] == 10 and summary["best_val_top1"] is not None
+
+
+def test_a_resume_refuses_a_map_file_edited_since_the_run_started(subset, tmp_path):
+    from pld_pipeline.distill import DistillConfig, distill
+    splits, cache_url, _ = subset
+    map_path = tmp_path / "map.json"
+    map_path.write_text(json.dumps([0, 1, 8, 9]))
+    run = dict(data=splits["train"].pattern, out=str(tmp_path / "run"), student="cifar_resnet8", loss="kd",
+               cache=cache_url, class_map=str(map_path), batch_size=8, workers=0, device="cpu")
+    distill(DistillConfig(**run, epochs=1))
+    map_path.write_text(json.dumps([0, 1, 9, 8]))  # ship and truck swapped: the same path, other classes
+    with pytest.raises(ValueError, match="now maps other classes than"):
+        distill(DistillConfig(**run, epochs=1, resume=True))
+    map_path.write_text(json.dumps([[0], [1], [8], [9]]))  # spelt differently, the same groups: resumes
+    assert distill(DistillConfig(**run, epochs=1, resume=True))["resumed_from_epoch"] == 1
