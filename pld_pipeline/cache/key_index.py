@@ -65,7 +65,10 @@ def build(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.nda
     key_arr, row_arr = np.ascontiguousarray(key_arr[order]), row_arr[order]
     if GROUP in root and ATTR in root[GROUP].attrs:
         del root[GROUP].attrs[ATTR]  # withdrawn first: a crash from here on leaves no index, never a half-new one
-    group = root.require_group(GROUP)
+    try:
+        group = root.require_group(GROUP)
+    except zarr.errors.ContainsGroupError:  # a worker finishing at the same moment created it between check and write
+        group = root[GROUP]
     n = len(key_arr)
     for path, arr in ((KEYS, key_arr), (ROWS, row_arr)):
         root.create_array(path, shape=arr.shape, chunks=(CHUNK_ROWS,) + arr.shape[1:], dtype=arr.dtype,
