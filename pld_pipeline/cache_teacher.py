@@ -355,9 +355,10 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
     if cfg.views < 1:
         raise ValueError(f"--views must be >= 1, got {cfg.views}.")
     # every setting is checked before anything is created at --out
-    if cfg.batch_size < 1 or (cfg.workers is not None and cfg.workers < 0) or not cfg.claim_ttl > 0:
-        raise ValueError(f"--batch-size must be >= 1, --workers >= 0 and --claim-ttl > 0, got {cfg.batch_size}, "
-                         f"{cfg.workers} and {cfg.claim_ttl}.")
+    if (cfg.batch_size < 1 or (cfg.workers is not None and cfg.workers < 0)
+            or not 0 < cfg.claim_ttl <= claims.MAX_TTL):
+        raise ValueError(f"--batch-size must be >= 1, --workers >= 0 and --claim-ttl in (0, {claims.MAX_TTL:.0f}] "
+                         f"seconds, got {cfg.batch_size}, {cfg.workers} and {cfg.claim_ttl}.")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--teacher-precision must be fp32 or bf16, got {cfg.precision!r}.")
     if os.path.isfile(cfg.out):

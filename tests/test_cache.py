@@ -555,7 +555,10 @@ def test_claims_that_expired_or_whose_local_worker_died_are_taken_over(tmp_path)
     claims.claim(root, [1], f"{here}:{finished.pid}:bbbb", ttl=3600)  # a dead local worker's, for another hour
     claims.claim(root, [2], "other-host:123:cccc", ttl=3600)  # live: another machine's, not expired
     claims.claim(root, [3], f"{here}:{os.getpid()}:dddd", ttl=3600)  # live: a running process of this machine
+    for shard, expires in ((4, "Infinity"), (5, "NaN"), (6, "3.3e10")):  # a stranger's: would hold a shard forever
+        (tmp_path / "c.zarr" / "claims" / f"s{shard:06d}.json").write_text(
+            f'{{"owner": "other-host:9:eeee", "expires": {expires}}}')
     me = claims.new_owner()
-    assert [claims.held_by_other(root, s, me) for s in range(5)] == [False, False, True, True, False]
+    assert [claims.held_by_other(root, s, me) for s in range(8)] == [False, False, True, True, False, False, False, False]
     assert claims.acquire(root, [0, 1], me, ttl=60, checked_at=time.monotonic()) == [0, 1]
     assert {claims.read_claim(root, s)["owner"] for s in (0, 1)} == {me}

@@ -24,6 +24,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 CLAIMS_GROUP = "claims"
+MAX_TTL = 86_400.0  # seconds: no worker claims a shard for longer, so a claim expiring later is not one
 
 
 def new_owner() -> str:
@@ -46,7 +47,8 @@ def read_claim(root: zarr.Group, shard: int) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     ok = (isinstance(doc, dict) and isinstance(doc.get("owner"), str) and isinstance(doc.get("expires"), (int, float))
-          and not isinstance(doc.get("expires"), bool))
+          and not isinstance(doc.get("expires"), bool)
+          and doc["expires"] <= time.time() + MAX_TTL)  # NaN, Infinity or year 3000 would hold a shard forever
     return doc if ok else None
 
 
