@@ -374,6 +374,16 @@ def test_overwrite_deletes_only_a_pld_cache_whatever_the_url_scheme(copy, tmp_pa
             one_line(e)
     assert zarr.open_group(str(notes), mode="r").attrs["mine"] == "the user's notes"
     assert (photos / "keep.jpg").read_bytes() == b"x" and open(os.path.join(copy, "NOTES.txt")).read() == "mine"
+    nested = tmp_path / "nested.zarr"  # a pld cache with the user's file one folder down
+    shutil.copytree(copy, nested)
+    os.remove(nested / "NOTES.txt")
+    (nested / "teachers" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="also holds teachers/notes.txt") as e:
+        cache_teacher(teacher_config(tiny_data, teacher_run, str(nested), overwrite=True))
+    one_line(e)
+    assert (nested / "teachers" / "notes.txt").read_text() == "mine"
+    os.remove(nested / "teachers" / "notes.txt")  # the pld cache alone is replaced
+    cache_teacher(teacher_config(tiny_data, teacher_run, str(nested), overwrite=True))
     memory = "memory://h1-user-folder"
     import fsspec
     fsspec.filesystem("memory").pipe(memory + "/keep.txt", b"x")

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from .format import CREATING_ATTR, ROOT_ATTR, UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 #: Top-level entries of a pld cache (claims.CLAIMS_GROUP and key_index.GROUP included).
 PLD_ENTRIES = {"zarr.json", "samples", "views", "teachers", UNITS_GROUP, UNIT_INDEX_GROUP, "key_index", "claims"}
+#: Every file a pld cache holds, relative to its root: zarr documents, chunk objects (``.../c/0/3``), claims, and
+#: the temporary files of zarr's local writes that a killed writer leaves (``NAME.<32 hex>.partial``).
+PLD_FILE = re.compile(r"(?:[\w.-]+/)*(?:zarr\.json|c(?:/\d+)+|s\d{6}\.json"
+                      r"|(?:zarr|c(?:/\d+)+|s\d{6})\.[0-9a-f]{32}\.partial)")
 
 
 def local_path(url: str) -> str | None:
@@ -75,9 +80,12 @@ def check_replaceable(url: str) -> None:
     attrs = root.get("attributes") if isinstance(root, dict) else None
     if not isinstance(attrs, dict) or not ({ROOT_ATTR, CREATING_ATTR} & set(attrs)):
         raise _not_a_cache(url, names)
+    if not others:  # every file below, too: a user's notes.txt inside teachers/ is not pld's to delete
+        base = path.rstrip("/") + "/"
+        others = [f[len(base):] for f in fs.find(path) if not PLD_FILE.fullmatch(f[len(base):])]
     if others:
-        raise CacheError(f"{url} is a pld cache that also holds {', '.join(others[:3])}: --overwrite deletes only a "
-                         "pld cache and nothing else; move those out, or choose another --out.")
+        raise CacheError(f"{url} is a pld cache that also holds {', '.join(sorted(others)[:3])}: --overwrite deletes "
+                         "only a pld cache and nothing else; move those out, or choose another --out.")
 
 
 def _not_a_cache(url: str, names: list[str]) -> CacheError:
