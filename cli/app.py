@@ -103,7 +103,7 @@ def cache_teacher_cmd(
     size: Annotated[Optional[int], typer.Option(help="View size in pixels (default: the first teacher's input size).", rich_help_panel=VIEWS)] = None,
     pad: Annotated[int, typer.Option(help="cifar recipe: padding before the random crop.", rich_help_panel=VIEWS)] = 4,
     scale: Annotated[str, typer.Option(help="imagenet recipe: RandomResizedCrop scale range.", rich_help_panel=VIEWS)] = "0.08,1.0",
-    ratio: Annotated[str, typer.Option(help="imagenet recipe: RandomResizedCrop aspect range.", rich_help_panel=VIEWS)] = "0.75,1.3333333",
+    ratio: Annotated[str, typer.Option(help="imagenet recipe: RandomResizedCrop aspect range.", rich_help_panel=VIEWS)] = "0.75,1.3333333333333333",
     crop_pct: Annotated[float, typer.Option(help="Eval view: centre crop fraction (imagenet/none).", rich_help_panel=VIEWS)] = 0.875,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Never flip views horizontally.", rich_help_panel=VIEWS)] = False,
     clean_view: Annotated[bool, typer.Option(help="Make view 0 the clean eval view.", rich_help_panel=VIEWS)] = False,
