@@ -63,7 +63,10 @@ def build(root: zarr.Group, meta: CacheMeta, samples: dict[int, dict[str, np.nda
     row_arr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     order = np.lexsort(key_arr.T[::-1]) if len(key_arr) else np.zeros(0, np.int64)  # bytewise, first byte first
     key_arr, row_arr = np.ascontiguousarray(key_arr[order]), row_arr[order]
-    if GROUP in root and ATTR in root[GROUP].attrs:
+    record = _record(root)
+    if record is not None and record.get("malformed"):
+        root.create_group(GROUP, overwrite=True)  # a document zarr cannot even open as a group: start afresh
+    elif record is not None:
         del root[GROUP].attrs[ATTR]  # withdrawn first: a crash from here on leaves no index, never a half-new one
     try:
         group = root.require_group(GROUP)
@@ -93,11 +96,20 @@ def state(root: zarr.Group, meta: CacheMeta) -> str:
 
 
 def _record(root: zarr.Group) -> dict[str, Any] | None:
+    """The index's record from the group's own document, read as JSON (zarr raises TypeError on a group document
+    a stranger made malformed); None where there is no index, ``{"malformed": True, ...}`` where it is no record."""
+    malformed = {"binding": None, "malformed": True}
     try:
-        record = root[GROUP].attrs[ATTR] if GROUP in root and ATTR in root[GROUP].attrs else None
-    except KeyError:
+        doc = read_document(root, f"{GROUP}/zarr.json")
+    except CacheError:
+        return malformed
+    if doc is None:
         return None
-    return record if record is None or _well_formed(record) else {"binding": None, "malformed": True}
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+    if not isinstance(attrs, dict):
+        return malformed
+    record = attrs.get(ATTR)
+    return record if record is None or _well_formed(record) else malformed
 
 
 def _well_formed(r: Any) -> bool:

@@ -78,6 +78,12 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
         except ImportError as e:  # e.g. s3:// without s3fs
             raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
+        except CacheError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:  # zarr parsing a group document a stranger made malformed
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            raise CacheError(f"{url}: its zarr.json is not a zarr group document ({why}); the cache is damaged "
+                             "or not a pld cache.") from None
 
 
 #: The most bytes a metadata object (zarr.json of the root, an array, a marker, an index) may hold when fetched from
