@@ -14,8 +14,18 @@ from ..errors import reaching
 from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 
+def local_path(url: str) -> str | None:
+    """The folder of a cache on this machine's file system (plain paths, ``file://``, ``local://``), None for
+    remote stores."""
+    for prefix in ("file://", "local://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return None if "://" in url else url
+
+
 def _normalise(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    path = local_path(url)
+    return url if path is None else path
 
 
 def _is_remote(url: str) -> bool:
@@ -289,8 +299,8 @@ def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:
 
 def store_nbytes(url: str) -> int | None:
     """Bytes on disk of a local cache (None for remote stores)."""
-    path = _normalise(str(url))
-    if "://" in path or not os.path.isdir(path):
+    path = local_path(str(url))
+    if path is None or not os.path.isdir(path):
         return None
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 

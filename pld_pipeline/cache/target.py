@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from .format import CREATING_ATTR, ROOT_ATTR, UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
+from .store import local_path
 
 #: Top-level entries of a pld cache (claims.CLAIMS_GROUP and key_index.GROUP included).
 PLD_ENTRIES = {"zarr.json", "samples", "views", "teachers", UNITS_GROUP, UNIT_INDEX_GROUP, "key_index", "claims"}
@@ -22,14 +23,6 @@ PLD_ENTRIES = {"zarr.json", "samples", "views", "teachers", UNITS_GROUP, UNIT_IN
 #: the temporary files of zarr's local writes that a killed writer leaves (``NAME.<32 hex>.partial``).
 PLD_FILE = re.compile(r"(?:[\w.-]+/)*(?:zarr\.json|c(?:/\d+)+|s\d{6}\.json"
                       r"|(?:zarr|c(?:/\d+)+|s\d{6})\.[0-9a-f]{32}\.partial)")
-
-
-def local_path(url: str) -> str | None:
-    """The folder of a cache on this machine's file system, None for remote stores."""
-    for prefix in ("file://", "local://"):
-        if url.startswith(prefix):
-            return url[len(prefix):]
-    return None if "://" in url else url
 
 
 def refuse_symlinks(url: str) -> None:
