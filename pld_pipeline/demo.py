@@ -10,6 +10,7 @@ command lines are recorded so users can repeat them on their own data.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from .cache import inspect_cache
 from .cache.store import store_nbytes
 from .cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from .distill import DistillConfig, distill
+from .files import write_bytes, write_json, write_text
 from .shards import digits_arrays, split_arrays
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -169,10 +171,8 @@ def run_demo(cfg: DemoConfig, progress: ProgressFn | None = None, stage: Progres
     }
     results["caption"] = caption(results)
     timings["total"] = time.perf_counter() - t_demo
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(results_markdown(results))
+    write_json(os.path.join(cfg.out, "results.json"), results)
+    write_text(os.path.join(cfg.out, "results.md"), results_markdown(results))
     results["plot"] = plot_curves(curves, os.path.join(cfg.out, "val_top1.png"),
                                   title=f"{cfg.student} on {cfg.labelled} labelled digits, targets from a cached "
                                         f"{cfg.teacher} (mean of {len(cfg.seeds)} seed(s))")
@@ -276,6 +276,8 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: str, tit
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_bytes(path, png.getvalue())
     return path

@@ -92,6 +92,18 @@ def test_a_run_folder_planted_as_a_symlink_is_refused(tmp_path):
     assert not os.listdir(tmp_path / "elsewhere")
 
 
+def test_the_demo_plot_refuses_a_symlink_planted_in_its_folder(tmp_path):
+    from pld_pipeline.demo import plot_curves
+    victim = tmp_path / "bashrc"
+    victim.write_text("echo mine\n")
+    (tmp_path / "val_top1.png").symlink_to(victim)
+    with pytest.raises(errors.PldError, match="symbolic link"):
+        plot_curves({"pld": [[(1, 50.0), (2, 60.0)]]}, str(tmp_path / "val_top1.png"), title="t")
+    assert victim.read_text() == "echo mine\n"
+    plot_curves({"pld": [[(1, 50.0), (2, 60.0)]]}, str(tmp_path / "fresh.png"), title="t")
+    assert (tmp_path / "fresh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_names_and_settings_are_escaped_in_markdown_and_csv(tmp_path):
     hostile = "x\nimport os; os.system('touch pwned') | `rm` <img src=x>"
     names = {"run\nA|b": {"lr": 0.1, "student": hostile}, "runB": {"lr": 0.2, "student": "=HYPERLINK(\"http://e\")"}}
