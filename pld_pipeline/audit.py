@@ -18,10 +18,10 @@ import torch
 
 from .cache import Cache, schema
 from .cache.format import MIN_LOGP, CacheError, SampleStatus, TeacherRecord, sample_digest
-from .data import IMAGE_FIELDS, expand_shards, iter_shard, pick_field, quick_hash
+from .data import expand_shards, iter_shard, pick_field, quick_hash
 from .distributed import resolve_device
 from .models import file_sha256, load_model, preprocessing_of, pretrained_identity
-from .views import KIND_PLAIN, ViewRecipe, decode_image, first_labels, normalize, replay_mixed, stable_int, view_kind
+from .views import KIND_PLAIN, ViewError, ViewRecipe, decode_image, first_labels, normalize, replay_mixed, stable_int, view_kind
 
 #: Allowed |difference| of a log-prob (and of logz, label log-prob) by recorded teacher precision. fp32: what
 #: another device, kernel or batch composition moves (observed <= 1e-4) with a wide margin; bf16: autocast
@@ -150,7 +150,7 @@ def _replay(url: str, block: Any, picks: list[tuple[int, int]], recipe: ViewReci
             if i >= len(block.keys) or block.keys[i] != sample["__key__"] or block.digests[i].tobytes() != sample_digest(sample):
                 raise CacheError(f"Sample {i} ({sample['__key__']!r}) of {url} is not the sample cached in that row (key "
                                  "or content digest differs): audit with the shards the cache was made from.")
-            encoded[i] = pick_field(sample, IMAGE_FIELDS)
+            encoded[i] = pick_field(sample, recipe.image_field)
         if i >= max(need):
             break
     if not need <= set(encoded):
@@ -159,7 +159,11 @@ def _replay(url: str, block: Any, picks: list[tuple[int, int]], recipe: ViewReci
     for r, v in picks:
         params = block.params[r, v]
         partner = decode_image(encoded[int(params[6])]) if view_kind(params) != KIND_PLAIN else None
-        out.append(replay_mixed(decode_image(encoded[r]), partner, params, recipe))
+        try:
+            out.append(replay_mixed(decode_image(encoded[r]), partner, params, recipe))
+        except ViewError as e:
+            raise CacheError(f"View {v} of row {r} of {url}: {e}; the cache is damaged or was edited (run "
+                             "`pld verify`).") from None
     return out
 
 

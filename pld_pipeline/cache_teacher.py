@@ -143,9 +143,9 @@ class _ViewItems(IterableDataset):
                 label = parse_label(sample, self.cfg.label_field, self.num_classes)
                 status, image = SampleStatus.OK, None
                 try:
-                    data = pick_field(sample, self.cfg.image_field)
+                    data = pick_field(sample, self.recipe.image_field)
                     if data is None:
-                        raise DataError(f"no '{self.cfg.image_field}' field")
+                        raise DataError(f"no '{self.recipe.image_field}' field")
                     image = decode_image(data)
                 except Exception as e:  # noqa: BLE001 - undecodable input is a data problem, reported by key
                     if self.cfg.on_bad_sample != "skip":
@@ -387,7 +387,7 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
     num_classes = _num_classes(models, cfg)
     first = cfg.teachers[0].id
     size = cfg.size or int(prep[first]["input_size"][-1])
-    recipe = ViewRecipe(name=cfg.recipe, size=size, clean_view=cfg.clean_view,
+    recipe = ViewRecipe(name=cfg.recipe, size=size, clean_view=cfg.clean_view, image_field=cfg.image_field,
                         # the teacher's declared resize filter where the recipe supports it, else the recipe's bilinear
                         interpolation=prep[first]["interpolation"] if prep[first]["interpolation"] in ("bilinear", "bicubic", "nearest") else "bilinear",
                         **cfg.recipe_overrides)

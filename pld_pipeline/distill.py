@@ -86,7 +86,7 @@ class DistillConfig:
     num_classes: int | None = None  # only without a cache
     recipe: dict[str, Any] = field(default_factory=lambda: {"name": "cifar", "size": 32})  # only without a cache
     shuffle_buffer: int = 1000
-    image_field: str = "jpg;jpeg;png;webp"
+    image_field: str | None = None  # None: the cache's (recorded in its view recipe), else jpg;jpeg;png;webp
     label_field: str = "cls"
     resume: bool = False
     # Baseline only: a teacher run on every step (fresh views each epoch), to compare against the cache.
@@ -531,7 +531,7 @@ def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dis
     if not cfg.val_data:
         return None
     val_set = EvalSamples(expand_shards(cfg.val_data), recipe=data.recipe, rank=dist.rank, world=dist.world_size,
-                          num_classes=data.num_classes, image_field=cfg.image_field, label_field=cfg.label_field,
+                          num_classes=data.num_classes, image_field=data.image_field, label_field=cfg.label_field,
                           student_size=cfg.student_size)
     workers = cfg.workers if device.type == "cuda" else min(cfg.workers, 1)  # on a CPU the cores train
     return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",

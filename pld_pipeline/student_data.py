@@ -8,10 +8,11 @@ buffer. Memory is one shard block per worker plus the shuffle buffer, whatever t
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .views import (
-    KIND_PLAIN, ViewRecipe, decode_image, eval_params, replay_mixed, replay_view, stable_int, view_kind, view_lambda,
+    KIND_PLAIN, ViewError, ViewRecipe, decode_image, eval_params, replay_mixed, replay_view, stable_int, view_kind, view_lambda,
     view_params,
 )
 
@@ -119,6 +120,15 @@ class TrainSamples(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
 
+    def _replay(self, replay: Callable[..., torch.Tensor], key: str, shard: TrainShard, view: int,
+                *args: Any) -> torch.Tensor:
+        """A cached view replayed, or one line naming the sample when its stored parameters are not drawable."""
+        try:
+            return replay(*args, self.recipe)
+        except ViewError as e:
+            raise CacheError(f"View {view} of sample {key!r} (cache shard {shard.cache_shard}): {e}; the cache is "
+                             "damaged or was edited (run `pld verify`), nothing was trained on it.") from None
+
     def _samples(self, part: ShardRange) -> Iterator[dict[str, Any]]:
         shard, used = part.shard, -1  # used: index of the current sample among the shard's usable ones
         block = None
@@ -174,10 +184,14 @@ class TrainSamples(IterableDataset):
                         item.update(label2=int(block.labels[partner_row]), lam=view_lambda(params))
                     else:
                         item.update(label2=label, lam=1.0)
-                    item.update(__key__=key, image=at_size(replay_mixed(image, partner, params, self.recipe),
-                                                           self.student_size), label=label)
+                    view_image = self._replay(replay_mixed, key, shard, v, image, partner, params)
+                    item.update(__key__=key, image=at_size(view_image, self.student_size), label=label)
                     yield item
                     continue
+                item.update(__key__=key, image=at_size(self._replay(replay_view, key, shard, v, image, params),
+                                                       self.student_size), label=label)
+                yield item
+                continue
             else:
                 used += 1
                 if used < part.start:
@@ -292,7 +306,7 @@ class StudentData:
                  temperature: float = 1.0, batch_size: int = 128, seed: int = 0, view_policy: str = "rotate",
                  top_k: int | None = None, with_targets: bool = True, workers: int = 2, shuffle_buffer: int = 1000,
                  cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
-                 image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", pin_memory: bool = False,
+                 image_field: str | None = None, label_field: str = "cls", pin_memory: bool = False,
                  student_size: int | None = None, rank: int | None = None, world_size: int | None = None,
                  expect_digest: str | None = None, class_map: str | list | ClassMap | None = None) -> None:
         if view_policy not in VIEW_POLICIES:
@@ -322,6 +336,10 @@ class StudentData:
                 whose = "class map's" if self.class_map else "cache's"
                 raise ValueError(f"--num-classes {num_classes} differs from the {whose} {student_classes} classes.")
             self.num_classes, self.recipe = student_classes, ViewRecipe.from_dict(meta.recipe)
+            if image_field is not None and image_field != self.recipe.image_field:
+                raise ValueError(f"--image-field {image_field!r} differs from the field(s) the cache's views were "
+                                 f"drawn from ({self.recipe.image_field!r}): the student must see the teacher's "
+                                 "image; drop --image-field.")
             if with_targets:  # "a,b": an ensemble of cached teachers
                 ids = [t.strip() for t in teacher.split(",")] if teacher else [None]
                 self.teachers = [self.reader.teacher(tid) for tid in ids]
@@ -334,6 +352,10 @@ class StudentData:
             if num_classes is None or recipe is None:
                 raise ValueError("Training without a cache needs num_classes and a view recipe.")
             self.num_classes, self.recipe = num_classes, recipe
+            if image_field is not None:
+                self.recipe = dataclasses.replace(recipe, image_field=image_field)
+        #: the sample field(s) images are read from: the cache's when training from one
+        self.image_field = self.recipe.image_field
         self.shards = self._shards(data)
         if self.reader is not None:
             for rec in self.teachers or [None]:
@@ -348,7 +370,7 @@ class StudentData:
             cache_url=self.reader.url if self.reader else None, teachers=[rec.id for rec in self.teachers],
             k=min((rec.k for rec in self.teachers), default=None),
             temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
-            view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field,
+            view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=self.image_field, label_field=label_field,
             num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size, cache=self.reader)
         self.student_size = student_size
 

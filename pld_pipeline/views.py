@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,10 @@ if TYPE_CHECKING:  # torch is imported where views are replayed: recipes and vie
     import torch
 
 RECIPES = ("cifar", "imagenet", "none")
+#: The fields a sample's image is read from, first present wins (``--image-field``); part of the recipe, so the
+#: student reads the image its teacher saw
+IMAGE_FIELDS = "jpg;jpeg;png;webp"
+_FIELD_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,63}$")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # torchvision InterpolationMode values
 
 
@@ -44,6 +49,7 @@ class ViewRecipe:
     clean_view: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     mix: dict[str, Any] | None = None  # MixRecipe.to_dict(); None: plain views only (and left out of to_dict)
+    image_field: str = IMAGE_FIELDS  # left out of to_dict at its default (caches from before it still match)
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -54,6 +60,10 @@ class ViewRecipe:
             raise ValueError(f"Bad recipe sizes: size={self.size}, pad={self.pad}, crop_pct={self.crop_pct}.")
         if self.mix is not None:
             MixRecipe.from_dict(self.mix)  # validates
+        names = self.image_field.split(";") if isinstance(self.image_field, str) else [None]
+        if not 1 <= len(names) <= 16 or not all(isinstance(n, str) and _FIELD_NAME.match(n) for n in names):
+            raise ValueError(f"--image-field {self.image_field!r} is not a ;-separated list of sample field names "
+                             "(lower-case extensions such as jpg;png).")
 
     @property
     def mixing(self) -> "MixRecipe | None":
@@ -69,6 +79,8 @@ class ViewRecipe:
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         if self.mix is None:  # plain recipes serialise as before, so existing caches' bindings still match
             d.pop("mix")
+        if self.image_field == IMAGE_FIELDS:
+            d.pop("image_field")
         return d
 
     @classmethod
@@ -141,11 +153,36 @@ def view_params(recipe: ViewRecipe, seed: int, key: str, view: int, height: int,
     return np.array([*box, flip], dtype=np.int32)
 
 
+class ViewError(ValueError):
+    """Stored view parameters no honest writer draws (a stranger's re-signed cache): refused before replaying."""
+
+
+def box_problem(params: np.ndarray | torch.Tensor | list[int], height: int, width: int,
+                recipe: ViewRecipe) -> str | None:
+    """What is wrong with a stored box for a ``height`` x ``width`` image, None when it is one the recipe can
+    draw: non-empty, flip 0/1, inside the image (``cifar``: the image padded by ``pad``). Checked before every
+    replay, so stored integers can never make a crop allocate more than the padded image."""
+    top, left, h, w, flip = (int(x) for x in params[:PLAIN_WIDTH])
+    pad = recipe.pad if recipe.name == "cifar" else 0
+    if h < 1 or w < 1:
+        return f"an empty box ({h}x{w})"
+    if flip not in (0, 1):
+        return f"a flip other than 0/1 ({flip})"
+    if top < -pad or left < -pad or top + h > height + pad or left + w > width + pad:
+        return (f"a {h}x{w} box at ({top}, {left}) outside the {height}x{width} image"
+                + (f" padded by {pad}" if pad else ""))
+    return None
+
+
 def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe) -> torch.Tensor:
     """The view's uint8 [3, size, size] tensor from a decoded uint8 [3, H, W] image and stored params.
-    Deterministic CPU ops only, so teacher and student get identical bytes."""
+    Deterministic CPU ops only, so teacher and student get identical bytes. Raises :class:`ViewError` for a
+    box the recipe cannot draw (:func:`box_problem`)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
+    problem = box_problem(params, image.shape[1], image.shape[2], recipe)
+    if problem is not None:
+        raise ViewError(f"stored view parameters hold {problem}")
     top, left, h, w, flip = (int(x) for x in params)
     out = TF.crop(image, top, left, h, w)  # pads with zeros where the box leaves the image
     if (h, w) != (recipe.size, recipe.size):
@@ -284,6 +321,9 @@ def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.n
     kind = view_kind(params)
     if kind == KIND_PLAIN:
         return own
+    if kind not in (KIND_MIXUP, KIND_CUTMIX) or not 0 <= int(params[12]) <= LAMBDA_ONE:
+        raise ViewError(f"stored view parameters hold a mixing kind {kind} or lambda {int(params[12])} outside "
+                        f"{{{KIND_PLAIN}, {KIND_MIXUP}, {KIND_CUTMIX}}} and [0, {LAMBDA_ONE}]")
     if partner is None:
         raise ValueError("A mixed view needs its partner's decoded image (views/params partner_row).")
     other = replay_view(partner, params[7:12], recipe)
@@ -292,6 +332,9 @@ def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.n
         mixed = (own.to(torch.int32) * lam + other.to(torch.int32) * (LAMBDA_ONE - lam) + LAMBDA_ONE // 2) >> 16
         return mixed.to(torch.uint8)
     top, left, h, w = (int(x) for x in params[13:17])
+    if min(top, left, h, w) < 0 or top + h > recipe.size or left + w > recipe.size:
+        raise ViewError(f"stored view parameters hold a CutMix box {h}x{w} at ({top}, {left}) outside the "
+                        f"{recipe.size}x{recipe.size} view")
     out = own.clone()
     out[:, top:top + h, left:left + w] = other[:, top:top + h, left:left + w]
     return out

@@ -18,6 +18,7 @@ from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache import schema
 from pld_pipeline.cache.encode import encode_teacher_logits, targets_from_arrays
 from pld_pipeline.losses import TeacherTargets, pld_loss, pld_loss_from_ranking
+from pld_pipeline.views import ViewRecipe
 from conftest import stored_object
 
 C = 10
@@ -37,7 +38,7 @@ def teacher_record(tid="t1", k=4, temps=(1.0, 2.0), sha="abc"):
 
 def request(views=2, teachers=(), sizes=SHARD_SIZES, seed=0):
     return CacheMeta(num_classes=C, rows_per_shard=max(sizes), key_bytes=12, shards=shard_records(sizes),
-                     recipe={"name": "cifar", "size": 8, "pad": 1}, num_views=views, seed=seed,
+                     recipe=ViewRecipe(name="cifar", size=8, pad=1).to_dict(), num_views=views, seed=seed,
                      teachers={t.id: t for t in teachers}, class_names=[f"c{i}" for i in range(C)])
 
 

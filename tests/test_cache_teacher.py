@@ -95,11 +95,11 @@ def test_the_view_draw_depends_on_the_global_seed_key_and_view():
 def test_view_params_come_from_a_stable_hash_and_replay_bit_for_bit():
     recipe = ViewRecipe("imagenet", size=24, scale=(0.2, 1.0))
     code = ("from pld_pipeline.views import ViewRecipe, view_params; "
-            "print(view_params(ViewRecipe('imagenet', size=24, scale=(0.2, 1.0)), 7, 'key_1', 3, 40, 50).tolist())")
+            "print(view_params(ViewRecipe('imagenet', size=24, scale=(0.2, 1.0)), 7, 'key_1', 3, 40, 40).tolist())")
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    params = view_params(recipe, 7, "key_1", 3, 40, 50)
+    params = view_params(recipe, 7, "key_1", 3, 40, 40)
     assert other_process.strip() == str(params.tolist())
-    assert not np.array_equal(params, view_params(recipe, 7, "key_1", 4, 40, 50))
+    assert not np.array_equal(params, view_params(recipe, 7, "key_1", 4, 40, 40))
     image = torch.from_numpy(make_images(1, size=40)[0][0]).permute(2, 0, 1).contiguous()
     a, b = replay_view(image, params, recipe), replay_view(image.clone(), params.copy(), recipe)
     assert a.dtype == torch.uint8 and a.shape == (3, 24, 24) and torch.equal(a, b)
@@ -386,3 +386,51 @@ def test_a_part_above_zero_with_overwrite_is_refused_and_deletes_nothing(tiny_da
     with pytest.raises(ValueError, match=r"--part 1/2 with --overwrite would delete the other parts' work"):
         cache_teacher(config(tiny_data, cfg.out, teacher_ckpt, views=1, part=(1, 2), overwrite=True, part_wait=1.0))
     assert _tree(cfg.out) == before
+
+
+def test_the_image_field_is_recorded_and_the_student_reads_the_image_its_teacher_saw(tmp_path, teacher_ckpt):
+    """Samples holding two images (a jpg, and a png of another picture): a cache made from the png records
+    it, and the student replays the png, not the jpg its default list would pick first."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pld_pipeline.student_data import ShardRange, StudentData
+    images, labels = make_images(8, seed=5)
+    shard = str(tmp_path / "two-000000.tar")
+
+    def encoded(arr, fmt):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        return buf.getvalue()
+    with wds.TarWriter(shard) as sink:
+        for i, (img, c) in enumerate(zip(images, labels)):
+            sink.write({"__key__": f"{i:04d}", "jpg": encoded(255 - img, "JPEG"), "png": encoded(img, "PNG"),
+                        "cls": str(int(c)).encode()})
+    url = str(tmp_path / "png.zarr")
+    cache_teacher(CacheTeacherConfig(data=shard, out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
+                                     views=2, size=16, k=4, batch_size=8, workers=0, num_classes=NUM_CLASSES,
+                                     device="cpu", image_field="png"))
+    recipe = Cache(url).meta.recipe
+    assert recipe["image_field"] == "png"
+    assert "image_field" not in ViewRecipe().to_dict()  # the default is left out: earlier caches still match
+
+    data = StudentData(shard, cache=url, teacher="r8", batch_size=4, workers=0)
+    assert data.image_field == "png"
+    block = Cache(url).read(0, "r8")
+    items = list(data.dataset._samples(ShardRange(data.shards[0], 0, 8)))
+    assert len(items) == 8
+    for item in items:
+        row, view = int(item["__key__"]), int(item["source"][1])
+        want = replay_view(torch.from_numpy(images[row]).permute(2, 0, 1).contiguous(), block.params[row, view],
+                           ViewRecipe.from_dict(recipe))
+        assert torch.equal(item["image"], want), item["__key__"]
+    with pytest.raises(ValueError, match=r"--image-field 'jpg' differs from the field.* drawn from \('png'\)"):
+        StudentData(shard, cache=url, teacher="r8", batch_size=4, workers=0, image_field="jpg")
+    with pytest.raises(CacheError, match="different view recipe"):  # extending with the default field
+        cache_teacher(CacheTeacherConfig(data=shard, out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
+                                         views=3, size=16, k=4, batch_size=8, workers=0, num_classes=NUM_CLASSES,
+                                         device="cpu"))
+    with pytest.raises(ValueError, match="not a ;-separated list of sample field names"):
+        ViewRecipe(image_field="png;../x")

@@ -12,7 +12,7 @@ from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.student_data import ShardRange, TrainSamples, TrainShard, choose_view
 from pld_pipeline.views import (
     KIND_CUTMIX, KIND_MIXUP, KIND_PLAIN, LAMBDA_ONE, MixRecipe, ViewRecipe, first_labels, mix_draw,
-    normalize, replay_mixed,
+    ViewError, normalize, replay_mixed,
 )
 
 from conftest import NUM_CLASSES
@@ -66,6 +66,16 @@ def test_replay_is_integer_exact_mixup_and_cutmix():
     assert torch.equal(got[:, inside], b[:, inside]) and torch.equal(got[:, ~inside], a[:, ~inside])
     with pytest.raises(ValueError, match="needs its partner's decoded image"):
         replay_mixed(a, None, cutmix, recipe)
+    # what no writer draws is refused before any pixel is touched (a re-signed cache can store anything)
+    hostile = {"lambda 2^31 (the int32 blend would wrap)": (12, 2**31 - 1, "lambda 2147483647 outside"),
+               "kind 7": (5, 7, "mixing kind 7"),
+               "CutMix box past the view": (15, 9, r"CutMix box 9x3 at \(2, 3\) outside the 8x8 view"),
+               "partner box 10^5 wide": (10, 10**5, r"a 8x100000 box at \(0, 0\) outside the 8x8 image")}
+    for name, (field, value, what) in hostile.items():
+        bad = cutmix.copy()
+        bad[field] = value
+        with pytest.raises(ViewError, match=what):
+            replay_mixed(a, b, bad, recipe)
 
 
 def _teacher_inputs(url, tiny_data):

@@ -20,6 +20,7 @@ from . import schema
 from .codecs import check_codecs
 from .format import CacheError, CacheMeta, index_dtype
 from .store import read_document
+from ..views import ViewRecipe
 
 MAX_CLASSES = 1 << 20  # a student's classifier is allocated from this
 MAX_VIEWS = 4096
@@ -27,6 +28,8 @@ MAX_ROWS_PER_SHARD = 1 << 20
 MAX_SHARDS = 1 << 20
 MAX_KEY_BYTES = 4096
 MAX_TEMPERATURES = 64
+#: A view's side in pixels (a student batch is allocated from it; the largest timm teachers take 1024)
+MAX_VIEW_SIZE = 4096
 MAX_CHUNK_BYTES = 2 << 30  # one decoded chunk (a shard's rows of one view of one array)
 #: Metadata objects (zarr.json of the root, arrays, markers, indexes, claims) read from remote hosts.
 MAX_JSON_BYTES = 64 << 20
@@ -43,8 +46,24 @@ def _int_in(url: str, name: str, value: Any, lo: int, hi: int) -> None:
         raise _refuse(url, f"metadata field {name}={value!r} lies outside [{lo}, {hi}]")
 
 
+def check_recipe(recipe: Any, url: str) -> ViewRecipe:
+    """The view recipe a stranger's metadata records, parsed and held to pld's limits before any view is replayed
+    from it (its size sets every replayed view's allocation, its mixing window how many images are kept)."""
+    try:
+        parsed = ViewRecipe.from_dict(recipe)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _refuse(url, f"malformed view recipe ({what})") from None
+    _int_in(url, "recipe size", parsed.size, 1, MAX_VIEW_SIZE)
+    _int_in(url, "recipe pad", parsed.pad, 0, MAX_VIEW_SIZE)
+    if parsed.mixing is not None:
+        _int_in(url, "mixing window", parsed.mixing.window, 1, MAX_ROWS_PER_SHARD)
+    return parsed
+
+
 def check_meta(meta: CacheMeta, url: str) -> None:
     """Every size in the root metadata within pld's limits and consistent with the others."""
+    check_recipe(meta.recipe, url)
     _int_in(url, "num_classes", meta.num_classes, 1, MAX_CLASSES)
     _int_in(url, "shard count", len(meta.shards), 1, MAX_SHARDS)
     _int_in(url, "rows_per_shard", meta.rows_per_shard, 1, MAX_ROWS_PER_SHARD)
