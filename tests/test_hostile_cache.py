@@ -220,8 +220,13 @@ def huge_classes(url):
     (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(k=11)), r"k of teacher 'r14'=11 lies outside"),
     (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(temperatures=[1.0] * 100)), "temperature count"),
     (lambda u: edit_meta(u, lambda m: m.update(key_bytes=10**6)), "key_bytes=1000000 lies outside"),
+    (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(size=10**6)), "recipe size=1000000 lies outside"),
+    (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(pad=10**6)), "recipe pad=1000000 lies outside"),
+    (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(run="os.system")), "malformed view recipe"),
+    (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(image_field="../../etc")), "malformed view recipe"),
 ], ids=["num_views=1e10", "rows_per_shard=2e8", "num_classes=1e9", "rows not the largest shard", "chunk shape",
-        "k > classes", "100 temperatures", "key_bytes=1e6"])
+        "k > classes", "100 temperatures", "key_bytes=1e6", "view size=1e6", "pad=1e6", "unknown recipe field",
+        "image field"])
 def test_sizes_in_the_metadata_are_checked_before_anything_is_allocated(copy, attack, match, tiny_data):
     attack(copy)
     for reader in (Cache, verify_cache, inspect_cache,
@@ -239,23 +244,65 @@ def test_num_views_edited_down_is_no_longer_ok(copy):
     assert not report.ok and any("a unit name this cache cannot hold" in p for p in report.problems)
 
 
-def zstd_bomb(size=2**31):
-    """A valid zstd frame (RLE blocks of 128 KiB) that declares and inflates to ``size`` bytes: ~66 KB."""
-    block, n = 1 << 17, size >> 17
+def zstd_bomb(size=2**31, blocks=None):
+    """A valid zstd frame (RLE blocks of 128 KiB) that declares and inflates to ``size`` bytes: ~66 KB (with
+    ``blocks``, only that many blocks: a frame that still declares ``size``, in a few bytes)."""
+    block, n = 1 << 17, blocks or size >> 17
     header = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little")  # single segment, 8-byte size
     blocks = b"".join(((block << 3) | (1 << 1) | (i == n - 1)).to_bytes(3, "little") + b"\0" for i in range(n))
     return header + blocks
 
 
 def test_a_zstd_bomb_chunk_decodes_into_its_own_chunk_size_or_not_at_all(copy):
-    frame = zstd_bomb()
-    assert len(frame) < 70_000
-    with open(stored_object(copy, schema.STATUS.path(), 0), "wb") as f:
-        f.write(frame + google_crc32c.value(frame).to_bytes(4, "little"))  # crc32c valid: zarr's check passes
-    with pytest.raises(CacheError, match="samples/status is unreadable .*destination buffer too small") as e:
-        Cache(copy).read(0)
+    """The 66 KB bomb is refused by its size before it is read (an object can hold no more than its layout
+    compresses to); one that fits that size but declares 2 GiB is refused by the decoder, which writes only into
+    the chunk's own size."""
+    for frame, why in ((zstd_bomb(), "samples/status/c/0 holds 65,553 bytes, more than its layout allows"),
+                       (zstd_bomb(blocks=1), "samples/status is unreadable .*destination buffer too small")):
+        with open(stored_object(copy, schema.STATUS.path(), 0), "wb") as f:
+            f.write(frame + google_crc32c.value(frame).to_bytes(4, "little"))  # crc32c valid: zarr's check passes
+        with pytest.raises(CacheError, match=why) as e:
+            Cache(copy).read(0)
+        one_line(e)
+        assert not verify_cache(copy).ok
+
+
+def _link_out(copy, target):
+    """Replace ``target`` (a path inside the cache) by a link to an identical copy outside it."""
+    outside = copy + ".outside-" + os.path.basename(target)
+    (shutil.copytree if os.path.isdir(target) else shutil.copy)(target, outside)
+    shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+    os.symlink(outside, target)
+
+
+def _sparse(path, size=64 << 30):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("plant, why", [
+    (lambda c: (os.unlink(p := os.path.join(c, "samples", "status", "zarr.json")), os.symlink("/dev/zero", p)),
+     "samples/status/zarr.json is a symbolic link"),
+    (lambda c: (os.unlink(p := os.path.join(c, "zarr.json")), os.symlink("/dev/zero", p)), "zarr.json is a symbolic link"),
+    (lambda c: _link_out(c, stored_object(c, schema.STATUS.path(), 0)), "samples/status/c/0 is a symbolic link"),
+    (lambda c: _link_out(c, os.path.join(c, "teachers")), "teachers/r14/.* is a symbolic link or lies under one"),
+    (lambda c: _sparse(stored_object(c, schema.STATUS.path(), 0)),
+     "samples/status/c/0 holds 68,719,476,736 bytes, more than its layout allows"),
+    (lambda c: (os.unlink(p := stored_object(c, schema.STATUS.path(), 0)), os.mkfifo(p)),
+     "samples/status/c/0 is not a regular file"),
+], ids=["array zarr.json -> /dev/zero", "root zarr.json -> /dev/zero", "chunk linked out (same bytes)", "folder linked out", "sparse 64 GiB chunk",
+        "FIFO chunk"])
+def test_a_local_cache_is_read_only_from_its_own_regular_files_within_their_sizes(copy, plant, why, tiny_data):
+    """A tar carries links, FIFOs and sparse files: /dev/zero as a zarr.json was read until memory ran out, a FIFO
+    blocked the reader forever, and a link out of the cache read whatever it points to."""
+    plant(copy)
+    with pytest.raises(CacheError, match=why) as e:
+        cache = Cache(copy)
+        cache.read(0, "r14")
     one_line(e)
-    assert not verify_cache(copy).ok
+    with pytest.raises(CacheError, match=why):
+        data = StudentData(tiny_data["train"].pattern, cache=copy, teacher="r14", batch_size=4, workers=0)
+        next(iter(data.epoch(0)))
 
 
 def test_hostile_sizes_through_the_cli_are_one_line_exit_2_and_bounded_memory(cache, honest_rss, tmp_path):
@@ -333,6 +380,44 @@ def test_values_no_honest_writer_stores_are_refused_where_they_are_read(copy, da
         for _ in data.epoch(0):
             pass
     assert Cache(copy).read(1, "r14").logz.shape[0] == 16  # other shards read as before
+
+
+def write_view_params(url, row, view, params):
+    """Store ``params`` as view ``view`` of ``row`` in shard 0 (a valid chunk), then re-sign."""
+    arr = zarr.open_group(url, mode="r+")[schema.PARAMS.path()]
+    arr[row, view] = np.asarray(params, arr.dtype)
+    resign(url, arrays=True)
+
+
+@pytest.mark.parametrize("params, what", [
+    ([0, 0, 60_000, 60_000, 0], r"a 60000x60000 box at \(0, 0\) outside the 16x16 image padded by 2"),
+    ([-3, 0, 16, 16, 0], r"a 16x16 box at \(-3, 0\) outside the 16x16 image padded by 2"),
+    ([0, 0, 0, 16, 0], r"an empty box \(0x16\)"),
+    ([0, 0, 16, 16, 7], r"a flip other than 0/1 \(7\)"),
+], ids=["60000x60000 box", "outside the padding", "empty box", "flip 7"])
+def test_view_boxes_no_recipe_draws_are_refused_before_replaying(copy, params, what, tiny_data):
+    """A 60000x60000 box replays into a 10.8 GB crop per sample (a 2^30 one fails deep inside torch): every
+    stored box is checked against the decoded image before it is replayed."""
+    write_view_params(copy, 3, 1, params)
+    data = StudentData(tiny_data["train"].pattern, cache=copy, teacher="r14", batch_size=4, workers=0)
+    with pytest.raises(CacheError, match=f"View 1 of sample .* \\(cache shard 0\\): stored view parameters hold {what}") as e:
+        for epoch in range(4):  # rotate: every sample meets each of its 4 views in 4 epochs
+            data.dataset.set_epoch(epoch)
+            for _ in data.dataset:
+                pass
+    one_line(e)
+
+
+def test_a_hostile_box_through_distill_is_one_line_and_bounded_memory(copy, tiny_data, tmp_path):
+    for row in range(16):  # every view of shard 0: the first sample read hits one
+        for view in range(4):
+            zarr.open_group(copy, mode="r+")[schema.PARAMS.path()][row, view] = np.array([0, 0, 60_000, 60_000, 0])
+    resign(copy, arrays=True)
+    code, stderr, rss = run_cli("distill", "--data", tiny_data["train"].pattern, "--cache", copy, "--out",
+                                tmp_path / "run", "--student", "cifar_resnet8", "--epochs", "1", "--batch-size", "4",
+                                "--workers", "0", "--device", "cpu", "--quiet")
+    assert code == 2 and len(stderr.splitlines()) == 1 and "outside the 16x16 image" in stderr, stderr
+    assert rss < 2 << 20, rss  # KiB: one such crop alone is 10.8 GB
 
 
 # -- 5. writes stay inside the cache; --overwrite deletes only a pld cache ------------------------------------------

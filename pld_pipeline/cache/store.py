@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 from typing import Any
 
 import zarr
@@ -30,6 +31,56 @@ def _normalise(url: str) -> str:
 
 def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith(("file://", "memory://"))
+
+
+#: The most bytes an object the layout does not bound (key index chunks, before the layout is known) may hold.
+MAX_OBJECT_BYTES = 4 << 30
+
+
+class LocalObjects(zarr.storage.LocalStore):
+    """zarr's LocalStore, reading only the cache's own files: each object read must be a regular file inside
+    the cache folder (not a link, nor under a linked folder: nothing out of it, no device or FIFO) and no larger
+    than its cap (``zarr.json``: MAX_METADATA_BYTES; array objects: their layout's, see :func:`limit_objects`),
+    checked before a byte is read. A stranger's cache can hold a link to /dev/zero, or a sparse terabyte under a
+    chunk's name (a tar carries both)."""
+
+    def __init__(self, root: str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.caps: dict[str, int] = {}  # key prefix -> bytes
+        self._real_root = os.path.realpath(root)
+
+    def with_read_only(self, read_only: bool = False) -> "LocalObjects":
+        store = type(self)(str(self.root), read_only=read_only)
+        store.caps = self.caps
+        return store
+
+    def _check(self, key: str) -> None:
+        path = os.path.join(str(self.root), key)
+        try:
+            info = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # zarr reads it as absent
+        where = f"{self.root}: {key}"
+        if stat.S_ISLNK(info.st_mode) or not os.path.realpath(path).startswith(self._real_root + os.sep):
+            raise CacheError(f"{where} is a symbolic link or lies under one; pld reads only the cache's own files. "
+                             "Remove the link, or ask the cache's owner for an intact copy.")
+        if not stat.S_ISREG(info.st_mode):
+            raise CacheError(f"{where} is not a regular file; remove it, or ask the cache's owner for an intact copy.")
+        cap = MAX_METADATA_BYTES if key.endswith(".json") else next(
+            (c for prefix, c in self.caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
+        if info.st_size > cap:
+            raise CacheError(f"{where} holds {info.st_size:,} bytes, more than its layout allows ({cap:,}); the cache "
+                             "is damaged or was edited: ask its owner for an intact copy.")
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        self._check(key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
 
 
 def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
@@ -76,7 +127,11 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
                 os.makedirs(cache_dir, exist_ok=True)
                 return zarr.open_group(_cached_store(url, cache_dir), mode="r", zarr_format=3)
             fmt3 = {} if mode == "w" else {"zarr_format": 3}  # never opens a format 2 store (its codecs unpickle)
-            where = _capped_http_store(url) if mode == "r" and url.startswith(("http://", "https://")) else url
+            where: Any = url
+            if mode == "r" and url.startswith(("http://", "https://")):
+                where = _capped_http_store(url)
+            elif mode != "w" and "://" not in url:
+                where = _local_objects(url, read_only=mode == "r")
             root = zarr.open_group(where, mode=mode, attributes=attributes, **fmt3)
             if url.startswith(("http://", "https://")) and not _serves_ranges(root):
                 return zarr.open_group(WholeObjects(root.store), mode="r")
@@ -101,9 +156,15 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
 MAX_METADATA_BYTES = 64 << 20
 
 
+def _local_objects(url: str, read_only: bool) -> LocalObjects:
+    if not os.path.isdir(url):
+        raise FileNotFoundError(url)
+    return LocalObjects(url, read_only=read_only)
+
+
 def _is_format_2(url: str) -> bool:
     try:
-        zarr.open_group(url, mode="r", zarr_format=2)  # reads .zgroup/.zattrs only: no chunk is decoded
+        zarr.open_group(_local_objects(url, True) if "://" not in url else url, mode="r", zarr_format=2)  # reads .zgroup/.zattrs only: no chunk is decoded
         return True
     except Exception:  # noqa: BLE001 - not a format 2 group either
         return False
@@ -147,13 +208,16 @@ def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
 
 
 def limit_objects(root: zarr.Group, caps: dict[str, int]) -> None:
-    """Cap remote reads of each array's objects (path -> bytes, bounds.object_caps); a no-op on other stores."""
+    """Cap reads of each array's objects (path -> bytes, bounds.object_caps) from remote hosts and local folders."""
     store = root.store
     while isinstance(store, zarr.storage.WrapperStore):
         store = store._store
     if hasattr(getattr(store, "fs", None), "caps"):
         base = f"{store.path.rstrip('/')}/{root.store_path.path}".rstrip("/")
         store.fs.caps.update({f"{base}/{path}/": cap for path, cap in caps.items()})
+    elif isinstance(store, LocalObjects):
+        base = root.store_path.path.strip("/")
+        store.caps.update({f"{base}/{path}/".lstrip("/"): cap for path, cap in caps.items()})
 
 
 def _serves_ranges(root: zarr.Group) -> bool:

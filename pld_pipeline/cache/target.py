@@ -64,7 +64,8 @@ def check_replaceable(url: str) -> None:
         return
     others = sorted(set(names) - PLD_ENTRIES)
     root = None
-    if "zarr.json" in names:
+    local = local_path(url)
+    if "zarr.json" in names and (local is None or os.path.isfile(os.path.join(local, "zarr.json"))):  # not a FIFO
         try:
             with fs.open(f"{path.rstrip('/')}/zarr.json", "rb") as f:
                 root = json.loads(f.read(1 << 26))
