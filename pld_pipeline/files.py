@@ -12,11 +12,14 @@ import errno
 import json
 import os
 import secrets
+import stat
 from typing import Any
 
 from .errors import MetadataError, WriteError
 
 _CHUNK = 1 << 20
+#: The most pld reads of one JSON or metrics file in a run, sweep or cache folder (its own are a few KiB)
+MAX_READ_BYTES = 64 << 20
 #: A run folder's files that others read without torch (pld report, the sweep's skip-finished-runs check).
 STATE_FILE = "last_state.pt"
 SUMMARY_FILE = "summary.json"  # written when a run ends (trained to the last epoch, or stopped by its sweep)
@@ -62,10 +65,29 @@ def write_json(path: str, doc: Any, default: Any = None) -> None:
     write_text(path, json.dumps(doc, indent=1, default=default))
 
 
+def read_bytes(path: str, limit: int = MAX_READ_BYTES) -> bytes:
+    """A small file from a run, sweep or cache folder, whose size is checked before it is read: a stranger's
+    folder can hold a sparse terabyte under a small file's name, or a link to a FIFO or a device (opened without
+    blocking, then refused)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MetadataError(f"{path}: not a regular file; remove it, or the folder that holds it.")
+        if info.st_size > limit:
+            raise MetadataError(f"{path}: {info.st_size:,} bytes, over the {limit:,} pld reads of such a file; "
+                                "restore it or remove the folder that holds it.")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise MetadataError(f"{path}: grew past {limit:,} bytes while being read; restore it or remove the folder "
+                            "that holds it.")
+    return data
+
+
 def read_json(path: str) -> Any:
-    """A JSON file from a run, sweep or cache folder; malformed JSON is refused naming the file and line."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """A JSON file from a run, sweep or cache folder (size-checked, :func:`read_bytes`); malformed JSON is
+    refused naming the file and line."""
+    data = read_bytes(path)
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

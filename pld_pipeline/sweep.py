@@ -8,7 +8,6 @@ cache is only ever opened read-only, and no teacher is loaded.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -22,7 +21,7 @@ import tomllib
 from typing import Any, Callable
 
 from .errors import MetadataError
-from .files import SUMMARY_FILE, json_field, read_json, refuse_link, write_bytes, write_json, write_text
+from .files import SUMMARY_FILE, json_field, read_bytes, read_json, refuse_link, write_bytes, write_json, write_text
 from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
@@ -244,8 +243,8 @@ def _runs_in(sweep_dir: str) -> list[tuple[str, dict[str, Any], dict[str, Any], 
             if summary.get(key) is not None:
                 json_field(summary, summary_path, key, kind=(int, float))
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        with open(metrics_path) if os.path.isfile(metrics_path) else contextlib.nullcontext([]) as f:
-            metrics = [line for line in f if line.strip()]  # only counted: one line per finished epoch
+        lines = read_bytes(metrics_path).splitlines() if os.path.isfile(metrics_path) else []
+        metrics = [line for line in lines if line.strip()]  # only counted: one line per finished epoch
         out.append((name, overrides, summary, metrics))
     return out
 

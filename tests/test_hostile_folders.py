@@ -104,6 +104,23 @@ def test_the_demo_plot_refuses_a_symlink_planted_in_its_folder(tmp_path):
     assert (tmp_path / "fresh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("planted", ["sweep.json", "lr=0.1/summary.json", "lr=0.1/metrics.jsonl", "fifo"])
+def test_report_checks_a_files_size_and_kind_before_reading_it(tmp_path, planted):
+    """A sparse 64 GiB summary.json (no disk used, a tar can carry one) or a FIFO named sweep.json (opening
+    it for reading would wait forever) are refused in one line; nothing is read past pld's limit."""
+    sweep = sweep_folder(tmp_path / "sw", {"lr=0.1": {"lr": 0.1}})
+    if planted == "fifo":  # every reader goes through files.read_bytes; `--resume` reads config.json unguarded
+        os.mkfifo(sweep / "lr=0.1" / "config.json")
+        with pytest.raises(errors.MetadataError, match="config.json: not a regular file"):
+            files.read_json(str(sweep / "lr=0.1" / "config.json"))
+        return
+    with open(sweep / planted, "ab") as f:
+        f.truncate(64 << 30)
+    want = f"{os.path.basename(planted)}: 68,719,476,736 bytes, over the 67,108,864 pld reads of such a file"
+    code, output = run("report", sweep)
+    assert code == 2 and want in one_error_line(output), output
+
+
 def test_names_and_settings_are_escaped_in_markdown_and_csv(tmp_path):
     hostile = "x\nimport os; os.system('touch pwned') | `rm` <img src=x>"
     names = {"run\nA|b": {"lr": 0.1, "student": hostile}, "runB": {"lr": 0.2, "student": "=HYPERLINK(\"http://e\")"}}
