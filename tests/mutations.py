@@ -421,6 +421,12 @@ MUTATIONS = [
     Mutation("run folders: file sizes unchecked before reading", "pld_pipeline/files.py",
              "        if info.st_size > limit:\n", "        if False:\n",
              (HOSTILE + "test_report_checks_a_files_size_and_kind_before_reading_it",)),
+    Mutation("object stores: whole objects fetched unbounded", "pld_pipeline/cache/store.py",
+             "            request: Any = RangeByteRequest(start, start + cap + 1)", "            request = byte_range",
+             ("tests/test_sharing.py::test_objects_on_s3_larger_than_their_layout_are_refused_without_being_fetched",)),
+    Mutation("object stores: --cache-dir downloads before sizing", "pld_pipeline/cache/store.py",
+             "                if remote is not None and remote > cap:", "                if False:",
+             ("tests/test_sharing.py::test_objects_on_s3_larger_than_their_layout_are_refused_without_being_fetched",)),
 ]
 
 

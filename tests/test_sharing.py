@@ -79,6 +79,37 @@ def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_
         reader.array("samples/label")[0:1] = 1  # readers are read-only
 
 
+def test_objects_on_s3_larger_than_their_layout_are_refused_without_being_fetched(cache, s3_endpoint, tmp_path):
+    """A bucket can hold anything under a chunk's name: a 32 MiB object where the layout allows a few KiB is
+    refused after at most cap + 1 bytes are asked for (not fetched whole), directly and through --cache-dir."""
+    import s3fs
+
+    from pld_pipeline.cache import CacheError, schema
+    from conftest import stored_object
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    url = "s3://pld-bucket/hostile/c.zarr"
+    fs.put(cache, url[len("s3://"):], recursive=True)
+    key = os.path.relpath(stored_object(cache, schema.STATUS.path(), 0), cache)
+    fs.pipe(f"{url[len('s3://'):]}/{key}", b"\0" * (32 << 20))
+    asked = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def spy(self, path, *args, start=None, end=None, **kw):
+        asked.append((path, start, end))
+        return await real(self, path, *args, start=start, end=end, **kw)
+    s3fs.S3FileSystem._cat_file = spy
+    try:
+        for cache_dir in (None, str(tmp_path / "blocks")):
+            with pytest.raises(CacheError, match=f"{key} holds more than the [0-9,]+ bytes its cache layout allows"):
+                Cache(url, cache_dir=cache_dir).read(0)
+        direct = [(s, e) for p, s, e in asked if p.endswith(key)]
+        assert direct and all(e is not None and e - (s or 0) < 1 << 20 for s, e in direct), direct
+        downloaded = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / "blocks") for f in files]
+        assert downloaded and max(downloaded) < 1 << 20  # the 32 MiB object was sized, never downloaded
+    finally:
+        s3fs.S3FileSystem._cat_file = real
+
+
 def _files(root):
     return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(root) for f in files}

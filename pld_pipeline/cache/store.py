@@ -83,7 +83,51 @@ class LocalObjects(zarr.storage.LocalStore):
         return await super().get_partial_values(prototype, key_ranges)
 
 
-def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
+class CappedReads(zarr.storage.WrapperStore):
+    """Reads from an object store (S3, GCS, a --cache-dir copy) that never ask for more than the object's cap:
+    a whole object is fetched as the range ``[0, cap + 1)`` and refused when that extra byte arrives, a longer
+    range is refused before it is sent. Caps as :class:`LocalObjects`; what a host sends is bounded by what
+    was asked (HTTP hosts, which may ignore ranges, are capped as the body streams, see :func:`_capped_http`)."""
+
+    def __init__(self, store: zarr.abc.store.Store, caps: dict[str, int] | None = None, url: str = "") -> None:
+        super().__init__(store)
+        self.caps = {} if caps is None else caps  # key prefix -> bytes
+        self.url = url  # for messages
+
+    def _with_store(self, store: zarr.abc.store.Store) -> "CappedReads":
+        return type(self)(store, self.caps, self.url)
+
+    def _cap(self, key: str) -> int:
+        if key.endswith(".json"):
+            return MAX_METADATA_BYTES
+        return next((c for prefix, c in self.caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
+
+    def _refuse(self, key: str, cap: int) -> CacheError:
+        return CacheError(f"{self.url}: {key} holds more than the {cap:,} bytes its cache layout allows; the "
+                          "cache is damaged or was edited: ask its owner for an intact copy.")
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+        cap = self._cap(key)
+        if byte_range is None or isinstance(byte_range, OffsetByteRequest):
+            start = 0 if byte_range is None else byte_range.offset
+            request: Any = RangeByteRequest(start, start + cap + 1)
+        elif isinstance(byte_range, RangeByteRequest) and byte_range.end - byte_range.start > cap or (
+                isinstance(byte_range, SuffixByteRequest) and byte_range.suffix > cap):
+            raise self._refuse(key, cap)
+        else:
+            request = byte_range
+        buf = await self._store.get(key, prototype or default_buffer_prototype(), request)
+        if buf is not None and len(buf) > cap:
+            raise self._refuse(key, cap)
+        return buf
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        import asyncio
+        return list(await asyncio.gather(*(self.get(key, prototype, r) for key, r in key_ranges)))
+
+
+def _cached_store(url: str, cache_dir: str) -> "CappedReads":
     """A read-only store over fsspec's ``filecache``: each object is fetched once into ``cache_dir`` and
     revalidated against the remote's ETag/mtime (``check_files``), so a sweep of many students reads each remote
     byte once and never uses a stale copy after the cache is extended.
@@ -97,18 +141,35 @@ def _cached_store(url: str, cache_dir: str) -> zarr.storage.FsspecStore:
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
     from fsspec.implementations.cached import CachingFileSystem
 
+    target, root = fsspec.core.url_to_fs(url, asynchronous=False, skip_instance_cache=True)
+    capped = CappedReads(None, url=url)  # type: ignore[arg-type]  # its store is set below; its caps are shared
+    sized: set[str] = set()
+
     class WholeObjectCache(CachingFileSystem):
         def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-            """A byte range of the local copy (fetched whole once). fsspec's version seeks from the end through a
-            ``size`` attribute that local files lack, and views that share an object are read from its end."""
+            """A byte range of the local copy (fetched whole once), only that range read. The remote object's
+            size is checked against its cap before the first download; fsspec's own version seeks from the end
+            through a ``size`` attribute that local files lack."""
+            key = path[len(root):].lstrip("/")
+            cap = capped._cap(key)
+            if path not in sized:
+                remote = self.fs.size(path)
+                if remote is not None and remote > cap:
+                    raise capped._refuse(key, cap)
+                sized.add(path)
             with self.open(path, "rb", **kwargs) as f:
-                return f.read()[start:end]
+                size = f.seek(0, os.SEEK_END)
+                if size > cap:  # changed on the remote after it was sized
+                    raise capped._refuse(key, cap)
+                lo, hi, _ = slice(start, end).indices(size)
+                f.seek(lo)
+                return f.read(max(hi - lo, 0))
 
-    target, path = fsspec.core.url_to_fs(url, asynchronous=False, skip_instance_cache=True)
     cached = WholeObjectCache(fs=target, cache_storage=cache_dir, check_files=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that the wrapper was not created asynchronous: intended
-        return zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached), path=path, read_only=True)
+        capped._store = zarr.storage.FsspecStore(AsyncFileSystemWrapper(cached), path=root, read_only=True)
+    return capped
 
 
 def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dict[str, Any] | None = None) -> zarr.Group:
@@ -132,6 +193,8 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
                 where = _capped_http_store(url)
             elif mode != "w" and "://" not in url:
                 where = _local_objects(url, read_only=mode == "r")
+            elif mode != "w" and _is_remote(url):
+                where = CappedReads(zarr.storage.FsspecStore.from_url(url, read_only=mode == "r"), url=url)
             root = zarr.open_group(where, mode=mode, attributes=attributes, **fmt3)
             if url.startswith(("http://", "https://")) and not _serves_ranges(root):
                 return zarr.open_group(WholeObjects(root.store), mode="r")
@@ -210,13 +273,15 @@ def _capped_http_store(url: str) -> zarr.storage.FsspecStore:
 def limit_objects(root: zarr.Group, caps: dict[str, int]) -> None:
     """Cap reads of each array's objects (path -> bytes, bounds.object_caps) from remote hosts and local folders."""
     store = root.store
+    base = root.store_path.path.strip("/")
     while isinstance(store, zarr.storage.WrapperStore):
+        if isinstance(store, CappedReads):
+            store.caps.update({f"{base}/{path}/".lstrip("/"): cap for path, cap in caps.items()})
         store = store._store
     if hasattr(getattr(store, "fs", None), "caps"):
         base = f"{store.path.rstrip('/')}/{root.store_path.path}".rstrip("/")
         store.fs.caps.update({f"{base}/{path}/": cap for path, cap in caps.items()})
     elif isinstance(store, LocalObjects):
-        base = root.store_path.path.strip("/")
         store.caps.update({f"{base}/{path}/".lstrip("/"): cap for path, cap in caps.items()})
 
 
