@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import pld_pipeline.cache_teacher as CT
 from pld_pipeline.audit import TOLERANCE, audit_cache
-from pld_pipeline.cache import Cache, CacheError, TeacherBlock, verify_cache
+from pld_pipeline.cache import Cache, CacheError, SampleStatus, TeacherBlock, verify_cache
 from pld_pipeline.cache import schema
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.models import file_sha256, load_state_dict
@@ -103,9 +103,12 @@ def _resign(url, shard, edit):
     arrays = {k: v[:n].copy() for k, v in arrays.items()}
     edit(arrays, c.samples(shard)[schema.LABEL.path()])
     marker = c.marker(unit)
+    samples = c.samples(shard)
+    ok = samples[schema.STATUS.path()] == SampleStatus.OK
+    correct = int((arrays["topk_idx"][ok][..., 0] == samples[schema.LABEL.path()][ok][:, None]).sum())  # as written
     c.write_teacher(shard, "r14", unit.views, TeacherBlock(arrays["topk_idx"], arrays["topk_logp"],
                                                            arrays["label_logp"], arrays["logz"],
-                                                           marker["correct"], marker["count"]))
+                                                           correct, marker["count"]))
     return schema.decode_keys(c.samples(shard)[schema.KEY.path()])
 
 

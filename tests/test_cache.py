@@ -334,8 +334,8 @@ def _order_swapped(block, labels):
 @pytest.mark.parametrize("edit, match", [
     (lambda b, y: b.topk_idx.__setitem__((0, 0, 1), b.topk_idx[0, 0, 0]), "repeated class index"),
     (lambda b, y: b.topk_idx.__setitem__((1, 0, 0), 99), r"outside \[0, 10\)"),
-    (lambda b, y: b.label_logp.__setitem__((0, 1), np.nan), "non-finite label_logp"),
-    (_label_position_swapped, "label log-prob differs from its top-k entry"),
+    (lambda b, y: b.label_logp.__setitem__((0, 1), np.nan), "a non-finite label log-prob"),
+    (_label_position_swapped, "a label log-prob unequal to its top-k entry"),
     (_order_swapped, "not in descending order"),
 ])
 def test_verify_catches_semantic_damage_written_with_valid_checksums(cache_url, edit, match):

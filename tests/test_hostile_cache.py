@@ -5,6 +5,7 @@ stderr, exit code 2 and the child's peak RSS against the same command on the hon
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import zarr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pld_pipeline.cache import Cache, CacheError, CacheMeta, inspect_cache, verify_cache
+from pld_pipeline.cache import Cache, CacheError, CacheMeta, SampleStatus, inspect_cache, verify_cache
 from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache import claims, schema
 from pld_pipeline.cache.integrity import block_sha256
@@ -366,12 +367,35 @@ def _positive_label(name, a):
         a[3, 1] = 0.25
 
 
+def _repeated_class(name, a):
+    if name == "topk_idx":
+        a[3, 1, 2] = a[3, 1, 0]
+
+
+def _improbable_top1(name, a):
+    if name == "top1_logp":
+        a[3, 1] = -1e30
+
+
+def _tiny_logz(name, a):
+    if name == "logz":
+        a[3, 1, :] = -1e30
+
+
 @pytest.mark.parametrize("damage, what", [
     (_nan_logz, "non-finite logz"), (_bad_index, r"class indices outside \[0, 10\)"),
     (_ascending, "top-k log-probs not in descending order"), (_positive_label, "a label log-prob above 0"),
-])
+    (_repeated_class, "a repeated class index within a top-k row"),
+    (_improbable_top1, "a top-1 log-prob below -log 10"),
+    (_tiny_logz, "a logz under which the stored probabilities do not sum to at most 1"),
+], ids=["NaN logz", "index 37", "ascending", "label log-prob > 0", "repeated class", "top-1 -1e30", "logz -1e30"])
 def test_values_no_honest_writer_stores_are_refused_where_they_are_read(copy, damage, what, tiny_data):
+    """Every reader and `pld verify` run the same value checks: no cache verifies that a reader refuses, and no
+    reader trains on what verify calls damaged (a red-team pass found both)."""
     write_teacher_values(copy, damage)
+    report = verify_cache(copy)
+    assert not report.ok and any("s000000.teacher.r14.0-4" in p and re.search(what, p) for p in report.problems), \
+        report.problems
     with pytest.raises(CacheError, match=f"unit s000000.teacher.r14.0-4 is damaged: it holds {what} \\(view 1\\)") as e:
         Cache(copy).read(0, "r14")
     one_line(e)
@@ -418,6 +442,35 @@ def test_a_hostile_box_through_distill_is_one_line_and_bounded_memory(copy, tiny
                                 "--workers", "0", "--device", "cpu", "--quiet")
     assert code == 2 and len(stderr.splitlines()) == 1 and "outside the 16x16 image" in stderr, stderr
     assert rss < 2 << 20, rss  # KiB: one such crop alone is 10.8 GB
+
+
+@pytest.mark.parametrize("status, what", [
+    (SampleStatus.EMPTY, "sample status values outside the spec"), (7, "sample status values outside the spec")])
+def test_samples_marked_as_padding_never_silently_leave_training(copy, tiny_data, status, what):
+    """Re-signed rows marked EMPTY (padding) or 7 were skipped by distill, exit 0, while verify called them
+    damaged: every reader now refuses the samples unit."""
+    arr = zarr.open_group(copy, mode="r+")[schema.STATUS.path()]
+    arr[0:16] = np.full(16, status, arr.dtype)
+    resign(copy, arrays=True)
+    assert not verify_cache(copy).ok
+    with pytest.raises(CacheError, match=f"unit s000000.samples is damaged: it holds {what}") as e:
+        Cache(copy).read(0)
+    one_line(e)
+    with pytest.raises(CacheError, match=what):
+        StudentData(tiny_data["train"].pattern, cache=copy, teacher="r14", batch_size=4, workers=0)
+
+
+def test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspect(copy):
+    """A marker's top-1 count is outside its checksums: inspect printed 8.3e38 % accuracy and verify said ok."""
+    path = os.path.join(copy, "units", "s000000.teacher.r14.0-4", "zarr.json")
+    doc = load(path)
+    honest = inspect_cache(copy)["teachers"]["r14"]["accuracy_on_cached_views"]
+    doc["attributes"]["correct"] = 10**40
+    dump(path, doc)
+    shown = inspect_cache(copy)["teachers"]["r14"]["accuracy_on_cached_views"]
+    assert shown is not None and 0 <= shown <= 1 and shown != honest  # that unit's implausible count is left out
+    assert any("its marker records (10000000000000000000000000000000000000000, " in p
+               for p in verify_cache(copy).problems)
 
 
 # -- 5. writes stay inside the cache; --overwrite deletes only a pld cache ------------------------------------------

@@ -29,6 +29,7 @@ from . import schema
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord, UnitName
 from .integrity import DamagedUnit, block_sha256, read_unit, units_under_other_metadata
 from .target import check_empty, check_replaceable, refuse_symlinks
+from ..views import first_labels
 from .store import (
     cache_exists, delete_marker, delete_object, find_markers, limit_objects, list_markers, open_root, read_index,
     read_marker, write_index, write_marker,
@@ -359,7 +360,13 @@ class Cache:
             raise CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; rerun "
                              "`pld cache-teacher` to finish it.")
         n = self.meta.shards[shard].nsamples
-        return {path: arr[:n] for path, arr in self.read_unit(UnitName(shard, "samples")).items()}
+        unit = UnitName(shard, "samples")
+        arrays = self.read_unit(unit)
+        problems = values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
+                                          arrays[schema.KEY.path()], n, self.meta.num_classes)
+        if problems:  # what no honest writer stores, whatever its checksums say
+            raise DamagedUnit(self.url, unit.name, f"it holds {problems[0]}")
+        return {path: arr[:n] for path, arr in arrays.items()}
 
     def read(self, shard: int, teacher: str | None = None, temperature: float | None = None,
              views: int | None = None) -> ShardBlock:
@@ -381,8 +388,10 @@ class Cache:
                                  f"views 0..{views - 1} in {self.url}; rerun `pld cache-teacher` to finish it.")
             col = self.temperature_column(rec, 1.0 if temperature is None else temperature)
             decoded = schema.decode_teacher(self._gather(shard, "teacher", rec.id, views), rec.id)
+            labels = first_labels(params, block.labels)  # what each view ranks first (label_logp's class)
             found = values.first_problem(decoded["topk_idx"], decoded["topk_logp"], decoded["label_logp"],
-                                         decoded["logz"], block.status == SampleStatus.OK, self.meta.num_classes)
+                                         decoded["logz"], block.status == SampleStatus.OK, self.meta.num_classes,
+                                         rec.temperatures, labels)
             if found is not None:  # what no honest writer stores, whatever its checksums say
                 unit = next(u.name for u in self.units(shard, "teacher", rec.id) if u.views[0] <= found[1] < u.views[1])
                 raise DamagedUnit(self.url, unit, f"it holds {found[0]} (view {found[1]})")

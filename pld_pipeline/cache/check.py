@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from . import schema
+from . import schema, values
 from .cache import Cache
 from .format import CacheError, SampleStatus, UnitName
 from .integrity import REPAIR, DamagedUnit
@@ -54,7 +54,8 @@ def check_unit(cache: Cache, unit: UnitName, samples_of: dict[int, dict[str, np.
         return UnitCheck([e.why])
     n = cache.meta.shards[unit.shard].nsamples
     if unit.kind == "samples":
-        return UnitCheck(_check_samples(arrays, n, cache.meta.num_classes))
+        return UnitCheck(values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
+                                                arrays[schema.KEY.path()], n, cache.meta.num_classes))
     if unit.shard not in samples_of:
         try:
             samples_of[unit.shard] = cache.samples(unit.shard)
@@ -75,7 +76,11 @@ def check_unit(cache: Cache, unit: UnitName, samples_of: dict[int, dict[str, np.
         except CacheError:
             return UnitCheck()  # damaged or missing views units report themselves
         labels = first_labels(params, samples[schema.LABEL.path()])[ok]
-    problems = _check_teacher_values(cache.meta.num_classes, block, labels)
+    rec = cache.meta.teachers[unit.teacher]
+    logp = schema.join_logp(block["topk_dlogp"], block["top1_logp"])
+    problems = [f"{what} (view {unit.views[0] + view})" for what, view in values.teacher_problems(
+        block["topk_idx"].astype(np.int64), logp, block["label_logp"].astype(np.float32), block["logz"],
+        np.ones(len(logp), bool), cache.meta.num_classes, rec.temperatures, labels)]
     if problems:
         return UnitCheck(problems)
     first = labels if labels.ndim == 2 else labels[:, None]
@@ -106,19 +111,6 @@ def _check_views(params: np.ndarray, ok: np.ndarray, size: int) -> list[str]:
     return problems
 
 
-def _check_samples(arrays: dict[str, np.ndarray], n: int, num_classes: int) -> list[str]:
-    status, labels = arrays[schema.STATUS.path()], arrays[schema.LABEL.path()]
-    problems = []
-    if not np.isin(status[:n], (SampleStatus.OK, SampleStatus.SKIPPED)).all() or (status[n:] != SampleStatus.EMPTY).any():
-        problems.append("sample status values outside the spec (OK/SKIPPED for samples, EMPTY for padding)")
-    ok = status[:n] == SampleStatus.OK
-    if ((labels[:n][ok] < 0) | (labels[:n][ok] >= num_classes)).any():
-        problems.append(f"labels outside [0, {num_classes})")
-    if (arrays[schema.KEY.path()][:n, 0] == 0).any():
-        problems.append("empty sample keys")
-    return problems
-
-
 def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
     """Check every unit (see :func:`check_unit`) and that every unit a reader needs exists. Reports every
     finding and never stops at the first; also warns about teachers whose top-1 is near chance.
@@ -143,6 +135,12 @@ def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
         elif unit.kind == "teacher" and unit.teacher in hits:
             hits[unit.teacher][0] += found.correct
             hits[unit.teacher][1] += found.count
+            rec = cache.marker(unit)  # its counts are not checksummed: recounted here from the data
+            recorded = (rec.get("correct"), rec.get("count")) if isinstance(rec, dict) else None
+            if recorded != (found.correct, found.count):
+                report.damaged.append(unit.name)
+                report.problems.append(f"{unit.name}: its marker records {recorded} top-1 hits/views, the data "
+                                       f"gives ({found.correct}, {found.count})")
     for tid, (correct, count) in hits.items():
         report.teacher_accuracy[tid] = correct / count if count else None
         warning = chance_warning(tid, report.teacher_accuracy[tid], cache.meta.num_classes)
@@ -180,37 +178,6 @@ def chance_warning(tid: str, accuracy: float | None, num_classes: int) -> str | 
             f"classes (chance {100 / num_classes:.2f}%). Check its weights (--teacher-checkpoint) and preprocessing "
             "(--size, --mean, --std): students would learn from noise. (Labels in a student's own classes, not the "
             "teacher's, also look like this: see `pld inspect --class-map`.)")
-
-
-def _check_teacher_values(c: int, block: dict[str, np.ndarray], labels: np.ndarray) -> list[str]:
-    """``block``: one teacher unit's arrays by short name, OK rows only; ``labels``: those rows' labels."""
-    idx = block["topk_idx"].astype(np.int64)
-    logp = schema.join_logp(block["topk_dlogp"], block["top1_logp"])
-    label_logp = block["label_logp"].astype(np.float32)
-    logz = block["logz"]
-    problems = []
-    if idx.size and (idx.min() < 0 or idx.max() >= c):
-        problems.append(f"class indices outside [0, {c})")
-    if idx.size:
-        s = np.sort(idx, axis=-1)
-        if (s[..., 1:] == s[..., :-1]).any():
-            problems.append("repeated class index within a row")
-    for what, arr in (("topk_logp", logp), ("label_logp", label_logp), ("logz", logz)):
-        if not np.isfinite(arr).all():
-            problems.append(f"non-finite {what} values")
-    if idx.size and np.isfinite(logp).all():
-        if (np.diff(logp, axis=-1) > 1e-3).any():
-            problems.append("top-k log-probs not in descending order")
-        if (logp > 1e-3).any() or np.log(np.exp(logp.astype(np.float64)).sum(-1)).max() > 1e-2:
-            problems.append("top-k probabilities sum above 1")
-        is_label = idx == (labels[..., None] if labels.ndim == 2 else labels[:, None, None])
-        if is_label.any():
-            # The top-k entry is a float16 delta from the top-1: it may differ by its rounding, |delta| * 2^-11.
-            delta = np.abs(logp - logp[..., :1])[is_label]
-            gap = np.abs(np.broadcast_to(label_logp[..., None], logp.shape)[is_label] - logp[is_label])
-            if (gap > delta * 2.0 ** -10 + 1e-5).any():
-                problems.append(f"label log-prob differs from its top-k entry by {gap.max():.3g}")
-    return problems
 
 
 def tail_mass_quantiles(cache: Cache, tid: str, max_shards: int = 8) -> dict[str, float]:
@@ -252,8 +219,9 @@ def inspect_cache(url: str, expect_digest: str | None = None) -> dict[str, Any]:
         for unit in cache.units(kind="teacher", teacher=tid):
             rec = cache.marker(unit)
             hits = (rec.get("correct"), rec.get("count")) if isinstance(rec, dict) else (0, 0)
-            if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hits):  # a stranger's marker
-                correct, count = correct + hits[0], count + hits[1]
+            most = meta.shards[unit.shard].nsamples * (unit.views[1] - unit.views[0])
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in hits) and 0 <= hits[0] <= hits[1] <= most:
+                correct, count = correct + hits[0], count + hits[1]  # a stranger's marker: only plausible counts
         accuracy = (correct / count) if count else None
         warning = chance_warning(tid, accuracy, meta.num_classes)
         if warning:
