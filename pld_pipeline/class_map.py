@@ -123,8 +123,8 @@ def load_class_map(path: str, num_teacher_classes: int, teacher_names: Sequence[
             doc = json.loads(f.read())
     except FileNotFoundError:
         raise ClassMapError(f"--class-map {path}: no such file.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClassMapError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); a class map is a JSON list.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ClassMapError(f"{path}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); a class map is a JSON list.") from None
     return parse_class_map(doc, num_teacher_classes, teacher_names, where=path)
 
 

@@ -90,9 +90,10 @@ def read_json(path: str) -> Any:
     data = read_bytes(path)
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # Recursion: nested past Python's limit
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise MetadataError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}{where}); restore the file or "
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"{getattr(e, 'msg', e)}{where}"
+        raise MetadataError(f"{path}: not valid JSON ({why}); restore the file or "
                             "remove the folder that holds it.") from None
 
 

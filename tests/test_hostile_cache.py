@@ -225,9 +225,16 @@ def huge_classes(url):
     (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(pad=10**6)), "recipe pad=1000000 lies outside"),
     (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(run="os.system")), "malformed view recipe"),
     (lambda u: edit_meta(u, lambda m: m["views"]["recipe"].update(image_field="../../etc")), "malformed view recipe"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"]["preprocessing"].update(mean="abc")),
+     "teacher 'r14''s preprocessing mean/std are not 3 finite numbers"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"]["preprocessing"].update(input_size=[3, 10**5, 10**5])),
+     r"input_size is not \[3, H, W\]"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(precision="fp8")), "precision 'fp8'"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"].update({"../x": m["teachers"].pop("r14")})),
+     "teacher id '../x' is not 1-64 letters"),
 ], ids=["num_views=1e10", "rows_per_shard=2e8", "num_classes=1e9", "rows not the largest shard", "chunk shape",
         "k > classes", "100 temperatures", "key_bytes=1e6", "view size=1e6", "pad=1e6", "unknown recipe field",
-        "image field"])
+        "image field", "mean 'abc'", "input 10^5 px", "precision fp8", "teacher id ../x"])
 def test_sizes_in_the_metadata_are_checked_before_anything_is_allocated(copy, attack, match, tiny_data):
     attack(copy)
     for reader in (Cache, verify_cache, inspect_cache,
@@ -473,6 +480,21 @@ def test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspe
                for p in verify_cache(copy).problems)
 
 
+@pytest.mark.parametrize("document", ["zarr.json", "unit_index/s000000/zarr.json", "claims/s000000.json"])
+def test_json_nested_deeper_than_python_parses_is_a_one_line_refusal_or_ignored(copy, document):
+    """200,000 nested brackets raised RecursionError inside json/zarr: `internal error` instead of a refusal."""
+    path = os.path.join(copy, document)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("[" * 200_000 + "]" * 200_000)
+    code, stderr, _ = run_cli("verify", copy)
+    assert "internal error" not in stderr and "Traceback" not in stderr, stderr
+    if document == "zarr.json":
+        assert code == 2 and len(stderr.splitlines()) == 1 and "not a zarr group document" in stderr, stderr
+    else:  # an index or a claim that is not one reads as absent (verify warns; a writer rebuilds it)
+        assert code == 0, stderr
+
+
 # -- 5. writes stay inside the cache; --overwrite deletes only a pld cache ------------------------------------------
 
 @pytest.mark.parametrize("folder", ["unit_index", "claims", "units/s000000.samples"])
@@ -492,6 +514,15 @@ def test_a_symlink_planted_inside_a_cache_is_refused_by_writers(copy, folder, tm
     with pytest.raises(CacheError, match="holds a symlink"):
         Cache(copy, mode="r+")
     assert sorted(os.listdir(outside)) == snapshot
+
+
+def test_overwrite_through_a_symlinked_out_is_refused_in_one_line(copy, tmp_path, tiny_data, teacher_run):
+    link = tmp_path / "link.zarr"
+    link.symlink_to(copy)
+    with pytest.raises(CacheError, match="is a symbolic link; --overwrite does not delete through one") as e:
+        cache_teacher(teacher_config(tiny_data, teacher_run, str(link), overwrite=True))
+    one_line(e)
+    assert verify_cache(copy).ok and link.is_symlink()
 
 
 def test_overwrite_deletes_only_a_pld_cache_whatever_the_url_scheme(copy, tmp_path, tiny_data, teacher_run):

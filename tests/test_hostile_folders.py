@@ -104,7 +104,7 @@ def test_the_demo_plot_refuses_a_symlink_planted_in_its_folder(tmp_path):
     assert (tmp_path / "fresh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("planted", ["sweep.json", "lr=0.1/summary.json", "lr=0.1/metrics.jsonl", "fifo"])
+@pytest.mark.parametrize("planted", ["sweep.json", "lr=0.1/summary.json", "lr=0.1/metrics.jsonl", "fifo", "nested"])
 def test_report_checks_a_files_size_and_kind_before_reading_it(tmp_path, planted):
     """A sparse 64 GiB summary.json (no disk used, a tar can carry one) or a FIFO named sweep.json (opening
     it for reading would wait forever) are refused in one line; nothing is read past pld's limit."""
@@ -113,6 +113,11 @@ def test_report_checks_a_files_size_and_kind_before_reading_it(tmp_path, planted
         os.mkfifo(sweep / "lr=0.1" / "config.json")
         with pytest.raises(errors.MetadataError, match="config.json: not a regular file"):
             files.read_json(str(sweep / "lr=0.1" / "config.json"))
+        return
+    if planted == "nested":  # deeper than Python's JSON parser recurses: was `internal error: RecursionError`
+        (sweep / "lr=0.1" / "summary.json").write_text("[" * 200_000 + "]" * 200_000)
+        code, output = run("report", sweep)
+        assert code == 2 and "summary.json: not valid JSON (nested too deeply)" in one_error_line(output), output
         return
     with open(sweep / planted, "ab") as f:
         f.truncate(64 << 30)

@@ -18,7 +18,7 @@ import zarr
 
 from . import schema
 from .codecs import check_codecs
-from .format import CacheError, CacheMeta, index_dtype
+from .format import _TEACHER_ID, CacheError, CacheMeta, TeacherRecord, index_dtype
 from .store import read_document
 from ..views import ViewRecipe
 
@@ -61,6 +61,31 @@ def check_recipe(recipe: Any, url: str) -> ViewRecipe:
     return parsed
 
 
+def _numbers(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+
+
+def _check_teacher_record(t: TeacherRecord, url: str) -> None:
+    """The fields a reader acts on (``verify --audit`` re-runs the teacher with the recorded preprocessing), as
+    pld writes them: one line here, not a numpy error deep in an audit."""
+    where = f"teacher '{t.id}'"
+    prep = t.preprocessing
+    if not isinstance(prep, dict):
+        raise _refuse(url, f"{where} has no preprocessing record")
+    mean, std = prep.get("mean"), prep.get("std")  # None: not recorded (audit refuses to guess it)
+    if not (mean is None or _numbers(mean, 3)) or not (std is None or _numbers(std, 3) and all(x > 0 for x in std)):
+        raise _refuse(url, f"{where}'s preprocessing mean/std are not 3 finite numbers each (std > 0)")
+    size = prep.get("input_size")
+    if not (_numbers(size, 3) and all(isinstance(x, int) for x in size) and size[0] == 3
+            and all(1 <= x <= MAX_VIEW_SIZE for x in size[1:])):
+        raise _refuse(url, f"{where}'s preprocessing input_size is not [3, H, W] with sides in [1, {MAX_VIEW_SIZE}]")
+    if t.precision not in ("fp32", "bf16"):
+        raise _refuse(url, f"{where}'s precision {str(t.precision)[:20]!r} is not fp32 or bf16")
+    if not isinstance(t.source, str) or not (t.pretrained is None or isinstance(t.pretrained, dict)):
+        raise _refuse(url, f"{where}'s source or pretrained record is malformed")
+
+
 def check_meta(meta: CacheMeta, url: str) -> None:
     """Every size in the root metadata within pld's limits and consistent with the others."""
     check_recipe(meta.recipe, url)
@@ -78,8 +103,11 @@ def check_meta(meta: CacheMeta, url: str) -> None:
                                          or not all(isinstance(n, str) for n in meta.class_names)):
         raise _refuse(url, "class_names is not a list of names")  # its length: the markers' binding checks it
     for tid, t in meta.teachers.items():
+        if not isinstance(tid, str) or not _TEACHER_ID.match(tid):  # it names folders inside the cache
+            raise _refuse(url, f"teacher id {str(tid)[:80]!r} is not 1-64 letters, digits, '_' or '-'")
         if t.id != tid:
-            raise _refuse(url, f"teacher '{tid}' records the id {t.id!r}")
+            raise _refuse(url, f"teacher '{tid}' records the id {str(t.id)[:80]!r}")
+        _check_teacher_record(t, url)
         _int_in(url, f"k of teacher '{tid}'", t.k, 1, meta.num_classes)
         _int_in(url, f"temperature count of teacher '{tid}'", len(t.temperatures), 1, MAX_TEMPERATURES)
         if not all(math.isfinite(x) and x > 0 for x in t.temperatures):

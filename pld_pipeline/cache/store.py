@@ -208,7 +208,7 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
         except CacheError:
             raise
-        except (TypeError, ValueError, KeyError) as e:  # zarr parsing a group document a stranger made malformed
+        except (TypeError, ValueError, KeyError, RecursionError) as e:  # zarr parsing a stranger's group document
             why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             raise CacheError(f"{url}: its zarr.json is not a zarr group document ({why}); the cache is damaged "
                              "or not a pld cache.") from None
@@ -401,7 +401,7 @@ def read_index(root: zarr.Group, shard: int) -> list[str] | None:
     buf = sync(root.store.get(_index_key(root, shard), default_buffer_prototype()))
     try:
         units = None if buf is None else json.loads(buf.to_bytes())["attributes"]["units"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return list(units) if isinstance(units, list) and all(isinstance(u, str) for u in units) else None
 

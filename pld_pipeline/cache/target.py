@@ -58,6 +58,10 @@ def _entries(fs: Any, path: str) -> list[str] | None:
 
 def check_replaceable(url: str) -> None:
     """Before ``--overwrite`` deletes what is at ``url``: it must be nothing, or a pld cache and nothing else."""
+    local = local_path(url)
+    if local is not None and os.path.islink(local.rstrip("/")):
+        raise CacheError(f"{url} is a symbolic link; --overwrite does not delete through one: pass the folder it "
+                         f"points to ({os.path.realpath(local)}) if that is the cache to replace.")
     fs, path = _fs(url)
     names = _entries(fs, path)
     if not names:
@@ -69,7 +73,7 @@ def check_replaceable(url: str) -> None:
         try:
             with fs.open(f"{path.rstrip('/')}/zarr.json", "rb") as f:
                 root = json.loads(f.read(1 << 26))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             root = None
     attrs = root.get("attributes") if isinstance(root, dict) else None
     if not isinstance(attrs, dict) or not ({ROOT_ATTR, CREATING_ATTR} & set(attrs)):
