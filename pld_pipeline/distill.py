@@ -164,6 +164,53 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
     return None
 
 
+def _resume_from(state: Any, cfg: DistillConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any, ema: Any,
+                 device: torch.device) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """Load a run's saved state into the freshly built model, optimizer, scheduler and EMA, after checking it is
+    what this run writes: a run folder may come from someone else, and ``last_state.pt`` is only
+    ``weights_only``-safe, not honest. Everything the run's own settings determine (the schedule, each
+    optimizer hyper-parameter but the scheduled lr) must equal what those settings give; the epoch and history
+    must agree; state tensors must have their parameters' shapes. Returns (start epoch, best, history)."""
+    path = os.path.join(cfg.out, STATE_FILE)
+
+    def refuse(what: str) -> MetadataError:
+        return MetadataError(f"{path}: {what}, not what pld writes for this run (edited?); start the run again in "
+                             "a new --out.")
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "ema", "epoch", "best", "history"} <= set(state):
+        raise refuse("not a run state")
+    epoch, best, history = state["epoch"], state["best"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < cfg.epochs:
+        raise refuse(f"last finished epoch {repr(epoch)[:24]} outside [0, {cfg.epochs})")
+    if not (isinstance(history, list) and len(history) == epoch + 1 and all(isinstance(r, dict) for r in history)):
+        raise refuse(f"a history that is not {epoch + 1} epoch records")
+    if not (isinstance(best, dict) and isinstance(best.get("val_top1"), (int, float))
+            and isinstance(best.get("epoch"), int) and -1 <= best["epoch"] <= epoch):
+        raise refuse("a best-epoch record that is not one")
+    if state["scheduler"] != scheduler.state_dict():
+        raise refuse("a learning-rate schedule other than this run's settings give")
+    fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.state_dict()["param_groups"]]
+    saved = state["optimizer"]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                                        for g in groups if isinstance(g, dict)] != fresh:
+        raise refuse("optimizer settings other than this run's")
+    shapes = {i: p.shape for i, p in enumerate(q for g in optimizer.param_groups for q in g["params"])}
+    per_param = saved.get("state")
+    if not isinstance(per_param, dict) or any(
+            i not in shapes or not isinstance(v, dict) or any(
+                isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != shapes[i] for t in v.values())
+            for i, v in per_param.items()):
+        raise refuse("optimizer state that does not fit the model")
+    try:
+        model.load_state_dict(load_file(os.path.join(cfg.out, "last.safetensors"), device=str(device)))
+        optimizer.load_state_dict(saved)
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise refuse(f"weights or state that do not load ({' '.join(str(e).split())[:200]})") from None
+    return epoch + 1, best, history
+
+
 #: What a run writes into its folder (tracking.json: tracking.py, halving.json: halving.py; tensorboard/ and
 #: wandb/ are the trackers' own folders); a fresh run may rewrite these, and nothing else.
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "metrics.csv", "best.safetensors", "best.json",
@@ -340,12 +387,7 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     start_epoch, best, history = 0, {"val_top1": -1.0, "epoch": -1}, []
     if state is not None:
-        model.load_state_dict(load_file(os.path.join(cfg.out, "last.safetensors"), device=str(device)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        start_epoch, best, history = _resume_from(state, cfg, model, optimizer, scheduler, ema, device)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else nullcontext()
     val_loader = _val_loader(cfg, data, device, dist)

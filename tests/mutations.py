@@ -427,6 +427,20 @@ MUTATIONS = [
     Mutation("object stores: --cache-dir downloads before sizing", "pld_pipeline/cache/store.py",
              "                if remote is not None and remote > cap:", "                if False:",
              ("tests/test_sharing.py::test_objects_on_s3_larger_than_their_layout_are_refused_without_being_fetched",)),
+    Mutation("resume: the saved schedule is trusted", "pld_pipeline/distill.py",
+             "    if state[\"scheduler\"] != scheduler.state_dict():", "    if False:",
+             (HOSTILE + "test_an_edited_resume_state_is_refused_in_one_line",)),
+    Mutation("values: a repeated top-k class is read", "pld_pipeline/cache/values.py",
+             '(lambda: (np.diff(np.sort(idx, axis=-1), axis=-1) == 0).any(-1), "a repeated class',
+             '(lambda: np.zeros(lab.shape, bool), "a repeated class',
+             (CACHE_ATTACK + "test_values_no_honest_writer_stores_are_refused_where_they_are_read",)),
+    Mutation("values: samples unit read unchecked", "pld_pipeline/cache/cache.py",
+             "        if problems:  # what no honest writer stores, whatever its checksums say\n            raise DamagedUnit(self.url, unit.name",
+             "        if False:\n            raise DamagedUnit(self.url, unit.name",
+             (CACHE_ATTACK + "test_samples_marked_as_padding_never_silently_leave_training",)),
+    Mutation("verify: marker counts not recounted", "pld_pipeline/cache/check.py",
+             "            if recorded != (found.correct, found.count):", "            if False:",
+             (CACHE_ATTACK + "test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspect",)),
 ]
 
 

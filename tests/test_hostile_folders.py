@@ -160,6 +160,66 @@ def test_distill_out_refuses_a_folder_with_the_users_own_files(tiny_data, tmp_pa
                                                                                                      "metrics.csv"]
 
 
+RESUME_ARGS = ["--student", "cifar_resnet8", "--loss", "ce", "--epochs", "3", "--batch-size", "8", "--workers", "0",
+               "--device", "cpu", "--size", "16", "--num-classes", "10"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished 3-epoch CE run: what --resume reads (and, honest, finds nothing left to train)."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS)
+    assert code == 0, output
+    return out
+
+
+def _epoch(s, v):
+    s["epoch"] = v
+
+
+def _copy_run(src, out):
+    """A copy of a run folder that --resume accepts as the same run (its config records its own --out)."""
+    import shutil
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["config"]["out"] = str(out)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda s: _epoch(s, -5), "last finished epoch -5 outside"),  # was: 5 epochs at negative learning rates, exit 0
+    (lambda s: _epoch(s, 10**18), "last finished epoch 1000000000000000000 outside"),  # was: "done", nothing trained
+    (lambda s: _epoch(s, "0"), "last finished epoch '0' outside"),  # was: internal error (TypeError)
+    (lambda s: s.update(history="x"), "a history that is not 3 epoch records"),
+    (lambda s: s.update(best=[1]), "a best-epoch record that is not one"),
+    (lambda s: s["scheduler"].update(base_values=[-0.1]), "a learning-rate schedule other than"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=1e6), "optimizer settings other than"),
+    (lambda s: next(iter(s["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
+     "optimizer state that does not fit the model"),
+    (lambda s: s.clear(), "not a run state"),  # was: internal error (KeyError)
+], ids=["epoch -5", "epoch 1e18", "epoch '0'", "history", "best", "schedule", "weight decay", "state shape", "empty"])
+def test_an_edited_resume_state_is_refused_in_one_line(finished_run, tiny_data, tmp_path, edit, what):
+    """last_state.pt is loaded weights_only (no code runs), but its values were trusted: a run folder from someone
+    else could make --resume train with negative learning rates, exit 0."""
+    out = _copy_run(finished_run, tmp_path / "run")
+    state = torch.load(out / files.STATE_FILE, weights_only=True)
+    edit(state)
+    torch.save(state, out / files.STATE_FILE)
+    before = (out / "last.safetensors").read_bytes()
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    line = one_error_line(output)
+    assert code == 2 and what in line and "last_state.pt" in line, output
+    assert (out / "last.safetensors").read_bytes() == before  # nothing trained or written
+
+
+def test_an_honest_resume_state_passes_the_checks(finished_run, tiny_data, tmp_path):
+    out = _copy_run(finished_run, tmp_path / "run")
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    assert code == 0, output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "last.safetensors").exists()
+
+
 def test_distill_out_refuses_a_folder_with_an_unknown_file(tmp_path):
     from pld_pipeline.distill import _check_foreign_files
     (tmp_path / "thesis.tex").write_text("x")
