@@ -191,8 +191,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     units = os.path.join(killed, "units")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(units) and any(".teacher." in n for n in os.listdir(units)):
-            break
+        if os.path.isdir(units) and any(".teacher." in n and os.path.isfile(os.path.join(units, n, "zarr.json"))
+                                        for n in os.listdir(units)):
+            break  # a teacher unit's marker is written (its folder appears a moment before the marker's rename)
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed; make the test data larger"
     proc.send_signal(signal.SIGKILL)
