@@ -37,6 +37,14 @@ def _is_remote(url: str) -> bool:
 MAX_OBJECT_BYTES = 4 << 30
 
 
+def object_cap(caps: dict[str, int], key: str) -> int:
+    """The most bytes the object at ``key`` may hold: MAX_METADATA_BYTES for a JSON document, else its array's
+    layout bound (``caps``: key prefix -> bytes, :func:`limit_objects`), else MAX_OBJECT_BYTES."""
+    if key.endswith(".json"):
+        return MAX_METADATA_BYTES
+    return next((c for prefix, c in caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
+
+
 class LocalObjects(zarr.storage.LocalStore):
     """zarr's LocalStore, reading only the cache's own files: each object read must be a regular file inside
     the cache folder (not a link, nor under a linked folder: nothing out of it, no device or FIFO) and no larger
@@ -66,8 +74,7 @@ class LocalObjects(zarr.storage.LocalStore):
                              "Remove the link, or ask the cache's owner for an intact copy.")
         if not stat.S_ISREG(info.st_mode):
             raise CacheError(f"{where} is not a regular file; remove it, or ask the cache's owner for an intact copy.")
-        cap = MAX_METADATA_BYTES if key.endswith(".json") else next(
-            (c for prefix, c in self.caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
+        cap = object_cap(self.caps, key)
         if info.st_size > cap:
             raise CacheError(f"{where} holds {info.st_size:,} bytes, more than its layout allows ({cap:,}); the cache "
                              "is damaged or was edited: ask its owner for an intact copy.")
@@ -97,18 +104,13 @@ class CappedReads(zarr.storage.WrapperStore):
     def _with_store(self, store: zarr.abc.store.Store) -> "CappedReads":
         return type(self)(store, self.caps, self.url)
 
-    def _cap(self, key: str) -> int:
-        if key.endswith(".json"):
-            return MAX_METADATA_BYTES
-        return next((c for prefix, c in self.caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
-
     def _refuse(self, key: str, cap: int) -> CacheError:
         return CacheError(f"{self.url}: {key} holds more than the {cap:,} bytes its cache layout allows; the "
                           "cache is damaged or was edited: ask its owner for an intact copy.")
 
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-        cap = self._cap(key)
+        cap = object_cap(self.caps, key)
         if byte_range is None or isinstance(byte_range, OffsetByteRequest):
             start = 0 if byte_range is None else byte_range.offset
             request: Any = RangeByteRequest(start, start + cap + 1)
@@ -151,7 +153,7 @@ def _cached_store(url: str, cache_dir: str) -> "CappedReads":
             size is checked against its cap before the first download; fsspec's own version seeks from the end
             through a ``size`` attribute that local files lack."""
             key = path[len(root):].lstrip("/")
-            cap = capped._cap(key)
+            cap = object_cap(capped.caps, key)
             if path not in sized:
                 remote = self.fs.size(path)
                 if remote is not None and remote > cap:
