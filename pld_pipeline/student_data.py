@@ -204,8 +204,8 @@ class TrainSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {key!r} of {shard.url}; set --image-field.")
                 image = decode_image(data)
                 params = view_params(self.recipe, self.seed, key, self.epoch, image.shape[1], image.shape[2])
-            item.update(__key__=key, image=at_size(replay_view(image, params, self.recipe), self.student_size),
-                        label=label)
+            view = replay_view(image, params, self.recipe, check=False)  # drawn here, not read from a cache
+            item.update(__key__=key, image=at_size(view, self.student_size), label=label)
             yield item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -239,7 +239,8 @@ class EvalSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {sample['__key__']!r} of {url}.")
                 image = decode_image(data)
                 params = eval_params(self.recipe, image.shape[1], image.shape[2])
-                yield {"image": at_size(replay_view(image, params, self.recipe), self.student_size),
+                view = replay_view(image, params, self.recipe, check=False)  # the eval view, drawn here
+                yield {"image": at_size(view, self.student_size),
                        "label": parse_label(sample, self.label_field, self.num_classes)}
 
 

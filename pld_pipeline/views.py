@@ -163,24 +163,34 @@ def box_problem(params: np.ndarray | torch.Tensor | list[int], height: int, widt
     draw: non-empty, flip 0/1, inside the image (``cifar``: the image padded by ``pad``). Checked before every
     replay, so stored integers can never make a crop allocate more than the padded image."""
     top, left, h, w, flip = (int(x) for x in params[:PLAIN_WIDTH])
-    pad = recipe.pad if recipe.name == "cifar" else 0
     if h < 1 or w < 1:
         return f"an empty box ({h}x{w})"
     if flip not in (0, 1):
         return f"a flip other than 0/1 ({flip})"
-    if top < -pad or left < -pad or top + h > height + pad or left + w > width + pad:
-        return (f"a {h}x{w} box at ({top}, {left}) outside the {height}x{width} image"
-                + (f" padded by {pad}" if pad else ""))
+    if recipe.name != "cifar":  # RandomResizedCrop and centre crops lie inside the image
+        if top < 0 or left < 0 or top + h > height or left + w > width:
+            return f"a {h}x{w} box at ({top}, {left}) outside the {height}x{width} image"
+        return None
+    size, pad = recipe.size, recipe.pad
+    if (h, w) != (size, size):
+        return f"a {h}x{w} box where the cifar recipe crops {size}x{size}"
+    # random crops start in [-pad, side - size + pad]; the centre crop at (side - size) // 2 (past -pad only on an
+    # image smaller than the crop)
+    if not all(min(-pad, (side - size) // 2) <= at <= max(side - size + pad, (side - size) // 2)
+               for at, side in ((top, height), (left, width))):
+        return f"a {h}x{w} box at ({top}, {left}) outside the {height}x{width} image padded by {pad}"
     return None
 
 
-def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe) -> torch.Tensor:
+def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe,
+                check: bool = True) -> torch.Tensor:
     """The view's uint8 [3, size, size] tensor from a decoded uint8 [3, H, W] image and stored params.
     Deterministic CPU ops only, so teacher and student get identical bytes. Raises :class:`ViewError` for a
-    box the recipe cannot draw (:func:`box_problem`)."""
+    box the recipe cannot draw (:func:`box_problem`); ``check=False`` for params drawn in this process (an eval
+    view of an image smaller than the crop pads past ``pad``)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
-    problem = box_problem(params, image.shape[1], image.shape[2], recipe)
+    problem = box_problem(params, image.shape[1], image.shape[2], recipe) if check else None
     if problem is not None:
         raise ViewError(f"stored view parameters hold {problem}")
     top, left, h, w, flip = (int(x) for x in params)

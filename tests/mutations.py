@@ -394,7 +394,7 @@ MUTATIONS = [
              "    if problem is not None:\n        raise ViewError", "    if False:\n        raise ViewError",
              (CACHE_ATTACK + "test_view_boxes_no_recipe_draws_are_refused_before_replaying",)),
     Mutation("hostile views: the padding allowance doubled", "pld_pipeline/views.py",
-             "top < -pad or left < -pad", "top < -2 * pad or left < -pad",
+             "if not all(min(-pad, (side - size) // 2) <= at", "if not all(min(-2 * pad, (side - size) // 2) <= at",
              (CACHE_ATTACK + "test_view_boxes_no_recipe_draws_are_refused_before_replaying",)),
     Mutation("hostile views: mixing lambda unchecked", "pld_pipeline/views.py",
              "or not 0 <= int(params[12]) <= LAMBDA_ONE:", ":",

@@ -16,7 +16,7 @@ from pld_pipeline.data import DataError, iter_shard
 from pld_pipeline.losses import TeacherTargets
 from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.shards import write_split
-from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
+from pld_pipeline.views import ViewError, ViewRecipe, decode_image, eval_params, normalize, replay_view, view_params
 
 from conftest import NUM_CLASSES, free_port, make_images
 
@@ -114,6 +114,15 @@ def test_cifar_views_pad_with_zeros_and_flip():
     assert torch.equal(out, want.flip(-1))
     clean = ViewRecipe("cifar", size=8, clean_view=True)
     assert view_params(clean, 0, "k", 0, 8, 8).tolist() == [0, 0, 8, 8, 0]
+    # the eval view of an image smaller than the crop pads past `pad`: a box an honest cache can store, replayed;
+    # one step further is refused
+    small = image[:, :3, :3]
+    box = eval_params(recipe, 3, 3)
+    assert box.tolist() == [-3, -3, 8, 8, 0] and replay_view(small, box, recipe).shape == (3, 8, 8)
+    with pytest.raises(ViewError, match=r"a 8x8 box at \(-4, -3\) outside the 3x3 image padded by 2"):
+        replay_view(small, [-4, -3, 8, 8, 0], recipe)
+    with pytest.raises(ViewError, match="a 8x9 box where the cifar recipe crops 8x8"):
+        replay_view(image, [0, 0, 8, 9, 0], recipe)
 
 
 def test_several_teachers_in_one_pass_and_a_teacher_added_later(tiny_data, teacher_ckpt, tmp_path):
