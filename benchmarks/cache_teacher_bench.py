@@ -19,7 +19,8 @@ import time
 import torch
 
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-from pld_pipeline.data import IMAGE_FIELDS, expand_shards, iter_shard, pick_field
+from pld_pipeline.data import expand_shards, iter_shard, pick_field
+from pld_pipeline.views import IMAGE_FIELDS
 from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view, view_params
 

@@ -27,13 +27,13 @@ from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
 from .data import (
-    IMAGE_FIELDS, LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
+    LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
 from .models import file_sha256, load_model, output_width, preprocessing_of, pretrained_identity, require_teacher_input
 from .views import (
-    KIND_PLAIN, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize, own_label_dominates,
-    replay_mixed, replay_view, stable_int, view_params,
+    IMAGE_FIELDS, KIND_PLAIN, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize,
+    own_label_dominates, replay_mixed, replay_view, stable_int, view_params,
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]

@@ -17,7 +17,6 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import errors
 from .cache.format import ShardRecord
-from .views import IMAGE_FIELDS  # noqa: F401  (re-exported: the data options' default)
 
 LABEL_FIELD = "cls"
 _QUICK_BYTES = 1 << 20

@@ -11,7 +11,6 @@ and metadata binding); anything else is reported as incomplete or damaged, never
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass
