@@ -24,6 +24,19 @@ app = typer.Typer(
 out = Console(soft_wrap=True)  # paths and commands must stay copy-pasteable
 err = Console(stderr=True, soft_wrap=True)
 
+def _version(value: bool) -> None:
+    if value:
+        from pld_pipeline import __version__  # torch-free: the package imports its heavy parts lazily
+        out.print(f"pld-pipeline {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the installed version (pld-pipeline X.Y.Z) and exit.")] = False) -> None:
+    """Plackett-Luce distillation from cached teacher logits: cache the teacher once, train many students."""
+
+
 DATA = "Data"
 TEACHER = "Teacher"
 VIEWS = "Views"
