@@ -441,6 +441,12 @@ MUTATIONS = [
     Mutation("verify: marker counts not recounted", "pld_pipeline/cache/check.py",
              "            if recorded != (found.correct, found.count):", "            if False:",
              (CACHE_ATTACK + "test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspect",)),
+    Mutation("the wheel leaves out the library's subpackages (0.1.0's bug: pld_pipeline/cache missing)", "setup.py",
+             'find_packages(include=["pld_pipeline", "pld_pipeline.*"])', '["pld_pipeline"]',
+             ("tests/test_packaging.py::test_a_built_wheel_holds_every_module_of_the_tree_the_licence_and_the_entry_point",)),
+    Mutation("pld --version prints a hard-coded version", "cli/app.py",
+             'out.print(f"pld-pipeline {__version__}", highlight=False)', 'out.print("pld-pipeline 0.1.0", highlight=False)',
+             ("tests/test_packaging.py::test_the_version_has_one_source_and_pld_version_prints_it",)),
 ]
 
 
