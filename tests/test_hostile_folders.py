@@ -177,6 +177,13 @@ def _epoch(s, v):
     s["epoch"] = v
 
 
+def _one_epoch_past_the_end(s):
+    """epoch 3 of --epochs 3 (0-based: a 4th epoch) with the 4-record history and best that go with it: every
+    other check passes, so only the epoch's bound can refuse it (else: "done", nothing trained, exit 0)."""
+    s["history"].append({**s["history"][-1], "epoch": 3})
+    s["epoch"] = 3
+
+
 def _copy_run(src, out):
     """A copy of a run folder that --resume accepts as the same run (its config records its own --out)."""
     import shutil
@@ -198,7 +205,9 @@ def _copy_run(src, out):
     (lambda s: next(iter(s["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
      "optimizer state that does not fit the model"),
     (lambda s: s.clear(), "not a run state"),  # was: internal error (KeyError)
-], ids=["epoch -5", "epoch 1e18", "epoch '0'", "history", "best", "schedule", "weight decay", "state shape", "empty"])
+    (_one_epoch_past_the_end, r"last finished epoch 3 outside [0, 3)"),
+], ids=["epoch -5", "epoch 1e18", "epoch '0'", "history", "best", "schedule", "weight decay", "state shape", "empty",
+        "epoch 3 of 3"])
 def test_an_edited_resume_state_is_refused_in_one_line(finished_run, tiny_data, tmp_path, edit, what):
     """last_state.pt is loaded weights_only (no code runs), but its values were trusted: a run folder from someone
     else could make --resume train with negative learning rates, exit 0."""
