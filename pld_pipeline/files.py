@@ -106,7 +106,9 @@ def json_field(doc: Any, path: str, *names: str, kind: type | tuple[type, ...] =
             raise MetadataError(f"{path}: field {'.'.join(names[:i + 1])} missing; restore the file or remove the "
                                 "folder that holds it.")
         value = value[name]
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true/false are Python bools, and bool is an int: never a number where one is expected
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds and object not in kinds):
         raise MetadataError(f"{path}: field {'.'.join(names)} invalid (a {type(value).__name__}); restore the file "
                             "or remove the folder that holds it.")
     return value

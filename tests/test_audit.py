@@ -134,6 +134,47 @@ def test_an_edited_and_resigned_cache_fails_on_exactly_the_edited_views(cache, t
     assert {v.key for v in report.worst(9)} == {keys[r] for r in range(9)}
 
 
+def _teacher_log_probs(url, tiny_data, ckpt, rows, view):
+    """[len(rows), C] float64: the teacher's log-probs on ``view`` of each of shard 0's ``rows``, replayed from the
+    shard with the cache's stored view parameters (the inputs cache-teacher fed it)."""
+    from pld_pipeline.data import iter_shard, pick_field
+    from pld_pipeline.models import load_model
+    from pld_pipeline.views import ViewRecipe, decode_image, replay_mixed
+    reader = Cache(url)
+    recipe, rec = ViewRecipe.from_dict(reader.meta.recipe), reader.teacher("r14")
+    params = reader.read(0, "r14").params
+    images = [decode_image(pick_field(s, recipe.image_field)) for s in iter_shard(tiny_data["train"].shards[0])]
+    x = torch.stack([replay_mixed(images[r], None, params[r, view], recipe) for r in rows])
+    model = load_model("cifar_resnet14", num_classes=NUM_CLASSES, checkpoint=ckpt).eval()
+    with torch.no_grad():
+        logits = model(normalize(x, rec.preprocessing["mean"], rec.preprocessing["std"])).double()
+    return torch.log_softmax(logits, dim=1).numpy()
+
+
+def test_a_resigned_top_k_that_leaves_out_one_of_the_teachers_top_classes_fails(cache, tiny_data, teacher_run,
+                                                                                 tmp_path):
+    """Rows 0-3, view 0: the teacher's 2nd class dropped and its 6th moved in, every stored log-prob the
+    teacher's own for its class, still descending, the label's log-prob untouched: each value agrees with the
+    teacher, only the ranking does not (a writer that mis-sorts, or hides a class)."""
+    url = str(tmp_path / "hidden.zarr")
+    shutil.copytree(cache, url)
+    rows = [0, 1, 2, 3]
+    logp = _teacher_log_probs(url, tiny_data, teacher_run, rows, 0)
+    order = np.argsort(-logp, axis=1, kind="stable")
+
+    def hide_second(a, labels):
+        for i, r in enumerate(rows):
+            kept = np.delete(order[i, :6], 1)  # ranks 1, 3, 4, 5, 6
+            a["topk_idx"][r, 0] = kept
+            a["topk_logp"][r, 0] = logp[i, kept]
+    keys = _resign(url, 0, hide_second)
+    assert verify_cache(url).ok  # every value is consistent: only the teacher can tell
+    report = _audit(url, tiny_data, teacher_run)
+    failed = {(v.key, v.view) for v in report.views if not v.ok}
+    assert failed == {(keys[r], 0) for r in rows}, report.summary()
+    assert all(v.rank_mismatches >= 1 and v.max_logp_diff < TOLERANCE["fp32"] for v in report.views if not v.ok)
+
+
 def test_cli_audit_table_json_and_exit_codes(cache, tiny_data, teacher_run, teacher_ckpt, tmp_path):
     runner = CliRunner()
     base = ["verify", cache, "--audit", "6", "--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet14",

@@ -36,6 +36,32 @@ def test_demo_quick_runs_every_stage_end_to_end(tmp_path):
     assert info["shards_done"] == info["shards_total"] and info["teachers"]["cifar_resnet8"]["full"]
 
 
+def _demo_results(ce, **others):
+    """A results.json as the demo writes it, with only what the caption reads: last-epoch top-1 per seed."""
+    row = lambda loss, last: {"run": f"student {loss}", "seeds": list(range(len(last))), "last_by_seed": last}  # noqa: E731
+    return {"students": [row("ce", ce)] + [row(k, v) for k, v in others.items()], "cache": {}, "online": None}
+
+
+@pytest.mark.parametrize("kd, pld, verdict", [
+    # same-seed gains +0, +1, +2 (mean 1, standard error 0.58: 1.7 SE) and +1, +0.5, +1.5 (mean 1, SE 0.29: 3.5 SE)
+    ([90.0, 92.0, 94.0], [90.0, 92.0, 94.0], "Distillation does NOT clearly beat CE here"),
+    ([90.0, 92.0, 94.0], [91.0, 91.5, 93.5], "Only some distillation losses beat CE here"),
+    ([91.0, 91.5, 93.5], [91.0, 91.5, 93.5], "Distillation from the cache beats CE here"),
+], ids=["both within 2 SE", "one beyond", "both beyond"])
+def test_the_demo_caption_claims_a_gain_only_beyond_twice_its_standard_error(kd, pld, verdict):
+    """docs/results.md, "The demo": arms compared paired by seed, a gain counts only beyond twice the standard error
+    of its per-seed differences. Gains between one and two standard errors are no claim."""
+    from pld_pipeline.demo import caption
+    text = caption(_demo_results([90.0, 91.0, 92.0], kd=kd, pld=pld))
+    assert text.startswith(verdict + (" (" if "NOT" in verdict else ":")), text
+    assert "mean over 3 seed(s)" in text
+
+
+def test_the_demo_caption_makes_no_claim_from_one_seed():
+    from pld_pipeline.demo import caption
+    assert caption(_demo_results([90.0], kd=[99.0], pld=[99.0])).startswith("One seed: no claim either way")
+
+
 def test_make_shards_from_digits(tmp_path):
     result = invoke("make-shards", "digits", "--out", tmp_path, "--shard-size", 500, "--val-fraction", 0.2)
     assert result.exit_code == 0, result.output

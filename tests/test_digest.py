@@ -180,3 +180,34 @@ def test_sweep_commands_carry_the_pinned_digest(cache, tiny_data, tmp_path):
                                  "--expect-digest", digest, "--print-commands"])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 0 and len(lines) == 2 and all(f"--expect-digest {digest}" in x for x in lines)
+
+
+def test_expect_digest_accepts_the_digest_in_upper_case(cache):
+    """Hex case is not identity: a digest copied from a page that upper-cases it names the same cache."""
+    digest = Cache(cache).digest()
+    shouted = digest.upper()  # SHA256:ABC...
+    assert Cache(cache, expect_digest=shouted).expected_digest == digest
+    ok = runner.invoke(app, ["verify", cache, "--expect-digest", shouted, "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["digest"] == digest
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_run_started_without_expect_digest_resumes_with_it(cache, tiny_data, tmp_path):
+    """Pinning the cache on resume adds a check, it changes nothing the run computes: not "different settings"."""
+    from pld_pipeline.distill import DistillConfig, distill
+    base = dict(data=tiny_data["train"].pattern, cache=cache, out=str(tmp_path / "run"), student="cifar_resnet8",
+                epochs=2, batch_size=8, workers=0, device="cpu")
+
+    def crash(event):
+        if event["event"] == "epoch_end":
+            raise _Crash
+    with pytest.raises(_Crash):
+        distill(DistillConfig(**base), crash)
+    summary = distill(DistillConfig(**base, resume=True, expect_digest=Cache(cache).digest()))
+    assert summary["resumed_from_epoch"] == 1
+    assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 2
+    with pytest.raises(CacheError, match="not the expected"):  # and a pin given on resume is enforced
+        distill(DistillConfig(**base, resume=True, expect_digest=WRONG))

@@ -164,6 +164,41 @@ def test_eval_every_n_evaluates_after_epochs_n_2n_and_the_last(tiny_data, tmp_pa
     assert summary["best_epoch"] == best and summary["best_val_top1"] == rows[best]["val_top1"]
 
 
+def test_ema_val_metrics_are_the_ema_weights_not_the_live_models(tiny_data, tmp_path):
+    """With decay 1 the EMA keeps the weights it copied on its first updates (timm copies the model there) and never
+    moves again, so the last epoch's ema_val_* are an earlier epoch's live val_*, and not the last epoch's."""
+    distill(plain(tiny_data, tmp_path / "run", epochs=3, ema_decay=1.0))  # one step per epoch
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    last = rows[-1]
+    assert last["ema_val_loss"] != pytest.approx(last["val_loss"], rel=1e-4)
+    assert any(last["ema_val_loss"] == pytest.approx(r["val_loss"], rel=1e-5) for r in rows[:-1]), rows
+    assert any(last["ema_val_top1"] == r["val_top1"] for r in rows[:-1])
+
+
+def test_the_learning_rate_warms_up_once_then_follows_one_cosine_over_the_whole_run(tiny_data, tmp_path):
+    """--warmup-epochs 1 of a 3-epoch run of 5 steps each: a linear warm-up over the first 5 steps from lr/1000,
+    then one cosine from there to --min-lr at step 15 (timm's CosineLRScheduler, t counted over the whole run),
+    not a warm-up and cosine restarted every epoch."""
+    lr, min_lr, steps, total = 3e-3, 1e-6, 5, 15
+    seen = {}
+
+    def record(event):
+        if event["event"] == "step":  # the lr after the step's scheduler update: global step t = 5 e + s + 1
+            seen[event["epoch"] * steps + event["step"] + 1] = event["lr"]
+    distill(plain(tiny_data, tmp_path / "run", data=tiny_data["train"].pattern, epochs=3, lr=lr, min_lr=min_lr,
+                  warmup_epochs=1.0, val_data=None), record)
+
+    def want(t):
+        if t < steps:
+            return lr / 1000 + t * (lr - lr / 1000) / steps
+        return min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * t / total))
+    assert sorted(seen) == [1, 5, 6, 10, 11, 15]  # steps 0 and 4 of each epoch report their lr
+    assert [seen[t] for t in sorted(seen)] == pytest.approx([want(t) for t in sorted(seen)], rel=1e-9)
+    assert seen[1] < seen[5] and seen[5] > seen[6] > seen[10] > seen[11] > seen[15] == pytest.approx(min_lr)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["lr"] for r in rows] == pytest.approx([want(5), want(10), want(15)], rel=1e-9)
+
+
 def test_a_resumed_run_keeps_its_saved_best(tiny_data, tmp_path):
     """A run crashes after epoch 1 with its best at epoch 0; the resumed epoch 2 must beat that best to replace
     best.safetensors, not "nothing yet" (a run that forgets its best ships a worse checkpoint)."""

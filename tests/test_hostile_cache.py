@@ -232,9 +232,13 @@ def huge_classes(url):
     (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"].update(precision="fp8")), "precision 'fp8'"),
     (lambda u: edit_meta(u, lambda m: m["teachers"].update({"../x": m["teachers"].pop("r14")})),
      "teacher id '../x' is not 1-64 letters"),
+    (lambda u: edit_meta(u, lambda m: m["shards"][2].update(nsamples=-3)),  # the 8-sample shard: 16 stays the largest
+     r"nsamples of .*=-3 lies outside \[0, 16\]"),
+    (lambda u: edit_meta(u, lambda m: m["teachers"]["r14"]["preprocessing"].update(std=[0.0, 0.2, 0.2])),
+     r"teacher 'r14''s preprocessing mean/std are not 3 finite numbers each \(std > 0\)"),  # audit divides by it
 ], ids=["num_views=1e10", "rows_per_shard=2e8", "num_classes=1e9", "rows not the largest shard", "chunk shape",
         "k > classes", "100 temperatures", "key_bytes=1e6", "view size=1e6", "pad=1e6", "unknown recipe field",
-        "image field", "mean 'abc'", "input 10^5 px", "precision fp8", "teacher id ../x"])
+        "image field", "mean 'abc'", "input 10^5 px", "precision fp8", "teacher id ../x", "nsamples -3", "std 0"])
 def test_sizes_in_the_metadata_are_checked_before_anything_is_allocated(copy, attack, match, tiny_data):
     attack(copy)
     for reader in (Cache, verify_cache, inspect_cache,
@@ -389,13 +393,20 @@ def _tiny_logz(name, a):
         a[3, 1, :] = -1e30
 
 
+def _index_equal_to_classes(name, a):  # one past the classifier: 10 of 10 classes
+    if name == "topk_idx":
+        a[3, 1, 2] = 10
+
+
 @pytest.mark.parametrize("damage, what", [
     (_nan_logz, "non-finite logz"), (_bad_index, r"class indices outside \[0, 10\)"),
     (_ascending, "top-k log-probs not in descending order"), (_positive_label, "a label log-prob above 0"),
     (_repeated_class, "a repeated class index within a top-k row"),
     (_improbable_top1, "a top-1 log-prob below -log 10"),
     (_tiny_logz, "a logz under which the stored probabilities do not sum to at most 1"),
-], ids=["NaN logz", "index 37", "ascending", "label log-prob > 0", "repeated class", "top-1 -1e30", "logz -1e30"])
+    (_index_equal_to_classes, r"class indices outside \[0, 10\)"),
+], ids=["NaN logz", "index 37", "ascending", "label log-prob > 0", "repeated class", "top-1 -1e30", "logz -1e30",
+        "index 10 of 10"])
 def test_values_no_honest_writer_stores_are_refused_where_they_are_read(copy, damage, what, tiny_data):
     """Every reader and `pld verify` run the same value checks: no cache verifies that a reader refuses, and no
     reader trains on what verify calls damaged (a red-team pass found both)."""
@@ -478,6 +489,32 @@ def test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspe
     assert shown is not None and 0 <= shown <= 1 and shown != honest  # that unit's implausible count is left out
     assert any("its marker records (10000000000000000000000000000000000000000, " in p
                for p in verify_cache(copy).problems)
+
+
+def test_a_marker_whose_forged_counts_agree_with_each_other_is_left_out_of_inspect(copy):
+    """correct = count = 10**40 is consistent (correct <= count) but more views than the unit holds: inspect showed
+    100% accuracy. The count is bounded by the unit's rows x views; the other units give the accuracy."""
+    cache = Cache(copy)
+    units = list(cache.units(kind="teacher", teacher="r14"))
+    forged = next(u for u in units if u.shard == 0)
+    others = [cache.marker(u) for u in units if u != forged]
+    want = sum(m["correct"] for m in others) / sum(m["count"] for m in others)
+    path = os.path.join(copy, "units", forged.name, "zarr.json")
+    doc = load(path)
+    doc["attributes"].update(correct=10**40, count=10**40)
+    dump(path, doc)
+    assert inspect_cache(copy)["teachers"]["r14"]["accuracy_on_cached_views"] == pytest.approx(want)
+    assert want < 0.99  # the forged unit alone would have pulled it to 1.0
+
+
+def test_verify_reports_a_teacher_whose_units_are_missing_while_the_data_units_are_complete(copy):
+    """Shard 1's teacher unit gone (a copy that stopped early, a deleted folder), its samples and views units
+    intact: a reader of that teacher cannot train on shard 1, so verify must not say ok."""
+    shutil.rmtree(os.path.join(copy, "units", "s000001.teacher.r14.0-4"))
+    cache = Cache(copy)
+    assert cache.missing_units(None) == []  # every data unit is there
+    report = verify_cache(copy)
+    assert not report.ok and "incomplete: s000001.teacher.r14" in report.problems, report.problems
 
 
 @pytest.mark.parametrize("document", ["zarr.json", "unit_index/s000000/zarr.json", "claims/s000000.json"])

@@ -177,6 +177,13 @@ def _epoch(s, v):
     s["epoch"] = v
 
 
+def _one_epoch_past_the_end(s):
+    """epoch 3 of --epochs 3 (0-based: a 4th epoch) with the 4-record history and best that go with it: every
+    other check passes, so only the epoch's bound can refuse it (else: "done", nothing trained, exit 0)."""
+    s["history"].append({**s["history"][-1], "epoch": 3})
+    s["epoch"] = 3
+
+
 def _copy_run(src, out):
     """A copy of a run folder that --resume accepts as the same run (its config records its own --out)."""
     import shutil
@@ -198,7 +205,9 @@ def _copy_run(src, out):
     (lambda s: next(iter(s["optimizer"]["state"].values())).update(exp_avg=torch.zeros(3)),
      "optimizer state that does not fit the model"),
     (lambda s: s.clear(), "not a run state"),  # was: internal error (KeyError)
-], ids=["epoch -5", "epoch 1e18", "epoch '0'", "history", "best", "schedule", "weight decay", "state shape", "empty"])
+    (_one_epoch_past_the_end, r"last finished epoch 3 outside [0, 3)"),
+], ids=["epoch -5", "epoch 1e18", "epoch '0'", "history", "best", "schedule", "weight decay", "state shape", "empty",
+        "epoch 3 of 3"])
 def test_an_edited_resume_state_is_refused_in_one_line(finished_run, tiny_data, tmp_path, edit, what):
     """last_state.pt is loaded weights_only (no code runs), but its values were trusted: a run folder from someone
     else could make --resume train with negative learning rates, exit 0."""
@@ -528,6 +537,28 @@ def test_a_malformed_summary_names_the_file_and_field(tmp_path):
     code, output = run("report", sweep)
     line = one_error_line(output)
     assert code == 2 and "summary.json: field best_val_top1 invalid" in line
+
+
+@pytest.mark.parametrize("field", ["best_val_top1", "train_seconds"])
+def test_a_json_boolean_where_a_summary_holds_a_number_is_refused(tmp_path, field):
+    """JSON true is a Python bool, and bool is an int: a summary saying best_val_top1: true was reported as 1."""
+    sweep = sweep_folder(tmp_path / "sw", {"a": {"lr": 1}}, {"a": {"best_val_top1": 50.0, field: True}})
+    code, output = run("report", sweep)
+    assert code == 2 and f"summary.json: field {field} invalid (a bool)" in one_error_line(output)
+
+
+def test_a_halving_trial_id_that_is_a_json_boolean_is_refused_not_read_as_trial_1(tmp_path):
+    """halving.json {"trial_id": true} resumed trial 1: another run's trial, whose rungs it then reported into."""
+    from pld_pipeline.errors import MetadataError
+    from pld_pipeline.halving import TRIAL_FILE, Halving, HalvingRule, open_study
+    sweep, mine = tmp_path / "sw", tmp_path / "sw" / "b"
+    mine.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"names": {}, "scheduler": HalvingRule(1, 2).to_dict()}))
+    study = open_study(str(sweep), HalvingRule(1, 2))
+    study.ask(), study.ask()  # trials 0 and 1: another two runs', both running
+    (mine / TRIAL_FILE).write_text(json.dumps({"trial_id": True}))
+    with pytest.raises(MetadataError, match=r"halving.json: field trial_id invalid \(a bool\)"):
+        Halving.for_run(str(sweep), str(mine), [])
 
 
 def test_a_malformed_sweep_file_names_the_file_and_line(tmp_path):

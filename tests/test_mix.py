@@ -198,3 +198,46 @@ def test_distill_from_mixed_cached_views_equals_online_distillation_on_them(mixe
     losses = [[float(line.split(",")[1]) for line in open(tmp_path / run / "metrics.csv").read().splitlines()[1:]]
               for run in ("cached", "online")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+# -- what no honest writer stores in a mixed, full (k = C) cache is refused ------------------------------------
+def _edited_copy(mixed_cache, tmp_path, path, edit):
+    """A copy of the mixed cache with shard 0's region of the array at ``path`` edited through zarr (valid
+    chunks) and every checksum re-signed: only a value check can tell."""
+    import shutil
+    import zarr
+    from test_hostile_cache import resign
+    url = str(tmp_path / "m.zarr")
+    shutil.copytree(mixed_cache, url)
+    arr = zarr.open_group(url, mode="r+")[path]
+    region = np.asarray(arr[0:16])
+    edit(region)
+    arr[0:16] = region
+    resign(url, arrays=True)
+    return url
+
+
+def test_a_full_cache_whose_logz_leaves_the_probabilities_short_of_1_is_refused(mixed_cache, tmp_path):
+    """With k = C every class is stored, so the probabilities under logz sum to exactly 1: a larger logz (a
+    sub-distribution, which a top-k cache may hold) is a forged or broken full cache."""
+    def raise_logz(a):
+        a[3, 1, 0] += 0.5  # row 3, view 1, T = 1: the ten probabilities now sum to e^-0.5
+    url = _edited_copy(mixed_cache, tmp_path, "teachers/r8/logz", raise_logz)
+    what = "a logz under which the stored probabilities do not sum to 1"
+    assert any(f"{what} (view 1)" in p for p in verify_cache(url).problems)
+    with pytest.raises(fmt.CacheError, match=fr"unit s000000.teacher.r8.0-4 is damaged: it holds {what} \(view 1\)"):
+        Cache(url).read(0, "r8")
+
+
+def test_verify_reports_a_mixed_view_whose_partner_is_its_own_row(mixed_cache, tmp_path):
+    """A partner is an earlier usable row of the shard (the writer draws it from the window before the sample):
+    a view mixed with itself is no view the writer made."""
+    params = np.asarray(Cache(mixed_cache).read(0, "r8").params)
+    row, view = next((r, v) for r in range(1, 16) for v in range(4) if params[r, v, 5] != KIND_PLAIN)
+
+    def own_partner(a):
+        a[row, view, 6] = row
+    url = _edited_copy(mixed_cache, tmp_path, "views/params", own_partner)
+    problems = verify_cache(url).problems
+    assert any(p.startswith("s000000.views") and "1 mixed view(s) with a bad kind, partner" in p for p in problems), \
+        problems

@@ -179,3 +179,35 @@ def test_a_sweep_is_one_mlflow_parent_run_with_a_child_per_configuration(tiny_da
     groups = {rec.run.run_group for name in names for rec in wandb_records(str(tmp_path / "sw" / name))
               if rec.WhichOneof("record_type") == "run"}
     assert groups == {"sw"}  # W&B: one group per sweep
+
+
+def test_epochs_not_evaluated_send_no_nan_metrics_to_the_trackers(tiny_data, tmp_path, monkeypatch):
+    """--eval-every 2 over 3 epochs: epoch 0 is not evaluated. Its row in metrics.jsonl holds NaN val_* (a CSV
+    needs every column), but a tracker must get only what was measured: NaN points break MLflow's and W&B's
+    charts and best-value summaries."""
+    import math
+
+    from pld_pipeline import tracking
+    logged = {}
+
+    class Recorder:
+        name, run_id = "tensorboard", None
+
+        def __init__(self, *args):
+            pass
+
+        def log(self, step, metrics):
+            logged[step] = metrics
+
+        def finish(self, summary, tags, failed):
+            logged["final"] = summary
+
+    monkeypatch.setitem(tracking._CLASSES, "tensorboard", Recorder)
+    distill(DistillConfig(data=tiny_data["train"].shards[-1], val_data=tiny_data["val"].pattern, out=str(tmp_path / "r"),
+                          student="cifar_resnet8", loss="ce", epochs=3, eval_every=2, batch_size=8, workers=0,
+                          device="cpu", num_classes=10, recipe={"name": "cifar", "size": 16, "pad": 2},
+                          log="tensorboard"))
+    assert sorted(k for k in logged if k != "final") == [0, 1, 2]
+    assert all(math.isfinite(v) for metrics in logged.values() for v in metrics.values()), logged
+    assert "train_loss" in logged[0] and not any(k.startswith("val_") for k in logged[0])
+    assert all("val_top1" in logged[e] for e in (1, 2))  # the evaluated epochs (the 2nd and the last)
