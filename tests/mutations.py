@@ -441,6 +441,13 @@ MUTATIONS = [
     Mutation("verify: marker counts not recounted", "pld_pipeline/cache/check.py",
              "            if recorded != (found.correct, found.count):", "            if False:",
              (CACHE_ATTACK + "test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspect",)),
+    Mutation("shard: a repeated sample's row looked up by its key", "pld_pipeline/student_data.py",
+             "row = i  # the cache's rows are the shard's samples in tar order",
+             "row = block.keys.index(key) if key in block.keys else i  #",
+             (CACHE_ATTACK + "test_a_shard_rewritten_in_its_middle_is_refused_under_a_pinned_digest",)),
+    Mutation("shard: a shard ending early trains fewer rows", "pld_pipeline/student_data.py",
+             "if block is not None and used + 1 < part.stop:", "if False:",
+             (CACHE_ATTACK + "test_a_shard_rewritten_in_its_middle_is_refused_under_a_pinned_digest",)),
 ]
 
 

@@ -634,3 +634,84 @@ def test_fuzzed_metadata_ends_in_a_read_or_a_one_line_refusal(copy, target):
                 f.write(original)
 
     one_edit()
+
+
+# -- a shard whose middle was rewritten under a pinned digest -------------------------------------------------------
+
+def big_shard(path, n=8, pad=400_000):
+    """``n`` samples of 16x16 PNG, label and ``pad`` random bytes each (a >2 MiB shard, so its quick hash, size and
+    first and last MiB, leaves the middle samples unhashed); samples 2 and 4 have the same image, equal sizes."""
+    import io
+    import tarfile
+    from pld_pipeline.shards import encode_png
+    from conftest import make_images
+    images, labels = make_images(n, seed=5)
+    images[4] = images[2]
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            for ext, data in (("png", encode_png(images[i])), ("cls", str(labels[i] % 10).encode()),
+                              ("bin", rng.bytes(pad))):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def sample_span(path, i):
+    """(start, end) bytes of sample ``s{i}``'s members in the tar."""
+    import tarfile
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(f"s{i}.")]
+    return members[0].offset, members[-1].offset_data + -(-members[-1].size // 512) * 512
+
+
+@pytest.fixture(scope="module")
+def big_cache(teacher_run, tmp_path_factory):
+    """A cache of one big shard (8 samples), and its digest."""
+    folder = tmp_path_factory.mktemp("big")
+    shard = big_shard(folder / "big-000000.tar")
+    out = str(folder / "c.zarr")
+    cache_teacher(CacheTeacherConfig(data=shard, out=out, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
+                                     views=2, size=16, k=5, temperatures=(1.0,), batch_size=8, workers=0,
+                                     device="cpu", recipe_overrides={"pad": 2}))
+    return shard, out, Cache(out).digest()
+
+
+def forged(big_cache, tmp_path, forge):
+    shard, url, pin = big_cache
+    hostile = str(tmp_path / os.path.basename(shard))
+    data = bytearray(open(shard, "rb").read())
+    forge(data, shard)
+    open(hostile, "wb").write(bytes(data))
+    from pld_pipeline.data import quick_hash
+    assert quick_hash(hostile) == quick_hash(shard) and data != open(shard, "rb").read()  # the attack's premise
+    return hostile, url, pin
+
+
+def repeat_sample_2(data, shard):
+    (a2, b2), (a4, b4) = sample_span(shard, 2), sample_span(shard, 4)
+    assert b2 - a2 == b4 - a4
+    data[a4:b4] = data[a2:b2]  # s2 trained twice, s4 never: the audit's 99 cats and 296 dogs
+
+
+def end_archive_at_sample_4(data, shard):
+    a4, b4 = sample_span(shard, 4)
+    data[a4:b4] = bytes(b4 - a4)  # zero blocks: the tar ends there, its last MiB unchanged
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("forge, words", [(repeat_sample_2, "repeats a sample"),
+                                          (end_archive_at_sample_4, "fewer than the 8")])
+def test_a_shard_rewritten_in_its_middle_is_refused_under_a_pinned_digest(big_cache, tmp_path, forge, words, workers):
+    hostile, url, pin = forged(big_cache, tmp_path, forge)
+    data = StudentData(hostile, cache=url, expect_digest=pin, batch_size=4, workers=workers, shuffle_buffer=1)
+    with pytest.raises(CacheError, match=words) as e:
+        list(data.epoch(0))
+    assert hostile in one_line(e)
+
+
+def test_the_honest_big_shard_trains_every_cached_row_once(big_cache):
+    shard, url, pin = big_cache
+    data = StudentData(shard, cache=url, expect_digest=pin, batch_size=4, workers=0, shuffle_buffer=1)
+    assert sum(len(b.labels) for b in data.epoch(0)) == 8
