@@ -32,6 +32,15 @@ def refuse_link(path: str) -> None:
                          "(the file it points to was left unchanged): remove the link and rerun.")
 
 
+def check_owner(path: str) -> None:
+    """Refuse ``path`` unless the current user owns it: a file that decides what pld adopts (a sweep's id, a run's
+    config, tracking ids) is taken only from the user's own files, not from a stranger who can write the folder."""
+    uid = getattr(os, "getuid", None)
+    if uid is not None and os.lstat(path).st_uid != uid():
+        raise MetadataError(f"{path} belongs to another user; pld adopts only files you wrote: remove it, or run "
+                            "into a new folder.")
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """``data`` at ``path``, atomically: a new temporary file beside it, then renamed over it."""
     refuse_link(path)

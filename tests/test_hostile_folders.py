@@ -577,3 +577,89 @@ def test_an_unexpected_error_is_one_line_and_pld_debug_shows_the_traceback(tmp_p
                                                     "second line; rerun with PLD_DEBUG=1 for the traceback")
     result = runner.invoke(app, ["report", str(tmp_path)], env={"PLD_DEBUG": "1"})
     assert isinstance(result.exception, ZeroDivisionError)
+
+
+# -- a shared sweep folder adopts only the runs its own sweep started --------------------------------------------
+def _sweep_args(tiny_data, out):
+    sets = [a for k, v in (("loss", "ce"), ("epochs", 3), ("batch_size", 8), ("workers", 0), ("device", "cpu"),
+                           ("num_classes", 10)) for a in ("--set", f"{k}={v}")]
+    return ["sweep", "--data", tiny_data["train"].pattern, "--out", out, "--grid", "seed=0", "--student",
+            "cifar_resnet8", *sets, "--quiet"]
+
+
+def _plant_run(finished_run, sweep_dir, name="seed=0", summary=False):
+    """A stranger's run folder, planted at its last epoch (weights of their choice, a history they wrote)."""
+    planted = _copy_run(finished_run, sweep_dir / name)
+    if not summary:
+        (planted / files.SUMMARY_FILE).unlink()
+    return planted
+
+
+@pytest.mark.parametrize("summary", [False, True], ids=["resumable state", "finished"])
+def test_a_run_folder_planted_in_a_shared_sweep_folder_is_never_adopted(finished_run, tiny_data, tmp_path, summary):
+    """A planted last_state.pt at the last epoch used to be "finished" without training, and a planted
+    summary.json skipped the run and reported the stranger's history."""
+    sweep_dir = tmp_path / "shared"
+    sweep_dir.mkdir()
+    planted = _plant_run(finished_run, sweep_dir, summary=summary)
+    before = (planted / "last.safetensors").read_bytes()
+    code, output = run(*_sweep_args(tiny_data, sweep_dir))
+    line = one_error_line(output)
+    assert code == 2 and "not a run this sweep started" in line and "seed=0" in line, output
+    assert (planted / "last.safetensors").read_bytes() == before and not (sweep_dir / "results.md").exists()
+
+
+def test_a_planted_run_in_a_sweep_the_user_started_is_refused_on_rerun_and_resume(finished_run, tiny_data, tmp_path):
+    """The sweep ran once (sweep.json holds its id), then a stranger planted a run: the rerun, and the printed
+    command's `pld distill --sweep ... --resume`, both refuse it."""
+    from pld_pipeline.sweep import parse_grid, parse_settings, pending_commands
+    sweep_dir = tmp_path / "shared"
+    settings = parse_settings([f"data={tiny_data['train'].pattern}", "student=cifar_resnet8", "loss=ce", "epochs=3",
+                               "batch_size=8", "workers=0", "device=cpu", "num_classes=10"])
+    pending_commands(settings, parse_grid(["seed=0"]), [], str(sweep_dir))  # the user's sweep, not yet run
+    _plant_run(finished_run, sweep_dir)
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", sweep_dir / "seed=0", *RESUME_ARGS,
+                       "--sweep", sweep_dir, "--resume")
+    assert code == 2 and "not a run this sweep started" in one_error_line(output), output
+    with pytest.raises(errors.MetadataError, match="not a run this sweep started"):
+        pending_commands(settings, parse_grid(["seed=0"]), [], str(sweep_dir))
+
+
+def test_a_sweep_json_of_another_user_is_not_trusted(tmp_path, monkeypatch):
+    """Whoever can write the folder can read and copy the id: the id is taken only from the user's own file."""
+    from pld_pipeline.sweep import sweep_nonce
+    (tmp_path / "sweep.json").write_text(json.dumps({"names": {}, "nonce": "0" * 32}))
+    assert sweep_nonce(str(tmp_path)) == "0" * 32
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    with pytest.raises(errors.MetadataError, match="belongs to another user") as e:
+        sweep_nonce(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_tracking_ids_planted_in_a_folder_are_never_continued(tmp_path):
+    """A planted tracking.json made `--log mlflow` write metrics and tags into another team's MLflow run: a fresh
+    run ignores a folder's ids, and a sweep's ids must record the sweep's id."""
+    from pld_pipeline.tracking import Tracker, read_ids
+    (tmp_path / "tracking.json").write_text(json.dumps({"tensorboard": "theirs", "mlflow": "their-run"}))
+    fresh = Tracker((), str(tmp_path), "run", {}, reuse_ids=False)
+    assert "mlflow" not in fresh.ids
+    with pytest.raises(errors.MetadataError, match="tracking ids this sweep did not write"):
+        read_ids(str(tmp_path), nonce="1" * 32)
+
+
+def test_a_resume_state_at_the_last_epoch_needs_the_runs_summary(finished_run, tiny_data, tmp_path):
+    out = _copy_run(finished_run, tmp_path / "run")
+    (out / files.SUMMARY_FILE).unlink()
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    assert code == 2 and "at the last epoch without the run's summary.json" in one_error_line(output), output
+
+
+def test_a_resume_state_larger_than_the_run_can_write_is_refused_before_loading(finished_run, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    out = _copy_run(finished_run, tmp_path / "run")
+    with open(out / files.STATE_FILE, "r+b") as f:
+        f.truncate(1 << 40)  # a sparse terabyte: torch.load would read it
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    assert code == 2 and "more than the" in one_error_line(output) and "last_state.pt" in output, output
