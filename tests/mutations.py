@@ -468,6 +468,12 @@ MUTATIONS = [
              "    if size > limit:\n        raise MetadataError(f\"{path}: {size:,} bytes, more than",
              "    if False:\n        raise MetadataError(f\"{path}: {size:,} bytes, more than",
              (HOSTILE + "test_a_resume_state_larger_than_the_run_can_write_is_refused_before_loading",)),
+    Mutation("cache writes: a linked folder is followed at write time", "pld_pipeline/cache/store.py",
+             "os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)", "os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)",
+             (CACHE_ATTACK + "test_a_link_planted_after_a_writer_opened_the_cache_is_never_written_through",)),
+    Mutation("cache writes: a link at the object itself is replaced silently", "pld_pipeline/cache/store.py",
+             "if stat.S_ISLNK(_lstat_at(name, fd) or 0):", "if False:",
+             (CACHE_ATTACK + "test_a_link_planted_after_a_writer_opened_the_cache_is_never_written_through",)),
 ]
 
 

@@ -516,6 +516,38 @@ def test_a_symlink_planted_inside_a_cache_is_refused_by_writers(copy, folder, tm
     assert sorted(os.listdir(outside)) == snapshot
 
 
+@pytest.mark.parametrize("where", ["units/planted", "units/planted/zarr.json", "unit_index/s000000"])
+def test_a_link_planted_after_a_writer_opened_the_cache_is_never_written_through(copy, tmp_path, where):
+    """The symlink refusal used to run once, at open: a link planted afterwards at a unit folder the writer had not
+    written yet was followed when its marker was written (another folder's zarr.json replaced)."""
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")  # opened (and checked) before the link exists
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "zarr.json").write_text("theirs")
+    link = os.path.join(copy, where)
+    shutil.rmtree(link, ignore_errors=True)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(outside / "zarr.json" if where.endswith(".json") else outside, link)
+    marker = where.startswith("units/")
+    with pytest.raises(CacheError, match="symbolic link") as e:
+        store.write_marker(writer.root, "planted", {"x": 1}) if marker else store.write_index(writer.root, 0, ["a"])
+    one_line(e)
+    with pytest.raises(CacheError, match="symbolic link"):
+        store.delete_marker(writer.root, "planted") if marker else store.delete_object(writer.root, "unit_index/s000000/zarr.json")
+    assert os.listdir(outside) == ["zarr.json"] and (outside / "zarr.json").read_text() == "theirs"
+
+
+def test_writes_under_a_cache_without_links_still_land(copy):
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")
+    store.write_marker(writer.root, "fresh", {"x": 1})
+    assert store.read_marker(writer.root, "fresh") == {"x": 1}
+    assert not [n for n in os.listdir(os.path.join(copy, "units", "fresh")) if n.endswith(".partial")]
+    store.delete_marker(writer.root, "fresh")
+    assert not os.path.exists(os.path.join(copy, "units", "fresh", "zarr.json"))
+
+
 def test_overwrite_through_a_symlinked_out_is_refused_in_one_line(copy, tmp_path, tiny_data, teacher_run):
     link = tmp_path / "link.zarr"
     link.symlink_to(copy)

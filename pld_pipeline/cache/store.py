@@ -1,10 +1,13 @@
 """Opening a cache by path or fsspec URL, and the raw-object operations zarr's Group API lacks."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
+import shutil
 import stat
+import uuid
 from typing import Any
 
 import zarr
@@ -45,6 +48,14 @@ def object_cap(caps: dict[str, int], key: str) -> int:
     return next((c for prefix, c in caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
 
 
+def _lstat_at(name: str, fd: int) -> int | None:
+    """The mode of ``name`` in the folder ``fd`` (a link's own), None where nothing is."""
+    try:
+        return os.lstat(name, dir_fd=fd).st_mode
+    except FileNotFoundError:
+        return None
+
+
 class LocalObjects(zarr.storage.LocalStore):
     """zarr's LocalStore, reading only the cache's own files: each object read must be a regular file inside
     the cache folder (not a link, nor under a linked folder: nothing out of it, no device or FIFO) and no larger
@@ -82,6 +93,74 @@ class LocalObjects(zarr.storage.LocalStore):
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         self._check(key)
         return await super().get(key, prototype, byte_range)
+
+    # -- writes: walked from the root by folder handle, never through a link (one planted after the open included)
+    def _folder(self, key: str) -> tuple[int, str]:
+        """An open handle on ``key``'s folder, reached from the cache root one component at a time without
+        following a link (``O_NOFOLLOW``; missing folders are made), and the object's own name. Checked at write
+        time, so a link planted at a unit folder while a writer runs is refused, not followed."""
+        *folders, name = key.split("/")
+        os.makedirs(self.root, exist_ok=True)  # zarr's mode "w" removes the root before writing into it again
+        fd = os.open(str(self.root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in folders:
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:
+                    raise self._refuse_write(key) from None
+                os.close(fd)
+                fd = nfd
+            if stat.S_ISLNK(_lstat_at(name, fd) or 0):
+                raise self._refuse_write(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name
+
+    def _refuse_write(self, key: str) -> CacheError:
+        return CacheError(f"{self.root}: {key} is, or lies under, a symbolic link or a file where a folder belongs; "
+                          "pld never writes through one (nothing was written). Remove it, or write to a fresh --out.")
+
+    def _put(self, key: str, data: Any, exclusive: bool) -> None:
+        """One object, atomically (a temporary file in its folder, renamed), relative to a folder handle."""
+        fd, name = self._folder(key)
+        tmp = f"{os.path.splitext(name)[0]}.{uuid.uuid4().hex}.partial"  # zarr's own name for it (target.PLD_FILE)
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=fd)
+            try:
+                with os.fdopen(out, "wb") as f:
+                    f.write(data)
+                if exclusive:
+                    os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+                else:
+                    os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            finally:
+                if _lstat_at(tmp, fd) is not None:
+                    os.unlink(tmp, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(self._put, key, value.as_buffer_like(), exclusive)
+
+    async def delete(self, key: str) -> None:
+        self._check_writable()
+        fd, name = self._folder(key)
+        try:
+            mode = _lstat_at(name, fd)
+            if mode is not None and stat.S_ISDIR(mode):
+                shutil.rmtree(name, dir_fd=fd)
+            elif mode is not None:
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
         key_ranges = list(key_ranges)
@@ -193,7 +272,9 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             where: Any = url
             if mode == "r" and url.startswith(("http://", "https://")):
                 where = _capped_http_store(url)
-            elif mode != "w" and "://" not in url:
+            elif "://" not in url:  # writes, too, never through a link (LocalObjects._folder)
+                if mode == "w":
+                    os.makedirs(url, exist_ok=True)
                 where = _local_objects(url, read_only=mode == "r")
             elif mode != "w" and _is_remote(url):
                 where = CappedReads(zarr.storage.FsspecStore.from_url(url, read_only=mode == "r"), url=url)
