@@ -14,9 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from .data import DataError
-from .files import json_field, read_json, refuse_link, write_json
+from .files import json_field, read_bytes, read_json, refuse_link, write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: The most bytes pld reads of one CIFAR pickle batch (the official ones are 31 MB; CIFAR-100 train 155 MB)
+MAX_PICKLE_BYTES = 512 << 20
 
 
 @dataclass
@@ -166,7 +168,7 @@ def cifar_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[st
     """CIFAR-10/100 python pickle batches (the official ``cifar-10-batches-py`` / ``cifar-100-python``)."""
     def load(name: str) -> dict:
         path = os.path.join(root, name)
-        with open(path, "rb") as f:
+        with io.BytesIO(read_bytes(path, MAX_PICKLE_BYTES)) as f:  # a regular file of bounded size
             try:
                 doc = _CifarUnpickler(f, encoding="latin1").load()
             except pickle.UnpicklingError as e:

@@ -96,18 +96,18 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 def load_sweep_file(path: str) -> tuple[dict[str, Any], dict[str, list[Any]], list[dict[str, Any]]]:
     """A TOML or YAML file with ``base`` (settings), ``grid`` (lists) and/or ``runs`` (a list of settings)."""
-    with open(path, "rb") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            try:
-                doc = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise MetadataError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
-        else:
-            try:
-                doc = tomllib.load(f)
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise MetadataError(f"{path}: not valid TOML ({e}); fix the file.") from None
+    data = read_bytes(path)  # a regular file of bounded size: not /dev/zero, not a FIFO
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        try:
+            doc = yaml.safe_load(data) or {}
+        except yaml.YAMLError as e:
+            raise MetadataError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+    else:
+        try:
+            doc = tomllib.loads(data.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise MetadataError(f"{path}: not valid TOML ({e}); fix the file.") from None
     if not isinstance(doc, dict):
         raise MetadataError(f"{path}: expected sections base, grid and runs, got a {type(doc).__name__}.")
     for section, kind in (("base", dict), ("grid", dict), ("runs", list)):
@@ -231,6 +231,7 @@ def sweep_nonce(sweep_dir: str) -> str:
     """The sweep's id (``nonce`` in its sweep.json, which the user must own): each run records it in its
     config.json, and a sweep continues only the runs that record it."""
     path = os.path.join(sweep_dir, "sweep.json")
+    refuse_link(path)  # the sweep rewrites it: a link is refused before it is read
     check_owner(path)
     nonce = json_field(read_json(path), path, "nonce", kind=str)
     if not _NONCE.fullmatch(nonce):

@@ -663,3 +663,107 @@ def test_a_resume_state_larger_than_the_run_can_write_is_refused_before_loading(
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
     code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
     assert code == 2 and "more than the" in one_error_line(output) and "last_state.pt" in output, output
+
+
+# -- every file a user names is read through the one bounded reader ----------------------------------------------
+def _fifo(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make", [lambda p: "/dev/zero", _fifo, lambda p: str(p)],
+                         ids=["/dev/zero", "a FIFO", "a folder"])
+def test_a_class_map_or_sweep_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, make):
+    """--class-map /dev/zero used 4.3 GB then printed "internal error: MemoryError"; a FIFO hung."""
+    from pld_pipeline.class_map import ClassMapError, load_class_map
+    from pld_pipeline.sweep import load_sweep_file
+    path = make(tmp_path)
+    with pytest.raises(ClassMapError, match="not a regular file") as e:
+        load_class_map(path, 10)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(errors.MetadataError, match="not a regular file"):
+        load_sweep_file(path)
+
+
+def test_a_class_map_with_a_5000_digit_integer_names_the_file(tmp_path):
+    from pld_pipeline.class_map import ClassMapError, load_class_map
+    path = tmp_path / "map.json"
+    path.write_text("[" + "9" * 5000 + "]")
+    with pytest.raises(ClassMapError) as e:
+        load_class_map(str(path), 10)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# -- shards and images: bounded members, no surprise decompression, bounded pixels -----------------------------------
+def _tar_bytes(members, claim=None):
+    """An uncompressed tar of (name, bytes) members; ``claim``: the size the last header claims instead."""
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if claim is not None:  # rewrite the last header's size field (and its checksum) as an attacker would
+        import tarfile as t
+        *_, last = t.open(fileobj=io.BytesIO(data)).getmembers()
+        info = t.TarInfo(last.name)
+        info.size = claim
+        header = info.tobuf(format=t.GNU_FORMAT)[:512]
+        data = data[:last.offset] + header + data[last.offset + 512:]
+    return data
+
+
+def _png_header(width, height):
+    """The first bytes of a PNG that claims ``width`` x ``height`` pixels (what PIL reads before decoding)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_tar_member_larger_than_pld_reads_is_refused_from_its_header(tmp_path):
+    """A 14 MB gzip-compressed .tar held a 3 GiB member (3.9 GB RSS)."""
+    import gzip
+
+    from pld_pipeline.data import DataError, iter_shard
+    raw = _tar_bytes([("a.cls", b"1"), ("a.png", b"x" * 600)], claim=3 << 30)
+    for name, data in (("plain.tar", raw), ("asked.tar.gz", gzip.compress(raw))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match="3,221,225,472 bytes, more than the") as e:
+            list(iter_shard(str(tmp_path / name)))
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_compressed_tar_is_read_only_when_its_name_asks_for_it(tmp_path):
+    import gzip
+
+    from pld_pipeline.data import DataError, iter_shard
+    raw = _tar_bytes([("a.cls", b"1"), ("a.png", b"x")])
+    (tmp_path / "sneaky.tar").write_bytes(gzip.compress(raw))
+    (tmp_path / "asked.tgz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DataError, match="not an uncompressed tar") as e:
+        list(iter_shard(str(tmp_path / "sneaky.tar")))
+    assert "\n" not in str(e.value)
+    assert [s["__key__"] for s in iter_shard(str(tmp_path / "asked.tgz"))] == ["a"]
+
+
+def test_a_tar_with_a_duplicate_member_is_one_line_naming_it(tmp_path):
+    """Was a Python tuple: ("s3.png: duplicate file name in tar file png dict_keys([...])", None, None)."""
+    from pld_pipeline.data import DataError, iter_shard
+    (tmp_path / "dup.tar").write_bytes(_tar_bytes([("s3.png", b"x"), ("s3.png", b"y")]))
+    with pytest.raises(DataError, match="holds member 's3.png' twice") as e:
+        list(iter_shard(str(tmp_path / "dup.tar")))
+    assert "dict_keys" not in str(e.value) and "None" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_image_claiming_more_pixels_than_pld_decodes_is_refused_before_decoding():
+    """A 143 KB PNG of 12000x12000 decoded to 2.3 GB with only a warning."""
+    from pld_pipeline.views import ImageTooLarge, decode_image
+    with pytest.raises(ImageTooLarge, match="12000x12000 pixels, more than the 89,478,485"):
+        decode_image(_png_header(12000, 12000))
+    with pytest.raises(ImageTooLarge):
+        decode_image(_png_header(20000, 20000))  # past twice the cap: PIL's own error, as one line

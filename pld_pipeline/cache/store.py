@@ -14,7 +14,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ..errors import reaching
+from ..errors import PldError, reaching
+from ..network import timeout_s
 from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 
@@ -289,7 +290,7 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
         except ImportError as e:  # e.g. s3:// without s3fs
             raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
-        except CacheError:
+        except PldError:  # already one line (a refused redirect, a bounded read)
             raise
         except (TypeError, ValueError, KeyError, RecursionError) as e:  # zarr parsing a stranger's group document
             why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
@@ -331,14 +332,15 @@ def _capped_http() -> type:
                 kw["headers"] = {**kw.pop("headers", {}), "Range": await self._process_limits(url, start, end)}
             cap = max((c for p, c in self.caps.items() if url.startswith(p)), default=MAX_METADATA_BYTES)
             session = await self.set_session()
-            async with session.get(self.encode_url(url), **kw) as r:
-                self._raise_not_found_for_status(r, url)
-                out = bytearray()
-                async for part in r.content.iter_chunked(1 << 16):
-                    out += part
-                    if len(out) > cap:
-                        raise CacheError(f"{url} sent more than the {cap} bytes its cache layout allows for that "
-                                         "object; refusing the host's answer (a damaged or hostile host).")
+            async with asyncio.timeout(timeout_s()):  # the whole object: a host trickling bytes is cut off too
+                async with session.get(self.encode_url(url), **kw) as r:
+                    self._raise_not_found_for_status(r, url)
+                    out = bytearray()
+                    async for part in r.content.iter_chunked(1 << 16):
+                        out += part
+                        if len(out) > cap:
+                            raise CacheError(f"{url} sent more than the {cap} bytes its cache layout allows for "
+                                             "that object; refusing the host's answer (a damaged or hostile host).")
             return bytes(out)
 
     return CappedHTTP
