@@ -551,8 +551,12 @@ def make_shards_cmd(
                 splits[name] = S.write_split(gen, str(out_), name, shard_size)
             S.write_classes(str(out_), names)
         else:
-            paths, labels, names = S.image_folder(str(path))
+            paths, labels, names, links = S.image_folder(str(path))
             splits = S.split_files(paths, labels, names, str(out_), val_fraction=val_fraction, shard_size=shard_size, seed=seed)
+            skipped = sum(split.skipped for split in splits.values())
+            if links or skipped:
+                out.print(f"skipped: {links} link(s) (never followed out of {path}), {skipped} file(s) that are not "
+                          "images", highlight=False, soft_wrap=True)
     else:
         raise ValueError(f"Unsupported source '{source}'. Use one of: digits, cifar, folder.")
     for split in splits.values():

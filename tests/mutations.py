@@ -499,6 +499,12 @@ MUTATIONS = [
     Mutation("audit: a contradicted precision record passes", "pld_pipeline/audit.py",
              'if self.views and s["max_logp_diff"] <= strict < other:', "if False:",
              ("tests/test_audit.py::test_a_precision_record_the_agreement_contradicts_fails_even_at_a_wide_tolerance",)),
+    Mutation("make-shards: a linked file in the tree is packed", "pld_pipeline/shards.py",
+             "                if os.path.islink(os.path.join(dirpath, f)):", "                if False:",
+             (HOSTILE + "test_make_shards_folder_packs_only_the_trees_own_images",)),
+    Mutation("make-shards: a file that is not an image is packed", "pld_pipeline/shards.py",
+             "data = _image_or_none(paths[i])", "data = read_bytes(paths[i])",
+             (HOSTILE + "test_make_shards_folder_packs_only_the_trees_own_images",)),
 ]
 
 

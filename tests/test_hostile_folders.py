@@ -767,3 +767,38 @@ def test_an_image_claiming_more_pixels_than_pld_decodes_is_refused_before_decodi
         decode_image(_png_header(12000, 12000))
     with pytest.raises(ImageTooLarge):
         decode_image(_png_header(20000, 20000))  # past twice the cap: PIL's own error, as one line
+
+
+# -- make-shards folder: links are not followed out of the tree, non-images are skipped and counted -----------------
+def test_make_shards_folder_packs_only_the_trees_own_images(tmp_path):
+    """A linked "jpg" once packed /etc/passwd into a shard."""
+    from pld_pipeline.data import iter_shard
+    src = image_folder(tmp_path / "imgs")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(secret / "theirs.png")
+    (src / "cats" / "passwd.jpg").symlink_to(secret / "passwd")  # a linked file
+    (src / "cats" / "theirs.png").symlink_to(secret / "theirs.png")  # a linked image
+    (src / "cats" / "elsewhere").symlink_to(secret, target_is_directory=True)  # a linked folder inside a class
+    (src / "zebras").symlink_to(secret, target_is_directory=True)  # a linked class folder
+    (src / "dogs" / "notes.jpg").write_text("not an image")  # a file that does not decode as one
+    code, output = run("make-shards", "folder", src, "--out", tmp_path / "out", "--val-fraction", "0")
+    assert code == 0, output
+    assert "skipped: 4 link(s)" in output and "1 file(s) that are not images" in output
+    samples = list(iter_shard(str(tmp_path / "out" / "train-000000.tar")))
+    assert len(samples) == 4 and all(s["png"].startswith(b"\x89PNG") for s in samples)
+    assert json.loads((tmp_path / "out" / "classes.json").read_text())["class_names"] == ["cats", "dogs"]
+
+
+def test_make_shards_out_never_writes_through_a_hard_link(tmp_path):
+    """A hard link planted at train-000000.tar in --out shares the victim's file: truncating it rewrote the victim."""
+    src = image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    os.link(victim, out / "train-000000.tar")
+    code, output = run("make-shards", "folder", src, "--out", out, "--val-fraction", "0", "--overwrite")
+    assert code == 0, output
+    assert victim.read_text() == "mine" and (out / "train-000000.tar").stat().st_ino != victim.stat().st_ino
