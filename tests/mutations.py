@@ -505,6 +505,22 @@ MUTATIONS = [
     Mutation("make-shards: a file that is not an image is packed", "pld_pipeline/shards.py",
              "data = _image_or_none(paths[i])", "data = read_bytes(paths[i])",
              (HOSTILE + "test_make_shards_folder_packs_only_the_trees_own_images",)),
+    Mutation("url: an unknown scheme reads as a damaged cache", "pld_pipeline/cache/store.py",
+             "if scheme is None or scheme in fsspec.available_protocols():", "if True:",
+             (CACHE_ATTACK + "test_an_unknown_url_scheme_is_named_not_called_a_damaged_cache",)),
+    Mutation("cache-dir: an unreachable host reads as no cache", "pld_pipeline/cache/store.py",
+             "                    net = network_cause(e)\n                    if net is None:",
+             "                    net = None\n                    if net is None:",
+             (CACHE_ATTACK + "test_an_unreachable_host_behind_cache_dir_is_not_reported_as_no_cache",)),
+    Mutation("cache writes: a full disk names no path", "pld_pipeline/cache/store.py",
+             "raise OSError(e.errno, e.strerror, os.path.join(str(self.root), key)) from None", "raise",
+             (CACHE_ATTACK + "test_a_full_disk_under_a_cache_names_the_object",)),
+    Mutation("cache-dir: a stale copy's mmap error leaks", "pld_pipeline/cache/store.py",
+             'if "mmap" not in str(e):', "if True:",
+             ("tests/test_http.py::test_a_cache_dir_copy_that_no_longer_matches_the_remote_is_one_line",)),
+    Mutation("shards: a duplicate member prints a tuple", "pld_pipeline/data.py",
+             'if "duplicate file name" not in str(e):', "if True:",
+             (HOSTILE + "test_a_tar_with_a_duplicate_member_is_one_line_naming_it",)),
 ]
 
 

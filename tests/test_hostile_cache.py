@@ -747,3 +747,49 @@ def test_the_honest_big_shard_trains_every_cached_row_once(big_cache):
     shard, url, pin = big_cache
     data = StudentData(shard, cache=url, expect_digest=pin, batch_size=4, workers=0, shuffle_buffer=1)
     assert sum(len(b.labels) for b in data.epoch(0)) == 8
+
+
+# -- one clear line for each failure the last audit found unclear ---------------------------------------------------
+
+def test_an_unknown_url_scheme_is_named_not_called_a_damaged_cache():
+    with pytest.raises(CacheError, match="unknown URL scheme 'foo://'") as e:
+        Cache("foo://bucket/c.zarr")
+    assert "damaged" not in one_line(e)
+
+
+def test_an_unreachable_host_behind_cache_dir_is_not_reported_as_no_cache(tmp_path):
+    from conftest import free_port
+    from pld_pipeline.errors import RemoteError
+    url = f"http://127.0.0.1:{free_port()}/c.zarr"  # nothing listens there
+    with pytest.raises(RemoteError, match="cannot connect") as e:
+        Cache(url, cache_dir=str(tmp_path / "copy"))
+    assert url in one_line(e) and "No cache at" not in str(e.value)
+
+
+def test_a_full_disk_under_a_cache_names_the_object(copy, monkeypatch):
+    import errno
+    from pld_pipeline import errors
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.f = real(fd, *a, **k)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(OSError) as e:
+        store.write_marker(writer.root, "fresh", {"x": 1})
+    monkeypatch.undo()
+    line = errors.one_line(e.value)
+    assert os.path.join(copy, "units", "fresh", "zarr.json") in line and "no space left" in line, line
+    assert not [n for n in os.listdir(os.path.join(copy, "units", "fresh"))]  # no temporary file left behind

@@ -230,3 +230,15 @@ def test_a_bad_timeout_setting_is_one_line(monkeypatch):
     monkeypatch.setenv("PLD_HTTP_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="PLD_HTTP_TIMEOUT='soon' must be a positive number of seconds"):
         timeout_s()
+
+
+def test_a_cache_dir_copy_that_no_longer_matches_the_remote_is_one_line(served, tmp_path, monkeypatch):
+    """fsspec's local copy of a remote object that changed size raised "mmap length is greater than file size"."""
+    from fsspec.implementations.cached import CachingFileSystem
+
+    def stale(self, path, *args, **kwargs):
+        raise ValueError("mmap length is greater than file size")
+    monkeypatch.setattr(CachingFileSystem, "_open", stale)
+    with pytest.raises(CacheError, match="changed on the remote after it was copied into --cache-dir") as e:
+        Cache(served["url"], cache_dir=str(tmp_path / "copy"))
+    assert "mmap" not in str(e.value) and "\n" not in str(e.value)

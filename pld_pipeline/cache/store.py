@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ..errors import PldError, reaching
+from ..errors import PldError, RemoteError, network_cause, reaching
 from ..network import timeout_s
 from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
@@ -127,7 +128,16 @@ class LocalObjects(zarr.storage.LocalStore):
                           "pld never writes through one (nothing was written). Remove it, or write to a fresh --out.")
 
     def _put(self, key: str, data: Any, exclusive: bool) -> None:
-        """One object, atomically (a temporary file in its folder, renamed), relative to a folder handle."""
+        """One object, atomically (a temporary file in its folder, renamed), relative to a folder handle. A full or
+        read-only disk is reported with the object's path (an errno alone names nothing)."""
+        try:
+            self._put_at(key, data, exclusive)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or isinstance(e, PldError):
+                raise
+            raise OSError(e.errno, e.strerror, os.path.join(str(self.root), key)) from None
+
+    def _put_at(self, key: str, data: Any, exclusive: bool) -> None:
         fd, name = self._folder(key)
         tmp = f"{os.path.splitext(name)[0]}.{uuid.uuid4().hex}.partial"  # zarr's own name for it (target.PLD_FILE)
         try:
@@ -235,17 +245,29 @@ def _cached_store(url: str, cache_dir: str) -> "CappedReads":
             key = path[len(root):].lstrip("/")
             cap = object_cap(capped.caps, key)
             if path not in sized:
-                remote = self.fs.size(path)
+                try:
+                    remote = self.fs.size(path)
+                except FileNotFoundError as e:  # fsspec's word for an unreachable host too: not "No cache at"
+                    net = network_cause(e)
+                    if net is None:
+                        raise
+                    raise RemoteError(f"{url}: {net}") from None
                 if remote is not None and remote > cap:
                     raise capped._refuse(key, cap)
                 sized.add(path)
-            with self.open(path, "rb", **kwargs) as f:
-                size = f.seek(0, os.SEEK_END)
-                if size > cap:  # changed on the remote after it was sized
-                    raise capped._refuse(key, cap)
-                lo, hi, _ = slice(start, end).indices(size)
-                f.seek(lo)
-                return f.read(max(hi - lo, 0))
+            try:
+                with self.open(path, "rb", **kwargs) as f:
+                    size = f.seek(0, os.SEEK_END)
+                    if size > cap:  # changed on the remote after it was sized
+                        raise capped._refuse(key, cap)
+                    lo, hi, _ = slice(start, end).indices(size)
+                    f.seek(lo)
+                    return f.read(max(hi - lo, 0))
+            except ValueError as e:  # fsspec maps its local copy: "mmap length is greater than file size"
+                if "mmap" not in str(e):
+                    raise
+                raise CacheError(f"{url}: {key} changed on the remote after it was copied into --cache-dir "
+                                 f"{cache_dir}; remove that folder (or use a fresh one) and rerun.") from None
 
     cached = WholeObjectCache(fs=target, cache_storage=cache_dir, check_files=True)
     with warnings.catch_warnings():
@@ -259,6 +281,7 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
     ``cache_dir`` keeps a local copy of what a read-only remote cache serves (ignored for local paths);
     ``attributes`` are written with a new group's metadata, in the same object."""
     url = _normalise(str(url))
+    _check_scheme(url)
     if os.path.isfile(url):
         raise CacheError(f"{url} is a file, not a cache (a cache is a directory, a zarr group); choose another path.")
     if mode != "r" and url.startswith(("http://", "https://")):  # zarr would fail deep inside, on the first write
@@ -284,6 +307,9 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
                 return zarr.open_group(WholeObjects(root.store), mode="r")
             return root
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            net = network_cause(e)
+            if net is not None:  # an unreachable host is not a missing cache
+                raise RemoteError(f"{url}: {net}") from None
             if mode != "w" and _is_format_2(url):
                 raise CacheError(f"{url} is a zarr format 2 store; pld reads only zarr format 3 caches it wrote "
                                  "(format 2 codecs can unpickle). Re-create it with `pld cache-teacher`.") from None
@@ -296,6 +322,17 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             raise CacheError(f"{url}: its zarr.json is not a zarr group document ({why}); the cache is damaged "
                              "or not a pld cache.") from None
+
+
+def _check_scheme(url: str) -> None:
+    """Refuse a URL scheme no installed fsspec file system knows, in one line (zarr's error would read as a
+    damaged cache)."""
+    import fsspec
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is None or scheme in fsspec.available_protocols():
+        return
+    raise CacheError(f"{url}: unknown URL scheme '{scheme}://'; use a local path or one of file://, s3://, gs://, "
+                     "az://, http(s):// (any fsspec protocol, with its package installed).")
 
 
 #: The most bytes a metadata object (zarr.json of the root, an array, a marker, an index) may hold when fetched from
