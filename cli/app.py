@@ -301,7 +301,7 @@ def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
-    audit: Annotated[Optional[int], typer.Option(help="Instead of the unit checks: re-run the teacher on this many randomly drawn cached (sample, view) pairs, replayed from --data, with the preprocessing the cache records, and compare with the cached targets (exit 1 beyond the recorded precision's tolerance).", rich_help_panel=AUDIT)] = None,
+    audit: Annotated[Optional[int], typer.Option(help="Instead of the unit checks: re-run the teacher on this many randomly drawn cached (sample, view) pairs, replayed from --data, with the preprocessing the cache records, and compare with the cached targets (exit 1 beyond --tolerance, or where the agreement contradicts the recorded precision).", rich_help_panel=AUDIT)] = None,
     data: Annotated[Optional[str], typer.Option(help="--audit: the cached shards (a subset is fine).", rich_help_panel=AUDIT)] = None,
     teacher: Annotated[Optional[str], typer.Option(help="--audit: the teacher, timm name or module.path:factory.", rich_help_panel=AUDIT)] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--audit: its weights (.pth/.pt/.th/.safetensors); their sha256 is compared with the recorded one.", rich_help_panel=AUDIT)] = None,
@@ -309,6 +309,7 @@ def verify_cmd(
     teacher_id: Annotated[Optional[str], typer.Option(help="--audit: which cached teacher, when the cache holds several.", rich_help_panel=AUDIT)] = None,
     seed: Annotated[int, typer.Option(help="--audit: seed of the draw.", rich_help_panel=AUDIT)] = 0,
     device: Annotated[str, typer.Option(help="--audit: auto, cpu, cuda, cuda:N.", rich_help_panel=AUDIT)] = "auto",
+    tolerance: Annotated[Optional[str], typer.Option(help="--audit: allowed |log-prob| difference, a number or a precision (fp32: 2e-3, bf16: 0.15). Default fp32 (strict), whatever precision the cache records.", rich_help_panel=AUDIT)] = None,
 ) -> None:
     """Check every unit: complete, checksums and metadata binding match, labels, indices and values valid.
     Lists every damaged unit and how to repair it (exit 1); warns about near-chance teachers. With --audit N,
@@ -320,7 +321,7 @@ def verify_cmd(
         from pld_pipeline.audit import audit_cache
         _print_audit(audit_cache(cache, data, teacher, checkpoint=teacher_checkpoint, pretrained=pretrained,
                                  teacher_id=teacher_id, n=audit, seed=seed, device=device,
-                                 expect_digest=expect_digest), json_)
+                                 expect_digest=expect_digest, tolerance=tolerance), json_)
         return
     from pld_pipeline.cache import verify_cache
     report = verify_cache(cache, expect_digest=expect_digest)
@@ -345,8 +346,8 @@ def _print_audit(report: Any, json_: bool) -> None:
     else:
         s, w = report.summary(), report.weights
         t = Table(title=f"audit of teacher '{report.teacher}' in {report.cache}", show_header=False)
-        t.add_row("teacher", f"{report.source['given']} (recorded: {report.source['recorded']}), precision "
-                             f"{report.precision}, tolerance {report.tolerance:g}")
+        t.add_row("teacher", f"{report.source['given']} (recorded: {report.source['recorded']}), recorded precision "
+                             f"{report.precision}, tolerance {report.tolerance:g} (--tolerance)")
         t.add_row("weights sha256", {True: "match the recorded ones", False: f"DIFFER: given {w['given_sha256'] or 'none (random init)'}, "
                                      f"recorded {w['recorded_sha256'] or 'none'}", None: "none recorded, none given"}[w["match"]])
         t.add_row("views audited", f"{s['views']} ({s['mixed']} mixed), {s['failed']} beyond tolerance")
@@ -365,6 +366,8 @@ def _print_audit(report: Any, json_: bool) -> None:
         for note in report.notes:
             err.print(f"[bold yellow]NOTE:[/] {note}", highlight=False, soft_wrap=True)
         failed = [v.key for v in report.views if not v.ok]
+        if report.contradiction():
+            err.print(f"[bold red]audit failed[/]: {report.contradiction()}", highlight=False, soft_wrap=True)
         if failed:
             err.print(f"[bold red]audit failed[/]: {len(failed)} view(s) differ from the teacher's outputs beyond "
                       f"tolerance, e.g. {', '.join(failed[:5])}", highlight=False, soft_wrap=True)
@@ -561,8 +564,12 @@ def make_shards_cmd(
                 splits[name] = S.write_split(gen, str(out_), name, shard_size)
             S.write_classes(str(out_), names)
         else:
-            paths, labels, names = S.image_folder(str(path))
+            paths, labels, names, links = S.image_folder(str(path))
             splits = S.split_files(paths, labels, names, str(out_), val_fraction=val_fraction, shard_size=shard_size, seed=seed)
+            skipped = sum(split.skipped for split in splits.values())
+            if links or skipped:
+                out.print(f"skipped: {links} link(s) (never followed out of {path}), {skipped} file(s) that are not "
+                          "images", highlight=False, soft_wrap=True)
     else:
         raise ValueError(f"Unsupported source '{source}'. Use one of: digits, cifar, folder.")
     for split in splits.values():

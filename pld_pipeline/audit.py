@@ -5,8 +5,10 @@ targets are what the named teacher outputs on those views (a wrong preprocessing
 checkpoint, a buggy or dishonest writer). The audit draws N (sample, view) pairs with a seeded generator,
 replays each view from the user's own shards with the stored params (views.py, exactly the student's replay),
 runs the teacher in fp32 with the preprocessing *the cache records* (never the user's guess) and compares every
-cached quantity with its recomputation. Tolerances follow the recorded precision (docs/cache-format.md,
-"Auditing a cache"); anything beyond them fails, naming the sample keys.
+cached quantity with its recomputation. The tolerance is the auditor's, never the cache's: strict (fp32) unless
+the auditor asks for another (``tolerance``: a number, or a precision name); anything beyond it fails, naming the
+sample keys. A precision record the observed agreement contradicts (top-k agreeing to fp32 while the log-partition
+or label log-prob do not, whatever the record says) fails too (docs/cache-format.md, "Auditing a cache").
 """
 from __future__ import annotations
 
@@ -33,6 +35,22 @@ FP16_REL = 2.0 ** -11
 VIEW_KINDS = {0: "plain", 1: "mixup", 2: "cutmix"}
 
 
+def resolve_tolerance(tolerance: float | str | None) -> float:
+    """The auditor's tolerance: None -> the strict fp32 one; a precision name (fp32, bf16) -> its tolerance; a
+    positive number as given. A cache's own ``precision`` record never widens it (a re-signed cache could say bf16)."""
+    if tolerance is None:
+        return TOLERANCE["fp32"]
+    if isinstance(tolerance, str) and tolerance in TOLERANCE:
+        return TOLERANCE[tolerance]
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"--tolerance {tolerance!r} must be a positive number or one of {', '.join(TOLERANCE)}.")
+    return value
+
+
 @dataclass
 class AuditedView:
     key: str
@@ -57,7 +75,7 @@ class AuditReport:
     teacher: str
     source: dict[str, str]  # recorded / given
     weights: dict[str, Any]  # recorded and given sha256, match (None: nothing to compare)
-    precision: str
+    precision: str  # what the cache records (informational: the tolerance is the auditor's)
     tolerance: float
     preprocessing: dict[str, Any]  # what the teacher was run with (the recorded one)
     notes: list[str]
@@ -65,7 +83,20 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.views) and all(v.ok for v in self.views)
+        return bool(self.views) and all(v.ok for v in self.views) and not self.contradiction()
+
+    def contradiction(self) -> str | None:
+        """Why the observed agreement contradicts the cache's precision record, None where it does not: top-k
+        log-probs agreeing to fp32 while the log-partition or label log-prob of the same logits do not is no
+        precision at all (a logz shifted by 0.14 nats in every view once passed as "bf16")."""
+        s = self.summary()
+        strict = TOLERANCE["fp32"]
+        other = max(s["max_logz_diff"], s["max_label_logp_diff"])
+        if self.views and s["max_logp_diff"] <= strict < other:
+            return (f"the cache records precision {self.precision}, but its top-k log-probs agree with the teacher to "
+                    f"{s['max_logp_diff']:.2g} while its log-partition or label log-prob differ by {other:.2g}: no "
+                    "teacher precision explains that (edited?)")
+        return None
 
     def summary(self) -> dict[str, Any]:
         vs = self.views
@@ -82,7 +113,8 @@ class AuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "views"}
-        return {**d, "ok": self.ok, "summary": self.summary(), "worst": [asdict(v) for v in self.worst()],
+        return {**d, "ok": self.ok, "contradiction": self.contradiction(), "summary": self.summary(),
+                "worst": [asdict(v) for v in self.worst()],
                 "audited": [asdict(v) for v in self.views]}
 
 
@@ -169,8 +201,11 @@ def _replay(url: str, block: Any, picks: list[tuple[int, int]], recipe: ViewReci
 
 def audit_cache(cache: str, data: str, teacher: str, *, checkpoint: str | None = None, pretrained: bool = False,
                 teacher_id: str | None = None, n: int = 64, seed: int = 0, device: str = "auto",
-                batch_size: int = 64, expect_digest: str | None = None) -> AuditReport:
-    """Re-run ``teacher`` on ``n`` randomly drawn cached (sample, view) pairs replayed from ``data`` and compare."""
+                batch_size: int = 64, expect_digest: str | None = None,
+                tolerance: float | str | None = None) -> AuditReport:
+    """Re-run ``teacher`` on ``n`` randomly drawn cached (sample, view) pairs replayed from ``data`` and compare.
+    ``tolerance``: the auditor's (:func:`resolve_tolerance`; strict fp32 by default, whatever the cache records)."""
+    tol = resolve_tolerance(tolerance)
     if n < 1:
         raise ValueError(f"--audit needs a number of views >= 1, got {n}.")
     if checkpoint and pretrained:
@@ -201,7 +236,6 @@ def audit_cache(cache: str, data: str, teacher: str, *, checkpoint: str | None =
     given = _given_sha256(model, checkpoint, pretrained)
     weights = {"recorded_sha256": rec.checkpoint_sha256, "given_sha256": given,
                "match": None if rec.checkpoint_sha256 is None and given is None else rec.checkpoint_sha256 == given}
-    tol = TOLERANCE[rec.precision]
     report = AuditReport(cache, rec.id, {"recorded": rec.source, "given": teacher}, weights, rec.precision, tol,
                          {k: prep.get(k) for k in ("mean", "std", "input_size", "interpolation")}, notes)
     for s, picks in _draw(reader, shards, n, seed).items():

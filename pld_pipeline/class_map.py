@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -19,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import PldError
+from .errors import MetadataError, PldError
+from .files import read_bytes
 from .losses import TeacherTargets, _compute_dtype
 
 __all__ = ["ClassMap", "ClassMapError", "load_class_map", "parse_class_map", "map_by_names", "map_targets",
@@ -116,15 +116,14 @@ def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[
 def load_class_map(path: str, num_teacher_classes: int, teacher_names: Sequence[str] | None = None) -> ClassMap:
     """A map from a JSON file (``--class-map FILE``); size checked before reading, errors name the file."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_MAP_BYTES:
-            raise ClassMapError(f"{path}: {size} bytes, more than a class map needs ({MAX_MAP_BYTES} at most).")
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
+        doc = json.loads(read_bytes(path, MAX_MAP_BYTES, "a class map is a small JSON file"))  # not /dev/zero, a FIFO
     except FileNotFoundError:
         raise ClassMapError(f"--class-map {path}: no such file.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ClassMapError(f"{path}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); a class map is a JSON list.") from None
+    except MetadataError as e:
+        raise ClassMapError(f"--class-map {e}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer past Python's 4300 digits
+        why = getattr(e, "msg", None) or " ".join(str(e).split())[:120]
+        raise ClassMapError(f"{path}: not valid JSON ({why}); a class map is a JSON list.") from None
     return parse_class_map(doc, num_teacher_classes, teacher_names, where=path)
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator, Sequence, TypeVar
 
 import fsspec
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
-from . import errors
+from . import errors, network  # noqa: F401  (network: HTTP timeouts and redirects, installed on import)
 from .cache.format import ShardRecord
 
 LABEL_FIELD = "cls"
@@ -70,9 +71,43 @@ class _HashingReader:
             pass
 
 
+#: The most bytes of one tar member (one field of one sample) pld reads; larger members are refused from their header
+MAX_MEMBER_BYTES = 256 << 20
+#: Shard names that ask for a compressed tar; any other shard must be an uncompressed tar
+COMPRESSED = {".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tar.xz": "xz"}
+
+
+def _members(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """Each regular member as ``{fname, data, __url__}``, read only after its header's size is checked. A shard is
+    decompressed only when its name asks for it (``.tar.gz``, ...): a 14 MB gzip file named ``.tar`` once held a
+    3 GiB member."""
+    name = url.split("::")[-1].lower()
+    how = next((c for suffix, c in COMPRESSED.items() if name.endswith(suffix)), "")
+    try:
+        tar = tarfile.open(fileobj=stream, mode=f"r|{how}")
+        for info in tar:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            if info.size > MAX_MEMBER_BYTES:
+                raise DataError(f"Shard {url}: member {info.name!r} holds {info.size:,} bytes, more than the "
+                                f"{MAX_MEMBER_BYTES:,} pld reads of one sample field; rebuild the shard.")
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # a stream's member list would grow with every member
+    except tarfile.ReadError as e:
+        asked = f" (read as {how})" if how else ""
+        raise DataError(f"Shard {url} is not an uncompressed tar{asked} ({e}): pld decompresses a shard only when "
+                        "its name says so (.tar.gz, .tgz, .tar.bz2, .tar.xz); rename or decompress it.") from None
+
+
 def _iter_tar(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
-    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-    return group_by_keys(files)
+    try:
+        yield from group_by_keys(_members(stream, url))
+    except ValueError as e:
+        if "duplicate file name" not in str(e):
+            raise
+        member = str(e.args[0]).split(":")[0].strip("('\" ")
+        raise DataError(f"Shard {url} holds member {member!r} twice within one sample; keys must be unique, rebuild "
+                        "the shard.") from None
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:

@@ -38,6 +38,7 @@ from .losses import LOSSES, TeacherTargets, create_loss, get_loss
 from .models import load_model, output_width, preprocessing_of, require_teacher_input, student_preprocessing
 from .shards import read_classes
 from .student_data import VIEW_POLICIES, Batch, EvalSamples, StudentData
+from .sweep import check_own_run, sweep_nonce
 from .tracking import Tracker, fingerprint_digest, parse_log, read_ids
 from .views import ViewRecipe, normalize
 
@@ -131,9 +132,10 @@ def recipe_of(overrides: dict[str, Any]) -> ViewRecipe:
     return ViewRecipe.from_dict({**ViewRecipe().to_dict(), **overrides})
 
 
-def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None:
-    """The state to resume from, or None for a fresh run; refuses to silently clobber another run, and a resume
-    on another number of processes (its schedule, steps per epoch and data split were sized for the old one)."""
+def _check_run_dir(cfg: DistillConfig, world_size: int) -> str | None:
+    """The state file to resume from, or None for a fresh run; refuses to silently clobber another run, a resume
+    on another number of processes (its schedule, steps per epoch and data split were sized for the old one), and
+    in a sweep a run folder that sweep did not start (sweep.check_own_run)."""
     state_path = os.path.join(cfg.out, STATE_FILE)
     links = sorted(n for n in os.listdir(cfg.out) if os.path.islink(os.path.join(cfg.out, n))) if os.path.isdir(cfg.out) else []
     if links:  # a link planted in a (shared) run folder would send the run's writes elsewhere
@@ -153,25 +155,43 @@ def _check_run_dir(cfg: DistillConfig, world_size: int) -> dict[str, Any] | None
         if diff:
             raise ValueError(f"--resume with different settings ({', '.join(diff)}) than {cfg.out}/config.json; "
                              "resume with the same command, or use another --out.")
-        try:
-            return torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain data only
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise MetadataError(f"{state_path}: not a run state pld can load safely ({type(e).__name__}); start the "
-                                "run again in a new --out.") from None
+        if cfg.sweep:
+            check_own_run(cfg.sweep, cfg.out)
+        return state_path
     if os.path.isfile(state_path):
         raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out.")
     _check_foreign_files(cfg.out)
     return None
 
 
-def _resume_from(state: Any, cfg: DistillConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any, ema: Any,
-                 device: torch.device) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+def _load_state(path: str, model: torch.nn.Module) -> Any:
+    """``last_state.pt``, size-checked against what this model's run writes (optimizer moments and EMA: a few
+    copies of the weights) before ``torch.load`` reads a byte: a planted file could be a sparse terabyte."""
+    limit = STATE_COPIES * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (64 << 20)
+    size = os.stat(path).st_size
+    if size > limit:
+        raise MetadataError(f"{path}: {size:,} bytes, more than the {limit:,} this run's state can hold (edited?); "
+                            "start the run again in a new --out.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise MetadataError(f"{path}: not a run state pld can load safely ({type(e).__name__}); start the "
+                            "run again in a new --out.") from None
+
+
+#: Copies of the weights a run state may hold: optimizer moments (two for Adam-like optimizers), EMA, and slack
+STATE_COPIES = 4
+
+
+def _resume_from(state_path: str, cfg: DistillConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                 ema: Any, device: torch.device) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
     """Load a run's saved state into the freshly built model, optimizer, scheduler and EMA, after checking it is
     what this run writes: a run folder may come from someone else, and ``last_state.pt`` is only
     ``weights_only``-safe, not honest. Everything the run's own settings determine (the schedule, each
     optimizer hyper-parameter but the scheduled lr) must equal what those settings give; the epoch and history
     must agree; state tensors must have their parameters' shapes. Returns (start epoch, best, history)."""
-    path = os.path.join(cfg.out, STATE_FILE)
+    path = state_path
+    state = _load_state(path, model)
 
     def refuse(what: str) -> MetadataError:
         return MetadataError(f"{path}: {what}, not what pld writes for this run (edited?); start the run again in "
@@ -181,6 +201,8 @@ def _resume_from(state: Any, cfg: DistillConfig, model: torch.nn.Module, optimiz
     epoch, best, history = state["epoch"], state["best"], state["history"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < cfg.epochs:
         raise refuse(f"last finished epoch {repr(epoch)[:24]} outside [0, {cfg.epochs})")
+    if epoch == cfg.epochs - 1 and not os.path.isfile(os.path.join(cfg.out, SUMMARY_FILE)):
+        raise refuse("a state at the last epoch without the run's summary.json (it would finish untrained)")
     if not (isinstance(history, list) and len(history) == epoch + 1 and all(isinstance(r, dict) for r in history)):
         raise refuse(f"a history that is not {epoch + 1} epoch records")
     if not (isinstance(best, dict) and isinstance(best.get("val_top1"), (int, float))
@@ -588,9 +610,11 @@ def _tracker(cfg: DistillConfig, data: StudentData, temperature: float | None, s
     tags = {"pld.run_dir": os.path.abspath(cfg.out)}
     if fingerprint is not None:
         tags.update({"pld.cache_url": str(fingerprint["url"]), "pld.cache_fingerprint": fingerprint_digest(fingerprint)})
-    parent = read_ids(cfg.sweep) if cfg.sweep else {}
+    nonce = sweep_nonce(cfg.sweep) if cfg.sweep else None
+    parent = read_ids(cfg.sweep, nonce) if cfg.sweep else {}
     return Tracker(parse_log(cfg.log), cfg.out, os.path.basename(os.path.normpath(cfg.out)), params, tags,
-                   start_epoch=start_epoch, group=parent.get("group"), parent=parent)
+                   start_epoch=start_epoch, group=parent.get("group"), parent=parent, nonce=nonce,
+                   reuse_ids=start_epoch > 0)  # a fresh run never continues tracked runs a folder names
 
 
 def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float | None, prep: dict[str, Any],
@@ -599,5 +623,6 @@ def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float 
     run_config = {"config": asdict(cfg), "num_classes": data.num_classes, "recipe": data.recipe.to_dict(),
                   "temperature": temperature, "steps_per_epoch": len(data), "world_size": world_size,
                   "student_preprocessing": prep, "cache": data.fingerprint(),
-                  "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in data.shards]}
+                  "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in data.shards],
+                  **({"sweep_nonce": sweep_nonce(cfg.sweep)} if cfg.sweep else {})}
     write_json(os.path.join(cfg.out, "config.json"), run_config)

@@ -138,6 +138,17 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
+def network_cause(e: BaseException, depth: int = 8) -> str | None:
+    """What went wrong reaching a host, found anywhere in ``e``'s chain of causes (fsspec reports an unreachable
+    host as FileNotFoundError from the client's error); None where no network error is in it."""
+    while e is not None and depth > 0:
+        net = _network(e)
+        if net is not None:
+            return net
+        e, depth = e.__cause__ or e.__context__, depth - 1
+    return None
+
+
 @contextlib.contextmanager
 def reaching(url: str) -> Iterator[None]:
     """Network failures while opening ``url`` name it: "URL: cannot connect: ..." instead of a client's traceback."""

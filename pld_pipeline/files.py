@@ -32,6 +32,15 @@ def refuse_link(path: str) -> None:
                          "(the file it points to was left unchanged): remove the link and rerun.")
 
 
+def check_owner(path: str) -> None:
+    """Refuse ``path`` unless the current user owns it: a file that decides what pld adopts (a sweep's id, a run's
+    config, tracking ids) is taken only from the user's own files, not from a stranger who can write the folder."""
+    uid = getattr(os, "getuid", None)
+    if uid is not None and os.lstat(path).st_uid != uid():
+        raise MetadataError(f"{path} belongs to another user; pld adopts only files you wrote: remove it, or run "
+                            "into a new folder.")
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """``data`` at ``path``, atomically: a new temporary file beside it, then renamed over it."""
     refuse_link(path)
@@ -65,18 +74,32 @@ def write_json(path: str, doc: Any, default: Any = None) -> None:
     write_text(path, json.dumps(doc, indent=1, default=default))
 
 
-def read_bytes(path: str, limit: int = MAX_READ_BYTES) -> bytes:
-    """A small file from a run, sweep or cache folder, whose size is checked before it is read: a stranger's
-    folder can hold a sparse terabyte under a small file's name, or a link to a FIFO or a device (opened without
-    blocking, then refused)."""
+_FIX = "restore it or remove the folder that holds it"
+
+
+def open_regular(path: str, limit: int | None = None, fix: str = _FIX) -> int:
+    """A file descriptor of ``path``, refused (MetadataError, one line) unless it is a regular file of at most
+    ``limit`` bytes: opened without blocking (a FIFO never hangs), checked on the open file (fstat) before a byte
+    is read, so /dev/zero, a FIFO or a sparse terabyte under a small file's name costs nothing."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise MetadataError(f"{path}: not a regular file; remove it, or the folder that holds it.")
-        if info.st_size > limit:
-            raise MetadataError(f"{path}: {info.st_size:,} bytes, over the {limit:,} pld reads of such a file; "
-                                "restore it or remove the folder that holds it.")
+            raise MetadataError(f"{path}: not a regular file (a device, FIFO or folder); {fix}.")
+        if limit is not None and info.st_size > limit:
+            raise MetadataError(f"{path}: {info.st_size:,} bytes, over the {limit:,} pld reads of such a file; {fix}.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bytes(path: str, limit: int = MAX_READ_BYTES, fix: str = _FIX) -> bytes:
+    """A small file a user names or a folder holds (run, sweep, cache, class map, sweep file, image folder), read
+    through :func:`open_regular`: a stranger's folder can hold a sparse terabyte under a small file's name, or a
+    link to a FIFO or a device. This is pld's one bounded reader of whole files."""
+    with os.fdopen(open_regular(path, limit, fix), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise MetadataError(f"{path}: grew past {limit:,} bytes while being read; restore it or remove the folder "

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import create_model, register_model
+from .files import open_regular
 
 __all__ = ["CifarResNet", "load_model", "load_state_dict", "file_sha256", "preprocessing_of", "pretrained_identity",
            "require_teacher_input", "student_preprocessing"]
@@ -125,7 +126,7 @@ def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # a regular file: a FIFO or device is refused, not read forever
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

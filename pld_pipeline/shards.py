@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import os
 import pickle
 import re
+import secrets
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator
 
@@ -14,9 +16,11 @@ import webdataset as wds
 from PIL import Image
 
 from .data import DataError
-from .files import json_field, read_json, refuse_link, write_json
+from .files import json_field, read_bytes, read_json, refuse_link, write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: The most bytes pld reads of one CIFAR pickle batch (the official ones are 31 MB; CIFAR-100 train 155 MB)
+MAX_PICKLE_BYTES = 512 << 20
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Split:
     pattern: str
     shards: list[str]
     samples: int
+    skipped: int = 0  # files of an image folder that do not decode as images (skipped and counted)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -39,22 +44,27 @@ def write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: str, pr
     os.makedirs(out_dir, exist_ok=True)
     shards: list[str] = []
     count = 0
-    writer = None
+    writer, tmp = None, ""
+
+    def finish() -> None:  # a TarWriter given a file object leaves it open; then the shard takes its name
+        writer.close()
+        writer.stream.close()
+        os.replace(tmp, shards[-1])
+
     for key, data, ext, label in samples:
         if "." in key or "/" in key:
             raise ValueError(f"Key {key!r} must not contain '.' or '/': webdataset keys end at the first dot.")
         if count % shard_size == 0:
             if writer is not None:
-                writer.close()
-                writer.stream.close()  # a TarWriter given a file object leaves it open
+                finish()
             path = os.path.join(out_dir, f"{prefix}-{len(shards):06d}.tar")
             shards.append(path)
-            writer = wds.TarWriter(_open_new(path))
+            tmp, stream = _open_new(path)
+            writer = wds.TarWriter(stream)
         writer.write({"__key__": key, ext: data, "cls": str(int(label)).encode()})
         count += 1
     if writer is not None:
-        writer.close()
-        writer.stream.close()
+        finish()
     if not shards:
         raise ValueError(f"No samples to write for split '{prefix}'.")
     last = len(shards) - 1
@@ -62,10 +72,14 @@ def write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: str, pr
     return Split(prefix, pattern, shards, count)
 
 
-def _open_new(path: str) -> IO[bytes]:
-    """``path`` opened for writing, refusing a symbolic link there (a link planted in --out is not followed)."""
+def _open_new(path: str) -> tuple[str, IO[bytes]]:
+    """A fresh temporary file beside ``path`` (``O_EXCL | O_NOFOLLOW``) and its name, renamed over ``path`` once
+    written: a symbolic or hard link planted at ``path`` in --out is replaced, never written through (truncating
+    a hard link would rewrite the file it shares)."""
     refuse_link(path)
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666), "wb")
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    return tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666),
+                          "wb")
 
 
 def write_classes(out_dir: str, class_names: list[str]) -> str:
@@ -166,7 +180,7 @@ def cifar_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[st
     """CIFAR-10/100 python pickle batches (the official ``cifar-10-batches-py`` / ``cifar-100-python``)."""
     def load(name: str) -> dict:
         path = os.path.join(root, name)
-        with open(path, "rb") as f:
+        with io.BytesIO(read_bytes(path, MAX_PICKLE_BYTES)) as f:  # a regular file of bounded size
             try:
                 doc = _CifarUnpickler(f, encoding="latin1").load()
             except pickle.UnpicklingError as e:
@@ -205,21 +219,54 @@ def cifar_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[st
     return np.ascontiguousarray(data), labels.astype(np.int64), list(names)
 
 
-def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """An ImageFolder tree (one sub-folder per class): file paths, labels, class names (sorted folders)."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+def image_folder(root: str) -> tuple[list[str], np.ndarray, list[str], int]:
+    """An ImageFolder tree (one sub-folder per class): file paths, labels, class names (sorted folders), and how
+    many links were skipped. Links are never followed out of the tree: a linked class folder, a linked folder
+    inside one (os.walk's default) and a linked file are skipped and counted (one once packed /etc/passwd as a
+    "jpg")."""
+    links = 0
+    classes = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_symlink():
+            links += 1
+        elif entry.is_dir(follow_symlinks=False):
+            classes.append(entry.name)
     if not classes:
         raise FileNotFoundError(f"{root} has no class sub-folders; expected ROOT/CLASS/IMAGE files.")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+        for dirpath, dirs, files in sorted(os.walk(os.path.join(root, name))):
+            links += sum(os.path.islink(os.path.join(dirpath, d)) for d in dirs)
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(c)
+                if not f.lower().endswith(IMAGE_EXTS):
+                    continue
+                if os.path.islink(os.path.join(dirpath, f)):
+                    links += 1
+                    continue
+                paths.append(os.path.join(dirpath, f))
+                labels.append(c)
     if not paths:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) under {root}.")
-    return paths, np.asarray(labels), classes
+    return paths, np.asarray(labels), classes, links
+
+
+#: The most bytes of one image file ``make-shards folder`` packs (read through files.read_bytes)
+MAX_IMAGE_FILE_BYTES = 64 << 20
+
+
+def _image_or_none(path: str) -> bytes | None:
+    """The file's bytes if it is a regular file (bounded, not a FIFO or device) that PIL identifies as an image
+    within the pixel cap; None for anything else (counted as skipped)."""
+    from .errors import MetadataError
+    try:
+        data = read_bytes(path, MAX_IMAGE_FILE_BYTES)
+        with Image.open(io.BytesIO(data)) as img:
+            cap = Image.MAX_IMAGE_PIXELS
+            if cap is not None and img.width * img.height > cap:
+                return None
+    except (MetadataError, OSError, Image.DecompressionBombError, ValueError):
+        return None
+    return data
 
 
 def split_files(paths: list[str], labels: np.ndarray, class_names: list[str], out_dir: str, *, val_fraction: float,
@@ -232,14 +279,18 @@ def split_files(paths: list[str], labels: np.ndarray, class_names: list[str], ou
         if len(idx) == 0:
             continue
 
+        skipped = [0]
+
         def gen(idx: np.ndarray = idx, split: str = split) -> Iterator[tuple[str, bytes, str, int]]:
             for i in idx:
                 ext = os.path.splitext(paths[i])[1].lower().lstrip(".")
                 ext = "jpg" if ext == "jpeg" else ext
-                with open(paths[i], "rb") as f:
-                    data = f.read()
+                data = _image_or_none(paths[i])
+                if data is None:  # not an image (or not a regular file): skipped, counted
+                    skipped[0] += 1
+                    continue
                 yield f"{split}_{_safe(class_names[int(labels[i])])}_{int(i):07d}", data, ext, int(labels[i])
 
-        out[split] = write_split(gen(), out_dir, split, shard_size)
+        out[split] = dataclasses.replace(write_split(gen(), out_dir, split, shard_size), skipped=skipped[0])
     write_classes(out_dir, class_names)
     return out

@@ -136,17 +136,17 @@ class TrainSamples(IterableDataset):
             blocks = [self._cache().read(shard.cache_shard, tid, self.temperature, self.num_views)
                       for tid in self.teachers or [None]]
             block = blocks[0]
-            row_of = block.row_of()
         mix = self.recipe.mixing if block is not None else None
         recent: dict[int, bytes] = {}  # mixed views: encoded images of the last `window` rows (partners come from there)
         for i, sample in enumerate(iter_shard(shard.url)):
             key = sample["__key__"]
             item: dict[str, Any] = {}
             if block is not None:
-                row = i if i < len(block.keys) and block.keys[i] == key else row_of.get(key)
-                if row is None:
-                    raise CacheError(f"Sample {key!r} of {shard.url} is not in the cache; the shard differs from "
-                                     "the one cached (check `pld inspect`).")
+                row = i  # the cache's rows are the shard's samples in tar order: each row is used once per pass
+                if row >= len(block.keys) or block.keys[row] != key:
+                    cached = repr(block.keys[row]) if row < len(block.keys) else "no sample"
+                    raise CacheError(f"Sample {i} of {shard.url} is {key!r} where the cache holds {cached}: the shard "
+                                     "was reordered, edited or repeats a sample; train on the cached shards.")
                 if block.digests[row].tobytes() != sample_digest(sample):
                     raise CacheError(f"Sample {key!r} of {shard.url} is not the sample cached under that key (content "
                                      "digest differs): the shard was edited or re-encoded after caching. Train on "
@@ -207,6 +207,9 @@ class TrainSamples(IterableDataset):
             view = replay_view(image, params, self.recipe, check=False)  # drawn here, not read from a cache
             item.update(__key__=key, image=at_size(view, self.student_size), label=label)
             yield item
+        if block is not None and used + 1 < part.stop:  # every OK row the range needs was streamed, once
+            raise CacheError(f"{shard.url} yielded {used + 1} usable samples, fewer than the {part.stop} the cache "
+                             "recorded for it: the shard was truncated or edited; train on the cached shards.")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -16,12 +16,15 @@ import itertools
 import math
 import os
 import re
+import secrets
 import statistics
 import tomllib
 from typing import Any, Callable
 
 from .errors import MetadataError
-from .files import SUMMARY_FILE, json_field, read_bytes, read_json, refuse_link, write_bytes, write_json, write_text
+from .files import (
+    SUMMARY_FILE, check_owner, json_field, read_bytes, read_json, refuse_link, write_bytes, write_json, write_text,
+)
 from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
@@ -38,6 +41,7 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 
 _NOT_SWEPT = {"out", "resume", "sweep"}
+_NONCE = re.compile(r"[0-9a-f]{32}")  # sweep.json's id of the sweep: each run's config.json records it
 _PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\\x00]{1,255}")  # one folder name inside the sweep folder
 
 
@@ -92,18 +96,18 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 def load_sweep_file(path: str) -> tuple[dict[str, Any], dict[str, list[Any]], list[dict[str, Any]]]:
     """A TOML or YAML file with ``base`` (settings), ``grid`` (lists) and/or ``runs`` (a list of settings)."""
-    with open(path, "rb") as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            try:
-                doc = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise MetadataError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
-        else:
-            try:
-                doc = tomllib.load(f)
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise MetadataError(f"{path}: not valid TOML ({e}); fix the file.") from None
+    data = read_bytes(path)  # a regular file of bounded size: not /dev/zero, not a FIFO
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        try:
+            doc = yaml.safe_load(data) or {}
+        except yaml.YAMLError as e:
+            raise MetadataError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the file.") from None
+    else:
+        try:
+            doc = tomllib.loads(data.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise MetadataError(f"{path}: not valid TOML ({e}); fix the file.") from None
     if not isinstance(doc, dict):
         raise MetadataError(f"{path}: expected sections base, grid and runs, got a {type(doc).__name__}.")
     for section, kind in (("base", dict), ("grid", dict), ("runs", list)):
@@ -150,7 +154,7 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
     rows = report(out)
     if backends:
         finished = [r for r in rows if r["done"] and not r["stopped_after_epochs"] and r["best_val_top1"] is not None]
-        finish_sweep_parent(out, max(finished, key=lambda r: r["best_val_top1"], default=None))
+        finish_sweep_parent(out, max(finished, key=lambda r: r["best_val_top1"], default=None), sweep_nonce(out))
     return rows
 
 
@@ -169,7 +173,8 @@ def _open_parent(base: dict[str, Any], grid: dict[str, list[Any]], out: str, hal
     backends = parse_log(base.get("log"))
     if backends:
         sweep_parent(backends, out, {**base, **{f"grid.{k}": v for k, v in grid.items()},
-                                     "scheduler": halving.to_dict() if halving else None, "runs": runs})
+                                     "scheduler": halving.to_dict() if halving else None, "runs": runs},
+                     sweep_nonce(out))
     return backends
 
 
@@ -210,13 +215,45 @@ def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict
     named = {run_name(o): o for o in plan}
     if len(named) != len(plan):
         raise ValueError("Two runs of the sweep have the same settings; remove the duplicate.")
+    plan_path = os.path.join(out, "sweep.json")
+    nonce = sweep_nonce(out) if os.path.lexists(plan_path) else secrets.token_hex(16)
     for n in named:
         refuse_link(os.path.join(out, n))  # a run folder planted as a link would send the run's writes elsewhere
-    write_json(os.path.join(out, "sweep.json"), {"base": base, "grid": grid, "runs": runs, "names": named,
-                                                  "scheduler": halving.to_dict() if halving else None}, default=str)
+        check_own_run(out, os.path.join(out, n), nonce)
+    write_json(plan_path, {"base": base, "grid": grid, "runs": runs, "names": named, "nonce": nonce,
+                           "scheduler": halving.to_dict() if halving else None}, default=str)
     base = {**base, "device": base.get("device", "auto"), "sweep": os.path.abspath(out)}
     return {n: {**base, **o, "out": os.path.join(out, n)} for n, o in named.items()
             if not os.path.isfile(os.path.join(out, n, SUMMARY_FILE))}
+
+
+def sweep_nonce(sweep_dir: str) -> str:
+    """The sweep's id (``nonce`` in its sweep.json, which the user must own): each run records it in its
+    config.json, and a sweep continues only the runs that record it."""
+    path = os.path.join(sweep_dir, "sweep.json")
+    refuse_link(path)  # the sweep rewrites it: a link is refused before it is read
+    check_owner(path)
+    nonce = json_field(read_json(path), path, "nonce", kind=str)
+    if not _NONCE.fullmatch(nonce):
+        raise MetadataError(f"{path}: field nonce invalid; restore the file or rerun `pld sweep` into a new folder.")
+    return nonce
+
+
+def check_own_run(sweep_dir: str, run_dir: str, nonce: str | None = None) -> None:
+    """Refuse a run folder this sweep did not start: its config.json (the user's own) must record the sweep's id.
+    A stranger who can write a shared sweep folder could otherwise plant a run, at its last epoch with weights of
+    their choice, that a rerun would adopt as the user's model."""
+    nonce = nonce or sweep_nonce(sweep_dir)
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.lexists(path):
+        if os.path.isdir(run_dir) and any(not n.endswith(".tmp") for n in os.listdir(run_dir)):
+            raise MetadataError(f"{run_dir} holds files but no config.json: not a run this sweep started; remove the "
+                                "folder to run it afresh.")
+        return
+    check_owner(path)
+    if read_json(path).get("sweep_nonce") != nonce:
+        raise MetadataError(f"{run_dir} is not a run this sweep started (its config.json does not record the id in "
+                            f"{os.path.join(sweep_dir, 'sweep.json')}); remove the folder to run it afresh.")
 
 
 def _read_plan(sweep_dir: str) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from .errors import MetadataError
-from .files import read_json, write_json
+from .files import check_owner, read_json, write_json
 
 log = logging.getLogger("pld_pipeline.tracking")
 
@@ -58,14 +58,20 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def read_ids(folder: str) -> dict[str, str]:
-    """The tracked-run ids kept in a run or sweep directory (a sweep's: its W&B group and MLflow parent run)."""
+def read_ids(folder: str, nonce: str | None = None) -> dict[str, str]:
+    """The tracked-run ids kept in a run or sweep directory (a sweep's: its W&B group and MLflow parent run). Only
+    the user's own file is read, and in a sweep only one that records the sweep's id (``nonce``): a planted
+    tracking.json would send metrics and tags into someone else's tracked run."""
     path = os.path.join(folder, IDS_FILE)
     if not os.path.isfile(path):
         return {}
+    check_owner(path)
     ids = read_json(path)
     if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
         raise MetadataError(f"{path}: not a JSON object of run ids; remove it (tracking then starts a new run).")
+    if nonce is not None and ids.get("nonce") != nonce:
+        raise MetadataError(f"{path}: tracking ids this sweep did not write (its sweep.json id differs); remove it "
+                            "(tracking then starts new runs).")
     return ids
 
 
@@ -168,9 +174,13 @@ class Tracker:
 
     def __init__(self, backends: tuple[str, ...], folder: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, str] | None = None, start_epoch: int = 0, group: str | None = None,
-                 parent: dict[str, str] | None = None) -> None:
+                 parent: dict[str, str] | None = None, nonce: str | None = None, reuse_ids: bool = True) -> None:
+        """``nonce``: the sweep's id, recorded with the ids and required of ids read back; ``reuse_ids``: continue
+        the tracked runs of ``folder``'s tracking.json (a resumed run), else start new ones."""
         self.folder = folder
-        self.ids = read_ids(folder)
+        self.ids = read_ids(folder, nonce) if reuse_ids else {}
+        if nonce is not None:
+            self.ids["nonce"] = nonce
         self.tags = dict(tags or {})
         self.live: list[Any] = []
         flat = flat_params(params)
@@ -205,30 +215,32 @@ class Tracker:
         self.live = []
 
 
-def sweep_parent(backends: tuple[str, ...], sweep_dir: str, params: dict[str, Any]) -> dict[str, str]:
+def sweep_parent(backends: tuple[str, ...], sweep_dir: str, params: dict[str, Any], nonce: str) -> dict[str, str]:
     """The sweep's own tracked run (MLflow parent run; W&B group name), made once and reused on rerun.
 
-    Returned ids go to every run of the sweep (``parent=``); kept in the sweep directory's tracking.json.
+    Returned ids go to every run of the sweep (``parent=``); kept in the sweep directory's tracking.json with the
+    sweep's id (``nonce``).
     """
-    ids = read_ids(sweep_dir)
+    ids = read_ids(sweep_dir, nonce)
     group = ids.get("group") or os.path.basename(os.path.abspath(sweep_dir))
     out = {"group": group}
     if "mlflow" in backends:
         if ids.get("mlflow"):
             out["mlflow"] = ids["mlflow"]
         else:
-            tracker = Tracker(("mlflow",), sweep_dir, group, params, tags={"pld.sweep": os.path.abspath(sweep_dir)})
+            tracker = Tracker(("mlflow",), sweep_dir, group, params, tags={"pld.sweep": os.path.abspath(sweep_dir)},
+                              nonce=nonce)
             if tracker.ids.get("mlflow"):
                 out["mlflow"] = tracker.ids["mlflow"]
-    _write_ids(sweep_dir, {**ids, **out})
+    _write_ids(sweep_dir, {**ids, **out, "nonce": nonce})
     return out
 
 
-def finish_sweep_parent(sweep_dir: str, best: dict[str, Any] | None) -> None:
+def finish_sweep_parent(sweep_dir: str, best: dict[str, Any] | None, nonce: str) -> None:
     """Close the sweep's MLflow parent run with the best run found (a sweep rerun re-opens and re-closes it)."""
-    ids = read_ids(sweep_dir)
+    ids = read_ids(sweep_dir, nonce)
     if not ids.get("mlflow"):
         return
-    tracker = Tracker(("mlflow",), sweep_dir, ids.get("group", "sweep"), {})
+    tracker = Tracker(("mlflow",), sweep_dir, ids.get("group", "sweep"), {}, nonce=nonce)
     summary = {"best_val_top1": best["best_val_top1"]} if best and best.get("best_val_top1") is not None else {}
     tracker.finish(summary, {"pld.best_run": best["run"]} if best else {})

@@ -350,11 +350,25 @@ def replay_mixed(image: torch.Tensor, partner: torch.Tensor | None, params: np.n
     return out
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than pld decodes (a small PNG can claim 12000x12000)."""
+
+
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides)."""
+    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides). An image of more
+    than PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; raise it in Python to allow larger ones) is an
+    error, checked from the header before anything is decoded; PIL itself only warns below twice that."""
     import torch
     from PIL import Image
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(" ".join(str(e).split())) from None
+    with img:
+        cap = Image.MAX_IMAGE_PIXELS
+        if cap is not None and img.width * img.height > cap:
+            raise ImageTooLarge(f"{img.width}x{img.height} pixels, more than the {cap:,} pld decodes "
+                                "(PIL.Image.MAX_IMAGE_PIXELS)")
         arr = np.asarray(img.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 

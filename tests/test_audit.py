@@ -203,3 +203,46 @@ def test_a_cache_that_does_not_record_the_normalisation_is_refused_not_guessed(c
     (tmp_path / "no_mean.zarr" / "zarr.json").write_text(json.dumps(doc))
     with pytest.raises(CacheError, match="does not record teacher 'r14''s normalisation"):
         _audit(url, tiny_data, teacher_run, n=4)
+
+
+@pytest.fixture(scope="module")
+def shifted_bf16(cache, tmp_path_factory):
+    """The session cache with logz shifted by 0.14 nats in every view, re-signed, and relabelled "bf16": its top-k
+    still agree with the teacher to fp32 precision."""
+    from test_hostile_cache import edit_meta, resign
+    url = str(tmp_path_factory.mktemp("shifted") / "c.zarr")
+    shutil.copytree(cache, url)
+    for shard in range(len(Cache(url).meta.shards)):
+        _resign(url, shard, lambda a, labels: a["logz"].__iadd__(0.14))
+    edit_meta(url, lambda m: [t.update(precision="bf16") for t in m["teachers"].values()])
+    resign(url)
+    assert verify_cache(url).ok and Cache(url).teacher("r14").precision == "bf16"
+    return url
+
+
+def test_the_audit_tolerance_is_the_auditors_not_the_caches(shifted_bf16, tiny_data, teacher_run):
+    """A re-signed cache relabelled "bf16" used to get bf16's tolerance and pass; the default is strict."""
+    report = _audit(shifted_bf16, tiny_data, teacher_run, n=40)
+    assert report.tolerance == TOLERANCE["fp32"] and not report.ok
+    assert all(v.logz_diff > 0.13 for v in report.views) and report.summary()["max_logp_diff"] < 1e-3
+
+
+def test_a_precision_record_the_agreement_contradicts_fails_even_at_a_wide_tolerance(shifted_bf16, tiny_data,
+                                                                                      teacher_run):
+    report = audit_cache(shifted_bf16, tiny_data["train"].pattern, "cifar_resnet14", checkpoint=teacher_run, n=40,
+                         device="cpu", tolerance="bf16")
+    assert report.tolerance == TOLERANCE["bf16"] and all(v.ok for v in report.views)  # within bf16's tolerance...
+    assert not report.ok and "records precision bf16" in report.contradiction()  # ... but no precision explains it
+    code = CliRunner().invoke(app, ["verify", shifted_bf16, "--audit", "40", "--data", tiny_data["train"].pattern,
+                                    "--teacher", "cifar_resnet14", "--teacher-checkpoint", teacher_run,
+                                    "--device", "cpu", "--tolerance", "0.2"]).exit_code
+    assert code == 1
+
+
+def test_an_honest_cache_passes_at_any_tolerance_the_auditor_picks(cache, tiny_data, teacher_run):
+    for tolerance in (None, "bf16", 0.01):
+        report = audit_cache(cache, tiny_data["train"].pattern, "cifar_resnet14", checkpoint=teacher_run, n=40,
+                             device="cpu", tolerance=tolerance)
+        assert report.ok and report.contradiction() is None, (tolerance, report.summary())
+    with pytest.raises(ValueError, match="--tolerance 'loose' must be a positive number or one of fp32, bf16"):
+        audit_cache(cache, tiny_data["train"].pattern, "cifar_resnet14", checkpoint=teacher_run, tolerance="loose")

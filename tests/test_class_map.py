@@ -268,7 +268,7 @@ def test_a_map_file_larger_than_a_map_needs_is_refused_before_it_is_read(tmp_pat
     assert load_class_map(str(path), C_T).num_classes == C_T
     monkeypatch.setattr(class_map, "MAX_MAP_BYTES", 16)
     monkeypatch.setattr(json, "loads", lambda *_: pytest.fail("read before its size was checked"))
-    with pytest.raises(ClassMapError, match=f"{path}: {path.stat().st_size} bytes, more than a class map needs"):
+    with pytest.raises(ClassMapError, match=f"{path}: {path.stat().st_size:,} bytes, over the 16 pld reads"):
         load_class_map(str(path), C_T)
 
 

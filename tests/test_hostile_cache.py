@@ -553,6 +553,38 @@ def test_a_symlink_planted_inside_a_cache_is_refused_by_writers(copy, folder, tm
     assert sorted(os.listdir(outside)) == snapshot
 
 
+@pytest.mark.parametrize("where", ["units/planted", "units/planted/zarr.json", "unit_index/s000000"])
+def test_a_link_planted_after_a_writer_opened_the_cache_is_never_written_through(copy, tmp_path, where):
+    """The symlink refusal used to run once, at open: a link planted afterwards at a unit folder the writer had not
+    written yet was followed when its marker was written (another folder's zarr.json replaced)."""
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")  # opened (and checked) before the link exists
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "zarr.json").write_text("theirs")
+    link = os.path.join(copy, where)
+    shutil.rmtree(link, ignore_errors=True)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(outside / "zarr.json" if where.endswith(".json") else outside, link)
+    marker = where.startswith("units/")
+    with pytest.raises(CacheError, match="symbolic link") as e:
+        store.write_marker(writer.root, "planted", {"x": 1}) if marker else store.write_index(writer.root, 0, ["a"])
+    one_line(e)
+    with pytest.raises(CacheError, match="symbolic link"):
+        store.delete_marker(writer.root, "planted") if marker else store.delete_object(writer.root, "unit_index/s000000/zarr.json")
+    assert os.listdir(outside) == ["zarr.json"] and (outside / "zarr.json").read_text() == "theirs"
+
+
+def test_writes_under_a_cache_without_links_still_land(copy):
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")
+    store.write_marker(writer.root, "fresh", {"x": 1})
+    assert store.read_marker(writer.root, "fresh") == {"x": 1}
+    assert not [n for n in os.listdir(os.path.join(copy, "units", "fresh")) if n.endswith(".partial")]
+    store.delete_marker(writer.root, "fresh")
+    assert not os.path.exists(os.path.join(copy, "units", "fresh", "zarr.json"))
+
+
 def test_overwrite_through_a_symlinked_out_is_refused_in_one_line(copy, tmp_path, tiny_data, teacher_run):
     link = tmp_path / "link.zarr"
     link.symlink_to(copy)
@@ -671,3 +703,130 @@ def test_fuzzed_metadata_ends_in_a_read_or_a_one_line_refusal(copy, target):
                 f.write(original)
 
     one_edit()
+
+
+# -- a shard whose middle was rewritten under a pinned digest -------------------------------------------------------
+
+def big_shard(path, n=8, pad=400_000):
+    """``n`` samples of 16x16 PNG, label and ``pad`` random bytes each (a >2 MiB shard, so its quick hash, size and
+    first and last MiB, leaves the middle samples unhashed); samples 2 and 4 have the same image, equal sizes."""
+    import io
+    import tarfile
+    from pld_pipeline.shards import encode_png
+    from conftest import make_images
+    images, labels = make_images(n, seed=5)
+    images[4] = images[2]
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            for ext, data in (("png", encode_png(images[i])), ("cls", str(labels[i] % 10).encode()),
+                              ("bin", rng.bytes(pad))):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def sample_span(path, i):
+    """(start, end) bytes of sample ``s{i}``'s members in the tar."""
+    import tarfile
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(f"s{i}.")]
+    return members[0].offset, members[-1].offset_data + -(-members[-1].size // 512) * 512
+
+
+@pytest.fixture(scope="module")
+def big_cache(teacher_run, tmp_path_factory):
+    """A cache of one big shard (8 samples), and its digest."""
+    folder = tmp_path_factory.mktemp("big")
+    shard = big_shard(folder / "big-000000.tar")
+    out = str(folder / "c.zarr")
+    cache_teacher(CacheTeacherConfig(data=shard, out=out, teachers=[TeacherSpec("cifar_resnet14", teacher_run, "r14")],
+                                     views=2, size=16, k=5, temperatures=(1.0,), batch_size=8, workers=0,
+                                     device="cpu", recipe_overrides={"pad": 2}))
+    return shard, out, Cache(out).digest()
+
+
+def forged(big_cache, tmp_path, forge):
+    shard, url, pin = big_cache
+    hostile = str(tmp_path / os.path.basename(shard))
+    data = bytearray(open(shard, "rb").read())
+    forge(data, shard)
+    open(hostile, "wb").write(bytes(data))
+    from pld_pipeline.data import quick_hash
+    assert quick_hash(hostile) == quick_hash(shard) and data != open(shard, "rb").read()  # the attack's premise
+    return hostile, url, pin
+
+
+def repeat_sample_2(data, shard):
+    (a2, b2), (a4, b4) = sample_span(shard, 2), sample_span(shard, 4)
+    assert b2 - a2 == b4 - a4
+    data[a4:b4] = data[a2:b2]  # s2 trained twice, s4 never: the audit's 99 cats and 296 dogs
+
+
+def end_archive_at_sample_4(data, shard):
+    a4, b4 = sample_span(shard, 4)
+    data[a4:b4] = bytes(b4 - a4)  # zero blocks: the tar ends there, its last MiB unchanged
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("forge, words", [(repeat_sample_2, "repeats a sample"),
+                                          (end_archive_at_sample_4, "fewer than the 8")])
+def test_a_shard_rewritten_in_its_middle_is_refused_under_a_pinned_digest(big_cache, tmp_path, forge, words, workers):
+    hostile, url, pin = forged(big_cache, tmp_path, forge)
+    data = StudentData(hostile, cache=url, expect_digest=pin, batch_size=4, workers=workers, shuffle_buffer=1)
+    with pytest.raises(CacheError, match=words) as e:
+        list(data.epoch(0))
+    assert hostile in one_line(e)
+
+
+def test_the_honest_big_shard_trains_every_cached_row_once(big_cache):
+    shard, url, pin = big_cache
+    data = StudentData(shard, cache=url, expect_digest=pin, batch_size=4, workers=0, shuffle_buffer=1)
+    assert sum(len(b.labels) for b in data.epoch(0)) == 8
+
+
+# -- one clear line for each failure the last audit found unclear ---------------------------------------------------
+
+def test_an_unknown_url_scheme_is_named_not_called_a_damaged_cache():
+    with pytest.raises(CacheError, match="unknown URL scheme 'foo://'") as e:
+        Cache("foo://bucket/c.zarr")
+    assert "damaged" not in one_line(e)
+
+
+def test_an_unreachable_host_behind_cache_dir_is_not_reported_as_no_cache(tmp_path):
+    from conftest import free_port
+    from pld_pipeline.errors import RemoteError
+    url = f"http://127.0.0.1:{free_port()}/c.zarr"  # nothing listens there
+    with pytest.raises(RemoteError, match="cannot connect") as e:
+        Cache(url, cache_dir=str(tmp_path / "copy"))
+    assert url in one_line(e) and "No cache at" not in str(e.value)
+
+
+def test_a_full_disk_under_a_cache_names_the_object(copy, monkeypatch):
+    import errno
+    from pld_pipeline import errors
+    from pld_pipeline.cache import store
+    writer = Cache(copy, mode="r+")
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.f = real(fd, *a, **k)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(OSError) as e:
+        store.write_marker(writer.root, "fresh", {"x": 1})
+    monkeypatch.undo()
+    line = errors.one_line(e.value)
+    assert os.path.join(copy, "units", "fresh", "zarr.json") in line and "no space left" in line, line
+    assert not [n for n in os.listdir(os.path.join(copy, "units", "fresh"))]  # no temporary file left behind

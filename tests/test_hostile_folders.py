@@ -608,3 +608,228 @@ def test_an_unexpected_error_is_one_line_and_pld_debug_shows_the_traceback(tmp_p
                                                     "second line; rerun with PLD_DEBUG=1 for the traceback")
     result = runner.invoke(app, ["report", str(tmp_path)], env={"PLD_DEBUG": "1"})
     assert isinstance(result.exception, ZeroDivisionError)
+
+
+# -- a shared sweep folder adopts only the runs its own sweep started --------------------------------------------
+def _sweep_args(tiny_data, out):
+    sets = [a for k, v in (("loss", "ce"), ("epochs", 3), ("batch_size", 8), ("workers", 0), ("device", "cpu"),
+                           ("num_classes", 10)) for a in ("--set", f"{k}={v}")]
+    return ["sweep", "--data", tiny_data["train"].pattern, "--out", out, "--grid", "seed=0", "--student",
+            "cifar_resnet8", *sets, "--quiet"]
+
+
+def _plant_run(finished_run, sweep_dir, name="seed=0", summary=False):
+    """A stranger's run folder, planted at its last epoch (weights of their choice, a history they wrote)."""
+    planted = _copy_run(finished_run, sweep_dir / name)
+    if not summary:
+        (planted / files.SUMMARY_FILE).unlink()
+    return planted
+
+
+@pytest.mark.parametrize("summary", [False, True], ids=["resumable state", "finished"])
+def test_a_run_folder_planted_in_a_shared_sweep_folder_is_never_adopted(finished_run, tiny_data, tmp_path, summary):
+    """A planted last_state.pt at the last epoch used to be "finished" without training, and a planted
+    summary.json skipped the run and reported the stranger's history."""
+    sweep_dir = tmp_path / "shared"
+    sweep_dir.mkdir()
+    planted = _plant_run(finished_run, sweep_dir, summary=summary)
+    before = (planted / "last.safetensors").read_bytes()
+    code, output = run(*_sweep_args(tiny_data, sweep_dir))
+    line = one_error_line(output)
+    assert code == 2 and "not a run this sweep started" in line and "seed=0" in line, output
+    assert (planted / "last.safetensors").read_bytes() == before and not (sweep_dir / "results.md").exists()
+
+
+def test_a_planted_run_in_a_sweep_the_user_started_is_refused_on_rerun_and_resume(finished_run, tiny_data, tmp_path):
+    """The sweep ran once (sweep.json holds its id), then a stranger planted a run: the rerun, and the printed
+    command's `pld distill --sweep ... --resume`, both refuse it."""
+    from pld_pipeline.sweep import parse_grid, parse_settings, pending_commands
+    sweep_dir = tmp_path / "shared"
+    settings = parse_settings([f"data={tiny_data['train'].pattern}", "student=cifar_resnet8", "loss=ce", "epochs=3",
+                               "batch_size=8", "workers=0", "device=cpu", "num_classes=10"])
+    pending_commands(settings, parse_grid(["seed=0"]), [], str(sweep_dir))  # the user's sweep, not yet run
+    _plant_run(finished_run, sweep_dir)
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", sweep_dir / "seed=0", *RESUME_ARGS,
+                       "--sweep", sweep_dir, "--resume")
+    assert code == 2 and "not a run this sweep started" in one_error_line(output), output
+    with pytest.raises(errors.MetadataError, match="not a run this sweep started"):
+        pending_commands(settings, parse_grid(["seed=0"]), [], str(sweep_dir))
+
+
+def test_a_sweep_json_of_another_user_is_not_trusted(tmp_path, monkeypatch):
+    """Whoever can write the folder can read and copy the id: the id is taken only from the user's own file."""
+    from pld_pipeline.sweep import sweep_nonce
+    (tmp_path / "sweep.json").write_text(json.dumps({"names": {}, "nonce": "0" * 32}))
+    assert sweep_nonce(str(tmp_path)) == "0" * 32
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    with pytest.raises(errors.MetadataError, match="belongs to another user") as e:
+        sweep_nonce(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_tracking_ids_planted_in_a_folder_are_never_continued(tmp_path):
+    """A planted tracking.json made `--log mlflow` write metrics and tags into another team's MLflow run: a fresh
+    run ignores a folder's ids, and a sweep's ids must record the sweep's id."""
+    from pld_pipeline.tracking import Tracker, read_ids
+    (tmp_path / "tracking.json").write_text(json.dumps({"tensorboard": "theirs", "mlflow": "their-run"}))
+    fresh = Tracker((), str(tmp_path), "run", {}, reuse_ids=False)
+    assert "mlflow" not in fresh.ids
+    with pytest.raises(errors.MetadataError, match="tracking ids this sweep did not write"):
+        read_ids(str(tmp_path), nonce="1" * 32)
+
+
+def test_a_resume_state_at_the_last_epoch_needs_the_runs_summary(finished_run, tiny_data, tmp_path):
+    out = _copy_run(finished_run, tmp_path / "run")
+    (out / files.SUMMARY_FILE).unlink()
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    assert code == 2 and "at the last epoch without the run's summary.json" in one_error_line(output), output
+
+
+def test_a_resume_state_larger_than_the_run_can_write_is_refused_before_loading(finished_run, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    out = _copy_run(finished_run, tmp_path / "run")
+    with open(out / files.STATE_FILE, "r+b") as f:
+        f.truncate(1 << 40)  # a sparse terabyte: torch.load would read it
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    code, output = run("distill", "--data", tiny_data["train"].pattern, "--out", out, *RESUME_ARGS, "--resume")
+    assert code == 2 and "more than the" in one_error_line(output) and "last_state.pt" in output, output
+
+
+# -- every file a user names is read through the one bounded reader ----------------------------------------------
+def _fifo(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make", [lambda p: "/dev/zero", _fifo, lambda p: str(p)],
+                         ids=["/dev/zero", "a FIFO", "a folder"])
+def test_a_class_map_or_sweep_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, make):
+    """--class-map /dev/zero used 4.3 GB then printed "internal error: MemoryError"; a FIFO hung."""
+    from pld_pipeline.class_map import ClassMapError, load_class_map
+    from pld_pipeline.sweep import load_sweep_file
+    path = make(tmp_path)
+    with pytest.raises(ClassMapError, match="not a regular file") as e:
+        load_class_map(path, 10)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(errors.MetadataError, match="not a regular file"):
+        load_sweep_file(path)
+
+
+def test_a_class_map_with_a_5000_digit_integer_names_the_file(tmp_path):
+    from pld_pipeline.class_map import ClassMapError, load_class_map
+    path = tmp_path / "map.json"
+    path.write_text("[" + "9" * 5000 + "]")
+    with pytest.raises(ClassMapError) as e:
+        load_class_map(str(path), 10)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# -- shards and images: bounded members, no surprise decompression, bounded pixels -----------------------------------
+def _tar_bytes(members, claim=None):
+    """An uncompressed tar of (name, bytes) members; ``claim``: the size the last header claims instead."""
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if claim is not None:  # rewrite the last header's size field (and its checksum) as an attacker would
+        import tarfile as t
+        *_, last = t.open(fileobj=io.BytesIO(data)).getmembers()
+        info = t.TarInfo(last.name)
+        info.size = claim
+        header = info.tobuf(format=t.GNU_FORMAT)[:512]
+        data = data[:last.offset] + header + data[last.offset + 512:]
+    return data
+
+
+def _png_header(width, height):
+    """The first bytes of a PNG that claims ``width`` x ``height`` pixels (what PIL reads before decoding)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_tar_member_larger_than_pld_reads_is_refused_from_its_header(tmp_path):
+    """A 14 MB gzip-compressed .tar held a 3 GiB member (3.9 GB RSS)."""
+    import gzip
+
+    from pld_pipeline.data import DataError, iter_shard
+    raw = _tar_bytes([("a.cls", b"1"), ("a.png", b"x" * 600)], claim=3 << 30)
+    for name, data in (("plain.tar", raw), ("asked.tar.gz", gzip.compress(raw))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match="3,221,225,472 bytes, more than the") as e:
+            list(iter_shard(str(tmp_path / name)))
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_compressed_tar_is_read_only_when_its_name_asks_for_it(tmp_path):
+    import gzip
+
+    from pld_pipeline.data import DataError, iter_shard
+    raw = _tar_bytes([("a.cls", b"1"), ("a.png", b"x")])
+    (tmp_path / "sneaky.tar").write_bytes(gzip.compress(raw))
+    (tmp_path / "asked.tgz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DataError, match="not an uncompressed tar") as e:
+        list(iter_shard(str(tmp_path / "sneaky.tar")))
+    assert "\n" not in str(e.value)
+    assert [s["__key__"] for s in iter_shard(str(tmp_path / "asked.tgz"))] == ["a"]
+
+
+def test_a_tar_with_a_duplicate_member_is_one_line_naming_it(tmp_path):
+    """Was a Python tuple: ("s3.png: duplicate file name in tar file png dict_keys([...])", None, None)."""
+    from pld_pipeline.data import DataError, iter_shard
+    (tmp_path / "dup.tar").write_bytes(_tar_bytes([("s3.png", b"x"), ("s3.png", b"y")]))
+    with pytest.raises(DataError, match="holds member 's3.png' twice") as e:
+        list(iter_shard(str(tmp_path / "dup.tar")))
+    assert "dict_keys" not in str(e.value) and "None" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_image_claiming_more_pixels_than_pld_decodes_is_refused_before_decoding():
+    """A 143 KB PNG of 12000x12000 decoded to 2.3 GB with only a warning."""
+    from pld_pipeline.views import ImageTooLarge, decode_image
+    with pytest.raises(ImageTooLarge, match="12000x12000 pixels, more than the 89,478,485"):
+        decode_image(_png_header(12000, 12000))
+    with pytest.raises(ImageTooLarge):
+        decode_image(_png_header(20000, 20000))  # past twice the cap: PIL's own error, as one line
+
+
+# -- make-shards folder: links are not followed out of the tree, non-images are skipped and counted -----------------
+def test_make_shards_folder_packs_only_the_trees_own_images(tmp_path):
+    """A linked "jpg" once packed /etc/passwd into a shard."""
+    from pld_pipeline.data import iter_shard
+    src = image_folder(tmp_path / "imgs")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(secret / "theirs.png")
+    (src / "cats" / "passwd.jpg").symlink_to(secret / "passwd")  # a linked file
+    (src / "cats" / "theirs.png").symlink_to(secret / "theirs.png")  # a linked image
+    (src / "cats" / "elsewhere").symlink_to(secret, target_is_directory=True)  # a linked folder inside a class
+    (src / "zebras").symlink_to(secret, target_is_directory=True)  # a linked class folder
+    (src / "dogs" / "notes.jpg").write_text("not an image")  # a file that does not decode as one
+    code, output = run("make-shards", "folder", src, "--out", tmp_path / "out", "--val-fraction", "0")
+    assert code == 0, output
+    assert "skipped: 4 link(s)" in output and "1 file(s) that are not images" in output
+    samples = list(iter_shard(str(tmp_path / "out" / "train-000000.tar")))
+    assert len(samples) == 4 and all(s["png"].startswith(b"\x89PNG") for s in samples)
+    assert json.loads((tmp_path / "out" / "classes.json").read_text())["class_names"] == ["cats", "dogs"]
+
+
+def test_make_shards_out_never_writes_through_a_hard_link(tmp_path):
+    """A hard link planted at train-000000.tar in --out shares the victim's file: truncating it rewrote the victim."""
+    src = image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    os.link(victim, out / "train-000000.tar")
+    code, output = run("make-shards", "folder", src, "--out", out, "--val-fraction", "0", "--overwrite")
+    assert code == 0, output
+    assert victim.read_text() == "mine" and (out / "train-000000.tar").stat().st_ino != victim.stat().st_ino

@@ -1,5 +1,6 @@
 """A cache served by a plain HTTP host that does not list folders (static hosts, CDNs, model/data file hosts)."""
 import functools
+import http.server
 import io
 import json
 import os
@@ -161,3 +162,83 @@ def test_a_reader_written_from_the_spec_reads_the_served_cache(served):
     reads, through the unit index, the markers and the key index."""
     from test_spec_reader import assert_reads_alike
     assert_reads_alike(served["url"], ["r14"])
+
+
+# -- hostile hosts: trickling bodies and redirects elsewhere -------------------------------------------------------
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """A host that promises a megabyte and sends one byte at a time until the client goes away (or the test ends)."""
+    stop = threading.Event()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        try:
+            while not self.stop.wait(0.2):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+        except OSError:
+            pass  # the client hung up: what the test wants
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_host_that_trickles_bytes_is_cut_off_by_the_timeout(monkeypatch):
+    """A host sending one byte every 5 s stalled `pld verify http://...` forever."""
+    from pld_pipeline.errors import RemoteError
+    monkeypatch.setenv("PLD_HTTP_TIMEOUT", "1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RemoteError, match="timed out") as e:
+            Cache(f"http://127.0.0.1:{server.server_port}/c.zarr")
+        assert "\n" not in str(e.value)
+    finally:
+        Trickle.stop.set()
+        server.shutdown()
+
+
+class Redirect(http.server.BaseHTTPRequestHandler):
+    target = ""
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirect_to_another_host_is_refused_in_one_line(served):
+    from pld_pipeline.network import CrossOriginRedirect
+    Redirect.target = served["url"].rsplit("/c.zarr", 1)[0]  # same address, another port: another origin
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CrossOriginRedirect, match="redirected to http://127.0.0.1") as e:
+            Cache(f"http://127.0.0.1:{server.server_port}/c.zarr")
+        assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_bad_timeout_setting_is_one_line(monkeypatch):
+    from pld_pipeline.network import timeout_s
+    monkeypatch.setenv("PLD_HTTP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="PLD_HTTP_TIMEOUT='soon' must be a positive number of seconds"):
+        timeout_s()
+
+
+def test_a_cache_dir_copy_that_no_longer_matches_the_remote_is_one_line(served, tmp_path, monkeypatch):
+    """fsspec's local copy of a remote object that changed size raised "mmap length is greater than file size"."""
+    from fsspec.implementations.cached import CachingFileSystem
+
+    def stale(self, path, *args, **kwargs):
+        raise ValueError("mmap length is greater than file size")
+    monkeypatch.setattr(CachingFileSystem, "_open", stale)
+    with pytest.raises(CacheError, match="changed on the remote after it was copied into --cache-dir") as e:
+        Cache(served["url"], cache_dir=str(tmp_path / "copy"))
+    assert "mmap" not in str(e.value) and "\n" not in str(e.value)

@@ -60,9 +60,6 @@ class ShardBlock:
     label_logp: np.ndarray | None  # [n, V] float32
     logz: np.ndarray | None  # [n, V] float32, the requested temperature's column
 
-    def row_of(self) -> dict[str, int]:
-        return {k: i for i, k in enumerate(self.keys)}
-
 
 def _versions() -> dict[str, str]:
     import numcodecs

@@ -1,17 +1,22 @@
 """Opening a cache by path or fsspec URL, and the raw-object operations zarr's Group API lacks."""
 from __future__ import annotations
 
+import asyncio
+import errno
 import functools
 import json
 import os
+import shutil
 import stat
+import uuid
 from typing import Any
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ..errors import reaching
+from ..errors import PldError, RemoteError, network_cause, reaching
+from ..network import timeout_s
 from .format import UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 
 
@@ -43,6 +48,14 @@ def object_cap(caps: dict[str, int], key: str) -> int:
     if key.endswith(".json"):
         return MAX_METADATA_BYTES
     return next((c for prefix, c in caps.items() if key.startswith(prefix)), MAX_OBJECT_BYTES)
+
+
+def _lstat_at(name: str, fd: int) -> int | None:
+    """The mode of ``name`` in the folder ``fd`` (a link's own), None where nothing is."""
+    try:
+        return os.lstat(name, dir_fd=fd).st_mode
+    except FileNotFoundError:
+        return None
 
 
 class LocalObjects(zarr.storage.LocalStore):
@@ -82,6 +95,83 @@ class LocalObjects(zarr.storage.LocalStore):
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         self._check(key)
         return await super().get(key, prototype, byte_range)
+
+    # -- writes: walked from the root by folder handle, never through a link (one planted after the open included)
+    def _folder(self, key: str) -> tuple[int, str]:
+        """An open handle on ``key``'s folder, reached from the cache root one component at a time without
+        following a link (``O_NOFOLLOW``; missing folders are made), and the object's own name. Checked at write
+        time, so a link planted at a unit folder while a writer runs is refused, not followed."""
+        *folders, name = key.split("/")
+        os.makedirs(self.root, exist_ok=True)  # zarr's mode "w" removes the root before writing into it again
+        fd = os.open(str(self.root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in folders:
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:
+                    raise self._refuse_write(key) from None
+                os.close(fd)
+                fd = nfd
+            if stat.S_ISLNK(_lstat_at(name, fd) or 0):
+                raise self._refuse_write(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name
+
+    def _refuse_write(self, key: str) -> CacheError:
+        return CacheError(f"{self.root}: {key} is, or lies under, a symbolic link or a file where a folder belongs; "
+                          "pld never writes through one (nothing was written). Remove it, or write to a fresh --out.")
+
+    def _put(self, key: str, data: Any, exclusive: bool) -> None:
+        """One object, atomically (a temporary file in its folder, renamed), relative to a folder handle. A full or
+        read-only disk is reported with the object's path (an errno alone names nothing)."""
+        try:
+            self._put_at(key, data, exclusive)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or isinstance(e, PldError):
+                raise
+            raise OSError(e.errno, e.strerror, os.path.join(str(self.root), key)) from None
+
+    def _put_at(self, key: str, data: Any, exclusive: bool) -> None:
+        fd, name = self._folder(key)
+        tmp = f"{os.path.splitext(name)[0]}.{uuid.uuid4().hex}.partial"  # zarr's own name for it (target.PLD_FILE)
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=fd)
+            try:
+                with os.fdopen(out, "wb") as f:
+                    f.write(data)
+                if exclusive:
+                    os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+                else:
+                    os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            finally:
+                if _lstat_at(tmp, fd) is not None:
+                    os.unlink(tmp, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(self._put, key, value.as_buffer_like(), exclusive)
+
+    async def delete(self, key: str) -> None:
+        self._check_writable()
+        fd, name = self._folder(key)
+        try:
+            mode = _lstat_at(name, fd)
+            if mode is not None and stat.S_ISDIR(mode):
+                shutil.rmtree(name, dir_fd=fd)
+            elif mode is not None:
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
         key_ranges = list(key_ranges)
@@ -155,17 +245,29 @@ def _cached_store(url: str, cache_dir: str) -> "CappedReads":
             key = path[len(root):].lstrip("/")
             cap = object_cap(capped.caps, key)
             if path not in sized:
-                remote = self.fs.size(path)
+                try:
+                    remote = self.fs.size(path)
+                except FileNotFoundError as e:  # fsspec's word for an unreachable host too: not "No cache at"
+                    net = network_cause(e)
+                    if net is None:
+                        raise
+                    raise RemoteError(f"{url}: {net}") from None
                 if remote is not None and remote > cap:
                     raise capped._refuse(key, cap)
                 sized.add(path)
-            with self.open(path, "rb", **kwargs) as f:
-                size = f.seek(0, os.SEEK_END)
-                if size > cap:  # changed on the remote after it was sized
-                    raise capped._refuse(key, cap)
-                lo, hi, _ = slice(start, end).indices(size)
-                f.seek(lo)
-                return f.read(max(hi - lo, 0))
+            try:
+                with self.open(path, "rb", **kwargs) as f:
+                    size = f.seek(0, os.SEEK_END)
+                    if size > cap:  # changed on the remote after it was sized
+                        raise capped._refuse(key, cap)
+                    lo, hi, _ = slice(start, end).indices(size)
+                    f.seek(lo)
+                    return f.read(max(hi - lo, 0))
+            except ValueError as e:  # fsspec maps its local copy: "mmap length is greater than file size"
+                if "mmap" not in str(e):
+                    raise
+                raise CacheError(f"{url}: {key} changed on the remote after it was copied into --cache-dir "
+                                 f"{cache_dir}; remove that folder (or use a fresh one) and rerun.") from None
 
     cached = WholeObjectCache(fs=target, cache_storage=cache_dir, check_files=True)
     with warnings.catch_warnings():
@@ -179,6 +281,7 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
     ``cache_dir`` keeps a local copy of what a read-only remote cache serves (ignored for local paths);
     ``attributes`` are written with a new group's metadata, in the same object."""
     url = _normalise(str(url))
+    _check_scheme(url)
     if os.path.isfile(url):
         raise CacheError(f"{url} is a file, not a cache (a cache is a directory, a zarr group); choose another path.")
     if mode != "r" and url.startswith(("http://", "https://")):  # zarr would fail deep inside, on the first write
@@ -193,7 +296,9 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
             where: Any = url
             if mode == "r" and url.startswith(("http://", "https://")):
                 where = _capped_http_store(url)
-            elif mode != "w" and "://" not in url:
+            elif "://" not in url:  # writes, too, never through a link (LocalObjects._folder)
+                if mode == "w":
+                    os.makedirs(url, exist_ok=True)
                 where = _local_objects(url, read_only=mode == "r")
             elif mode != "w" and _is_remote(url):
                 where = CappedReads(zarr.storage.FsspecStore.from_url(url, read_only=mode == "r"), url=url)
@@ -202,18 +307,32 @@ def open_root(url: str, mode: str, cache_dir: str | None = None, attributes: dic
                 return zarr.open_group(WholeObjects(root.store), mode="r")
             return root
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            net = network_cause(e)
+            if net is not None:  # an unreachable host is not a missing cache
+                raise RemoteError(f"{url}: {net}") from None
             if mode != "w" and _is_format_2(url):
                 raise CacheError(f"{url} is a zarr format 2 store; pld reads only zarr format 3 caches it wrote "
                                  "(format 2 codecs can unpickle). Re-create it with `pld cache-teacher`.") from None
             raise CacheError(f"No cache at {url}: run `pld cache-teacher --out {url} ...` first.") from e
         except ImportError as e:  # e.g. s3:// without s3fs
             raise CacheError(f"Cannot open {url}: {e}. Install the filesystem package (e.g. pip install s3fs).") from e
-        except CacheError:
+        except PldError:  # already one line (a refused redirect, a bounded read)
             raise
         except (TypeError, ValueError, KeyError, RecursionError) as e:  # zarr parsing a stranger's group document
             why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             raise CacheError(f"{url}: its zarr.json is not a zarr group document ({why}); the cache is damaged "
                              "or not a pld cache.") from None
+
+
+def _check_scheme(url: str) -> None:
+    """Refuse a URL scheme no installed fsspec file system knows, in one line (zarr's error would read as a
+    damaged cache)."""
+    import fsspec
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is None or scheme in fsspec.available_protocols():
+        return
+    raise CacheError(f"{url}: unknown URL scheme '{scheme}://'; use a local path or one of file://, s3://, gs://, "
+                     "az://, http(s):// (any fsspec protocol, with its package installed).")
 
 
 #: The most bytes a metadata object (zarr.json of the root, an array, a marker, an index) may hold when fetched from
@@ -250,14 +369,15 @@ def _capped_http() -> type:
                 kw["headers"] = {**kw.pop("headers", {}), "Range": await self._process_limits(url, start, end)}
             cap = max((c for p, c in self.caps.items() if url.startswith(p)), default=MAX_METADATA_BYTES)
             session = await self.set_session()
-            async with session.get(self.encode_url(url), **kw) as r:
-                self._raise_not_found_for_status(r, url)
-                out = bytearray()
-                async for part in r.content.iter_chunked(1 << 16):
-                    out += part
-                    if len(out) > cap:
-                        raise CacheError(f"{url} sent more than the {cap} bytes its cache layout allows for that "
-                                         "object; refusing the host's answer (a damaged or hostile host).")
+            async with asyncio.timeout(timeout_s()):  # the whole object: a host trickling bytes is cut off too
+                async with session.get(self.encode_url(url), **kw) as r:
+                    self._raise_not_found_for_status(r, url)
+                    out = bytearray()
+                    async for part in r.content.iter_chunked(1 << 16):
+                        out += part
+                        if len(out) > cap:
+                            raise CacheError(f"{url} sent more than the {cap} bytes its cache layout allows for "
+                                             "that object; refusing the host's answer (a damaged or hostile host).")
             return bytes(out)
 
     return CappedHTTP
