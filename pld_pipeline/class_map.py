@@ -301,9 +301,10 @@ def out_of_map_mass(targets: TeacherTargets, cmap: ClassMap) -> tuple[Tensor, Te
 def inspect_class_map(url: str, class_map: str | list, expect_digest: str | None = None,
                       max_shards: int = 8, labels: str | None = None) -> dict[str, Any]:
     """What a map does to a cache's teachers (``pld inspect --class-map``), over up to ``max_shards`` complete
-    shards at temperature 1: the out-of-map mass (the teacher's top-k probability on unmapped classes, a lower
-    bound, and that plus the tail, an upper bound; both clamped to [0, 1], the float round-off of a sum of
-    probabilities) and the teacher's top-1 accuracy in the student's classes (the student class with the largest
+    shards at temperature 1, over the views whose label is in the map (the student's; the others are counted
+    apart): the out-of-map mass (the teacher's top-k probability on unmapped classes, a lower bound, and that plus
+    the tail, an upper bound; both clamped to [0, 1], the float round-off of a sum of probabilities) and the
+    teacher's top-1 accuracy in the student's classes (the student class with the largest
     mapped mass against each view's label, read in ``labels``' space as `pld distill` reads it) over the views
     whose label is in the map only; the others are counted apart."""
     import numpy as np
@@ -335,12 +336,12 @@ def inspect_class_map(url: str, class_map: str | list, expect_digest: str | None
                                      torch.from_numpy(block.topk_logp[ok].reshape(n * v, k)),
                                      torch.zeros(n * v), torch.from_numpy(block.logz[ok].reshape(n * v)),
                                      1.0, meta.num_classes)
+            inside = labels_t < cmap.num_classes  # the student's views: the others never train it
+            outside += int((~inside).sum())
             lo, tail = out_of_map_mass(targets, cmap)
             lo = lo.double().clamp(0.0, 1.0)  # a sum of probabilities: round-off may pass 1
-            known.append(lo.numpy())
-            upper.append(torch.maximum((lo + tail.double()).clamp(0.0, 1.0), lo).numpy())
-            inside = labels_t < cmap.num_classes
-            outside += int((~inside).sum())
+            known.append(lo[inside].numpy())
+            upper.append(torch.maximum((lo + tail.double()).clamp(0.0, 1.0), lo)[inside].numpy())
             if bool(inside.any()):
                 mapped = map_targets(targets, cmap, torch.where(inside, labels_t, 0))
                 hits += int((mapped.topk_idx[:, 0] == labels_t)[inside].sum())

@@ -146,7 +146,7 @@ def test_inspect_counts_accuracy_over_in_map_views_only_and_its_bounds_are_order
     r14 = info["teachers"]["r14"]
     reader = Cache(cache)
     hits = n = outside = 0
-    table = student_of(VEHICLES)
+    table, masses = student_of(VEHICLES), []
     for s in range(len(reader.meta.shards)):
         b = reader.read(s, "r14", temperature=1.0)
         ok = b.status == SampleStatus.OK
@@ -156,12 +156,14 @@ def test_inspect_counts_accuracy_over_in_map_views_only_and_its_bounds_are_order
             if int(label) not in table:
                 outside += p.shape[1]
                 continue
+            masses.extend(np.delete(p[row], VEHICLES, axis=-1).sum(-1))  # the student's views only
             pred = p[row][:, VEHICLES].argmax(-1)  # ties: lower student class, as map_targets' stable sort
             hits += int((pred == table[int(label)]).sum())
             n += p.shape[1]
     assert (r14["views_in_the_map"], r14["views_with_labels_outside_the_map"]) == (n, outside)
     assert r14["student_accuracy_on_cached_views"] == pytest.approx(hits / n)
     lo, hi = r14["out_of_map_mass"], r14["out_of_map_mass_upper"]
+    assert lo["mean"] == pytest.approx(np.clip(masses, 0, 1).mean(), abs=1e-6)
     assert all(0.0 <= lo[q] <= hi[q] <= 1.0 for q in ("mean", "p50", "p90", "max"))
 
 
