@@ -226,6 +226,7 @@ def inspect_cmd(
     key: Annotated[Optional[str], typer.Option(help="Show where one sample is (shard, row, label, status), found through the key index.")] = None,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (as published beside it).")] = None,
     class_map: Annotated[Optional[str], typer.Option(help="Also show what this class map (as `pld distill --class-map`) does: each teacher's out-of-map mass and its top-1 accuracy in the student's classes, over up to 8 shards.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="With --class-map: teacher or student, the classes the cached labels are in (as `pld distill --labels`); the student top-1 counts only views whose label is in the map.")] = None,
 ) -> None:
     """Show what a cache holds: teachers, classes, k, views, temperatures, completion, size, teacher tail mass."""
     from pld_pipeline.cache import inspect_cache
@@ -235,7 +236,7 @@ def inspect_cmd(
     info = inspect_cache(cache, expect_digest=expect_digest)
     if class_map is not None:
         from pld_pipeline.class_map import inspect_class_map
-        info["class_map"] = inspect_class_map(cache, class_map, expect_digest=expect_digest)
+        info["class_map"] = inspect_class_map(cache, class_map, expect_digest=expect_digest, labels=labels)
     if json_:
         out.print_json(data=info)
         return
@@ -266,13 +267,17 @@ def inspect_cmd(
     if class_map is not None:
         cm = info["class_map"]
         mt = Table(title=f"class map {class_map}: {cm['student_classes']} student classes from "
-                         f"{cm['mapped_teacher_classes']} of {cm['teacher_classes']} teacher classes")
-        for col in ("teacher", "out-of-map mass mean/p90/max", "upper bound (+ tail) mean", "student top-1"):
+                         f"{cm['mapped_teacher_classes']} of {cm['teacher_classes']} teacher classes; labels in the "
+                         f"{cm['labels']}'s classes")
+        for col in ("teacher", "out-of-map mass mean/p90/max", "upper bound (+ tail) mean",
+                    "student top-1 (views labelled in the map)", "views outside the map"):
             mt.add_column(col)
         for tid, d in cm["teachers"].items():
             lo, hi, acc = d["out_of_map_mass"], d["out_of_map_mass_upper"], d["student_accuracy_on_cached_views"]
             mt.add_row(tid, "-" if not lo else f"{lo['mean']:.4f} / {lo['p90']:.4f} / {lo['max']:.4f}",
-                       "-" if not hi else f"{hi['mean']:.4f}", "-" if acc is None else f"{acc * 100:.2f}%")
+                       "-" if not hi else f"{hi['mean']:.4f}",
+                       "-" if acc is None else f"{acc * 100:.2f}% of {d['views_in_the_map']}",
+                       str(d["views_with_labels_outside_the_map"]))
         out.print(mt)
     _print_warnings(info["warnings"])
 
@@ -417,6 +422,7 @@ def distill_cmd(
     view_policy: Annotated[str, typer.Option(help="Which cached view per epoch: rotate (per-sample offset) or random.", rich_help_panel=LOSS)] = "rotate",
     top_k: Annotated[Optional[int], typer.Option(help="Use only the first k cached classes (as if cached with --top-k k).", rich_help_panel=LOSS)] = None,
     class_map: Annotated[Optional[str], typer.Option(help="JSON list, one entry per student class: the cached teacher's class(es) it covers, by index or name ([0, 1, 8, 9], [[0], [1, 9], [8]], [\"airplane\", ...]). The student learns the teacher's mass of each group, renormalised over the mapped classes; its labels and accuracy are in its own classes.", rich_help_panel=LOSS)] = None,
+    labels: Annotated[Optional[str], typer.Option(help="The classes the shards' labels are in under --class-map: teacher (each label is mapped to the student class whose group holds it; samples in no group are skipped, in training and validation) or student (label j is map entry j). Default: decided from the labels (one >= the map's size is a teacher class), the shards' classes.json, or refused when ambiguous.", rich_help_panel=LOSS)] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Baseline only: run this teacher on every step instead of reading a cache.", rich_help_panel=LOSS)] = None,
     online_teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint for --online-teacher.", rich_help_panel=LOSS)] = None,
     online_teacher_pretrained: Annotated[bool, typer.Option("--online-teacher-pretrained", help="Load --online-teacher's hub weights through timm.", rich_help_panel=LOSS)] = False,
@@ -469,7 +475,7 @@ def distill_cmd(
         channels_last=not no_channels_last, amp=not no_amp, seed=seed, workers=workers, device=device,
         deterministic=deterministic, init_checkpoint=init_checkpoint, num_classes=num_classes, recipe={"name": recipe, "size": size, "pad": pad},
         shuffle_buffer=shuffle_buffer, image_field=image_field, label_field=label_field, resume=resume,
-        top_k=top_k, class_map=class_map, eval_every=eval_every, online_teacher=online_teacher,
+        top_k=top_k, class_map=class_map, labels=labels, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
         pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
     summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
@@ -592,6 +598,7 @@ def sweep_cmd(
     cache_dir: Annotated[Optional[str], typer.Option(help="Local block cache for a remote --cache, shared by all runs.")] = None,
     expect_digest: Annotated[Optional[str], typer.Option(help="Refuse the cache unless its digest is this sha256:HEX (published beside a shared cache; `pld inspect` prints it), before anything is trained or written. Every run (and every printed command) carries it.")] = None,
     class_map: Annotated[Optional[str], typer.Option(help="Class map (base setting): JSON list, one entry per student class, of the cached teacher's class(es) it covers (see `pld distill --help`).")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Under --class-map (base setting): teacher or student, the classes the shards' labels are in (see `pld distill --help`).")] = None,
     log: Annotated[Optional[str], typer.Option(help=LOG_HELP + " A sweep is one parent run (MLflow) or group (W&B) with a child run per configuration.")] = None,
     jobs: Annotated[int, typer.Option(help="Local launcher: runs at once (CPU threads split between them; one GPU each where several exist).", rich_help_panel=LAUNCH)] = 1,
     launcher: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'pld-pipeline[ray]').", rich_help_panel=LAUNCH)] = "local",
@@ -618,7 +625,7 @@ def sweep_cmd(
     base.update(parse_settings(set_ or []))
     base.update({k: v for k, v in dict(data=data, cache=cache, val_data=val_data, student=student,
                                          cache_dir=cache_dir, expect_digest=expect_digest, class_map=class_map,
-                                         log=log).items()
+                                         labels=labels, log=log).items()
                  if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
     if scheduler not in SCHEDULERS:

@@ -26,6 +26,7 @@ from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
 from .cache.check import chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
+from .cache.cache import class_names_problem
 from .data import (
     LABEL_FIELD, DataError, ShardIndex, check_unique_keys, expand_shards, index_shard, iter_shard,
     parse_label, pick_field, quick_hash, shard_name, worker_errors,
@@ -416,6 +417,9 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
             checkpoint_sha256=file_sha256(spec.checkpoint) if spec.checkpoint else (hub or {}).get("sha256"),
             preprocessing=p, k=k, temperatures=temps, index_dtype=str(index_dtype(num_classes)),
             num_params=sum(x.numel() for x in models[spec.id].parameters()), precision=cfg.precision, pretrained=hub)
+    problem = class_names_problem(cfg.class_names)
+    if problem:  # readers refuse such a cache at open: do not write one
+        raise ValueError(f"--class-names {problem}; give one distinct, non-empty name per class.")
     request = CacheMeta(num_classes=num_classes, rows_per_shard=max(r.nsamples for r in records),
                         key_bytes=key_bytes, shards=records, recipe=recipe.to_dict(), num_views=cfg.views,
                         seed=cfg.seed, teachers=teachers, class_names=cfg.class_names)

@@ -22,8 +22,13 @@ from .errors import MetadataError, PldError
 from .files import read_bytes
 from .losses import TeacherTargets, _compute_dtype
 
-__all__ = ["ClassMap", "ClassMapError", "load_class_map", "parse_class_map", "map_by_names", "map_targets",
-           "out_of_map_mass", "timm_class_names", "timm_index_map", "inspect_class_map"]
+__all__ = ["ClassMap", "ClassMapError", "LABEL_SPACES", "load_class_map", "parse_class_map", "map_by_names",
+           "map_targets", "out_of_map_mass", "label_space", "student_labels", "teacher_names", "dataset_classes",
+           "timm_class_names", "timm_index_map", "inspect_class_map"]
+
+#: What a dataset's labels under a class map can be: the teacher's classes (mapped to the student class whose group
+#: holds them; labels in no group are skipped) or already the student's (map entry j is label j).
+LABEL_SPACES = ("teacher", "student")
 
 #: A map file larger than this is refused before it is read (a 21k-class map by name is ~0.5 MB).
 MAX_MAP_BYTES = 64 << 20
@@ -70,6 +75,59 @@ class ClassMap:
                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
+def label_space(cmap: ClassMap, labels: Any, given: str | None = None,
+                dataset_classes: int | None = None) -> str:
+    """Which label space the data's ``labels`` (the cached labels of the samples used, all in [0, C_t)) are in.
+
+    ``given`` (``--labels teacher|student``) decides; without it: a label >= the map's student classes can only be a
+    teacher class; else the dataset's own class count (its classes.json) says which when it is one side's only;
+    else, when every label present means the same student class either way, it does not matter. Anything else is
+    ambiguous and refused: guessing would train a student on the wrong classes without a sign."""
+    import numpy as np
+    labels = np.asarray(labels, dtype=np.int64)
+    top = int(labels.max()) if labels.size else -1
+    c_s, c_t = cmap.num_classes, cmap.num_teacher_classes
+    if given is not None and given not in LABEL_SPACES:
+        raise ClassMapError(f"--labels {given!r}: use teacher (the shards are labelled in the teacher's classes) or "
+                            "student (labelled in the map's classes, entry j is label j).")
+    if given == "student" or given is None and dataset_classes == c_s != c_t:
+        if top >= c_s:
+            raise ClassMapError(f"label {top} is not a student class of the class map ({c_s} entries, labels "
+                                f"0..{c_s - 1}): these shards are labelled in the teacher's classes; use --labels "
+                                "teacher.")
+        return "student"
+    if given == "teacher" or top >= c_s or dataset_classes == c_t != c_s:
+        return "teacher"
+    present = np.unique(labels)
+    if np.array_equal(cmap._student_of.numpy()[present], present):
+        return "student"  # every label names the same student class read either way
+    raise ClassMapError(f"the data's labels (0..{top}) fit both the teacher's {c_t} classes and the map's {c_s} "
+                        "student classes; say which with --labels teacher (labels are teacher classes: each is "
+                        "mapped to its group's student class, the rest skipped) or --labels student.")
+
+
+def teacher_names(names: Sequence[str] | None, num_teacher_classes: int) -> Sequence[str] | None:
+    """A cache's ``class_names`` when they are the teacher's (one per teacher class): a map by name resolves in them.
+    Another count is the dataset's own classes.json, recorded by default (see :func:`dataset_classes`)."""
+    return names if names is not None and len(names) == num_teacher_classes else None
+
+
+def dataset_classes(names: Sequence[str] | None, num_teacher_classes: int) -> int | None:
+    """The dataset's class count when a cache's ``class_names`` cannot be the teacher's (another count): then they
+    are the classes.json of the shards it cached, and the shards' labels are in that space."""
+    return len(names) if names is not None and len(names) != num_teacher_classes else None
+
+
+def student_labels(cmap: ClassMap, space: str) -> "Any":
+    """int64 numpy [C_t]: each stored label's student class, -1 for a label in no group (that sample is skipped);
+    None when the labels already are the student's."""
+    if space == "student":
+        return None
+    table = cmap._student_of.numpy().copy()
+    table[table == cmap.num_classes] = -1
+    return table
+
+
 def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[str] | None = None,
                     where: str = "class map") -> ClassMap:
     """A map from its JSON value: ``[0, 1, 8, 9]``, ``[[0], [1, 9], [8]]`` or ``["airplane", ...]`` (names are
@@ -79,6 +137,7 @@ def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[
         raise ClassMapError(f"{where}: expected a non-empty JSON list with one entry per student class, e.g. "
                             "[0, 1, 8, 9], [[0], [1, 9], [8]] or [\"airplane\", \"ship\"].")
     index = {name: i for i, name in enumerate(teacher_names)} if teacher_names else None
+    repeated = _repeated(teacher_names or [])
     owner: dict[int, int] = {}
     groups = []
     for j, entry in enumerate(doc):
@@ -90,10 +149,13 @@ def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[
             if isinstance(m, str):
                 if index is None:
                     raise ClassMapError(f"{where}: entry {j} names class {m!r}, but the teacher's class names are "
-                                        "not known (the cache records none); use class indices.")
+                                        "not known (the cache records none for its classes); use class indices.")
                 if m not in index:
                     raise ClassMapError(f"{where}: entry {j} names class {m!r}, which the teacher lacks (its "
                                         f"{num_teacher_classes} classes do not include it).")
+                if m in repeated:  # the last index would win silently: the student would learn another class
+                    raise ClassMapError(f"{where}: entry {j} names class {m!r}, which the teacher's class names hold "
+                                        f"{repeated[m]} times; use its class index instead.")
                 c = index[m]
             elif isinstance(m, int) and not isinstance(m, bool):
                 if not 0 <= m < num_teacher_classes:
@@ -111,6 +173,12 @@ def parse_class_map(doc: Any, num_teacher_classes: int, teacher_names: Sequence[
             group.append(c)
         groups.append(tuple(group))
     return ClassMap(tuple(groups), num_teacher_classes)
+
+
+def _repeated(names: Sequence[str]) -> dict[str, int]:
+    """Names that occur more than once, with their counts."""
+    from collections import Counter
+    return {n: c for n, c in Counter(names).items() if c > 1}
 
 
 def load_class_map(path: str, num_teacher_classes: int, teacher_names: Sequence[str] | None = None) -> ClassMap:
@@ -134,6 +202,10 @@ def map_by_names(student_names: Sequence[str], teacher_names: Sequence[str]) -> 
     missing = [n for n in student_names if n not in index]
     if missing:
         raise ClassMapError(f"{len(missing)} student class name(s) are not teacher classes, e.g. {missing[0]!r}.")
+    repeated = [n for n in student_names if n in _repeated(teacher_names)]
+    if repeated:
+        raise ClassMapError(f"student class {repeated[0]!r} names several teacher classes (its name repeats among "
+                            "the teacher's); map it by index instead.")
     return [index[n] for n in student_names]
 
 
@@ -226,39 +298,52 @@ def out_of_map_mass(targets: TeacherTargets, cmap: ClassMap) -> tuple[Tensor, Te
 
 
 def inspect_class_map(url: str, class_map: str | list, expect_digest: str | None = None,
-                      max_shards: int = 8) -> dict[str, Any]:
+                      max_shards: int = 8, labels: str | None = None) -> dict[str, Any]:
     """What a map does to a cache's teachers (``pld inspect --class-map``), over up to ``max_shards`` complete
-    shards at temperature 1: the out-of-map mass (the teacher's top-k probability on unmapped classes, a lower
-    bound, and that plus the tail, an upper bound) and the teacher's top-1 accuracy in the student's classes
-    (the student class with the largest mapped mass against each sample's own label; views whose label is not a
-    student class are counted apart)."""
+    shards at temperature 1, over the views whose label is in the map (the student's; the others are counted
+    apart): the out-of-map mass (the teacher's top-k probability on unmapped classes, a lower bound, and that plus
+    the tail, an upper bound; both clamped to [0, 1], the float round-off of a sum of probabilities) and the
+    teacher's top-1 accuracy in the student's classes (the student class with the largest
+    mapped mass against each view's label, read in ``labels``' space as `pld distill` reads it) over the views
+    whose label is in the map only; the others are counted apart."""
     import numpy as np
     from .cache import Cache
     from .cache.format import SampleStatus
     cache = Cache(url, expect_digest=expect_digest)
     meta = cache.meta
-    cmap = (load_class_map(class_map, meta.num_classes, meta.class_names) if isinstance(class_map, str)
-            else parse_class_map(class_map, meta.num_classes, meta.class_names))
+    names = teacher_names(meta.class_names, meta.num_classes)
+    cmap = (load_class_map(class_map, meta.num_classes, names) if isinstance(class_map, str)
+            else parse_class_map(class_map, meta.num_classes, names))
+    shards = {tid: [s for s in range(len(meta.shards)) if cache.complete(s, tid)][:max_shards] for tid in meta.teachers}
+    read = sorted({s for chosen in shards.values() for s in chosen})
+    blocks = {s: cache.read(s) for s in read}
+    ok_labels = [b.labels[b.status == SampleStatus.OK] for b in blocks.values()]
+    space = label_space(cmap, np.concatenate(ok_labels) if ok_labels else np.zeros(0, np.int64), labels,
+                        dataset_classes(meta.class_names, meta.num_classes))
+    table = student_labels(cmap, space)
     teachers = {}
     for tid in meta.teachers:
         known, upper, hits, count, outside = [], [], 0, 0, 0
-        for shard in [s for s in range(len(meta.shards)) if cache.complete(s, tid)][:max_shards]:
+        for shard in shards[tid]:
             block = cache.read(shard, tid, temperature=1.0)
             ok = block.status == SampleStatus.OK
             n, v, k = block.topk_idx[ok].shape
-            labels = torch.from_numpy(np.repeat(block.labels[ok].astype(np.int64), v))
+            stored = np.repeat(block.labels[ok].astype(np.int64), v)
+            mapped_labels = stored if table is None else table[stored]
+            labels_t = torch.from_numpy(np.where(mapped_labels < 0, cmap.num_classes, mapped_labels))
             targets = TeacherTargets(torch.from_numpy(block.topk_idx[ok].reshape(n * v, k).astype(np.int64)),
                                      torch.from_numpy(block.topk_logp[ok].reshape(n * v, k)),
                                      torch.zeros(n * v), torch.from_numpy(block.logz[ok].reshape(n * v)),
                                      1.0, meta.num_classes)
-            lo, tail = out_of_map_mass(targets, cmap)
-            known.append(lo.numpy())
-            upper.append((lo + tail).clamp_max(1.0).numpy())
-            inside = labels < cmap.num_classes
+            inside = labels_t < cmap.num_classes  # the student's views: the others never train it
             outside += int((~inside).sum())
+            lo, tail = out_of_map_mass(targets, cmap)
+            lo = lo.double().clamp(0.0, 1.0)  # a sum of probabilities: round-off may pass 1
+            known.append(lo[inside].numpy())
+            upper.append(torch.maximum((lo + tail.double()).clamp(0.0, 1.0), lo)[inside].numpy())
             if bool(inside.any()):
-                mapped = map_targets(targets, cmap, torch.where(inside, labels, 0))
-                hits += int((mapped.topk_idx[:, 0] == labels)[inside].sum())
+                mapped = map_targets(targets, cmap, torch.where(inside, labels_t, 0))
+                hits += int((mapped.topk_idx[:, 0] == labels_t)[inside].sum())
                 count += int(inside.sum())
         lo_all = np.concatenate(known) if known else np.zeros(0)
         hi_all = np.concatenate(upper) if upper else np.zeros(0)
@@ -266,7 +351,7 @@ def inspect_class_map(url: str, class_map: str | list, expect_digest: str | None
                             "p90": float(np.quantile(m, 0.9)), "max": float(m.max())} if m.size else {})
         teachers[tid] = {"out_of_map_mass": quant(lo_all), "out_of_map_mass_upper": quant(hi_all),
                          "student_accuracy_on_cached_views": hits / count if count else None,
-                         "views_with_labels_outside_the_map": outside}
+                         "views_in_the_map": count, "views_with_labels_outside_the_map": outside}
     return {"class_map_sha256": cmap.to_dict()["sha256"], "student_classes": cmap.num_classes,
-            "mapped_teacher_classes": sum(len(g) for g in cmap.groups),
+            "mapped_teacher_classes": sum(len(g) for g in cmap.groups), "labels": space,
             "teacher_classes": meta.num_classes, "teachers": teachers}

@@ -64,6 +64,7 @@ class DistillConfig:
     view_policy: str = "rotate"
     top_k: int | None = None  # use only the first k cached classes (what a top-k cache would hold)
     class_map: str | None = None  # JSON file: the student's classes as groups of the cached teacher's (class_map.py)
+    labels: str | None = None  # under a class map: the shards' labels are teacher or student classes (None: decide)
     eval_every: int = 1
     epochs: int = 10
     batch_size: int = 128
@@ -508,8 +509,9 @@ def _run(cfg: DistillConfig, device: torch.device, dist: D.DistInfo, needs_teach
                "last_val_top1": last.get("val_top1"), "seconds": time.perf_counter() - t_run,
                "train_seconds": sum(r["epoch_seconds"] for r in history), "params": params,
                "resumed_from_epoch": start_epoch if state is not None else None, **stopped,
-               **({"class_map": data.class_map.to_dict()["sha256"], "num_classes": data.num_classes}
-                  if data.class_map else {})}
+               **({"class_map": data.class_map.to_dict()["sha256"], "num_classes": data.num_classes,
+                   "labels": data.label_space, "train_samples": data.train_samples,
+                   "cached_samples": data.cached_samples} if data.class_map else {})}
     if dist.is_main:
         if halving is not None and not stopped:
             halving.complete(last.get("val_top1", math.nan))
@@ -539,7 +541,7 @@ def _train_data(cfg: DistillConfig, temperature: float, needs_teacher: bool, dev
                        num_classes=num_classes if num_classes is not None else cfg.num_classes, recipe=recipe,
                        image_field=cfg.image_field, label_field=cfg.label_field, pin_memory=device.type == "cuda",
                        student_size=cfg.student_size, rank=dist.rank, world_size=dist.world_size,
-                       expect_digest=cfg.expect_digest, class_map=cfg.class_map)
+                       expect_digest=cfg.expect_digest, class_map=cfg.class_map, labels=cfg.labels)
 
 
 TargetsFn = Callable[[Batch, torch.Tensor, torch.Tensor], "TeacherTargets | None"]
@@ -595,8 +597,9 @@ def _val_loader(cfg: DistillConfig, data: StudentData, device: torch.device, dis
     if not cfg.val_data:
         return None
     val_set = EvalSamples(expand_shards(cfg.val_data), recipe=data.recipe, rank=dist.rank, world=dist.world_size,
-                          num_classes=data.num_classes, image_field=data.image_field, label_field=cfg.label_field,
-                          student_size=cfg.student_size)
+                          num_classes=data.num_classes if data.label_map is None else data.teacher_classes,
+                          image_field=data.image_field, label_field=cfg.label_field, student_size=cfg.student_size,
+                          label_map=data.label_map)
     workers = cfg.workers if device.type == "cuda" else min(cfg.workers, 1)  # on a CPU the cores train
     return DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=4 if workers else None)
@@ -624,5 +627,6 @@ def _write_run_config(cfg: DistillConfig, data: StudentData, temperature: float 
                   "temperature": temperature, "steps_per_epoch": len(data), "world_size": world_size,
                   "student_preprocessing": prep, "cache": data.fingerprint(),
                   "train_shards": [{"url": s.url, "nsamples": s.nsamples} for s in data.shards],
+                  "train_samples": data.train_samples,
                   **({"sweep_nonce": sweep_nonce(cfg.sweep)} if cfg.sweep else {})}
     write_json(os.path.join(cfg.out, "config.json"), run_config)

@@ -20,12 +20,17 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
-from .class_map import ClassMap, load_class_map, map_targets, parse_class_map
+from .class_map import (
+    ClassMap, ClassMapError, dataset_classes, label_space, load_class_map, map_targets, parse_class_map, student_labels,
+    teacher_names,
+)
+from .cache import schema
 from .cache.format import CacheError, SampleStatus, TeacherRecord, sample_digest
 from .data import (
     DataError, expand_shards, index_shard, iter_shard, parse_label, pick_field, quick_hash, shard_name, worker_errors,
 )
 from .losses import MixedLabels, TeacherTargets
+from .shards import read_classes
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -92,8 +97,11 @@ class TrainSamples(IterableDataset):
                  temperature: float = 1.0,
                  num_views: int = 1, view_policy: str = "rotate", shuffle_buffer: int = 1000,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls", num_classes: int | None = None,
-                 cache_dir: str | None = None, student_size: int | None = None, cache: Cache | None = None) -> None:
+                 cache_dir: str | None = None, student_size: int | None = None, cache: Cache | None = None,
+                 label_map: np.ndarray | None = None) -> None:
         self.shards, self.recipe, self.seed, self.rank, self.world = list(shards), recipe, seed, rank, world
+        #: teacher-labelled data under a class map: each cached label's student class, -1 outside the map (skipped)
+        self.label_map = label_map
         #: the caller's pinned digest: each worker process checks it again when it opens the cache
         self.expect_digest = cache.expected_digest if cache is not None else None
         self._pins = cache.pins() if cache is not None else None  # what it was checked against (not re-read)
@@ -147,6 +155,9 @@ class TrainSamples(IterableDataset):
                     cached = repr(block.keys[row]) if row < len(block.keys) else "no sample"
                     raise CacheError(f"Sample {i} of {shard.url} is {key!r} where the cache holds {cached}: the shard "
                                      "was reordered, edited or repeats a sample; train on the cached shards.")
+                if self.label_map is not None and (block.status[row] != SampleStatus.OK
+                                                   or self.label_map[block.labels[row]] < 0):
+                    continue  # not in this student's classes: not hashed, not decoded, not counted
                 if block.digests[row].tobytes() != sample_digest(sample):
                     raise CacheError(f"Sample {key!r} of {shard.url} is not the sample cached under that key (content "
                                      "digest differs): the shard was edited or re-encoded after caching. Train on "
@@ -164,7 +175,7 @@ class TrainSamples(IterableDataset):
                 v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
                 item["source"] = np.array([shard.cache_shard, v], np.int64)  # where its targets came from
                 params = block.params[row, v]
-                label = int(block.labels[row])
+                label = int(block.labels[row] if self.label_map is None else self.label_map[block.labels[row]])
                 if self.teachers:  # [teachers, k]: --loss ce reads no teacher arrays
                     k = slice(0, self.k)
                     item.update(topk_idx=np.stack([b.topk_idx[row, v, k] for b in blocks]).astype(np.int64),
@@ -227,24 +238,31 @@ class EvalSamples(IterableDataset):
 
     def __init__(self, urls: Sequence[str], *, recipe: ViewRecipe, rank: int, world: int, num_classes: int,
                  image_field: str = "jpg;jpeg;png;webp", label_field: str = "cls",
-                 student_size: int | None = None) -> None:
+                 student_size: int | None = None, label_map: np.ndarray | None = None) -> None:
         self.urls, self.recipe, self.rank, self.world = list(urls), recipe, rank, world
         self.num_classes, self.image_field, self.label_field = num_classes, image_field, label_field
         self.student_size = student_size
+        #: teacher-labelled shards under a class map (``num_classes`` then the teacher's): each label's student
+        #: class, -1 for a label in no group (that sample is skipped, not decoded: top-1 is over in-map samples)
+        self.label_map = label_map
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nworkers = (0, 1) if info is None else (info.id, info.num_workers)
         for url in self.urls[self.rank::self.world][wid::nworkers]:
             for sample in iter_shard(url):
+                label = parse_label(sample, self.label_field, self.num_classes)
+                if self.label_map is not None:
+                    label = int(self.label_map[label])
+                    if label < 0:
+                        continue
                 data = pick_field(sample, self.image_field)
                 if data is None:
                     raise DataError(f"No '{self.image_field}' image in sample {sample['__key__']!r} of {url}.")
                 image = decode_image(data)
                 params = eval_params(self.recipe, image.shape[1], image.shape[2])
                 view = replay_view(image, params, self.recipe, check=False)  # the eval view, drawn here
-                yield {"image": at_size(view, self.student_size),
-                       "label": parse_label(sample, self.label_field, self.num_classes)}
+                yield {"image": at_size(view, self.student_size), "label": label}
 
 
 def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -312,7 +330,8 @@ class StudentData:
                  cache_dir: str | None = None, num_classes: int | None = None, recipe: ViewRecipe | None = None,
                  image_field: str | None = None, label_field: str = "cls", pin_memory: bool = False,
                  student_size: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 expect_digest: str | None = None, class_map: str | list | ClassMap | None = None) -> None:
+                 expect_digest: str | None = None, class_map: str | list | ClassMap | None = None,
+                 labels: str | None = None) -> None:
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"Unsupported view policy '{view_policy}'. Use one of: {', '.join(VIEW_POLICIES)}.")
         if rank is None or world_size is None:
@@ -330,11 +349,14 @@ class StudentData:
         self.teacher_classes: int | None = None  # the cached teacher's classes (the student's too, without a map)
         if class_map is not None and self.reader is None:
             raise ValueError("--class-map maps a cached teacher's classes to the student's; it needs --cache.")
+        if labels is not None and class_map is None:
+            raise ValueError("--labels says which classes the shards' labels are in under a --class-map; give one.")
         if self.reader is not None:
             meta = self.reader.meta
             self.teacher_classes = meta.num_classes
             if class_map is not None:  # the student's classes are the map's entries
-                self.class_map = _class_map(class_map, meta.num_classes, meta.class_names)
+                self.class_map = _class_map(class_map, meta.num_classes,
+                                            teacher_names(meta.class_names, meta.num_classes))
             student_classes = self.class_map.num_classes if self.class_map else meta.num_classes
             if num_classes is not None and num_classes != student_classes:
                 whose = "class map's" if self.class_map else "cache's"
@@ -364,6 +386,14 @@ class StudentData:
         if self.reader is not None:
             for rec in self.teachers or [None]:
                 self.reader.require_complete(rec and rec.id, [s.cache_shard for s in self.shards])
+        #: under a class map: "teacher" or "student", the classes the shards' labels are in (class_map.label_space)
+        self.label_space: str | None = None
+        #: teacher-labelled data: each cached label's student class, -1 outside the map (those samples are skipped)
+        self.label_map: np.ndarray | None = None
+        #: usable samples of the training shards, and those this student trains on (fewer under a subset map)
+        self.cached_samples = self.train_samples = sum(s.nsamples for s in self.shards)
+        if self.class_map is not None:
+            self._subset(data, labels)
         per_rank = samples_per_rank(self.shards, world_size)
         if per_rank < batch_size:
             raise ValueError(f"--batch-size {batch_size} exceeds the {per_rank} samples each of the {world_size} "
@@ -375,8 +405,41 @@ class StudentData:
             k=min((rec.k for rec in self.teachers), default=None),
             temperature=temperature, num_views=self.reader.meta.num_views if self.reader else 1,
             view_policy=view_policy, shuffle_buffer=shuffle_buffer, image_field=self.image_field, label_field=label_field,
-            num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size, cache=self.reader)
+            num_classes=self.num_classes, cache_dir=cache_dir, student_size=student_size, cache=self.reader,
+            label_map=self.label_map)
         self.student_size = student_size
+
+    def _subset(self, data: str | Sequence[str], labels: str | None) -> None:
+        """Which classes the shards' labels are in and, for the teacher's, the subset of samples in the map: each
+        shard's count comes from its cached labels, so every rank's share (and step count) is exact before any
+        image is read, and a resumed run gets the same subset."""
+        assert self.reader is not None and self.class_map is not None
+        cached = [self._ok_labels(s.cache_shard) for s in self.shards]
+        classes = read_classes(expand_shards(data)[0])  # the dataset's own classes, when make-shards wrote them
+        meta = self.reader.meta
+        self.label_space = label_space(self.class_map, np.concatenate(cached) if cached else np.zeros(0, np.int64),
+                                       labels, len(classes) if classes else dataset_classes(meta.class_names,
+                                                                                            meta.num_classes))
+        self.label_map = student_labels(self.class_map, self.label_space)
+        if self.label_map is None:
+            return
+        if self.recipe.mixing is not None:
+            raise ClassMapError("a cache with mixed views (CutMix/Mixup) pairs samples across classes; a class map "
+                                "over teacher-labelled shards cannot drop the out-of-map ones from those pairs: "
+                                "use a cache without --mix, or shards labelled in the student's classes.")
+        self.shards = [dataclasses.replace(s, nsamples=int((self.label_map[c] >= 0).sum()))
+                       for s, c in zip(self.shards, cached)]
+        self.train_samples = sum(s.nsamples for s in self.shards)
+        if not self.train_samples:
+            raise ClassMapError("no training sample has a label in the class map's groups; check the map (or "
+                                "--labels).")
+
+    def _ok_labels(self, shard: int | None) -> np.ndarray:
+        """The cached labels of a shard's usable samples (``samples/label``; no image is read)."""
+        assert self.reader is not None and shard is not None
+        samples = self.reader.samples(shard)
+        ok = samples[schema.STATUS.path()] == SampleStatus.OK
+        return samples[schema.LABEL.path()][ok].astype(np.int64)
 
     def _shards(self, data: str | Sequence[str]) -> list[TrainShard]:
         """The training shards, matched to the cache by content (quick hash): a subset of the cached ones is fine."""
@@ -420,7 +483,8 @@ class StudentData:
                 "shards": [{"name": s.name, "sha256": s.sha256} for s in meta.shards],
                 "teacher": self.teachers[0].to_dict() if len(self.teachers) == 1 else None,
                 "ensemble": [rec.to_dict() for rec in self.teachers] if len(self.teachers) > 1 else None,
-                **({"class_map": self.class_map.to_dict()} if self.class_map else {})}
+                **({"class_map": {**self.class_map.to_dict(), "labels": self.label_space,
+                                  "train_samples": self.train_samples}} if self.class_map else {})}
 
 
 def _class_map(spec: str | list | ClassMap, num_teacher_classes: int, names: list[str] | None) -> ClassMap:

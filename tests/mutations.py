@@ -38,6 +38,7 @@ MIX = "tests/test_mix.py::"
 SWEEP = "tests/test_sweep.py::"
 TRACK = "tests/test_tracking.py::"
 HOSTILE = "tests/test_hostile_folders.py::"
+SUBSET = "tests/test_class_map_subset.py::"
 CACHE_ATTACK = "tests/test_hostile_cache.py::"
 CMAP = "tests/test_class_map.py::"
 MUTATIONS = [
@@ -582,6 +583,35 @@ MUTATIONS = [
     Mutation("shards: a duplicate member prints a tuple", "pld_pipeline/data.py",
              'if "duplicate file name" not in str(e):', "if True:",
              (HOSTILE + "test_a_tar_with_a_duplicate_member_is_one_line_naming_it",)),
+    Mutation("class maps: a teacher label is not mapped to its student class", "pld_pipeline/student_data.py",
+             "label = int(block.labels[row] if self.label_map is None else self.label_map[block.labels[row]])",
+             "label = int(block.labels[row])",
+             (SUBSET + "test_each_samples_label_is_the_student_class_of_its_cached_teacher_label",)),
+    Mutation("class maps: out-of-map samples are trained", "pld_pipeline/student_data.py",
+             "or self.label_map[block.labels[row]] < 0):", "or False):",
+             (SUBSET + "test_teacher_labelled_shards_train_the_student_on_its_own_samples_with_mapped_labels",)),
+    Mutation("class maps: the epoch is sized from every cached sample", "pld_pipeline/student_data.py",
+             "nsamples=int((self.label_map[c] >= 0).sum())", "nsamples=len(c)",
+             (SUBSET + "test_every_rank_runs_the_same_steps_over_the_subset_and_no_sample_twice",)),
+    Mutation("class maps: out-of-map validation samples are evaluated", "pld_pipeline/student_data.py",
+             "                    if label < 0:\n                        continue",
+             "                    if False:\n                        continue",
+             (SUBSET + "test_a_mapped_run_validates_in_the_students_classes_over_in_map_samples_and_records_the_subset",)),
+    Mutation("class maps: ambiguous labels are read as the student's", "pld_pipeline/class_map.py",
+             "    if np.array_equal(cmap._student_of.numpy()[present], present):", "    if True:",
+             (SUBSET + "test_the_label_space_is_decided_or_the_ambiguity_refused_in_one_line",)),
+    Mutation("inspect: an out-of-map mass past 1 is reported", "pld_pipeline/class_map.py",
+             "lo = lo.double().clamp(0.0, 1.0)", "lo = lo.double()",
+             (SUBSET + "test_inspect_clamps_a_mass_past_one_by_round_off_and_keeps_the_upper_bound_above_it",)),
+    Mutation("inspect: accuracy counted over every view", "pld_pipeline/class_map.py",
+             "                count += int(inside.sum())", "                count += len(labels_t)",
+             (SUBSET + "test_inspect_counts_accuracy_over_in_map_views_only_and_its_bounds_are_ordered",)),
+    Mutation("cache: repeated class names are accepted at open", "pld_pipeline/cache/cache.py",
+             "        if name in seen:", "        if False:",
+             (SUBSET + "test_a_cache_whose_class_names_repeat_or_are_empty_is_refused_at_open_in_one_line",)),
+    Mutation("class maps: a repeated name resolves to its last index", "pld_pipeline/class_map.py",
+             "                if m in repeated:", "                if False:",
+             (SUBSET + "test_a_map_by_a_name_that_repeats_among_the_teachers_is_refused",)),
 ]
 
 

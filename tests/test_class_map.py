@@ -354,7 +354,7 @@ def test_inspect_with_a_map_reports_out_of_map_mass_and_student_accuracy(subset)
     from pld_pipeline.cache.format import SampleStatus
     from pld_pipeline.class_map import inspect_class_map
     splits, cache_url, map_path = subset
-    info = inspect_class_map(cache_url, map_path)
+    info = inspect_class_map(cache_url, map_path, labels="student")  # labels 0..3 fit both spaces: say which
     r14 = info["teachers"]["r14"]
     cache = Cache(cache_url)
     lo, acc, n = [], 0, 0
@@ -379,7 +379,7 @@ def test_the_cli_takes_a_map_and_refuses_a_bad_one_in_one_line(subset, tmp_path)
     from pld_pipeline_cli.app import app
     splits, cache_url, map_path = subset
     runner = CliRunner()
-    result = runner.invoke(app, ["inspect", cache_url, "--class-map", map_path])
+    result = runner.invoke(app, ["inspect", cache_url, "--class-map", map_path, "--labels", "student"])
     assert result.exit_code == 0 and "student top-1" in result.output and "4 student classes" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["class0", "class1", "class1"]))

@@ -176,7 +176,7 @@ METADATA = {
     "temperature grid reordered": (lambda m: m["teachers"]["r8"].update(temperatures=[2.0, 1.0, 4.0]),
                                    {"temperature": 2.0}, 3),
     "a shard's sha256 changed": (lambda m: m["shards"][1].update(sha256="0" * 64), {}, 3),
-    "class names edited": (lambda m: m.update(class_names=["cat"] * 10), {}, 9),
+    "class names edited": (lambda m: m.update(class_names=[f"cat{i}" for i in range(10)]), {}, 9),
 }
 
 

@@ -11,6 +11,7 @@ and metadata binding); anything else is reported as incomplete or damaged, never
 """
 from __future__ import annotations
 
+import json
 import socket
 import time
 from dataclasses import dataclass
@@ -550,13 +551,36 @@ class Cache:
 def parse_meta(attrs: Any, url: str) -> CacheMeta:
     """The root metadata, or one line naming the malformed field (never a KeyError or TypeError from inside)."""
     try:
-        return CacheMeta.from_dict(attrs)
+        meta = CacheMeta.from_dict(attrs)
     except CacheError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CacheError(f"{url}: malformed root metadata ({what}); re-create it with `pld cache-teacher`, or ask "
                          "its owner for an intact copy.") from None
+    problem = class_names_problem(meta.class_names)
+    if problem:  # a map by name would pick one of two classes silently (issue 29)
+        raise CacheError(f"{url}: its class_names {problem}; a class map by name needs one distinct name per class: "
+                         "re-create the cache with distinct --class-names (or ask its owner for a fixed copy).")
+    return meta
+
+
+def class_names_problem(names: Any) -> str | None:
+    """What is wrong with a cache's ``class_names`` (None when absent or fine): not a list of non-empty, distinct
+    strings. (Their count may differ from the teacher's: make-shards' classes.json of a dataset labelled in its own
+    classes, recorded by default; such names are the dataset's, not the teacher's, and never resolve a map.)"""
+    if names is None:
+        return None
+    if not isinstance(names, list):
+        return "are not a list of names"
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            return f"name class {i} {json.dumps(name)[:40]} (empty or not a string)"
+        if name in seen:
+            return f"repeat {name[:80]!r} (classes {seen[name]} and {i})"
+        seen[name] = i
+    return None
 
 
 def _views_within(unit: UnitName, num_views: int) -> bool:
