@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pld_pipeline import options  # torch-free: mistakes are refused before the heavy imports
 from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES  # torch-free: light commands never import torch
 
 from .progress import ProgressReporter
@@ -137,17 +138,14 @@ def cache_teacher_cmd(
     Rerunning the same command resumes; adding --teacher or raising --views extends the cache. Under
     `torchrun --nproc_per_node N` the shards are split across processes.
     """
-    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-
     checkpoints = teacher_checkpoint or []
     names = teacher_name or []
-    if checkpoints and len(checkpoints) != len(teacher):
-        raise ValueError(f"Got {len(teacher)} --teacher but {len(checkpoints)} --teacher-checkpoint; give one per teacher.")
-    if names and len(names) != len(teacher):
-        raise ValueError(f"Got {len(teacher)} --teacher but {len(names)} --teacher-name; give one per teacher.")
-    for ckpt in checkpoints:
-        if ckpt and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist.")
+    temps = _floats(temperatures, "--temperatures")
+    options.check_cache_teacher(data=data, teachers=teacher, checkpoints=checkpoints, names=names,
+                                class_names=None if class_names is None else str(class_names), temperatures=temps,
+                                top_k=None if full else top_k, views=views, recipe=recipe)
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher  # seconds: after the checks
+
     specs = [TeacherSpec(source=t, checkpoint=(checkpoints[i] or None) if checkpoints else None,
                          name=names[i] if names else None, pretrained=pretrained,
                          mean=_floats(mean, "--mean") if mean else None, std=_floats(std, "--std") if std else None)
@@ -162,7 +160,7 @@ def cache_teacher_cmd(
                                      window=mix_window).to_dict()
     cfg = CacheTeacherConfig(
         data=data, out=out_, teachers=specs, views=views, recipe=recipe, size=size, recipe_overrides=overrides,
-        clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
+        clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=temps,
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
         overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl)
@@ -442,7 +440,10 @@ def distill_cmd(
     Writes best/last checkpoints (.safetensors + .json), metrics.jsonl, metrics.csv and config.json to --out.
     Under `torchrun --nproc_per_node N` it trains with DDP (gloo on CPU, nccl on GPU).
     """
-    from pld_pipeline.distill import DistillConfig, distill
+    options.check_distill(data=data, student=student, loss=loss, cache=cache, val_data=val_data, teacher=teacher,
+                          temperature=temperature, expect_digest=expect_digest, class_map=class_map,
+                          num_classes=num_classes, online_teacher=online_teacher, init_checkpoint=init_checkpoint)
+    from pld_pipeline.distill import DistillConfig, distill  # seconds (torch, timm): after the checks
 
     cfg = DistillConfig(
         data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, expect_digest=expect_digest,

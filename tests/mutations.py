@@ -38,6 +38,7 @@ MIX = "tests/test_mix.py::"
 SWEEP = "tests/test_sweep.py::"
 TRACK = "tests/test_tracking.py::"
 HOSTILE = "tests/test_hostile_folders.py::"
+EARLY = "tests/test_early_refusals.py::"
 CACHE_ATTACK = "tests/test_hostile_cache.py::"
 CMAP = "tests/test_class_map.py::"
 MUTATIONS = [
@@ -352,10 +353,10 @@ MUTATIONS = [
              "label_log_q = log_q.gather(1, labels[:, None]).squeeze(1)",
              "label_log_q = log_q.gather(1, top.indices[:, :1]).squeeze(1)",
              (CMAP + "test_losses_on_mapped_targets_match_brute_force_values_and_gradients",)),
-    Mutation("class map: a teacher class claimed by two student classes accepted", "pld_pipeline/class_map.py",
+    Mutation("class map: a teacher class claimed by two student classes accepted", "pld_pipeline/class_map_spec.py",
              "            if c in owner:", "            if False:",
              (CMAP + "test_bad_maps_are_refused_in_one_line_naming_the_entry",)),
-    Mutation("class map: an index the teacher lacks accepted", "pld_pipeline/class_map.py",
+    Mutation("class map: an index the teacher lacks accepted", "pld_pipeline/class_map_spec.py",
              "if not 0 <= m < num_teacher_classes:", "if m < 0:",
              (CMAP + "test_bad_maps_are_refused_in_one_line_naming_the_entry",)),
     Mutation("class map: a label outside the map accepted", "pld_pipeline/class_map.py",
@@ -371,7 +372,7 @@ MUTATIONS = [
     Mutation("class map: a mixed view's own label ranked first, not the dominant one", "pld_pipeline/student_data.py",
              'labels = MixedLabels(batch["label2"].long(), batch["lam"].float()).dominant(labels)', "pass",
              (CMAP + "test_a_mixed_view_batch_ranks_the_dominant_student_label_first",)),
-    Mutation("class map: a map file of any size is read", "pld_pipeline/class_map.py",
+    Mutation("class map: a map file of any size is read", "pld_pipeline/class_map_spec.py",
              "        if size > MAX_MAP_BYTES:", "        if False:",
              (CMAP + "test_a_map_file_larger_than_a_map_needs_is_refused_before_it_is_read",)),
     Mutation("class map: a resume accepts a map file edited since the run started", "pld_pipeline/distill.py",
@@ -441,9 +442,13 @@ MUTATIONS = [
     Mutation("verify: marker counts not recounted", "pld_pipeline/cache/check.py",
              "            if recorded != (found.correct, found.count):", "            if False:",
              (CACHE_ATTACK + "test_a_marker_s_unsigned_counts_are_recounted_by_verify_and_bounded_by_inspect",)),
+    Mutation("early refusals: distill's cheap checks skipped (refused only after importing torch)", "cli/app.py",
+             "    options.check_distill(data=data,", "    (lambda **_: None)(data=data,",
+             (EARLY + "test_distill_mistakes_are_refused_before_torch_is_imported",)),
+    Mutation("early refusals: a renamed copy of a cached shard refused", "pld_pipeline/options.py",
+             "            found = quick_hash(f) in hashes", "            found = False",
+             (EARLY + "test_a_renamed_copy_of_a_cached_shard_passes_the_early_check",)),
 ]
-
-
 def private_copy() -> Path:
     """The tree's files in a temporary folder, importable ahead of the editable install (PYTHONPATH), so a
     mutation applied there reaches in-process tests and the CLI subprocesses they start."""
