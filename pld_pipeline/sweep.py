@@ -25,6 +25,7 @@ from .files import SUMMARY_FILE, json_field, read_bytes, read_json, refuse_link,
 from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
+from .options import require_module
 from .tracking import finish_sweep_parent, parse_log, sweep_parent
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -141,6 +142,9 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
               progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Run every configuration not yet finished, then write the report. Returns the report rows."""
     emit = progress or (lambda event: None)
+    if halving is not None:  # every run opens the study: refuse before sweep.json or a run folder is written
+        require_module("optuna", "--scheduler halving", "halving")
+    parse_log(base.get("log"))  # a tracker that is not installed, too
     todo = plan_sweep(base, grid, runs, out, halving)
     names = _read_plan(out)
     emit({"event": "sweep_start", "runs": len(names), "todo": len(todo),

@@ -448,6 +448,12 @@ MUTATIONS = [
     Mutation("early refusals: a renamed copy of a cached shard refused", "pld_pipeline/options.py",
              "            found = quick_hash(f) in hashes", "            found = False",
              (EARLY + "test_a_renamed_copy_of_a_cached_shard_passes_the_early_check",)),
+    Mutation("optional packages: halving without Optuna found out after the sweep folder is written", "pld_pipeline/sweep.py",
+             '        require_module("optuna", "--scheduler halving", "halving")', "        pass",
+             (SWEEP + "test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_written",)),
+    Mutation("optional packages: --launcher ray without Ray found out after the sweep folder is written",
+             "pld_pipeline/launch.py", '            require_module("ray", "--launcher ray", "ray")', "            pass",
+             (SWEEP + "test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_written",)),
 ]
 def private_copy() -> Path:
     """The tree's files in a temporary folder, importable ahead of the editable install (PYTHONPATH), so a

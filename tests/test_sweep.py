@@ -253,3 +253,25 @@ def test_a_run_of_several_processes_is_a_torchrun_ddp_run(tiny_data, cache, tmp_
     run_config = json.load(open(tmp_path / "ddp" / "config.json"))
     summary = json.load(open(tmp_path / "ddp" / "summary.json"))
     assert run_config["world_size"] == 2 and summary["epochs"] == 2 and summary["best_val_top1"] is not None
+
+
+@pytest.mark.parametrize("option, package, extra", [
+    (["--scheduler", "halving", "--set", "val_data=VAL"], "optuna", "halving"),
+    (["--launcher", "ray"], "ray", "ray"),
+    (["--log", "mlflow"], "mlflow", "track"),
+])
+def test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_written(
+        tiny_data, cache, tmp_path, monkeypatch, option, package, extra):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == package else real(name, *a))
+    option = [o.replace("VAL", tiny_data["val"].pattern) for o in option]
+    result = CliRunner().invoke(app, [
+        "sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--student", "cifar_resnet8",
+        "--set", "epochs=1", "--set", "workers=0", "--grid", "seed=0,1", "--out", str(tmp_path / "sw"),
+        "--quiet", *option])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f'needs the optional package {package}' in text, text
+    assert f'pip install "pld-pipeline[{extra}]"' in text and "internal error" not in text
+    assert not (tmp_path / "sw").exists()
