@@ -647,7 +647,35 @@ def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
               f"{os.path.join(sweep_dir, 'results.png')}")
 
 
+_PATTERN_OPTIONS = ("--data", "--val-data")
+
+
+def shell_expanded_pattern(argv: list[str]) -> Optional[str]:
+    """What to say when the shell expanded an unquoted brace pattern (``--data train-{0..9}.tar`` arrives as
+    ``--data train-0.tar train-1.tar ...``): click would only report an "unexpected extra argument"."""
+    for i, tok in enumerate(argv[:-2]):
+        if tok not in _PATTERN_OPTIONS:
+            continue
+        value, rest = argv[i + 1], argv[i + 2:]
+        siblings = 0
+        for extra in rest:
+            if extra.startswith("-") or (os.path.dirname(extra), os.path.splitext(extra)[1]) != (
+                    os.path.dirname(value), os.path.splitext(value)[1]):
+                break
+            siblings += 1
+        if siblings:
+            return (f"{tok} {value} is followed by {siblings} more file name(s) ({rest[0]}, ...): the shell expanded "
+                    f"an unquoted brace pattern into {siblings + 1} words. Quote the pattern so pld expands it: "
+                    f"{tok} 'train-{{000000..000009}}.tar'.")
+    return None
+
+
 def main() -> None:
+    import sys
+    hint = shell_expanded_pattern(sys.argv[1:])
+    if hint is not None:
+        err.print(f"[bold red]error:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2)
     app(prog_name="pld")
 
 

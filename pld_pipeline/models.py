@@ -204,8 +204,8 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
             model = create_model(source, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                raise ValueError(f"Unknown model {source!r}: not a timm model name (see timm.list_models()) "
-                                 "nor a module.path:factory.") from e
+                raise ValueError(f"Unknown model {source!r}{_did_you_mean(source)}: not a timm model name (see "
+                                 "timm.list_models()) nor a module.path:factory.") from e
             if pretrained:
                 raise _weights_not_found(source, e) from None
             raise
@@ -214,12 +214,49 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
                 raise _weights_not_found(source, e) from None
             raise
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {first[1].strip() if len(first) > 1 else first[0]}") from e
+        misfit = _misfit(model.state_dict(), state)
+        if misfit:
+            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {misfit}.")
+        model.load_state_dict(state)
     return model
+
+
+def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Why a checkpoint does not fit a model, in one line (torch lists every key: kilobytes for a wrong depth)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    classifier = next((k for k in reversed(list(own)) if k.endswith("weight") and own[k].ndim == 2), None)
+    if shapes == [classifier] or (classifier in shapes and not missing and not unexpected):
+        got, want = state[classifier].shape[0], own[classifier].shape[0]
+        return (f"its classifier ({classifier}) has {got} classes, the model was built for {want} (--num-classes); "
+                f"drop --num-classes to use the checkpoint's {got}, or start from a {want}-class checkpoint")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} weights are not in it (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its weights are not in the model (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} differ in shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                     f"{tuple(own[k].shape)} in the model)")
+    if not parts:
+        return None
+    return "; ".join(parts) + ": it was saved from another architecture or depth; give the matching model name"
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'cifar_resnet56'?)``: this project's models first (``resnet56`` is a CIFAR ResNet here,
+    not timm's ImageNet ``resnet50``), then the closest timm names."""
+    import difflib
+
+    from timm import list_models
+    names = list_models()
+    arch = name.split(".")[0]
+    ours = [n for n in names if n.startswith("cifar_") and n.endswith(arch)]
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.75)
+    shown = list(dict.fromkeys(ours + close))[:3]
+    return f" (did you mean {' or '.join(repr(n) for n in shown)}?)" if shown else ""
 
 
 def _weights_not_found(source: str, error: Exception) -> ValueError:

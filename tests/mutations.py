@@ -454,7 +454,24 @@ MUTATIONS = [
     Mutation("optional packages: --launcher ray without Ray found out after the sweep folder is written",
              "pld_pipeline/launch.py", '            require_module("ray", "--launcher ray", "ray")', "            pass",
              (SWEEP + "test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_written",)),
+    Mutation("unclear errors: a checkpoint of another depth reported as torch's full key list", "pld_pipeline/models.py",
+             "        misfit = _misfit(model.state_dict(), state)", "        misfit = None",
+             ("tests/test_models.py::test_a_checkpoint_of_another_depth_is_summed_up_in_one_short_line",
+              "tests/test_models.py::test_num_classes_against_a_checkpoint_of_other_width_names_both_counts")),
+    Mutation("unclear errors: no did-you-mean for an unknown model", "pld_pipeline/models.py",
+             'raise ValueError(f"Unknown model {source!r}{_did_you_mean(source)}: not',
+             'raise ValueError(f"Unknown model {source!r}: not',
+             ("tests/test_models.py::test_an_unknown_model_name_suggests_the_closest_ones",)),
+    Mutation("unclear errors: an unquoted brace pattern left to click's 'unexpected extra argument'", "cli/app.py",
+             "    hint = shell_expanded_pattern(sys.argv[1:])", "    hint = None",
+             (EARLY + "test_an_unquoted_brace_pattern_expanded_by_the_shell_says_quote_it",)),
+    Mutation("unclear errors: a missing shard is a bare [Errno 2] in the library", "pld_pipeline/data.py",
+             '    except FileNotFoundError:\n        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from None',
+             '    except KeyError:\n        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from None',
+             (EARLY + "test_a_missing_shard_given_to_the_library_is_a_one_line_data_error",)),
 ]
+
+
 def private_copy() -> Path:
     """The tree's files in a temporary folder, importable ahead of the editable install (PYTHONPATH), so a
     mutation applied there reaches in-process tests and the CLI subprocesses they start."""

@@ -114,3 +114,28 @@ def test_a_hostile_cache_root_is_left_to_the_library(tmp_path):
 
 def test_the_torch_free_recipe_names_are_the_view_recipes():
     assert options.RECIPES == RECIPES
+
+
+def test_a_missing_shard_given_to_the_library_is_a_one_line_data_error(cache, tmp_path):
+    """StudentData (the library, past the command line's checks) said a bare `[Errno 2] No such file`."""
+    from pld_pipeline.data import DataError
+    from pld_pipeline.student_data import StudentData
+    with pytest.raises(DataError, match=r"Shard .*missing-0\.tar does not exist; check the --data pattern"):
+        StudentData(str(tmp_path / "missing-{0..1}.tar"), cache=cache, batch_size=4, workers=0)
+
+
+def test_an_unquoted_brace_pattern_expanded_by_the_shell_says_quote_it(tmp_path):
+    run = subprocess.run([sys.executable, "-c", "import sys; from pld_pipeline_cli.app import main; main()",
+                          "distill", "--student", "cifar_resnet8", "--out", str(tmp_path / "r"), "--data",
+                          "s/train-0.tar", "s/train-1.tar", "s/train-2.tar", "--loss", "ce"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    text = " ".join(run.stderr.split())
+    assert run.returncode == 2 and "the shell expanded an unquoted brace pattern into 3 words" in text, text
+    assert "Quote the pattern" in text and "unexpected extra argument" not in text
+
+
+def test_a_positional_argument_after_a_pattern_is_not_taken_for_an_expanded_one():
+    from pld_pipeline_cli.app import shell_expanded_pattern
+    assert shell_expanded_pattern(["sweep", "--data", "s/train-0.tar", "sweep.toml"]) is None
+    assert shell_expanded_pattern(["verify", "--data", "a/x-0.tar", "c.zarr", "--audit", "4"]) is None
+    assert shell_expanded_pattern(["distill", "--data", "a/x-{0..3}.tar", "--loss", "ce"]) is None
