@@ -103,7 +103,8 @@ class ProgressReporter:
 
     def _on_step(self, e: dict[str, Any]) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=e["loss"], rate=e["samples_per_s"])
+            # step events come every few batches: the bar (and its ETA) counts batches, not events
+            self.progress.update(self.task, completed=e["step"] + 1, loss=e["loss"], rate=e["samples_per_s"])
 
     def _on_epoch_end(self, e: dict[str, Any]) -> None:
         if self.progress is not None:
