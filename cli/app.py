@@ -189,13 +189,17 @@ def _print_table(table: Table) -> None:
     if out.is_terminal:
         out.print(table)
         return
-    from rich.measure import Measurement
     saved = out.width
-    out.width = max(saved, Measurement.get(out, out.options.update(width=10_000), table).maximum)
+    out.width = max(saved, _natural_width(table))
     try:
         out.print(table)
     finally:
         out.width = saved
+
+
+def _natural_width(table: Table) -> int:
+    from rich.measure import Measurement
+    return Measurement.get(out, out.options.update(width=10_000), table).maximum
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -233,21 +237,38 @@ def inspect_cmd(
     t.add_row("views", escape(f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
                               f"seed {info['seed']}{mixed}"))
     t.add_row("key index", info["key_index"])
-    t.add_row("digest", (info["digest"] or "none (a metadata document is not JSON: run `pld verify`)")
-              + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"))
     if info["bytes_on_disk"] is not None:
         t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
     out.print(t)
-    tt = Table(title="teachers")
-    for col in ("id", "source", "k", "temperatures", "shards done", "top-1 on cached views", "tail mass p50/p90/max"):
-        tt.add_column(col)
+    # the digest is copied into --expect-digest: a line of its own, never cut to the table's width
+    out.print(f"digest: {info['digest'] or 'none (a metadata document is not JSON: run `pld verify`)'}"
+              + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"),
+              highlight=False, soft_wrap=True)
+    columns = ("source", "k", "temperatures", "shards done", "top-1 on cached views", "tail mass p50/p90/max")
+    rows = {}
     for tid, d in info["teachers"].items():
         tm = d["tail_mass"]
         acc = d["accuracy_on_cached_views"]
-        tt.add_row(escape(tid), escape(str(d["source"])), f"{d['k']}{' (full)' if d['full'] else ''}", ",".join(f"{x:g}" for x in d["temperatures"]),
-                   f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
-                   "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
-    out.print(tt)
+        rows[tid] = (escape(str(d["source"])), f"{d['k']}{' (full)' if d['full'] else ''}",
+                     ",".join(f"{x:g}" for x in d["temperatures"]), f"{d['shards_done']}/{info['shards_total']}",
+                     "-" if acc is None else f"{acc * 100:.2f}%",
+                     "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
+    tt = Table(title="teachers")
+    for col in ("id",) + columns:
+        tt.add_column(col)
+    for tid, row in rows.items():
+        tt.add_row(escape(tid), *row)
+    if _natural_width(tt) <= out.width or not out.is_terminal:
+        _print_table(tt)
+    else:  # too narrow for one row per teacher: a block per teacher, its id on a line of its own (never cut)
+        for tid, row in rows.items():
+            out.print(f"teacher {escape(tid)}", highlight=False, soft_wrap=True)
+            block = Table(show_header=False, box=None, padding=(0, 2))
+            block.add_column(overflow="fold")
+            block.add_column(overflow="fold")
+            for col, value in zip(columns, row):
+                block.add_row(col, value)
+            out.print(block)
     if class_map is not None:
         cm = info["class_map"]
         mt = Table(title=f"class map {class_map}: {cm['student_classes']} student classes from "

@@ -23,3 +23,59 @@ def test_the_distill_bar_counts_batches_not_progress_events(monkeypatch):
     task = reporter.progress.tasks[0]
     assert (task.completed, task.total) == (51, 100)
     reporter.progress.stop()
+
+
+def run_in_terminal(argv, columns=80, timeout=120, env=None, signal_after=None):
+    """Run ``argv`` in a pseudo-terminal ``columns`` wide (what a user's terminal gives rich); its output, with
+    ANSI escapes removed, and its exit status. ``signal_after=(text, signum)``: send signum once text appeared."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm", **(env or {})})
+    os.close(slave)
+    chunks, sent, deadline = [], False, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+            if signal_after and not sent and signal_after[0].encode() in b"".join(chunks):
+                proc.send_signal(signal_after[1])
+                sent = True
+        elif proc.poll() is not None:
+            break
+    code = proc.wait(timeout=30)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", ""), code
+
+
+def test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal(tiny_data, teacher_ckpt, tmp_path):
+    import sys
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+    tid = "cifar_resnet8_from_the_long_named_checkpoint_v2"
+    url = str(tmp_path / "c.zarr")
+    digest = cache_teacher(CacheTeacherConfig(
+        data=tiny_data["train"].shards[0], out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, tid)],
+        views=1, size=16, k=3, batch_size=16, workers=0, device="cpu", recipe_overrides={"pad": 2}))["digest"]
+    text, code = run_in_terminal([sys.executable, "-c", "from pld_pipeline_cli.app import main; main()",
+                                  "inspect", url], columns=80)
+    assert code == 0, text
+    assert f"digest: {digest}" in text and "…" not in text, text
+    assert f"teacher {tid}" in text
+    assert all(len(line) <= 80 for line in text.splitlines() if "│" in line), text  # the tables fit
+
