@@ -469,6 +469,12 @@ MUTATIONS = [
              '    except FileNotFoundError:\n        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from None',
              '    except KeyError:\n        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from None',
              (EARLY + "test_a_missing_shard_given_to_the_library_is_a_one_line_data_error",)),
+    Mutation("progress: the distill bar counts step events, not batches (ETA 10x long)", "cli/progress.py",
+             'self.progress.update(self.task, completed=e["step"] + 1,', 'self.progress.update(self.task, advance=1,',
+             ("tests/test_progress.py::test_the_distill_bar_counts_batches_not_progress_events",)),
+    Mutation("inspect: teacher ids cut to fit an 80-column terminal", "cli/app.py",
+             "    if _natural_width(tt) <= out.width or not out.is_terminal:", "    if True:",
+             ("tests/test_progress.py::test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal",)),
 ]
 
 
