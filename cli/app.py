@@ -164,7 +164,12 @@ def cache_teacher_cmd(
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
         overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl)
-    summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
+    try:
+        summary = cache_teacher(cfg, reporter)
+    except KeyboardInterrupt:
+        reporter.cache_teacher_interrupted()
+        raise typer.Exit(code=130) from None
     if _rank() != 0:
         return
     if json_:
@@ -478,7 +483,12 @@ def distill_cmd(
         top_k=top_k, class_map=class_map, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
         pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
-    summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
+    try:
+        summary = distill(cfg, reporter)
+    except KeyboardInterrupt:
+        reporter.distill_interrupted(out_)
+        raise typer.Exit(code=130) from None
     if _rank() != 0:
         return
     if json_:

@@ -475,6 +475,12 @@ MUTATIONS = [
     Mutation("inspect: teacher ids cut to fit an 80-column terminal", "cli/app.py",
              "    if _natural_width(tt) <= out.width or not out.is_terminal:", "    if True:",
              ("tests/test_progress.py::test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal",)),
+    Mutation("Ctrl-C: distill exits without saying what was kept or how to resume", "cli/app.py",
+             "        reporter.distill_interrupted(out_)", "        pass",
+             ("tests/test_progress.py::test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume",)),
+    Mutation("Ctrl-C: cache-teacher counts only this run's shards as kept", "cli/progress.py",
+             "        kept = self.skipped_shards + self.shards", "        kept = self.skipped_shards",
+             ("tests/test_progress.py::test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command",)),
 ]
 
 

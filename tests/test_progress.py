@@ -79,3 +79,46 @@ def test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal(
     assert f"teacher {tid}" in text
     assert all(len(line) <= 80 for line in text.splitlines() if "│" in line), text  # the tables fit
 
+
+def _pld(*args):
+    import sys
+    return [sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", *map(str, args)]
+
+
+def test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume(tiny_data, cache, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    text, code = run_in_terminal(_pld("distill", "--data", tiny_data["train"].pattern, "--cache", cache,
+                                      "--student", "cifar_resnet8", "--out", out, "--epochs", 500, "--batch-size", 8,
+                                      "--workers", 0, "--device", "cpu"),
+                                 timeout=240, signal_after=("epoch 0:", signal.SIGINT))
+    assert code == 130, text
+    line = next(line for line in text.splitlines() if line.startswith("interrupted:"))
+    assert "finished epoch(s) kept in" in line and line.endswith("rerun with --resume to continue from there"), text
+    assert text.endswith("continue from there\n") and "Traceback" not in text  # the prompt starts on a new line
+    kept = int(line.split()[1])
+    state = __import__("torch").load(out / "last_state.pt", weights_only=True)
+    assert state["epoch"] + 1 >= kept >= 1
+
+
+def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command(tiny_data, teacher_ckpt, tmp_path):
+    """Off a terminal (plain log lines), so the test can wait for the first shard to be written."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(_pld("cache-teacher", "--data", tiny_data["train"].pattern, "--out", tmp_path / "c.zarr",
+                                 "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--views", 256,
+                                 "--size", 16, "--top-k", 3, "--workers", 0, "--device", "cpu", "--batch-size", 64),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "written (1/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    code = proc.wait(timeout=120)
+    text = "".join(lines)
+    assert code == 130, text
+    written = text.count(" written (")  # the shards finished before the signal landed (1, rarely 2)
+    assert f"interrupted: {written} of 3 shard(s) cached and kept" in text and text.endswith(
+        "rerun the same command to resume\n"), text
