@@ -19,8 +19,34 @@ from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES  # torch-free: ligh
 
 from .progress import ProgressReporter
 
+class FlagsWithoutType(typer.core.TyperCommand):
+    """A flag takes no value: its help line shows no type (typer would print `<bool>` beside it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped(super().get_help_option(ctx))
+
+
+class GroupHelpWithoutType(typer.core.TyperGroup):
+    """`pld --help`: the help flag shows no type either."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped(super().get_help_option(ctx))
+
+
+def _untyped(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
-    name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=GroupHelpWithoutType, name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Plackett-Luce distillation from cached teacher logits: cache the teacher once, train many students.")
 out = Console(soft_wrap=True)  # paths and commands must stay copy-pasteable
 err = Console(stderr=True, soft_wrap=True)
@@ -87,7 +113,7 @@ def _class_names(path: Optional[Path], data: str) -> Optional[list[str]]:
     return read_classes(expand_shards(data)[0])
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", cls=FlagsWithoutType)
 @friendly_errors
 def cache_teacher_cmd(
     data: Annotated[str, typer.Option(help="Webdataset shards: path, fsspec URL, pipe:, or brace pattern.", rich_help_panel=DATA)],
@@ -212,7 +238,7 @@ def _print_warnings(warnings: list[str]) -> None:
         err.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=FlagsWithoutType)
 @friendly_errors
 def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -306,7 +332,7 @@ def _print_key(cache: str, key: str, json_: bool, expect_digest: Optional[str] =
         out.print(" ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
 
-@app.command("verify")
+@app.command("verify", cls=FlagsWithoutType)
 @friendly_errors
 def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -376,9 +402,14 @@ def _print_audit(report: Any, json_: bool) -> None:
         for note in report.notes:
             err.print(f"[bold yellow]NOTE:[/] {note}", highlight=False, soft_wrap=True)
         failed = [v.key for v in report.views if not v.ok]
-        if failed:
+        if failed:  # the last line is the verdict
             err.print(f"[bold red]audit failed[/]: {len(failed)} view(s) differ from the teacher's outputs beyond "
                       f"tolerance, e.g. {', '.join(failed[:5])}", highlight=False, soft_wrap=True)
+        elif not report.views:
+            err.print("[bold red]audit failed[/]: no cached view was audited", highlight=False)
+        else:
+            out.print(f"audit passed: all {len(report.views)} view(s) re-run by the teacher match the cache within "
+                      f"tolerance {report.tolerance:g}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -405,7 +436,7 @@ LOSS = "Loss"
 OPTIM = "Optimisation"
 
 
-@app.command("distill")
+@app.command("distill", cls=FlagsWithoutType)
 @friendly_errors
 def distill_cmd(
     data: Annotated[str, typer.Option(help="Training shards (the cached ones, or a subset).", rich_help_panel=DATA)],
@@ -501,7 +532,7 @@ def distill_cmd(
               + f"train {summary['train_seconds']:.1f}s, total {summary['seconds']:.1f}s | {summary['out']}")
 
 
-@app.command("demo")
+@app.command("demo", cls=FlagsWithoutType)
 @friendly_errors
 def demo_cmd(
     out_: Annotated[str, typer.Option("--out", help="Directory for the demo's data, cache, runs and results.")] = "pld-demo",
@@ -544,7 +575,7 @@ def demo_cmd(
         out.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
-@app.command("make-shards")
+@app.command("make-shards", cls=FlagsWithoutType)
 @friendly_errors
 def make_shards_cmd(
     source: Annotated[str, typer.Argument(help="digits (bundled with scikit-learn), cifar (python pickle batches) or folder (ImageFolder tree).")],
@@ -590,7 +621,7 @@ def make_shards_cmd(
     out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False, soft_wrap=True)
 
 
-@app.command("sweep")
+@app.command("sweep", cls=FlagsWithoutType)
 @friendly_errors
 def sweep_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="TOML/YAML sweep file with [base], [grid] and/or [[runs]].")] = None,
@@ -656,7 +687,7 @@ def sweep_cmd(
     _print_report(out_, rows)
 
 
-@app.command("report")
+@app.command("report", cls=FlagsWithoutType)
 @friendly_errors
 def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made by `pld sweep`.")]) -> None:
     """Re-render a sweep's results.csv, results.md and results.png from its run directories."""
@@ -665,15 +696,19 @@ def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made b
 
 
 def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
+    from pld_pipeline.sweep import best_line, run_status
     t = Table(title=f"sweep {escape(sweep_dir)}")
-    keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1", "train_seconds")]
-    for col in keys + ["best top-1", "last top-1", "train s"]:
+    keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1",
+                                            "train_seconds", "stopped_after_epochs", "stop_reason")]
+    for col in keys + ["best top-1", "last top-1", "train s", "status"]:
         t.add_column(escape(col))
     for r in rows:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-        t.add_row(*[escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]), fmt(r["last_val_top1"]),
-                  "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
+        t.add_row(*["-" if r[k] is None else escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]),
+                  fmt(r["last_val_top1"]), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
+                  run_status(r))
     out.print(t)
+    out.print(best_line(rows), highlight=False, soft_wrap=True)
     out.print(f"results: {os.path.join(sweep_dir, 'results.md')}, {os.path.join(sweep_dir, 'results.csv')}, "
               f"{os.path.join(sweep_dir, 'results.png')}")
 

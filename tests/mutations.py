@@ -481,6 +481,22 @@ MUTATIONS = [
     Mutation("Ctrl-C: cache-teacher counts only this run's shards as kept", "cli/progress.py",
              "        kept = self.skipped_shards + self.shards", "        kept = self.skipped_shards",
              ("tests/test_progress.py::test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command",)),
+    Mutation("plots and tables: flags shown with a <bool> type in --help", "cli/app.py",
+             '                param.metavar = ""', "                pass",
+             ("tests/test_cli.py::test_flags_show_no_type_in_help",)),
+    Mutation("plots and tables: Python None printed for a setting a run leaves unset", "cli/app.py",
+             '*["-" if r[k] is None else escape(str(r[k])) for k in keys]', "*[escape(str(r[k])) for k in keys]",
+             (SWEEP + "test_the_report_table_reads_right",)),
+    Mutation("plots and tables: a run stopped by halving named the sweep's best", "pld_pipeline/sweep.py",
+             'finished = [r for r in rows if r["done"] and not r["stopped_after_epochs"] and',
+             'finished = [r for r in rows if r["done"] and',
+             (SWEEP + "test_the_report_table_reads_right",)),
+    Mutation("plots and tables: the sweep plot's y-axis starts near the lowest bar", "pld_pipeline/sweep.py",
+             "    ax.set_ylim(0, min(100,", "    ax.set_ylim(max(0, min(means) - 5), min(100,",
+             (SWEEP + "test_the_sweep_plot_starts_at_zero_and_marks_runs_stopped_by_halving",)),
+    Mutation("plots and tables: verify --audit ends without a verdict when it passes", "cli/app.py",
+             '            out.print(f"audit passed: all', '            (lambda *a, **k: None)(f"audit passed: all',
+             ("tests/test_audit.py::test_cli_audit_table_json_and_exit_codes",)),
 ]
 
 

@@ -156,3 +156,12 @@ def test_tables_print_in_full_outside_a_terminal(monkeypatch):
     t.add_row("student pld, online teacher", name, "28,589,128", "97.21 ± 0.40%", "96.66 ± 0.52%", "12.3s")
     cli._print_table(t)
     assert name in buf.getvalue() and "student pld, online teacher" in buf.getvalue()
+
+
+def test_flags_show_no_type_in_help():
+    """A flag takes no value: typer printed `<bool>` beside each, as if one were expected."""
+    for name in ("cache-teacher", "distill", "inspect", "verify", "demo", "make-shards", "sweep", "report"):
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--help" in result.output and "<bool>" not in result.output, name
+    assert "<bool>" not in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "<int>" in runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output  # values keep theirs

@@ -275,3 +275,50 @@ def test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_w
     assert result.exit_code == 2 and f'needs the optional package {package}' in text, text
     assert f'pip install "pld-pipeline[{extra}]"' in text and "internal error" not in text
     assert not (tmp_path / "sw").exists()
+
+
+def _finished_sweep(tmp_path, runs):
+    """A sweep folder as `pld sweep` leaves it: name -> (overrides, summary)."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"names": {n: o for n, (o, _) in runs.items()}}))
+    for name, (_, summary) in runs.items():
+        (sweep / name).mkdir()
+        (sweep / name / "summary.json").write_text(json.dumps(summary))
+        (sweep / name / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    return sweep
+
+
+def test_the_report_table_reads_right(tmp_path):
+    """No Python None for a setting a run leaves unset, no halving columns without halving, a best-run line."""
+    sweep = _finished_sweep(tmp_path, {
+        "loss=ce": ({"loss": "ce"}, {"best_val_top1": 61.5, "last_val_top1": 60.25, "train_seconds": 3.0}),
+        "loss=kd,alpha=0.5": ({"loss": "kd", "alpha": 0.5},
+                              {"best_val_top1": 64.0, "last_val_top1": 63.0, "train_seconds": 3.0}),
+        "loss=kd,alpha=0.9": ({"loss": "kd", "alpha": 0.9},
+                              {"best_val_top1": 70.0, "last_val_top1": 20.0, "train_seconds": 1.0,
+                               "stopped_after_epochs": 1, "stop_reason": "halving: ..."})})
+    result = CliRunner().invoke(app, ["report", str(sweep)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "None" not in result.output and "stop_reason" not in result.output
+    assert "stopped after 1 epochs (halving)" in result.output
+    # the stopped run scored higher after one epoch, but did not train to the end: not the best
+    assert "best run: loss=kd,alpha=0.5, best val top-1 64.00%" in result.output
+    assert "best run: loss=kd,alpha=0.5" in (sweep / "results.md").read_text()
+
+
+def test_the_sweep_plot_starts_at_zero_and_marks_runs_stopped_by_halving(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    _finished_sweep(tmp_path, {
+        "lr=1": ({"lr": 1}, {"best_val_top1": 19.0, "last_val_top1": 19.0, "train_seconds": 1.0}),
+        "lr=2": ({"lr": 2}, {"best_val_top1": 17.0, "last_val_top1": 17.0, "train_seconds": 1.0,
+                             "stopped_after_epochs": 1, "stop_reason": "halving"})})
+    report(str(tmp_path / "sweep"))
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[0] == 0 and "best val top-1" in ax.get_title() and "stopped early" in ax.get_title()
+    finished, stopped = ax.patches[:2]
+    assert stopped.get_hatch() == "//" and not finished.get_hatch()
+    assert not ax.containers[1:]  # one seed each: no error bars
+
