@@ -679,11 +679,14 @@ def sweep_cmd(
         if not quiet and event["event"] == "sweep_start":
             at_once = f"{event['jobs']} at once" if isinstance(event["jobs"], int) else f"on {event['jobs']}"
             err.print(f"sweep: {event['runs']} run(s), {event['runs'] - event['todo']} already done, {at_once}")
-        elif not quiet and event["event"] == "run_done":
+        elif not quiet and event["event"] == "run_done" and not reporter.live:
             err.print(f"finished {event['name']}")
         reporter(event)
 
-    rows = run_sweep(base, full_grid, runs, out_, launch=how, halving=halving, progress=progress)
+    try:
+        rows = run_sweep(base, full_grid, runs, out_, launch=how, halving=halving, progress=progress)
+    finally:
+        reporter.stop()
     _print_report(out_, rows)
 
 

@@ -11,6 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 err = Console(stderr=True)
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class ProgressReporter:
     """A callable taking the library's ``{"event": ...}`` dicts."""
 
@@ -121,6 +126,30 @@ class ProgressReporter:
     def _on_end(self, e: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    # sweep --------------------------------------------------------------------------------------
+    def _on_run_epoch(self, e: dict[str, Any]) -> None:
+        """One live line per run on a terminal; one log line per finished epoch otherwise."""
+        epochs = e["epochs"] if e["epochs"] is not None else "?"
+        eta = "-" if e["eta_s"] != e["eta_s"] else _clock(e["eta_s"])
+        val = "-" if e["val_top1"] != e["val_top1"] else f"{e['val_top1']:.2f}"
+        text = f"epoch {e['epoch']}/{epochs}  loss {e['train_loss']:.4f}  val top-1 {val}  ETA {eta}"
+        if not self.live:
+            self._log(f"{e['name']}: {text}")
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), TextColumn("{task.fields[text]}"), console=err)
+            self.progress.start()
+            self.run_tasks: dict[str, Any] = {}
+        if e["name"] not in self.run_tasks:
+            self.run_tasks[e["name"]] = self.progress.add_task(e["name"], text=text)
+        self.progress.update(self.run_tasks[e["name"]], text=text)
+
+    def stop(self) -> None:
+        """Leave a live display (the sweep's lines stay on screen)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     # distill ------------------------------------------------------------------------------------
     def _on_train_start(self, e: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
 from .options import require_module
+from .sweep_watch import SweepWatch
 from .tracking import finish_sweep_parent, parse_log, sweep_parent
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -150,7 +151,8 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
     emit({"event": "sweep_start", "runs": len(names), "todo": len(todo),
           "jobs": launch.jobs if launch.kind == "local" else launch.kind})
     backends = _open_parent(base, grid, out, halving, len(names))
-    launch_runs(todo, launch, emit)
+    with SweepWatch(out, todo, emit):  # one run_epoch event per finished epoch of each run, on any launcher
+        launch_runs(todo, launch, emit)
     rows = report(out)
     if backends:
         finish_sweep_parent(out, best_run(rows))

@@ -497,6 +497,9 @@ MUTATIONS = [
     Mutation("plots and tables: verify --audit ends without a verdict when it passes", "cli/app.py",
              '            out.print(f"audit passed: all', '            (lambda *a, **k: None)(f"audit passed: all',
              ("tests/test_audit.py::test_cli_audit_table_json_and_exit_codes",)),
+    Mutation("sweep progress: the runs' epochs are not watched (silent until each run ends)", "pld_pipeline/sweep.py",
+             "    with SweepWatch(out, todo, emit):", "    with SweepWatch(out, {}, emit):",
+             (SWEEP + "test_a_sweep_reports_every_epoch_of_every_run_off_a_terminal",)),
 ]
 
 

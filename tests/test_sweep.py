@@ -322,3 +322,50 @@ def test_the_sweep_plot_starts_at_zero_and_marks_runs_stopped_by_halving(tmp_pat
     assert stopped.get_hatch() == "//" and not finished.get_hatch()
     assert not ax.containers[1:]  # one seed each: no error bars
 
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_sweep_reports_every_epoch_of_every_run_off_a_terminal(tiny_data, cache, tmp_path, jobs):
+    """Off a terminal: one line per finished epoch of each run (epoch, loss, val top-1, ETA), not silence until
+    each run ends; the same with runs in parallel processes (the runs' metrics.jsonl is the channel)."""
+    result = CliRunner().invoke(app, [
+        "sweep", "--jobs", jobs, "--data", tiny_data["train"].pattern, "--cache", cache,
+        "--val-data", tiny_data["val"].pattern,
+        "--student", "cifar_resnet8", "--set", "epochs=2", "--set", "batch_size=8", "--set", "workers=0",
+        "--set", "device=cpu", "--grid", "loss=ce,kd", "--out", str(tmp_path / "sw")])
+    assert result.exit_code == 0, result.output
+    for run in ("loss=ce", "loss=kd"):
+        lines = [line for line in result.output.splitlines() if line.startswith(f"{run}: epoch ")]
+        assert [line.split()[2] for line in lines] == ["1/2", "2/2"], result.output
+        assert "loss " in lines[0] and "val top-1 " in lines[0] and "ETA 0:00:" in lines[0]
+        assert lines[1].endswith("ETA 0:00:00")
+
+
+def test_the_sweep_watch_reports_only_what_resumed_runs_add_and_skips_broken_files(tmp_path):
+    from pld_pipeline.sweep_watch import SweepWatch
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 2.0, "val_top1": 10.0, "epoch_seconds": 4}\n')
+    events = []
+    watch = SweepWatch(str(tmp_path), {"a": {"epochs": 3, "out": str(run)}}, events.append)
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 2.0, "val_top1": 10.0, "epoch_seconds": 4}\n'
+                                       '{"epoch": 1, "train_loss": 1.0, "val_top1": 20.0, "epoch_seconds": 2}\n')
+    watch.poll()
+    watch.poll()
+    assert [(e["epoch"], e["val_top1"], e["eta_s"]) for e in events] == [(2, 20.0, 3.0)]
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_lo')  # half-written by a stranger: nothing, no error
+    watch.poll()
+    assert len(events) == 1
+
+
+def test_a_sweep_in_a_terminal_shows_a_live_line_per_run(tiny_data, cache, tmp_path):
+    import sys
+    from test_progress import run_in_terminal
+    text, code = run_in_terminal([
+        sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", "sweep", "--data",
+        tiny_data["train"].pattern, "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student",
+        "cifar_resnet8", "--set", "epochs=2", "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
+        "--grid", "loss=ce,kd", "--out", str(tmp_path / "sw")], columns=120, timeout=300)
+    assert code == 0, text
+    for run in ("loss=ce", "loss=kd"):
+        assert any(line.startswith(run) and "epoch 2/2" in line and "val top-1" in line
+                   for line in text.splitlines()), text
