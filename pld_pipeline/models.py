@@ -200,6 +200,8 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
             kwargs.pop("num_classes")  # the factory fixes its width; the checkpoint or the model tells it
         model = factory(**kwargs)
     else:
+        if pretrained:
+            _fail_fast_without_hub(source)
         try:
             model = create_model(source, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
@@ -259,17 +261,58 @@ def _did_you_mean(name: str) -> str:
     return f" (did you mean {' or '.join(repr(n) for n in shown)}?)" if shown else ""
 
 
-def _weights_not_found(source: str, error: Exception) -> ValueError:
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+HUB_PROBE_SECONDS = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_dir() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
-    repo = source[len("hf-hub:"):] if source.startswith("hf-hub:") else None
+
+
+def _hub_repo(source: str) -> str | None:
+    if source.startswith("hf-hub:"):
+        return source[len("hf-hub:"):]
+    try:
+        from timm.models import get_pretrained_cfg
+        return getattr(get_pretrained_cfg(source), "hf_hub_id", None)
+    except Exception:  # noqa: BLE001 - only for messages and the probe
+        return None
+
+
+def _fail_fast_without_hub(source: str) -> None:
+    """Weights that are not in the Hugging Face cache, with a hub that cannot be reached: refused after a short
+    connection probe, where the hub client would retry for a minute or more before failing. Skipped offline
+    (HF_HUB_OFFLINE), behind a proxy (only it knows the way) and when the weights are cached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return
+    repo = _hub_repo(source)
     if repo is None:
-        try:
-            from timm.models import get_pretrained_cfg
-            repo = getattr(get_pretrained_cfg(source), "hf_hub_id", None)
-        except Exception:  # noqa: BLE001 - only for the message
-            repo = None
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if any(isinstance(try_to_load_from_cache(repo.partition("@")[0], f), str)
+           for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        return
+    import socket
+    from urllib.parse import urlsplit
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        raise ValueError(
+            f"Cannot load pretrained weights for {source!r}: they are not in the Hugging Face cache {_hub_dir()} and "
+            f"{endpoint} cannot be reached ({type(e).__name__} within {HUB_PROBE_SECONDS:g} s). On a machine "
+            f"without network set HF_HUB_OFFLINE=1 and put the weights in that cache (huggingface-cli download "
+            f"{repo} where there is access), or pass the weight file with --teacher-checkpoint / "
+            "--init-checkpoint.") from None
+
+
+def _weights_not_found(source: str, error: Exception) -> ValueError:
+    hub = _hub_dir()
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    repo = _hub_repo(source)
     return ValueError(
         f"Cannot load pretrained weights for {source!r}: looked in the Hugging Face cache {hub}{offline} and found "
         f"none ({type(error).__name__}). Download them there on a machine with access (huggingface-cli download "

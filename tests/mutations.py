@@ -500,6 +500,9 @@ MUTATIONS = [
     Mutation("sweep progress: the runs' epochs are not watched (silent until each run ends)", "pld_pipeline/sweep.py",
              "    with SweepWatch(out, todo, emit):", "    with SweepWatch(out, {}, emit):",
              (SWEEP + "test_a_sweep_reports_every_epoch_of_every_run_off_a_terminal",)),
+    Mutation("unclear errors: an unreachable hub is retried instead of refused at once", "pld_pipeline/models.py",
+             "            _fail_fast_without_hub(source)", "            pass",
+             ("tests/test_hub.py::test_an_unreachable_hub_without_hf_hub_offline_fails_fast_naming_the_switch",)),
 ]
 
 
