@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -19,11 +20,15 @@ from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES  # torch-free: ligh
 
 from .progress import ProgressReporter
 
-class FlagsWithoutType(typer.core.TyperCommand):
-    """A flag takes no value: its help line shows no type (typer would print `<bool>` beside it)."""
+class PldCommand(typer.core.TyperCommand):
+    """Help that reads right at any width: a docstring's paragraphs reflow to the terminal (typer keeps the
+    source's line breaks, which cut sentences at 80 columns), and a flag, which takes no value, shows no type
+    (typer would print `<bool>` beside it)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
         for param in self.params:
             if getattr(param, "is_flag", False):
                 param.metavar = ""
@@ -113,7 +118,7 @@ def _class_names(path: Optional[Path], data: str) -> Optional[list[str]]:
     return read_classes(expand_shards(data)[0])
 
 
-@app.command("cache-teacher", cls=FlagsWithoutType)
+@app.command("cache-teacher", cls=PldCommand)
 @friendly_errors
 def cache_teacher_cmd(
     data: Annotated[str, typer.Option(help="Webdataset shards: path, fsspec URL, pipe:, or brace pattern.", rich_help_panel=DATA)],
@@ -238,7 +243,7 @@ def _print_warnings(warnings: list[str]) -> None:
         err.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-@app.command("inspect", cls=FlagsWithoutType)
+@app.command("inspect", cls=PldCommand)
 @friendly_errors
 def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -332,7 +337,7 @@ def _print_key(cache: str, key: str, json_: bool, expect_digest: Optional[str] =
         out.print(" ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
 
-@app.command("verify", cls=FlagsWithoutType)
+@app.command("verify", cls=PldCommand)
 @friendly_errors
 def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -436,7 +441,7 @@ LOSS = "Loss"
 OPTIM = "Optimisation"
 
 
-@app.command("distill", cls=FlagsWithoutType)
+@app.command("distill", cls=PldCommand)
 @friendly_errors
 def distill_cmd(
     data: Annotated[str, typer.Option(help="Training shards (the cached ones, or a subset).", rich_help_panel=DATA)],
@@ -532,7 +537,7 @@ def distill_cmd(
               + f"train {summary['train_seconds']:.1f}s, total {summary['seconds']:.1f}s | {summary['out']}")
 
 
-@app.command("demo", cls=FlagsWithoutType)
+@app.command("demo", cls=PldCommand)
 @friendly_errors
 def demo_cmd(
     out_: Annotated[str, typer.Option("--out", help="Directory for the demo's data, cache, runs and results.")] = "pld-demo",
@@ -575,7 +580,7 @@ def demo_cmd(
         out.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
-@app.command("make-shards", cls=FlagsWithoutType)
+@app.command("make-shards", cls=PldCommand)
 @friendly_errors
 def make_shards_cmd(
     source: Annotated[str, typer.Argument(help="digits (bundled with scikit-learn), cifar (python pickle batches) or folder (ImageFolder tree).")],
@@ -621,7 +626,7 @@ def make_shards_cmd(
     out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False, soft_wrap=True)
 
 
-@app.command("sweep", cls=FlagsWithoutType)
+@app.command("sweep", cls=PldCommand)
 @friendly_errors
 def sweep_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="TOML/YAML sweep file with [base], [grid] and/or [[runs]].")] = None,
@@ -690,7 +695,7 @@ def sweep_cmd(
     _print_report(out_, rows)
 
 
-@app.command("report", cls=FlagsWithoutType)
+@app.command("report", cls=PldCommand)
 @friendly_errors
 def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made by `pld sweep`.")]) -> None:
     """Re-render a sweep's results.csv, results.md and results.png from its run directories."""

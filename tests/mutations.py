@@ -503,6 +503,9 @@ MUTATIONS = [
     Mutation("unclear errors: an unreachable hub is retried instead of refused at once", "pld_pipeline/models.py",
              "            _fail_fast_without_hub(source)", "            pass",
              ("tests/test_hub.py::test_an_unreachable_hub_without_hf_hub_offline_fails_fast_naming_the_switch",)),
+    Mutation("plots and tables: --help keeps the docstring's line breaks (sentences cut mid-line)", "cli/app.py",
+             "        if self.help:", "        if False:",
+             ("tests/test_cli.py::test_command_help_reflows_its_paragraphs_to_the_terminal",)),
 ]
 
 

@@ -165,3 +165,9 @@ def test_flags_show_no_type_in_help():
         assert result.exit_code == 0 and "--help" in result.output and "<bool>" not in result.output, name
     assert "<bool>" not in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     assert "<int>" in runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output  # values keep theirs
+
+
+def test_command_help_reflows_its_paragraphs_to_the_terminal():
+    """typer kept the docstring's own line breaks: at 80 columns sentences broke twice, mid-line."""
+    result = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"})
+    assert "config.json to --out. Under `torchrun" in result.output
