@@ -669,6 +669,8 @@ def sweep_cmd(
                                          log=log).items()
                  if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
+    for loss in [base.get("loss", "pld"), *full_grid.get("loss", []), *(r.get("loss", "pld") for r in runs)]:
+        options.check_loss_name(loss)  # before sweep.json is written or a run imports torch
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown --scheduler '{scheduler}'. Use one of: {', '.join(SCHEDULERS)}.")
     halving = HalvingRule(grace_epochs, reduction_factor) if scheduler == "halving" else None

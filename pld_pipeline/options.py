@@ -69,12 +69,17 @@ def require_module(module: str, what: str, extra: str) -> None:
                           f"pip install \"pld-pipeline[{extra}]\" (nothing was written).")
 
 
+def check_loss_name(loss: Any) -> None:
+    """A built-in loss name (the command line knows no other)."""
+    if loss not in BUILTIN_LOSSES:
+        raise OptionError(f"Unsupported loss '{loss}'{did_you_mean(str(loss), BUILTIN_LOSSES)}. Use one of: "
+                          f"{', '.join(BUILTIN_LOSSES)}.")
+
+
 def check_loss(loss: str, cache: str | None, online_teacher: str | None = None) -> None:
     """A built-in loss name, and a cache for every loss that learns from a teacher."""
-    info = BUILTIN_LOSSES.get(loss)
-    if info is None:
-        raise OptionError(f"Unsupported loss '{loss}'{did_you_mean(loss, BUILTIN_LOSSES)}. Use one of: "
-                          f"{', '.join(BUILTIN_LOSSES)}.")
+    check_loss_name(loss)
+    info = BUILTIN_LOSSES[loss]
     if info.needs_teacher and not cache and not online_teacher:
         raise OptionError(f"--loss {loss} needs --cache (teacher targets); only --loss ce trains without one.")
 

@@ -506,6 +506,9 @@ MUTATIONS = [
     Mutation("plots and tables: --help keeps the docstring's line breaks (sentences cut mid-line)", "cli/app.py",
              "        if self.help:", "        if False:",
              ("tests/test_cli.py::test_command_help_reflows_its_paragraphs_to_the_terminal",)),
+    Mutation("early refusals: a mistyped loss in a sweep grid found after sweep.json is written", "cli/app.py",
+             "        options.check_loss_name(loss)  # before sweep.json", "        pass  # before sweep.json",
+             (SWEEP + "test_a_mistyped_loss_in_a_sweep_grid_is_refused_before_the_sweep_folder_is_written",)),
 ]
 
 

@@ -369,3 +369,10 @@ def test_a_sweep_in_a_terminal_shows_a_live_line_per_run(tiny_data, cache, tmp_p
     for run in ("loss=ce", "loss=kd"):
         assert any(line.startswith(run) and "epoch 2/2" in line and "val top-1" in line
                    for line in text.splitlines()), text
+
+
+def test_a_mistyped_loss_in_a_sweep_grid_is_refused_before_the_sweep_folder_is_written(tiny_data, tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--data", tiny_data["train"].pattern, "--student", "cifar_resnet8",
+                                      "--grid", "loss=ce,pdl", "--out", str(tmp_path / "sw"), "--quiet"])
+    assert result.exit_code == 2 and "Unsupported loss 'pdl' (did you mean 'pld'?)" in " ".join(result.output.split())
+    assert not (tmp_path / "sw").exists()
