@@ -509,6 +509,9 @@ MUTATIONS = [
     Mutation("early refusals: a mistyped loss in a sweep grid found after sweep.json is written", "cli/app.py",
              "        options.check_loss_name(loss)  # before sweep.json", "        pass  # before sweep.json",
              (SWEEP + "test_a_mistyped_loss_in_a_sweep_grid_is_refused_before_the_sweep_folder_is_written",)),
+    Mutation("plots and tables: the demo plot zooms on nothing (its right panel the full run, the gap hidden)", "pld_pipeline/demo.py",
+             "        tail = slice(len(epochs) - max(2, len(epochs) // 3), None)", "        tail = slice(None)",
+             ("tests/test_cli.py::test_the_demo_plot_zooms_on_the_last_epochs_where_the_losses_differ",)),
 ]
 
 
