@@ -1,5 +1,7 @@
 """Start-up cost of the light commands (`pld --help`, `inspect`, `verify`, `report`): wall time and peak RSS of a
-fresh process, as ratios to `python -c "import zarr"` (the floor: these commands need zarr and numpy only).
+fresh process, as ratios to `python -c "import zarr"` (the floor: these commands need zarr and numpy only). Also
+how fast mistakes are refused (a typo'd loss, a --data pattern matching no file, a temperature the cache lacks,
+an unknown cached teacher, a malformed digest), as a ratio to `pld --help` (goal: within 3x).
 
     python benchmarks/startup_bench.py [--repeats 7] [--tree after=. --tree before=/tmp/old-checkout]
                                        [--out benchmarks/results/startup.json]
@@ -62,7 +64,7 @@ def run_once(argv: list[str], tree: str | None) -> tuple[float, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in (0, 1, 2):  # 2: a refusal (the mistake cases)
         raise RuntimeError(f"{argv} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
     return seconds, usage.ru_maxrss / 1024  # Linux: KiB
@@ -87,6 +89,15 @@ def main() -> None:
         pld = [sys.executable, "-c", "import sys; from cli.app import main; sys.argv[0] = 'pld'; main()"]
         commands = {"pld --help": ["--help"], "pld inspect CACHE": ["inspect", cache],
                     "pld verify CACHE": ["verify", cache], "pld report DIR": ["report", sweep]}
+        train = os.path.join(tmp, "shards", "train-{000000..000001}.tar")
+        distill = ["distill", "--student", "cifar_resnet8", "--out", os.path.join(tmp, "run"), "--cache", cache]
+        commands.update({  # mistakes: each must be refused, before torch is imported
+            "refuse: --loss pdl": distill + ["--data", train, "--loss", "pdl"],
+            "refuse: --data matching no file": distill + ["--data", os.path.join(tmp, "shards", "x-{0..3}.tar")],
+            "refuse: uncached --temperature": distill + ["--data", train, "--temperature", "3"],
+            "refuse: unknown cached --teacher": distill + ["--data", train, "--teacher", "r9"],
+            "refuse: malformed --expect-digest": distill + ["--data", train, "--expect-digest", "sha256:0"],
+        })
         cases = {("floor", 'python -c "import zarr"'): ([sys.executable, "-c", "import zarr"], None)}
         cases.update({(tree, cmd): (pld + argv, path) for cmd, argv in commands.items() for tree, path in trees.items()})
         for argv, tree in cases.values():  # warm the page cache and the .pyc files
@@ -101,12 +112,14 @@ def main() -> None:
     floor_s = statistics.median(times[("floor", 'python -c "import zarr"')])
     floor_m = statistics.median(rss[("floor", 'python -c "import zarr"')])
     rows = []
-    print(f"{'tree':8} {'command':28} {'wall s':>8} {'x zarr':>7} {'peak MiB':>9} {'x zarr':>7}")
+    print(f"{'tree':8} {'command':34} {'wall s':>8} {'x zarr':>7} {'x help':>7} {'peak MiB':>9} {'x zarr':>7}")
     for (tree, cmd), ts in times.items():
         s, m = statistics.median(ts), statistics.median(rss[(tree, cmd)])
+        help_s = statistics.median(times.get((tree, "pld --help"), ts))
         rows.append({"tree": tree, "command": cmd, "wall_s": round(s, 3), "wall_ratio": round(s / floor_s, 2),
-                     "peak_rss_mib": round(m, 1), "rss_ratio": round(m / floor_m, 2)})
-        print(f"{tree:8} {cmd:28} {s:8.3f} {s / floor_s:7.2f} {m:9.1f} {m / floor_m:7.2f}")
+                     "help_ratio": round(s / help_s, 2), "peak_rss_mib": round(m, 1),
+                     "rss_ratio": round(m / floor_m, 2)})
+        print(f"{tree:8} {cmd:34} {s:8.3f} {s / floor_s:7.2f} {s / help_s:7.2f} {m:9.1f} {m / floor_m:7.2f}")
     write_results(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "repeats": args.repeats,
                              "load_avg": os.getloadavg(), "trees": trees, "rows": rows})
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -14,12 +14,43 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pld_pipeline import options  # torch-free: mistakes are refused before the heavy imports
 from pld_pipeline.loss_names import BUILTIN_LOSSES as LOSSES  # torch-free: light commands never import torch
 
 from .progress import ProgressReporter
 
+class PldCommand(typer.core.TyperCommand):
+    """Help that reads right at any width: a docstring's paragraphs reflow to the terminal (typer keeps the
+    source's line breaks, which cut sentences at 80 columns), and a flag, which takes no value, shows no type
+    (typer would print `<bool>` beside it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped(super().get_help_option(ctx))
+
+
+class GroupHelpWithoutType(typer.core.TyperGroup):
+    """`pld --help`: the help flag shows no type either."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped(super().get_help_option(ctx))
+
+
+def _untyped(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
-    name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=GroupHelpWithoutType, name="pld", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Plackett-Luce distillation from cached teacher logits: cache the teacher once, train many students.")
 out = Console(soft_wrap=True)  # paths and commands must stay copy-pasteable
 err = Console(stderr=True, soft_wrap=True)
@@ -99,7 +130,7 @@ def _class_names(path: Optional[Path], data: str) -> Optional[list[str]]:
     return read_classes(expand_shards(data)[0])
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", cls=PldCommand)
 @friendly_errors
 def cache_teacher_cmd(
     data: Annotated[str, typer.Option(help="Webdataset shards: path, fsspec URL, pipe:, or brace pattern.", rich_help_panel=DATA)],
@@ -150,17 +181,14 @@ def cache_teacher_cmd(
     Rerunning the same command resumes; adding --teacher or raising --views extends the cache. Under
     `torchrun --nproc_per_node N` the shards are split across processes.
     """
-    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
-
     checkpoints = teacher_checkpoint or []
     names = teacher_name or []
-    if checkpoints and len(checkpoints) != len(teacher):
-        raise ValueError(f"Got {len(teacher)} --teacher but {len(checkpoints)} --teacher-checkpoint; give one per teacher.")
-    if names and len(names) != len(teacher):
-        raise ValueError(f"Got {len(teacher)} --teacher but {len(names)} --teacher-name; give one per teacher.")
-    for ckpt in checkpoints:
-        if ckpt and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist.")
+    temps = _floats(temperatures, "--temperatures")
+    options.check_cache_teacher(data=data, teachers=teacher, checkpoints=checkpoints, names=names,
+                                class_names=None if class_names is None else str(class_names), temperatures=temps,
+                                top_k=None if full else top_k, views=views, recipe=recipe)
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher  # seconds: after the checks
+
     specs = [TeacherSpec(source=t, checkpoint=(checkpoints[i] or None) if checkpoints else None,
                          name=names[i] if names else None, pretrained=pretrained,
                          mean=_floats(mean, "--mean") if mean else None, std=_floats(std, "--std") if std else None)
@@ -175,11 +203,16 @@ def cache_teacher_cmd(
                                      window=mix_window).to_dict()
     cfg = CacheTeacherConfig(
         data=data, out=out_, teachers=specs, views=views, recipe=recipe, size=size, recipe_overrides=overrides,
-        clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=_floats(temperatures, "--temperatures"),
+        clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=temps,
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
         overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl)
-    summary = cache_teacher(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
+    try:
+        summary = cache_teacher(cfg, reporter)
+    except KeyboardInterrupt:
+        reporter.cache_teacher_interrupted()
+        raise typer.Exit(code=130) from None
     if _rank() != 0:
         return
     if json_:
@@ -204,13 +237,17 @@ def _print_table(table: Table) -> None:
     if out.is_terminal:
         out.print(table)
         return
-    from rich.measure import Measurement
     saved = out.width
-    out.width = max(saved, Measurement.get(out, out.options.update(width=10_000), table).maximum)
+    out.width = max(saved, _natural_width(table))
     try:
         out.print(table)
     finally:
         out.width = saved
+
+
+def _natural_width(table: Table) -> int:
+    from rich.measure import Measurement
+    return Measurement.get(out, out.options.update(width=10_000), table).maximum
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -218,7 +255,7 @@ def _print_warnings(warnings: list[str]) -> None:
         err.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=PldCommand)
 @friendly_errors
 def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -249,21 +286,38 @@ def inspect_cmd(
     t.add_row("views", escape(f"{info['views']} per sample, recipe {info['recipe']['name']} size {info['recipe']['size']}, "
                               f"seed {info['seed']}{mixed}"))
     t.add_row("key index", info["key_index"])
-    t.add_row("digest", (info["digest"] or "none (a metadata document is not JSON: run `pld verify`)")
-              + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"))
     if info["bytes_on_disk"] is not None:
         t.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view")
     out.print(t)
-    tt = Table(title="teachers")
-    for col in ("id", "source", "k", "temperatures", "shards done", "top-1 on cached views", "tail mass p50/p90/max"):
-        tt.add_column(col)
+    # the digest is copied into --expect-digest: a line of its own, never cut to the table's width
+    out.print(f"digest: {info['digest'] or 'none (a metadata document is not JSON: run `pld verify`)'}"
+              + ("" if info["complete"] else "  (incomplete cache: the digest changes as units are added)"),
+              highlight=False, soft_wrap=True)
+    columns = ("source", "k", "temperatures", "shards done", "top-1 on cached views", "tail mass p50/p90/max")
+    rows = {}
     for tid, d in info["teachers"].items():
         tm = d["tail_mass"]
         acc = d["accuracy_on_cached_views"]
-        tt.add_row(escape(tid), escape(str(d["source"])), f"{d['k']}{' (full)' if d['full'] else ''}", ",".join(f"{x:g}" for x in d["temperatures"]),
-                   f"{d['shards_done']}/{info['shards_total']}", "-" if acc is None else f"{acc * 100:.2f}%",
-                   "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
-    out.print(tt)
+        rows[tid] = (escape(str(d["source"])), f"{d['k']}{' (full)' if d['full'] else ''}",
+                     ",".join(f"{x:g}" for x in d["temperatures"]), f"{d['shards_done']}/{info['shards_total']}",
+                     "-" if acc is None else f"{acc * 100:.2f}%",
+                     "-" if not tm else f"{tm['p50']:.4f} / {tm['p90']:.4f} / {tm['max']:.4f}")
+    tt = Table(title="teachers")
+    for col in ("id",) + columns:
+        tt.add_column(col)
+    for tid, row in rows.items():
+        tt.add_row(escape(tid), *row)
+    if _natural_width(tt) <= out.width or not out.is_terminal:
+        _print_table(tt)
+    else:  # too narrow for one row per teacher: a block per teacher, its id on a line of its own (never cut)
+        for tid, row in rows.items():
+            out.print(f"teacher {escape(tid)}", highlight=False, soft_wrap=True)
+            block = Table(show_header=False, box=None, padding=(0, 2))
+            block.add_column(overflow="fold")
+            block.add_column(overflow="fold")
+            for col, value in zip(columns, row):
+                block.add_row(col, value)
+            out.print(block)
     if class_map is not None:
         cm = info["class_map"]
         mt = Table(title=f"class map {class_map}: {cm['student_classes']} student classes from "
@@ -300,7 +354,7 @@ def _print_key(cache: str, key: str, json_: bool, expect_digest: Optional[str] =
         out.print(" ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
 
-@app.command("verify")
+@app.command("verify", cls=PldCommand)
 @friendly_errors
 def verify_cmd(
     cache: Annotated[str, typer.Argument(help="Cache path or URL.")],
@@ -373,9 +427,14 @@ def _print_audit(report: Any, json_: bool) -> None:
         failed = [v.key for v in report.views if not v.ok]
         if report.contradiction():
             err.print(f"[bold red]audit failed[/]: {report.contradiction()}", highlight=False, soft_wrap=True)
-        if failed:
+        if failed:  # the last line is the verdict
             err.print(f"[bold red]audit failed[/]: {len(failed)} view(s) differ from the teacher's outputs beyond "
                       f"tolerance, e.g. {', '.join(failed[:5])}", highlight=False, soft_wrap=True)
+        elif not report.views:
+            err.print("[bold red]audit failed[/]: no cached view was audited", highlight=False)
+        elif not report.contradiction():
+            out.print(f"audit passed: all {len(report.views)} view(s) re-run by the teacher match the cache within "
+                      f"tolerance {report.tolerance:g}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(code=1)
 
@@ -402,7 +461,7 @@ LOSS = "Loss"
 OPTIM = "Optimisation"
 
 
-@app.command("distill")
+@app.command("distill", cls=PldCommand)
 @friendly_errors
 def distill_cmd(
     data: Annotated[str, typer.Option(help="Training shards (the cached ones, or a subset).", rich_help_panel=DATA)],
@@ -464,7 +523,10 @@ def distill_cmd(
     Writes best/last checkpoints (.safetensors + .json), metrics.jsonl, metrics.csv and config.json to --out.
     Under `torchrun --nproc_per_node N` it trains with DDP (gloo on CPU, nccl on GPU).
     """
-    from pld_pipeline.distill import DistillConfig, distill
+    options.check_distill(data=data, student=student, loss=loss, cache=cache, val_data=val_data, teacher=teacher,
+                          temperature=temperature, expect_digest=expect_digest, class_map=class_map,
+                          num_classes=num_classes, online_teacher=online_teacher, init_checkpoint=init_checkpoint)
+    from pld_pipeline.distill import DistillConfig, distill  # seconds (torch, timm): after the checks
 
     cfg = DistillConfig(
         data=data, out=out_, student=student, loss=loss, cache=cache, cache_dir=cache_dir, expect_digest=expect_digest,
@@ -478,7 +540,12 @@ def distill_cmd(
         top_k=top_k, class_map=class_map, labels=labels, eval_every=eval_every, online_teacher=online_teacher,
         online_teacher_checkpoint=online_teacher_checkpoint, online_teacher_pretrained=online_teacher_pretrained,
         pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
-    summary = distill(cfg, ProgressReporter(quiet=quiet or json_, rank=_rank()))
+    reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
+    try:
+        summary = distill(cfg, reporter)
+    except KeyboardInterrupt:
+        reporter.distill_interrupted(out_)
+        raise typer.Exit(code=130) from None
     if _rank() != 0:
         return
     if json_:
@@ -491,7 +558,7 @@ def distill_cmd(
               + f"train {summary['train_seconds']:.1f}s, total {summary['seconds']:.1f}s | {summary['out']}")
 
 
-@app.command("demo")
+@app.command("demo", cls=PldCommand)
 @friendly_errors
 def demo_cmd(
     out_: Annotated[str, typer.Option("--out", help="Directory for the demo's data, cache, runs and results.")] = "pld-demo",
@@ -534,7 +601,7 @@ def demo_cmd(
         out.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
-@app.command("make-shards")
+@app.command("make-shards", cls=PldCommand)
 @friendly_errors
 def make_shards_cmd(
     source: Annotated[str, typer.Argument(help="digits (bundled with scikit-learn), cifar (python pickle batches) or folder (ImageFolder tree).")],
@@ -584,7 +651,7 @@ def make_shards_cmd(
     out.print(f"classes: {os.path.join(str(out_), 'classes.json')}", highlight=False, soft_wrap=True)
 
 
-@app.command("sweep")
+@app.command("sweep", cls=PldCommand)
 @friendly_errors
 def sweep_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="TOML/YAML sweep file with [base], [grid] and/or [[runs]].")] = None,
@@ -628,6 +695,8 @@ def sweep_cmd(
                                          labels=labels, log=log).items()
                  if v is not None})
     full_grid = {**file_grid, **parse_grid(grid or [])}
+    for loss in [base.get("loss", "pld"), *full_grid.get("loss", []), *(r.get("loss", "pld") for r in runs)]:
+        options.check_loss_name(loss)  # before sweep.json is written or a run imports torch
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown --scheduler '{scheduler}'. Use one of: {', '.join(SCHEDULERS)}.")
     halving = HalvingRule(grace_epochs, reduction_factor) if scheduler == "halving" else None
@@ -643,15 +712,18 @@ def sweep_cmd(
         if not quiet and event["event"] == "sweep_start":
             at_once = f"{event['jobs']} at once" if isinstance(event["jobs"], int) else f"on {event['jobs']}"
             err.print(f"sweep: {event['runs']} run(s), {event['runs'] - event['todo']} already done, {at_once}")
-        elif not quiet and event["event"] == "run_done":
+        elif not quiet and event["event"] == "run_done" and not reporter.live:
             err.print(f"finished {event['name']}")
         reporter(event)
 
-    rows = run_sweep(base, full_grid, runs, out_, launch=how, halving=halving, progress=progress)
+    try:
+        rows = run_sweep(base, full_grid, runs, out_, launch=how, halving=halving, progress=progress)
+    finally:
+        reporter.stop()
     _print_report(out_, rows)
 
 
-@app.command("report")
+@app.command("report", cls=PldCommand)
 @friendly_errors
 def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made by `pld sweep`.")]) -> None:
     """Re-render a sweep's results.csv, results.md and results.png from its run directories."""
@@ -660,20 +732,52 @@ def report_cmd(sweep_dir: Annotated[str, typer.Argument(help="A directory made b
 
 
 def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
+    from pld_pipeline.sweep import best_line, run_status
     t = Table(title=f"sweep {escape(sweep_dir)}")
-    keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1", "train_seconds")]
-    for col in keys + ["best top-1", "last top-1", "train s"]:
+    keys = [k for k in rows[0] if k not in ("run", "done", "epochs_done", "best_val_top1", "last_val_top1",
+                                            "train_seconds", "stopped_after_epochs", "stop_reason")]
+    for col in keys + ["best top-1", "last top-1", "train s", "status"]:
         t.add_column(escape(col))
     for r in rows:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-        t.add_row(*[escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]), fmt(r["last_val_top1"]),
-                  "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
+        t.add_row(*["-" if r[k] is None else escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]),
+                  fmt(r["last_val_top1"]), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
+                  run_status(r))
     out.print(t)
+    out.print(best_line(rows), highlight=False, soft_wrap=True)
     out.print(f"results: {os.path.join(sweep_dir, 'results.md')}, {os.path.join(sweep_dir, 'results.csv')}, "
               f"{os.path.join(sweep_dir, 'results.png')}")
 
 
+_PATTERN_OPTIONS = ("--data", "--val-data")
+
+
+def shell_expanded_pattern(argv: list[str]) -> Optional[str]:
+    """What to say when the shell expanded an unquoted brace pattern (``--data train-{0..9}.tar`` arrives as
+    ``--data train-0.tar train-1.tar ...``): click would only report an "unexpected extra argument"."""
+    for i, tok in enumerate(argv[:-2]):
+        if tok not in _PATTERN_OPTIONS:
+            continue
+        value, rest = argv[i + 1], argv[i + 2:]
+        siblings = 0
+        for extra in rest:
+            if extra.startswith("-") or (os.path.dirname(extra), os.path.splitext(extra)[1]) != (
+                    os.path.dirname(value), os.path.splitext(value)[1]):
+                break
+            siblings += 1
+        if siblings:
+            return (f"{tok} {value} is followed by {siblings} more file name(s) ({rest[0]}, ...): the shell expanded "
+                    f"an unquoted brace pattern into {siblings + 1} words. Quote the pattern so pld expands it: "
+                    f"{tok} 'train-{{000000..000009}}.tar'.")
+    return None
+
+
 def main() -> None:
+    import sys
+    hint = shell_expanded_pattern(sys.argv[1:])
+    if hint is not None:
+        err.print(f"[bold red]error:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2)
     app(prog_name="pld")
 
 

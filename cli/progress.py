@@ -11,11 +11,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 err = Console(stderr=True)
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class ProgressReporter:
     """A callable taking the library's ``{"event": ...}`` dicts."""
 
     def __init__(self, quiet: bool = False, rank: int = 0) -> None:
         self.quiet = quiet or rank != 0
+        self.rank = rank
         self.live = err.is_terminal and not self.quiet
         self.progress: Progress | None = None
         self.task = None
@@ -24,14 +30,53 @@ class ProgressReporter:
         self.shards = 0
         self.t0 = time.perf_counter()
         self.last_log = 0.0
+        self.n_shards = 0
+        self.skipped_shards = 0
+        self.shards_total = 0
+        self.epochs_kept = 0  # distill: epochs finished, whose checkpoints are in the run folder
+
+    def interrupted(self, message: str) -> None:
+        """Ctrl-C: stop the bar and say what was kept and how to go on, on a line of its own (not glued to the
+        bar, and ending in a newline so the shell prompt starts on the next line)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.rank == 0:
+            print(f"\n{message}", file=sys.stderr, flush=True)
+
+    def cache_teacher_interrupted(self) -> None:
+        kept = self.skipped_shards + self.shards
+        self.interrupted(f"interrupted: {kept} of {self.shards_total} shard(s) cached and kept (each with all its views; "
+                         "the shards in progress start over); rerun the same command to resume")
+
+    def distill_interrupted(self, out: str) -> None:
+        if not self.epochs_kept:
+            self.interrupted("interrupted before the first epoch finished: nothing kept; rerun the same command to "
+                             "start again")
+        else:
+            self.interrupted(f"interrupted: {self.epochs_kept} finished epoch(s) kept in {out}; rerun with --resume "
+                             f"to continue from there")
 
     def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        self._count(kind, event)
         if self.quiet:
             return
-        kind = event["event"]
         handler = getattr(self, f"_on_{kind}", None)
         if handler is not None:
             handler(event)
+
+    def _count(self, kind: str, e: dict[str, Any]) -> None:
+        """What an interruption keeps, counted even when quiet."""
+        if kind == "start":
+            self.n_shards, self.skipped_shards = e["shards"], e.get("skipped_shards") or 0
+            self.shards_total = e.get("shards_total", self.n_shards + self.skipped_shards)
+        elif kind == "shard_done":
+            self.shards += 1
+        elif kind == "train_start":
+            self.epochs_kept = e.get("resumed_epoch") or 0
+        elif kind == "epoch_end":
+            self.epochs_kept = e["epoch"] + 1
 
     def _log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -62,7 +107,6 @@ class ProgressReporter:
             self.task = self.progress.add_task("cache-teacher", total=self.total, rate=0.0,
                                                shards=f"0/{e['shards']}")
             self.progress.start()
-        self.n_shards = e["shards"]
 
     def _on_batch(self, e: dict[str, Any]) -> None:
         self.done += e["items"]
@@ -74,7 +118,6 @@ class ProgressReporter:
             self._log(f"cache-teacher {self.done}/{self.total} views, {rate:.0f} views/s")
 
     def _on_shard_done(self, e: dict[str, Any]) -> None:
-        self.shards += 1
         if self.progress is not None:
             self.progress.update(self.task, shards=f"{self.shards}/{self.n_shards}")
         else:
@@ -83,6 +126,30 @@ class ProgressReporter:
     def _on_end(self, e: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    # sweep --------------------------------------------------------------------------------------
+    def _on_run_epoch(self, e: dict[str, Any]) -> None:
+        """One live line per run on a terminal; one log line per finished epoch otherwise."""
+        epochs = e["epochs"] if e["epochs"] is not None else "?"
+        eta = "-" if e["eta_s"] != e["eta_s"] else _clock(e["eta_s"])
+        val = "-" if e["val_top1"] != e["val_top1"] else f"{e['val_top1']:.2f}"
+        text = f"epoch {e['epoch']}/{epochs}  loss {e['train_loss']:.4f}  val top-1 {val}  ETA {eta}"
+        if not self.live:
+            self._log(f"{e['name']}: {text}")
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), TextColumn("{task.fields[text]}"), console=err)
+            self.progress.start()
+            self.run_tasks: dict[str, Any] = {}
+        if e["name"] not in self.run_tasks:
+            self.run_tasks[e["name"]] = self.progress.add_task(e["name"], text=text)
+        self.progress.update(self.run_tasks[e["name"]], text=text)
+
+    def stop(self) -> None:
+        """Leave a live display (the sweep's lines stay on screen)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     # distill ------------------------------------------------------------------------------------
     def _on_train_start(self, e: dict[str, Any]) -> None:
@@ -103,7 +170,8 @@ class ProgressReporter:
 
     def _on_step(self, e: dict[str, Any]) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=e["loss"], rate=e["samples_per_s"])
+            # step events come every few batches: the bar (and its ETA) counts batches, not events
+            self.progress.update(self.task, completed=e["step"] + 1, loss=e["loss"], rate=e["samples_per_s"])
 
     def _on_epoch_end(self, e: dict[str, Any]) -> None:
         if self.progress is not None:

@@ -16,11 +16,10 @@ import fsspec
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
-from . import errors, network  # noqa: F401  (network: HTTP timeouts and redirects, installed on import)
+from . import errors, network, options  # noqa: F401  (network: HTTP timeouts and redirects, installed on import)
 from .cache.format import ShardRecord
 
 LABEL_FIELD = "cls"
-_QUICK_BYTES = 1 << 20
 
 
 class DataError(errors.PldError):
@@ -62,8 +61,8 @@ class _HashingReader:
         data = self.raw.read(n)
         self.sha.update(data)
         self.nbytes += len(data)
-        if len(self.head) < _QUICK_BYTES:
-            self.head += data[: _QUICK_BYTES - len(self.head)]
+        if len(self.head) < options.QUICK_BYTES:
+            self.head += data[: options.QUICK_BYTES - len(self.head)]
         return data
 
     def drain(self) -> None:
@@ -123,20 +122,11 @@ def quick_hash(url: str) -> str | None:
     """sha256 over (size, first MiB, last MiB): a cheap identity check; None where the source can't seek."""
     if url.startswith("pipe:"):
         return None
-    with errors.reaching(url), fsspec.open(url, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        head = f.read(_QUICK_BYTES)
-        f.seek(max(0, size - _QUICK_BYTES))
-        tail = f.read(_QUICK_BYTES)
-    return _quick(size, head, tail)
-
-
-def _quick(size: int, head: bytes, tail: bytes) -> str:
-    h = hashlib.sha256(str(size).encode() + b"\0")
-    h.update(head)
-    h.update(tail)
-    return h.hexdigest()
+    try:
+        with errors.reaching(url), fsspec.open(url, "rb") as f:
+            return options.quick_hash(f)
+    except FileNotFoundError:
+        raise DataError(f"Shard {url} does not exist; check the --data pattern.") from None
 
 
 @dataclass

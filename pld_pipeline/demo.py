@@ -257,24 +257,30 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: str, title: str) -> str:
-    """Validation top-1 per evaluated epoch, mean over seeds (band: min..max)."""
+    """Validation top-1 per evaluated epoch, mean over seeds (band: min..max): the whole run on the left, its last
+    third zoomed on the right, where the losses' curves end a point or two apart and the full scale hides it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for loss, runs in curves.items():
         epochs = [e for e, _ in runs[0]]
         acc = [[v for _, v in run] for run in runs]
         mean = [statistics.mean(col) for col in zip(*acc)]
-        line, = ax.plot(epochs, mean, marker="o", label=loss)
-        if len(runs) > 1:
-            ax.fill_between(epochs, [min(c) for c in zip(*acc)], [max(c) for c in zip(*acc)], alpha=0.15,
-                            color=line.get_color())
+        lo, hi = [min(c) for c in zip(*acc)], [max(c) for c in zip(*acc)]
+        tail = slice(len(epochs) - max(2, len(epochs) // 3), None)
+        for a, sl in ((ax, slice(None)), (zoom, tail)):
+            line, = a.plot(epochs[sl], mean[sl], marker="o", label=loss)
+            if len(runs) > 1:
+                a.fill_between(epochs[sl], lo[sl], hi[sl], alpha=0.15, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    zoom.set_xlabel("epoch")
+    zoom.set_title("last epochs, zoomed (the y-axis fits them: not from 0)", fontsize=8)
+    for a in (ax, zoom):
+        a.grid(alpha=0.3)
+        a.legend()
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")

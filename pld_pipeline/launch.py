@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from typing import Any, Callable
 
 from .files import STATE_FILE
+from .options import require_module
 
 # distill (torch) is imported where a run is built or trained: `pld report` reads sweeps without torch.
 
@@ -44,6 +45,8 @@ class Launch:
     def __post_init__(self) -> None:
         if self.kind not in LAUNCHERS:
             raise ValueError(f"Unknown --launcher '{self.kind}'. Use one of: {', '.join(LAUNCHERS)}.")
+        if self.kind == "ray":
+            require_module("ray", "--launcher ray", "ray")
         if self.jobs < 1 or self.procs_per_run < 1 or self.cpus_per_run <= 0 or self.gpus_per_run < 0:
             raise ValueError("--jobs, --procs-per-run and --cpus-per-run must be >= 1 (CPUs > 0) and --gpus-per-run >= 0.")
         if self.kind == "local" and (self.procs_per_run > 1 or self.address):

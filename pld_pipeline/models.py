@@ -201,12 +201,14 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
             kwargs.pop("num_classes")  # the factory fixes its width; the checkpoint or the model tells it
         model = factory(**kwargs)
     else:
+        if pretrained:
+            _fail_fast_without_hub(source)
         try:
             model = create_model(source, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                raise ValueError(f"Unknown model {source!r}: not a timm model name (see timm.list_models()) "
-                                 "nor a module.path:factory.") from e
+                raise ValueError(f"Unknown model {source!r}{_did_you_mean(source)}: not a timm model name (see "
+                                 "timm.list_models()) nor a module.path:factory.") from e
             if pretrained:
                 raise _weights_not_found(source, e) from None
             raise
@@ -215,25 +217,103 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
                 raise _weights_not_found(source, e) from None
             raise
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {first[1].strip() if len(first) > 1 else first[0]}") from e
+        misfit = _misfit(model.state_dict(), state)
+        if misfit:
+            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {misfit}.")
+        model.load_state_dict(state)
     return model
 
 
-def _weights_not_found(source: str, error: Exception) -> ValueError:
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Why a checkpoint does not fit a model, in one line (torch lists every key: kilobytes for a wrong depth)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    classifier = next((k for k in reversed(list(own)) if k.endswith("weight") and own[k].ndim == 2), None)
+    if shapes == [classifier] or (classifier in shapes and not missing and not unexpected):
+        got, want = state[classifier].shape[0], own[classifier].shape[0]
+        return (f"its classifier ({classifier}) has {got} classes, the model was built for {want} (--num-classes); "
+                f"drop --num-classes to use the checkpoint's {got}, or start from a {want}-class checkpoint")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} weights are not in it (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its weights are not in the model (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} differ in shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                     f"{tuple(own[k].shape)} in the model)")
+    if not parts:
+        return None
+    return "; ".join(parts) + ": it was saved from another architecture or depth; give the matching model name"
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'cifar_resnet56'?)``: this project's models first (``resnet56`` is a CIFAR ResNet here,
+    not timm's ImageNet ``resnet50``), then the closest timm names."""
+    import difflib
+
+    from timm import list_models
+    names = list_models()
+    arch = name.split(".")[0]
+    ours = [n for n in names if n.startswith("cifar_") and n.endswith(arch)]
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.75)
+    shown = list(dict.fromkeys(ours + close))[:3]
+    return f" (did you mean {' or '.join(repr(n) for n in shown)}?)" if shown else ""
+
+
+HUB_PROBE_SECONDS = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_dir() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
-    repo = source[len("hf-hub:"):] if source.startswith("hf-hub:") else None
+
+
+def _hub_repo(source: str) -> str | None:
+    if source.startswith("hf-hub:"):
+        return source[len("hf-hub:"):]
+    try:
+        from timm.models import get_pretrained_cfg
+        return getattr(get_pretrained_cfg(source), "hf_hub_id", None)
+    except Exception:  # noqa: BLE001 - only for messages and the probe
+        return None
+
+
+def _fail_fast_without_hub(source: str) -> None:
+    """Weights that are not in the Hugging Face cache, with a hub that cannot be reached: refused after a short
+    connection probe, where the hub client would retry for a minute or more before failing. Skipped offline
+    (HF_HUB_OFFLINE), behind a proxy (only it knows the way) and when the weights are cached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return
+    repo = _hub_repo(source)
     if repo is None:
-        try:
-            from timm.models import get_pretrained_cfg
-            repo = getattr(get_pretrained_cfg(source), "hf_hub_id", None)
-        except Exception:  # noqa: BLE001 - only for the message
-            repo = None
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if any(isinstance(try_to_load_from_cache(repo.partition("@")[0], f), str)
+           for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        return
+    import socket
+    from urllib.parse import urlsplit
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        raise ValueError(
+            f"Cannot load pretrained weights for {source!r}: they are not in the Hugging Face cache {_hub_dir()} and "
+            f"{endpoint} cannot be reached ({type(e).__name__} within {HUB_PROBE_SECONDS:g} s). On a machine "
+            f"without network set HF_HUB_OFFLINE=1 and put the weights in that cache (huggingface-cli download "
+            f"{repo} where there is access), or pass the weight file with --teacher-checkpoint / "
+            "--init-checkpoint.") from None
+
+
+def _weights_not_found(source: str, error: Exception) -> ValueError:
+    hub = _hub_dir()
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    repo = _hub_repo(source)
     return ValueError(
         f"Cannot load pretrained weights for {source!r}: looked in the Hugging Face cache {hub}{offline} and found "
         f"none ({type(error).__name__}). Download them there on a machine with access (huggingface-cli download "

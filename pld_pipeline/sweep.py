@@ -28,6 +28,8 @@ from .files import (
 from .halving import HalvingRule
 from .launch import Launch, command_line
 from .launch import launch as launch_runs
+from .options import require_module
+from .sweep_watch import SweepWatch
 from .tracking import finish_sweep_parent, parse_log, sweep_parent
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -145,17 +147,28 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[
               progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Run every configuration not yet finished, then write the report. Returns the report rows."""
     emit = progress or (lambda event: None)
+    if halving is not None:  # every run opens the study: refuse before sweep.json or a run folder is written
+        require_module("optuna", "--scheduler halving", "halving")
+    parse_log(base.get("log"))  # a tracker that is not installed, too
     todo = plan_sweep(base, grid, runs, out, halving)
     names = _read_plan(out)
     emit({"event": "sweep_start", "runs": len(names), "todo": len(todo),
           "jobs": launch.jobs if launch.kind == "local" else launch.kind})
     backends = _open_parent(base, grid, out, halving, len(names))
-    launch_runs(todo, launch, emit)
+    with SweepWatch(out, todo, emit):  # one run_epoch event per finished epoch of each run, on any launcher
+        launch_runs(todo, launch, emit)
     rows = report(out)
     if backends:
-        finished = [r for r in rows if r["done"] and not r["stopped_after_epochs"] and r["best_val_top1"] is not None]
-        finish_sweep_parent(out, max(finished, key=lambda r: r["best_val_top1"], default=None), sweep_nonce(out))
+        finish_sweep_parent(out, best_run(rows), sweep_nonce(out))
     return rows
+
+
+def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sweep's best: the highest best val top-1 among runs that trained to the end (a run stopped early by
+    halving is not a candidate: its number comes from fewer epochs)."""
+    finished = [r for r in rows if r["done"] and not r["stopped_after_epochs"] and r["best_val_top1"] is not None
+                and not math.isnan(r["best_val_top1"])]
+    return max(finished, key=lambda r: r["best_val_top1"], default=None)
 
 
 def pending_commands(base: dict[str, Any], grid: dict[str, list[Any]], runs: list[dict[str, Any]], out: str,
@@ -308,7 +321,10 @@ def report(sweep_dir: str) -> list[dict[str, Any]]:
     write_text(paths["csv"], buf.getvalue())
     groups = _group_by_config(rows, keys)
     write_text(paths["md"], _markdown(rows, keys, groups))
-    _plot(groups, paths["png"])
+    seeds = max(len(g) for g in groups.values())
+    name = os.path.basename(os.path.normpath(sweep_dir)).replace("$", r"\$")  # text, not mathtext
+    _plot(groups, paths["png"], f"sweep {name}: best val top-1 per "
+          f"configuration ({'mean ± std over seeds' if seeds > 1 else 'one seed each'})")
     return rows
 
 
@@ -350,39 +366,58 @@ def _markdown(rows: list[dict[str, Any]], keys: list[str], groups: dict[str, lis
     for r in rows:
         cells = [md_cell(r[k]) for k in keys] + [_fmt([r["best_val_top1"]]), _fmt([r["last_val_top1"]]),
                                              f"{r['train_seconds']:.1f}" if r["train_seconds"] else "-",
-                                             _status(r)]
+                                             run_status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if any(len(g) > 1 for g in groups.values()):
         lines += ["", "| configuration | runs | best top-1 (mean ± std) | last top-1 (mean ± std) |", "|---|---|---|---|"]
         for label, g in groups.items():
             lines.append(f"| {md_cell(label)} | {len(g)} | {_fmt([r['best_val_top1'] for r in g])} | "
                          f"{_fmt([r['last_val_top1'] for r in g])} |")
+    lines += ["", best_line(rows)]
     return "\n".join(lines) + "\n"
 
 
-def _status(row: dict[str, Any]) -> str:
+def best_line(rows: list[dict[str, Any]]) -> str:
+    best = best_run(rows)
+    if best is None:
+        return "best run: none yet (no run has trained to the end with a validation score)"
+    return f"best run: {md_cell(best['run'])}, best val top-1 {best['best_val_top1']:.2f}%"
+
+
+def run_status(row: dict[str, Any]) -> str:
+    """done, N epochs (unfinished), or stopped after N epochs (halving)."""
     if row["stopped_after_epochs"]:
         return f"stopped after {row['stopped_after_epochs']} epochs (halving)"
     return "yes" if row["done"] else f"{row['epochs_done']} epochs"
 
 
-def _plot(groups: dict[str, list[dict[str, Any]]], path: str) -> None:
+def _plot(groups: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
+    """One bar per configuration (mean over seeds), from 0 so bar heights compare; error bars only where there
+    are several seeds; configurations with a run stopped by halving hatched and grey (trained fewer epochs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = list(groups)
-    means, errs = [], []
+    means, errs, stopped = [], [], []
     for g in groups.values():
-        vals = [r["best_val_top1"] for r in g if r["best_val_top1"] is not None]
+        vals = [r["best_val_top1"] for r in g if r["best_val_top1"] is not None and not math.isnan(r["best_val_top1"])]
         means.append(statistics.mean(vals) if vals else 0.0)
-        errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4), dpi=120)
-    ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color="tab:blue")
-    labels = [label.replace("$", r"\$") for label in labels]  # text, not mathtext
+        errs.append(statistics.stdev(vals) if len(vals) > 1 else math.nan)  # NaN: no error bar for one seed
+        stopped.append(any(r["stopped_after_epochs"] for r in g))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4.4), dpi=120)
+    bars = ax.bar(range(len(labels)), means, color=["0.75" if s else "tab:blue" for s in stopped], edgecolor="0.3")
+    for bar, s in zip(bars, stopped):
+        if s:
+            bar.set_hatch("//")
+    if any(e == e for e in errs):
+        ax.errorbar(range(len(labels)), means, yerr=[0 if e != e else e for e in errs], fmt="none", ecolor="k",
+                    capsize=4, elinewidth=1)
+    labels = [label.replace("$", r"\$") + (" (stopped)" if s else "") for label, s in zip(labels, stopped)]
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("best validation top-1 (%)")
-    lo = min((m - e for m, e in zip(means, errs)), default=0)
-    ax.set_ylim(max(0, lo - 5), min(100, max(means, default=100) + 5))
+    ax.set_ylim(0, min(100, max(means, default=100) * 1.1 + 1))  # from 0: a 2-point gap must not look 2x
+    ax.set_title(title + ("\nhatched grey: stopped early by halving (fewer epochs)" if any(stopped) else ""),
+                 fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -10,7 +10,6 @@ run, and a sweep's runs become children of one parent run (MLflow) or one group 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from typing import Any
 
 from .errors import MetadataError
 from .files import check_owner, read_json, write_json
+from .options import require_module
 
 log = logging.getLogger("pld_pipeline.tracking")
 
@@ -35,8 +35,7 @@ def parse_log(text: str | None) -> tuple[str, ...]:
     for name in names:
         if name not in BACKENDS:
             raise ValueError(f"Unknown --log backend '{name}'. Use any of: {', '.join(BACKENDS)} (comma-separated).")
-        if importlib.util.find_spec(BACKENDS[name]) is None:
-            raise ValueError(f"--log {name} needs the {BACKENDS[name]} package: pip install 'pld-pipeline[track]'.")
+        require_module(BACKENDS[name], f"--log {name}", "track")
     return names
 
 

@@ -182,6 +182,8 @@ def test_cli_audit_table_json_and_exit_codes(cache, tiny_data, teacher_run, teac
     ok = runner.invoke(app, base + ["--teacher-checkpoint", teacher_run])
     assert ok.exit_code == 0, ok.output
     assert "match the recorded ones" in ok.output and "worst views" in ok.output
+    assert ok.output.strip().splitlines()[-1].startswith(  # ends with a verdict
+        "audit passed: all 6 view(s) re-run by the teacher match the cache within tolerance")
     other = _other_checkpoint(teacher_run, tmp_path)
     bad = runner.invoke(app, base + ["--teacher-checkpoint", other, "--json"])
     assert bad.exit_code == 1, bad.output

@@ -262,11 +262,11 @@ def test_names_without_teacher_names_and_bad_files_are_refused(tmp_path):
 
 
 def test_a_map_file_larger_than_a_map_needs_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from pld_pipeline import class_map
+    from pld_pipeline import class_map_spec
     path = tmp_path / "big.json"
     path.write_text(json.dumps(list(range(C_T))))
     assert load_class_map(str(path), C_T).num_classes == C_T
-    monkeypatch.setattr(class_map, "MAX_MAP_BYTES", 16)
+    monkeypatch.setattr(class_map_spec, "MAX_MAP_BYTES", 16)
     monkeypatch.setattr(json, "loads", lambda *_: pytest.fail("read before its size was checked"))
     with pytest.raises(ClassMapError, match=f"{path}: {path.stat().st_size:,} bytes, over the 16 pld reads"):
         load_class_map(str(path), C_T)

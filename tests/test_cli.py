@@ -182,3 +182,34 @@ def test_tables_print_in_full_outside_a_terminal(monkeypatch):
     t.add_row("student pld, online teacher", name, "28,589,128", "97.21 ± 0.40%", "96.66 ± 0.52%", "12.3s")
     cli._print_table(t)
     assert name in buf.getvalue() and "student pld, online teacher" in buf.getvalue()
+
+
+def test_flags_show_no_type_in_help():
+    """A flag takes no value: typer printed `<bool>` beside each, as if one were expected."""
+    for name in ("cache-teacher", "distill", "inspect", "verify", "demo", "make-shards", "sweep", "report"):
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--help" in result.output and "<bool>" not in result.output, name
+    assert "<bool>" not in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "<int>" in runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output  # values keep theirs
+
+
+def test_command_help_reflows_its_paragraphs_to_the_terminal():
+    """typer kept the docstring's own line breaks: at 80 columns sentences broke twice, mid-line."""
+    result = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"})
+    assert "config.json to --out. Under `torchrun" in result.output
+
+
+def test_the_demo_plot_zooms_on_the_last_epochs_where_the_losses_differ(tmp_path, monkeypatch):
+    """On the full 0-100 scale CE, KD and PLD ending 2 points apart look like one line."""
+    import matplotlib.pyplot as plt
+
+    from pld_pipeline.demo import plot_curves
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    curves = {loss: [[(e, 10.0 + 8 * e + bonus) for e in range(1, 10)]] for loss, bonus in
+              (("ce", 0.0), ("kd", 1.0), ("pld", 2.0))}
+    plot_curves(curves, str(tmp_path / "p.png"), "t")
+    full, zoom = figures[0].axes
+    low, high = zoom.get_ylim()
+    assert 60 < low < 66 and 84 < high < 90 and full.get_ylim()[0] < 20  # the last epochs (66..84) only
+    assert [line.get_xdata()[0] for line in zoom.get_lines()] == [7, 7, 7] and (tmp_path / "p.png").stat().st_size

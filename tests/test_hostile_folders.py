@@ -245,6 +245,7 @@ def test_a_run_folder_with_a_planted_link_is_refused_even_on_resume(tmp_path):
     out.mkdir()
     (tmp_path / "elsewhere").mkdir()
     (out / "tensorboard").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "x.tar").write_bytes(b"")  # exists: the early --data check passes, the run folder's guard refuses
     code, output = run("distill", "--data", tmp_path / "x.tar", "--out", out, "--student", "cifar_resnet8", "--loss",
                        "ce", "--num-classes", "10", "--device", "cpu", "--resume")
     assert code == 2 and "symbolic links (tensorboard)" in one_error_line(output)
@@ -571,6 +572,7 @@ def test_a_malformed_sweep_file_names_the_file_and_line(tmp_path):
 
 def test_cache_teacher_refuses_batch_size_zero_before_creating_anything(tmp_path):
     out = tmp_path / "c.zarr"
+    (tmp_path / "x.tar").write_bytes(b"")  # exists: the early --data check passes, the batch size is refused
     code, output = run("cache-teacher", "--data", tmp_path / "x.tar", "--out", out, "--teacher", "cifar_resnet8",
                        "--batch-size", "0", "--device", "cpu")
     assert code == 2 and "--batch-size must be >= 1" in one_error_line(output) and not out.exists()

@@ -102,3 +102,20 @@ def test_a_student_starts_from_its_hub_weights_with_a_new_head(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.stdout.split() == ["True", "10"], run.stderr
+
+
+def test_an_unreachable_hub_without_hf_hub_offline_fails_fast_naming_the_switch(tiny_data, tmp_path):
+    """Without HF_HUB_OFFLINE the hub client retries an unreachable hub before failing (about 90 s seen on a real
+    offline machine); a short probe refuses at once and says to set HF_HUB_OFFLINE=1."""
+    from conftest import free_port
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "empty"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # nothing listens
+    run = subprocess.run([sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
+                          "--teacher", "test_resnet.r160_in1k", "--pretrained", "--workers", "0", "--device", "cpu",
+                          "--quiet", "--out", str(tmp_path / "c.zarr")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    line = " ".join(run.stderr.split())
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "cannot be reached (ConnectionRefusedError within 3 s)" in line and "set HF_HUB_OFFLINE=1" in line, line
+    assert not (tmp_path / "c.zarr").exists()

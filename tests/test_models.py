@@ -70,6 +70,31 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
         load_state_dict(str(tmp_path / "missing.pth"))
 
 
+def test_a_checkpoint_of_another_depth_is_summed_up_in_one_short_line(tmp_path):
+    """torch lists every missing key (4.7 KB for resnet8 into resnet56): the user needs the count and one example."""
+    path = tmp_path / "r8.pth"
+    torch.save(load_model("cifar_resnet8").state_dict(), str(path))
+    with pytest.raises(ValueError) as info:
+        load_model("cifar_resnet56", checkpoint=str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert "weights are not in it (e.g. layer1.1." in msg and "another architecture or depth" in msg
+
+
+def test_num_classes_against_a_checkpoint_of_other_width_names_both_counts(tmp_path):
+    path = tmp_path / "r8.pth"
+    torch.save(load_model("cifar_resnet8", num_classes=10).state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"classifier \(linear.weight\) has 10 classes, the model was built for 100 "
+                                         r"\(--num-classes\); drop --num-classes"):
+        load_model("cifar_resnet8", num_classes=100, checkpoint=str(path))
+
+
+@pytest.mark.parametrize("name, suggestion", [("resnet56", "cifar_resnet56"), ("convnext_tny", "convnext_tiny")])
+def test_an_unknown_model_name_suggests_the_closest_ones(name, suggestion):
+    with pytest.raises(ValueError, match=f"Unknown model '{name}' \\(did you mean '{suggestion}'"):
+        load_model(name)
+
+
 def test_preprocessing_comes_from_the_pretrained_cfg_with_overrides():
     model = load_model("cifar_resnet8")
     prep = preprocessing_of(model, std=(0.5, 0.5, 0.5))

@@ -253,3 +253,126 @@ def test_a_run_of_several_processes_is_a_torchrun_ddp_run(tiny_data, cache, tmp_
     run_config = json.load(open(tmp_path / "ddp" / "config.json"))
     summary = json.load(open(tmp_path / "ddp" / "summary.json"))
     assert run_config["world_size"] == 2 and summary["epochs"] == 2 and summary["best_val_top1"] is not None
+
+
+@pytest.mark.parametrize("option, package, extra", [
+    (["--scheduler", "halving", "--set", "val_data=VAL"], "optuna", "halving"),
+    (["--launcher", "ray"], "ray", "ray"),
+    (["--log", "mlflow"], "mlflow", "track"),
+])
+def test_a_missing_optional_package_is_named_with_its_extra_before_anything_is_written(
+        tiny_data, cache, tmp_path, monkeypatch, option, package, extra):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == package else real(name, *a))
+    option = [o.replace("VAL", tiny_data["val"].pattern) for o in option]
+    result = CliRunner().invoke(app, [
+        "sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--student", "cifar_resnet8",
+        "--set", "epochs=1", "--set", "workers=0", "--grid", "seed=0,1", "--out", str(tmp_path / "sw"),
+        "--quiet", *option])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f'needs the optional package {package}' in text, text
+    assert f'pip install "pld-pipeline[{extra}]"' in text and "internal error" not in text
+    assert not (tmp_path / "sw").exists()
+
+
+def _finished_sweep(tmp_path, runs):
+    """A sweep folder as `pld sweep` leaves it: name -> (overrides, summary)."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"names": {n: o for n, (o, _) in runs.items()}}))
+    for name, (_, summary) in runs.items():
+        (sweep / name).mkdir()
+        (sweep / name / "summary.json").write_text(json.dumps(summary))
+        (sweep / name / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    return sweep
+
+
+def test_the_report_table_reads_right(tmp_path):
+    """No Python None for a setting a run leaves unset, no halving columns without halving, a best-run line."""
+    sweep = _finished_sweep(tmp_path, {
+        "loss=ce": ({"loss": "ce"}, {"best_val_top1": 61.5, "last_val_top1": 60.25, "train_seconds": 3.0}),
+        "loss=kd,alpha=0.5": ({"loss": "kd", "alpha": 0.5},
+                              {"best_val_top1": 64.0, "last_val_top1": 63.0, "train_seconds": 3.0}),
+        "loss=kd,alpha=0.9": ({"loss": "kd", "alpha": 0.9},
+                              {"best_val_top1": 70.0, "last_val_top1": 20.0, "train_seconds": 1.0,
+                               "stopped_after_epochs": 1, "stop_reason": "halving: ..."})})
+    result = CliRunner().invoke(app, ["report", str(sweep)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "None" not in result.output and "stop_reason" not in result.output
+    assert "stopped after 1 epochs (halving)" in result.output
+    # the stopped run scored higher after one epoch, but did not train to the end: not the best
+    assert "best run: loss=kd,alpha=0.5, best val top-1 64.00%" in result.output
+    assert "best run: loss=kd,alpha=0.5" in (sweep / "results.md").read_text()
+
+
+def test_the_sweep_plot_starts_at_zero_and_marks_runs_stopped_by_halving(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    _finished_sweep(tmp_path, {
+        "lr=1": ({"lr": 1}, {"best_val_top1": 19.0, "last_val_top1": 19.0, "train_seconds": 1.0}),
+        "lr=2": ({"lr": 2}, {"best_val_top1": 17.0, "last_val_top1": 17.0, "train_seconds": 1.0,
+                             "stopped_after_epochs": 1, "stop_reason": "halving"})})
+    report(str(tmp_path / "sweep"))
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[0] == 0 and "best val top-1" in ax.get_title() and "stopped early" in ax.get_title()
+    finished, stopped = ax.patches[:2]
+    assert stopped.get_hatch() == "//" and not finished.get_hatch()
+    assert not ax.containers[1:]  # one seed each: no error bars
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_sweep_reports_every_epoch_of_every_run_off_a_terminal(tiny_data, cache, tmp_path, jobs):
+    """Off a terminal: one line per finished epoch of each run (epoch, loss, val top-1, ETA), not silence until
+    each run ends; the same with runs in parallel processes (the runs' metrics.jsonl is the channel)."""
+    result = CliRunner().invoke(app, [
+        "sweep", "--jobs", jobs, "--data", tiny_data["train"].pattern, "--cache", cache,
+        "--val-data", tiny_data["val"].pattern,
+        "--student", "cifar_resnet8", "--set", "epochs=2", "--set", "batch_size=8", "--set", "workers=0",
+        "--set", "device=cpu", "--grid", "loss=ce,kd", "--out", str(tmp_path / "sw")])
+    assert result.exit_code == 0, result.output
+    for run in ("loss=ce", "loss=kd"):
+        lines = [line for line in result.output.splitlines() if line.startswith(f"{run}: epoch ")]
+        assert [line.split()[2] for line in lines] == ["1/2", "2/2"], result.output
+        assert "loss " in lines[0] and "val top-1 " in lines[0] and "ETA 0:00:" in lines[0]
+        assert lines[1].endswith("ETA 0:00:00")
+
+
+def test_the_sweep_watch_reports_only_what_resumed_runs_add_and_skips_broken_files(tmp_path):
+    from pld_pipeline.sweep_watch import SweepWatch
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 2.0, "val_top1": 10.0, "epoch_seconds": 4}\n')
+    events = []
+    watch = SweepWatch(str(tmp_path), {"a": {"epochs": 3, "out": str(run)}}, events.append)
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_loss": 2.0, "val_top1": 10.0, "epoch_seconds": 4}\n'
+                                       '{"epoch": 1, "train_loss": 1.0, "val_top1": 20.0, "epoch_seconds": 2}\n')
+    watch.poll()
+    watch.poll()
+    assert [(e["epoch"], e["val_top1"], e["eta_s"]) for e in events] == [(2, 20.0, 3.0)]
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train_lo')  # half-written by a stranger: nothing, no error
+    watch.poll()
+    assert len(events) == 1
+
+
+def test_a_sweep_in_a_terminal_shows_a_live_line_per_run(tiny_data, cache, tmp_path):
+    import sys
+    from test_progress import run_in_terminal
+    text, code = run_in_terminal([
+        sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", "sweep", "--data",
+        tiny_data["train"].pattern, "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student",
+        "cifar_resnet8", "--set", "epochs=2", "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
+        "--grid", "loss=ce,kd", "--out", str(tmp_path / "sw")], columns=120, timeout=300)
+    assert code == 0, text
+    for run in ("loss=ce", "loss=kd"):
+        assert any(line.startswith(run) and "epoch 2/2" in line and "val top-1" in line
+                   for line in text.splitlines()), text
+
+
+def test_a_mistyped_loss_in_a_sweep_grid_is_refused_before_the_sweep_folder_is_written(tiny_data, tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--data", tiny_data["train"].pattern, "--student", "cifar_resnet8",
+                                      "--grid", "loss=ce,pdl", "--out", str(tmp_path / "sw"), "--quiet"])
+    assert result.exit_code == 2 and "Unsupported loss 'pdl' (did you mean 'pld'?)" in " ".join(result.output.split())
+    assert not (tmp_path / "sw").exists()

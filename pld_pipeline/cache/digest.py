@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any
 
 import zarr
 
+from ..options import parse_digest as parse  # noqa: F401 - the form check, shared with the command line
 from .format import CacheError, CacheMeta, check_teacher_id
 from .schema import ARRAYS
 from .store import read_documents
@@ -23,7 +23,6 @@ PREFIX = "sha256:"
 #: What the hashed document says it is: a later change of the definition changes this name.
 DEFINITION = "pld-cache-digest/1"
 KEY_INDEX_OBJECTS = ("key_index/zarr.json", "key_index/keys/zarr.json", "key_index/rows/zarr.json")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def object_keys(meta: CacheMeta, unit_names: list[str]) -> list[str]:
@@ -51,15 +50,6 @@ def of(docs: dict[str, Any]) -> str:
     """``sha256:`` + sha256 hex of the canonical JSON of ``{"definition", "objects"}``."""
     text = json.dumps({"definition": DEFINITION, "objects": docs}, sort_keys=True, separators=(",", ":"))
     return PREFIX + hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-def parse(text: str, what: str = "--expect-digest") -> str:
-    """A digest as given by a user, checked for form (lower-case hex, as pld prints it)."""
-    digest = str(text).strip().lower()
-    if not _DIGEST.match(digest):
-        raise ValueError(f"{what} {text!r} is not a cache digest; it looks like sha256: followed by 64 hex "
-                         "digits, as `pld inspect` and `pld cache-teacher` print it.")
-    return digest
 
 
 def require(expected: str, got: str, url: str) -> None:

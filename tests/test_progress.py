@@ -1,0 +1,124 @@
+"""What `pld` shows while it works: the distill bar counts batches (its ETA is right), Ctrl-C says how to resume."""
+import io
+
+from rich.console import Console
+
+import pld_pipeline_cli.progress as progress
+from pld_pipeline_cli.progress import ProgressReporter
+
+
+def terminal(monkeypatch, width=120):
+    buf = io.StringIO()
+    monkeypatch.setattr(progress, "err", Console(file=buf, force_terminal=True, width=width))
+    return buf
+
+
+def test_the_distill_bar_counts_batches_not_progress_events(monkeypatch):
+    """distill reports a step every 10 batches: counting events made the ETA 10x too long."""
+    terminal(monkeypatch)
+    reporter = ProgressReporter()
+    reporter({"event": "epoch_start", "epoch": 0, "steps": 100})
+    for step in range(0, 60, 10):
+        reporter({"event": "step", "epoch": 0, "step": step, "loss": 1.0, "samples_per_s": 10.0})
+    task = reporter.progress.tasks[0]
+    assert (task.completed, task.total) == (51, 100)
+    reporter.progress.stop()
+
+
+def run_in_terminal(argv, columns=80, timeout=120, env=None, signal_after=None):
+    """Run ``argv`` in a pseudo-terminal ``columns`` wide (what a user's terminal gives rich); its output, with
+    ANSI escapes removed, and its exit status. ``signal_after=(text, signum)``: send signum once text appeared."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm", **(env or {})})
+    os.close(slave)
+    chunks, sent, deadline = [], False, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+            if signal_after and not sent and signal_after[0].encode() in b"".join(chunks):
+                proc.send_signal(signal_after[1])
+                sent = True
+        elif proc.poll() is not None:
+            break
+    code = proc.wait(timeout=30)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r", ""), code
+
+
+def test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal(tiny_data, teacher_ckpt, tmp_path):
+    import sys
+    from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+    tid = "cifar_resnet8_from_the_long_named_checkpoint_v2"
+    url = str(tmp_path / "c.zarr")
+    digest = cache_teacher(CacheTeacherConfig(
+        data=tiny_data["train"].shards[0], out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, tid)],
+        views=1, size=16, k=3, batch_size=16, workers=0, device="cpu", recipe_overrides={"pad": 2}))["digest"]
+    text, code = run_in_terminal([sys.executable, "-c", "from pld_pipeline_cli.app import main; main()",
+                                  "inspect", url], columns=80)
+    assert code == 0, text
+    assert f"digest: {digest}" in text and "…" not in text, text
+    assert f"teacher {tid}" in text
+    assert all(len(line) <= 80 for line in text.splitlines() if "│" in line), text  # the tables fit
+
+
+def _pld(*args):
+    import sys
+    return [sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", *map(str, args)]
+
+
+def test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume(tiny_data, cache, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    text, code = run_in_terminal(_pld("distill", "--data", tiny_data["train"].pattern, "--cache", cache,
+                                      "--student", "cifar_resnet8", "--out", out, "--epochs", 500, "--batch-size", 8,
+                                      "--workers", 0, "--device", "cpu"),
+                                 timeout=240, signal_after=("epoch 0:", signal.SIGINT))
+    assert code == 130, text
+    line = next(line for line in text.splitlines() if line.startswith("interrupted:"))
+    assert "finished epoch(s) kept in" in line and line.endswith("rerun with --resume to continue from there"), text
+    assert text.endswith("continue from there\n") and "Traceback" not in text  # the prompt starts on a new line
+    kept = int(line.split()[1])
+    state = __import__("torch").load(out / "last_state.pt", weights_only=True)
+    assert state["epoch"] + 1 >= kept >= 1
+
+
+def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command(tiny_data, teacher_ckpt, tmp_path):
+    """Off a terminal (plain log lines), so the test can wait for the first shard to be written."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(_pld("cache-teacher", "--data", tiny_data["train"].pattern, "--out", tmp_path / "c.zarr",
+                                 "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--views", 256,
+                                 "--size", 16, "--top-k", 3, "--workers", 0, "--device", "cpu", "--batch-size", 64),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "written (1/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    code = proc.wait(timeout=120)
+    text = "".join(lines)
+    assert code == 130, text
+    written = text.count(" written (")  # the shards finished before the signal landed (1, rarely 2)
+    assert f"interrupted: {written} of 3 shard(s) cached and kept" in text and text.endswith(
+        "rerun the same command to resume\n"), text
