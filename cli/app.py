@@ -28,19 +28,27 @@ class PldCommand(typer.core.TyperCommand):
         super().__init__(*args, **kwargs)
         if self.help:
             self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
-        for param in self.params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
+        _untyped_flags(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
         return _untyped(super().get_help_option(ctx))
 
 
 class GroupHelpWithoutType(typer.core.TyperGroup):
-    """`pld --help`: the help flag shows no type either."""
+    """`pld --help`: its flags (--version, --help) show no type either."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _untyped_flags(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
         return _untyped(super().get_help_option(ctx))
+
+
+def _untyped_flags(params: list[Any]) -> None:
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
 
 
 def _untyped(option: Any) -> Any:
@@ -743,7 +751,7 @@ def _print_report(sweep_dir: str, rows: list[dict[str, Any]]) -> None:
         t.add_row(*["-" if r[k] is None else escape(str(r[k])) for k in keys], fmt(r["best_val_top1"]),
                   fmt(r["last_val_top1"]), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
                   run_status(r))
-    out.print(t)
+    _print_table(t)  # off a terminal at its natural width: a status or setting is never wrapped mid-word
     out.print(best_line(rows), highlight=False, soft_wrap=True)
     out.print(f"results: {os.path.join(sweep_dir, 'results.md')}, {os.path.join(sweep_dir, 'results.csv')}, "
               f"{os.path.join(sweep_dir, 'results.png')}")

@@ -81,6 +81,7 @@ def test_every_rank_runs_the_same_steps_over_the_subset_and_no_sample_twice(tiny
 def test_the_label_space_is_decided_or_the_ambiguity_refused_in_one_line():
     cmap = parse_class_map(VEHICLES, 10)
     assert label_space(cmap, np.arange(10)) == "teacher"  # a label >= 4 can only be a teacher class
+    assert label_space(cmap, np.arange(5)) == "teacher"  # 4 itself, the map's size, is no student class either
     assert label_space(cmap, np.arange(4), dataset_classes=4) == "student"  # the shards' classes.json
     assert label_space(cmap, np.arange(4), dataset_classes=10) == "teacher"
     assert label_space(parse_class_map([0, 1, 2, 3], 10), np.arange(4)) == "student"  # the same either way
