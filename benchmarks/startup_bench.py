@@ -97,6 +97,8 @@ def main() -> None:
             "refuse: uncached --temperature": distill + ["--data", train, "--temperature", "3"],
             "refuse: unknown cached --teacher": distill + ["--data", train, "--teacher", "r9"],
             "refuse: malformed --expect-digest": distill + ["--data", train, "--expect-digest", "sha256:0"],
+            "refuse: --student resnet56 (timm name)": ["distill", "--student", "resnet56", "--out",
+                                                       os.path.join(tmp, "run"), "--data", train, "--loss", "ce"],
         })
         cases = {("floor", 'python -c "import zarr"'): ([sys.executable, "-c", "import zarr"], None)}
         cases.update({(tree, cmd): (pld + argv, path) for cmd, argv in commands.items() for tree, path in trees.items()})

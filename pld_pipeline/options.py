@@ -8,6 +8,7 @@ shard or cache is left to the library), the cache's root ``zarr.json`` read as p
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -85,9 +86,12 @@ def check_loss(loss: str, cache: str | None, online_teacher: str | None = None) 
 
 
 def check_model_source(source: str, what: str) -> None:
-    """A ``module.path:factory`` whose module exists (found without importing it). Plain timm names need timm to
-    check (seconds of imports): models.load_model refuses an unknown one, with the closest names."""
-    if ":" not in source or source.startswith(_TIMM_SCHEMES):
+    """A ``module.path:factory`` whose module exists, or a timm model name timm registers: both found without
+    importing anything (models.load_model refuses them again, with timm's own registry)."""
+    if source.startswith(_TIMM_SCHEMES):
+        return
+    if ":" not in source:
+        check_model_name(source, what)
         return
     module, _, attr = source.partition(":")
     try:
@@ -97,6 +101,51 @@ def check_model_source(source: str, what: str) -> None:
     if not found or not attr.isidentifier():
         raise OptionError(f"{what} {source!r}: no module {module!r} to import a factory from; give a timm model "
                           "name or module.path:factory with the module on PYTHONPATH.")
+
+
+_REGISTERED = re.compile(r"@register_model(?:\([^)]*\))?\s*\ndef\s+(\w+)")
+_DEPRECATIONS = re.compile(r"register_model_deprecations\(__name__,\s*\{(.*?)\}\)", re.S)
+_DEPRECATED_NAME = re.compile(r"['\"](\w+)['\"]\s*:")
+
+
+@functools.lru_cache(maxsize=1)
+def registered_model_names() -> frozenset[str]:
+    """Every model name ``timm.create_model`` accepts without a scheme (timm's and this project's, deprecated
+    aliases included), read from their sources: importing timm takes seconds, reading ~4 MB of text a tenth of
+    one. Empty when the sources cannot be read (an unusual install): callers then leave the check to timm."""
+    files = []
+    for package, sub in (("timm", "models"), ("pld_pipeline", "")):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            return frozenset()
+        if spec is None or not spec.origin:
+            return frozenset()
+        folder = os.path.join(os.path.dirname(spec.origin), sub)
+        files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    names: set[str] = set()
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        names.update(_REGISTERED.findall(text))
+        for block in _DEPRECATIONS.findall(text):
+            names.update(_DEPRECATED_NAME.findall(block))
+    return frozenset(names) if len(names) > 100 else frozenset()  # a handful means the layout changed
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A plain model name (``resnet50``, ``resnet50.a1_in1k``, ``cifar_resnet56``) that timm registers; an unknown
+    one is refused with the closest names, this project's CIFAR ResNets first (``resnet56`` is one here)."""
+    known = registered_model_names()
+    arch = name.split(".")[0]
+    if not known or arch in known:
+        return
+    ours = sorted(n for n in known if n.startswith("cifar_") and n.endswith(arch))
+    close = difflib.get_close_matches(arch, sorted(known), n=3, cutoff=0.75)
+    shown = list(dict.fromkeys(ours + close))[:3]
+    hint = f" (did you mean {' or '.join(repr(n) for n in shown)}?)" if shown else ""
+    raise OptionError(f"{what} {name!r} is not a timm model name{hint}; see timm.list_models(), or give "
+                      "hf-hub:owner/name or module.path:factory.")
 
 
 def shard_urls(spec: str, what: str = "--data") -> list[str]:

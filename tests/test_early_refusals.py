@@ -73,6 +73,8 @@ def test_distill_mistakes_are_refused_before_torch_is_imported(tiny_data, cache,
         (base + ["--data", train, "--cache", tmp_path / "nocache.zarr"], "No cache at"),
         (["distill", "--student", "no_such_pkg.models:net", "--out", tmp_path / "r", "--data", train, "--loss", "ce"],
          "no module 'no_such_pkg.models'"),
+        (["distill", "--student", "resnt18", "--out", tmp_path / "r", "--data", train, "--loss", "ce"],
+         "--student 'resnt18' is not a timm model name (did you mean 'resnet18'"),
     ])
 
 
@@ -85,6 +87,8 @@ def test_cache_teacher_mistakes_are_refused_before_torch_is_imported(tiny_data, 
         (base + ["--data", train, "--teacher-checkpoint", tmp_path / "t.pth"], "does not exist"),
         (base + ["--data", train, "--recipe", "cifr"], "Unsupported --recipe 'cifr' (did you mean 'cifar'?)"),
         (base + ["--data", train, "--top-k", "0"], "--top-k must be >= 1"),
+        (["cache-teacher", "--out", tmp_path / "c.zarr", "--teacher", "resnet56", "--data", train],
+         "--teacher 'resnet56' is not a timm model name (did you mean 'cifar_resnet56'"),
     ])
     assert not (tmp_path / "c.zarr").exists()
 
@@ -110,6 +114,18 @@ def test_a_hostile_cache_root_is_left_to_the_library(tmp_path):
     meta = options.cache_root(str(tmp_path))
     with pytest.raises(options.OptionError, match=r"cached grid \(2\)"):
         options.check_cached_teachers(meta, str(tmp_path), "t", 1.0)
+
+
+def test_the_torch_free_model_names_are_timms_registry():
+    """The names read from the sources are exactly what timm (with this project's models) registers, deprecated
+    aliases included, so a name timm accepts is never refused early."""
+    import timm
+
+    from pld_pipeline import models  # noqa: F401  registers the CIFAR ResNets
+    registry = set(timm.list_models()) | set(timm.models.get_deprecated_models())
+    assert options.registered_model_names() == registry
+    for name in ("resnet50.a1_in1k", "cifar_resnet56", "convnext_tiny_in22ft1k"):
+        options.check_model_name(name, "--teacher")
 
 
 def test_the_torch_free_recipe_names_are_the_view_recipes():
