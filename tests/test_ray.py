@@ -74,7 +74,7 @@ def test_a_sweep_on_a_ray_cluster_survives_a_killed_worker_and_resumes_the_run(r
     sweep = subprocess.Popen([sys.executable, "-m", "pld_pipeline", "sweep", "--data", tiny_data["train"].pattern,
                               "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student", "cifar_resnet8",
                               *settings, "--grid", "loss=ce,kd", "--launcher", "ray", "--ray-address", address,
-                              "--cpus-per-run", "2", "--out", str(out), "--quiet"],
+                              "--cpus-per-run", "2", "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=RAY_ENV)
     victim = None
     while victim is None and sweep.poll() is None:  # until a run is caught mid-way, or the sweep has ended
@@ -98,6 +98,12 @@ def test_a_sweep_on_a_ray_cluster_survives_a_killed_worker_and_resumes_the_run(r
     assert summary["resumed_from_epoch"] >= 1, "the retried run restarted instead of resuming"
     assert [m["epoch"] for m in metrics] == list(range(4))
     assert all((out / name / "summary.json").is_file() for name in ("loss=ce", "loss=kd"))
+    # Live progress on Ray too (off a terminal: one line per finished epoch of each run), each epoch once,
+    # the killed and retried run's included.
+    for name in ("loss=ce", "loss=kd"):
+        reported = [line for line in output.splitlines() if line.startswith(f"{name}: epoch ")]
+        assert [line.split()[2] for line in reported] == ["1/4", "2/4", "3/4", "4/4"], output
+        assert all("loss " in line and "val top-1 " in line and "ETA " in line for line in reported), reported
 
     # The interrupted run ends where an uninterrupted one does.
     base = {"data": tiny_data["train"].pattern, "cache": cache, "val_data": tiny_data["val"].pattern,
