@@ -222,6 +222,7 @@ def _write_in_subprocess(url, shards):
         write_shard(w, s)
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_units_concurrently(cache_url, tmp_path):
     Cache.create_or_extend(cache_url, request(2, [teacher_record()]))
     ctx = mp.get_context("spawn")

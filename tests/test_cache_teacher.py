@@ -216,22 +216,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     assert_same_cache(ref, killed, "r14")
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_equals_one_process(tiny_data, teacher_ckpt, tmp_path):
-    one = str(tmp_path / "one.zarr")
-    two = str(tmp_path / "two.zarr")
-    args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
-            "--teacher-name", "r8", "--views", "3", "--size", "16", "--top-k", "4", "--batch-size", "10",
-            "--workers", "0", "--device", "cpu", "--quiet"]
-    _cli_here("--out", one, *args)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), "-m", "pld_pipeline", "cache-teacher", "--out", two, *args],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert_same_cache(one, two)
-    assert verify_cache(two).ok
-
-
 def bad_shards(tmp_path, samples):
     return write_split(iter(samples), str(tmp_path / "bad"), "bad", 100).pattern
 

@@ -151,20 +151,6 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "Usage" in result.output
 
 
-@pytest.mark.slow
-def test_the_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
-    """benchmarks/gpu_check.sh is what the first GPU runs; --tiny keeps it from rotting while none is lent."""
-    import subprocess
-    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--tiny"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert result["ok"] and result["tiny"] and set(result["steps"]) == {
-        "cuda tests", "cache-teacher vs bare forward", "cache for distill", "distill pld from cache",
-        "distill ce without cache"}
-    assert result["cache_teacher_over_bare_forward"] > 0 and result["distill_from_cache_over_ce"] > 0
-
-
 def test_tables_print_in_full_outside_a_terminal(monkeypatch):
     """CI logs, `| tee`, notebooks: rich would squeeze a table into 80 columns and cut model names short."""
     import io

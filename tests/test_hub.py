@@ -52,6 +52,7 @@ def pld(*args, hf_home):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["test_resnet.r160_in1k", "hf-hub:timm/test_resnet.r160_in1k"])
 def test_a_pretrained_hub_teacher_is_cached_offline_with_its_identity(tiny_data, tmp_path, name):
     weights, sha = hf_cache(tmp_path / "hf", with_config=name.startswith("hf-hub:"))

@@ -1,6 +1,7 @@
 """What `pld` shows while it works: the distill bar counts batches (its ETA is right), Ctrl-C says how to resume."""
 import io
 
+import pytest
 from rich.console import Console
 
 import pld_pipeline_cli.progress as progress
@@ -85,6 +86,7 @@ def _pld(*args):
     return [sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume(tiny_data, cache, tmp_path):
     import signal
     out = tmp_path / "run"
@@ -101,6 +103,7 @@ def test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume(tiny_data
     assert state["epoch"] + 1 >= kept >= 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command(tiny_data, teacher_ckpt, tmp_path):
     """Off a terminal (plain log lines), so the test can wait for the first shard to be written."""
     import signal

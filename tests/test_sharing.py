@@ -55,16 +55,24 @@ def s3_endpoint():
     proc.wait(10)
 
 
-def test_two_processes_write_a_cache_to_s3_then_verify_inspect_and_distill(tiny_data, teacher_ckpt, s3_endpoint, tmp_path):
+@pytest.mark.slow
+def test_two_torchrun_processes_write_to_s3_the_cache_one_process_writes_then_verify_inspect_and_distill(
+        tiny_data, teacher_ckpt, s3_endpoint, tmp_path):
+    """Ranks split the shards and write them to an object store; the cache equals one process's local one."""
+    from test_cache_teacher import _cli_here, assert_same_cache
     url = "s3://pld-bucket/team-a/cache.zarr"
+    args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
+            "--teacher-name", "r8", "--views", "3", "--size", "16", "--top-k", "4", "--batch-size", "10",
+            "--workers", "0", "--device", "cpu", "--quiet"]
     run = subprocess.run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(free_port()), "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
-        "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2",
-        "--size", "16", "--top-k", "4", "--workers", "0", "--device", "cpu", "--quiet", "--out", url],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **s3_endpoint})
+        str(free_port()), "-m", "pld_pipeline", "cache-teacher", *args, "--out", url],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **s3_endpoint})
     assert run.returncode == 0, run.stderr[-3000:]
     assert verify_cache(url).ok
+    one = str(tmp_path / "one.zarr")
+    _cli_here("--out", one, *args)
+    assert_same_cache(one, url)
     info = inspect_cache(url)
     assert info["shards_done"] == 3 and info["bytes_on_disk"] is None  # remote: size not walked
     local_copy = tmp_path / "blocks"
@@ -165,6 +173,7 @@ def whole(tiny_data, teacher_ckpt, tmp_path_factory):
 
 # Each cooperation mode on one backend (CI time): --part on local disk, claims on the S3 server; both run the
 # same code on either (only the store differs), and the other pairings pass too (run with where=... to check).
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local"])
 def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher_ckpt, s3_endpoint, whole, tmp_path,
                                                               where):
@@ -184,6 +193,7 @@ def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher
     assert_same_cache(whole, url)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["s3"])
 def test_overlapping_workers_split_the_shards_by_claims_and_take_over_a_dead_ones(tiny_data, teacher_ckpt,
                                                                                    s3_endpoint, whole, tmp_path, where):

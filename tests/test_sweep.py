@@ -243,16 +243,33 @@ def test_a_printed_command_run_elsewhere_is_gathered_by_report(tiny_data, cache,
     assert again.output.strip().splitlines() == lines[1:]  # only the pending run is printed again
 
 
-@pytest.mark.slow
-def test_a_run_of_several_processes_is_a_torchrun_ddp_run(tiny_data, cache, tmp_path):
-    """What a Ray task does with --procs-per-run 2: the run's own `pld distill` line under torchrun."""
-    from pld_pipeline.launch import run_task
-    settings = {**base(tiny_data, cache), "val_data": tiny_data["val"].pattern, "epochs": 2, "batch_size": 4,
-                "out": str(tmp_path / "ddp")}
-    run_task(settings, procs=2, cpus=2)
-    run_config = json.load(open(tmp_path / "ddp" / "config.json"))
-    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
-    assert run_config["world_size"] == 2 and summary["epochs"] == 2 and summary["best_val_top1"] is not None
+def test_a_run_of_several_processes_is_its_own_distill_line_under_torchrun(tiny_data, cache, tmp_path, monkeypatch):
+    """What a Ray task does with --procs-per-run 2: the run's own `pld distill` line under torchrun, its CPUs split
+    between the processes, a failure named in one line. (That line's DDP run is tested by
+    test_class_map_subset's torchrun test.)"""
+    import subprocess
+
+    from pld_pipeline import launch
+    settings = {**base(tiny_data, cache), "epochs": 2, "batch_size": 4, "out": str(tmp_path / "ddp")}
+    calls, exit_codes = [], [0, 1]
+
+    def fake_run(cmd, env, **kwargs):
+        calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, exit_codes[len(calls) - 1], "", "boom: out of memory\n")
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    assert launch.run_task(settings, procs=2, cpus=4) == settings["out"]
+    cmd, env = calls[0]
+    torchrun = cmd.index("torch.distributed.run")
+    assert cmd[torchrun - 1:torchrun + 3] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[torchrun + 3:torchrun + 6] == ["-m", "pld_pipeline", "distill"] and cmd[-1] == "--quiet"
+    assert cmd[torchrun + 6:-1] == launch.distill_argv({**settings, "resume": False})
+    assert env["OMP_NUM_THREADS"] == "2"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / "last_state.pt").write_bytes(b"")  # a killed attempt's state: the retry resumes
+    with pytest.raises(RuntimeError, match=r"torchrun run .*ddp failed \(exit 1\): boom: out of memory"):
+        launch.run_task(settings, procs=2, cpus=4)
+    assert "--resume" in calls[1][0]
 
 
 @pytest.mark.parametrize("option, package, extra", [
