@@ -102,7 +102,7 @@ def test_a_mapped_run_validates_in_the_students_classes_over_in_map_samples_and_
     val = [int(s["cls"]) for u in expand_shards(tiny_data["val"].pattern) for s in iter_shard(u)]
     summary = _run_with_map(tiny_data, cache, tmp_path, VEHICLES)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(rows) == 2 and rows[0]["val_samples"] == rows[-1]["val_samples"] == sum(1 for y in val if y in table) < len(val)
+    assert rows[-1]["val_samples"] == sum(1 for y in val if y in table) < len(val)
     total = sum(1 for c in cached_labels(cache) if c in table)
     assert summary["train_samples"] == total and summary["labels"] == "teacher" and summary["num_classes"] == 4
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -240,5 +240,5 @@ def test_a_two_process_torchrun_run_over_a_subset_steps_together_to_the_end(tiny
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     table = student_of(VEHICLES)
     from pld_pipeline.data import expand_shards, iter_shard
-    assert len(rows) == 2 and rows[0]["val_samples"] == rows[-1]["val_samples"] == sum(1 for u in expand_shards(tiny_data["val"].pattern) for s in iter_shard(u)
-                                          if int(s["cls"]) in table)
+    in_map = sum(1 for u in expand_shards(tiny_data["val"].pattern) for s in iter_shard(u) if int(s["cls"]) in table)
+    assert len(rows) == 2 and rows[0]["val_samples"] == rows[-1]["val_samples"] == in_map
