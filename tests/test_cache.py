@@ -225,12 +225,14 @@ def _write_in_subprocess(url, shards):
 @pytest.mark.slow
 def test_two_processes_write_disjoint_units_concurrently(cache_url, tmp_path):
     Cache.create_or_extend(cache_url, request(2, [teacher_record()]))
-    ctx = mp.get_context("spawn")
+    # forked, not spawned: a spawned child re-imports torch and this module (~6 s of CPU each) for the same test;
+    # zarr resets its event loop in a forked child (zarr.core.sync registers an at-fork hook)
+    ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_write_in_subprocess, args=(cache_url, part)) for part in ([0, 2], [1])]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(300)  # a hang guard, not a timing: a spawned child imports torch (a minute on a loaded machine)
+        p.join(600)  # a hang guard, not a timing
         assert p.exitcode == 0
     serial = str(tmp_path / "serial.zarr")
     filled(serial)
