@@ -262,14 +262,16 @@ def _reverse_logcumsumexp(x: Tensor) -> Tensor:
 class _PlackettLuceHead(torch.autograd.Function):
     """Per-sample NLL of the first steps of a weighted Plackett-Luce ranking: ``head_idx`` [B, K+1] lists the
     classes of the steps in order (slots with ``valid`` False take no step and weigh ``alpha`` 0: the top-k
-    slot that repeats the label); the classes outside the head enter through one logsumexp ``R``.
+    slot that repeats the label); the classes outside the head enter through their logsumexp ``R``.
 
     Forward: ``D_k = log(exp(R) + sum_{j>=k, valid} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
     Backward, closed form: ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a
-    class c outside the head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``.
-    Cumulative sums run in exp space shifted by the row's maximum (a cumsum is far cheaper than logcumsumexp,
-    about 30x on CPU); a row whose smallest suffix falls below ``exp(-spread limit)`` (see
-    ``_EXP_SPACE_MAX_SPREAD``), where exp leaves the normal range, takes logcumsumexp instead.
+    class c outside the head (present in every suffix) ``exp(s_c) * sum_k alpha_k exp(-D_k)``. Everything runs in
+    exp space shifted by the row's maximum ``hi``: over B x C one max, one exp (no -inf in it: masked entries are
+    zeroed after, exp of -inf is a slow path), one sum forward and one product backward, against plain KD's
+    four exps. A row whose smallest suffix falls below ``exp(-spread limit)`` (see ``_EXP_SPACE_MAX_SPREAD``),
+    where exp leaves the normal range, takes logcumsumexp instead. A rest class whose exp(s - hi) leaves the
+    normal range has a true gradient below ``exp(limit - 87)`` (2e-12 in float32): computed as 0 or subnormal.
     """
 
     @staticmethod
@@ -277,49 +279,39 @@ class _PlackettLuceHead(torch.autograd.Function):
         dtype = _compute_dtype(s)
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype (bf16 under autocast)
         s, alpha = s.to(dtype), alpha.to(dtype)
-        s_head = s.gather(1, head_idx)
-        # The rest: one scatter of -inf over every slot (a repeated class is in the head anyway). A row whose head
-        # covers every class gets R = -inf and an all-zero softmax.
-        rest = s.scatter(1, head_idx, -math.inf)
-        top = rest.amax(1, keepdim=True)
-        top = torch.where(top > -math.inf, top, 0.0)
-        rest_e = torch.exp(rest - top)
-        rest_total = rest_e.sum(1)
-        rest_lse = rest_total.log() + top.squeeze(1)
-        hi = torch.maximum(s_head.amax(1), rest_lse)
-        z = s_head - hi[:, None]
+        hi = s.amax(1, keepdim=True)
+        rest_e = torch.exp(s - hi).scatter_(1, head_idx, 0.0)  # exp(s - hi) outside the head, 0 inside
+        e_rest = rest_e.sum(1, keepdim=True)  # exp(R - hi); 0 when the head covers every class
+        z = s.gather(1, head_idx) - hi
         e = z.exp() * valid
-        e_rest = torch.exp(rest_lse - hi)
-        suffix = _reverse_cumsum(e) + e_rest[:, None]  # exp(D - hi): falls along the slots, its last is its least
+        suffix = _reverse_cumsum(e) + e_rest  # exp(D - hi): falls along the slots, its last is its least
         wide = suffix[:, -1] < math.exp(-_EXP_SPACE_MAX_SPREAD[dtype])
 
         def exact() -> tuple[Tensor]:
-            d = torch.logaddexp(_reverse_logcumsumexp(s_head.masked_fill(~valid, -math.inf)), rest_lse[:, None])
-            return (d - hi[:, None],)
+            rest_lse = torch.logsumexp(s.scatter(1, head_idx, -math.inf), dim=1, keepdim=True)
+            d = torch.logaddexp(_reverse_logcumsumexp((z + hi).masked_fill(~valid, -math.inf)), rest_lse)
+            return ((d - hi).masked_fill_(~valid, 0.0),)  # a slot without a step: any finite value (alpha 0)
 
         log_suffix, = _where_rare(wide, exact, (suffix.log(),))
-        loss = torch.linalg.vecdot(alpha, (log_suffix - z).masked_fill_(~valid, 0.0))
-        ctx.save_for_backward(head_idx, valid, alpha, z, e, e_rest, suffix, log_suffix, wide, rest_lse, hi,
-                              rest_e, torch.where(rest_total > 0, rest_total, 1.0))  # an empty rest: no 0 / 0
+        loss = torch.linalg.vecdot(alpha, log_suffix - z)
+        ctx.save_for_backward(s, head_idx, valid, alpha, z, e, suffix, log_suffix, wide, hi, rest_e)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        head_idx, valid, alpha, z, e, e_rest, suffix, log_suffix, wide, rest_lse, hi, rest_e, rest_total = \
-            ctx.saved_tensors
+        s, head_idx, valid, alpha, z, e, suffix, log_suffix, wide, hi, rest_e = ctx.saved_tensors
         cum_w = (alpha / suffix).cumsum_(1)  # sum_{k<=j} alpha_k exp(hi - D_k)
-        fast = (e * cum_w - alpha, e_rest * cum_w[:, -1])
+        fast = (e * cum_w - alpha, rest_e * cum_w[:, -1:])
 
         def exact() -> tuple[Tensor, Tensor]:
             log_w = torch.where(alpha > 0, alpha.log() - log_suffix, -math.inf)  # alpha_k exp(hi - D_k), logged
             g = torch.exp(z + torch.logcumsumexp(log_w, dim=1)) - alpha
-            r = torch.exp(rest_lse - hi + torch.logsumexp(log_w, dim=1))
-            return g, torch.where(torch.isfinite(r), r, 0.0)
+            rest = s.scatter(1, head_idx, -math.inf) - hi
+            return g, torch.exp(rest + torch.logsumexp(log_w, dim=1, keepdim=True))
 
-        g_head, rest_weight = _where_rare(wide, exact, fast)
+        g_head, g_rest = _where_rare(wide, exact, fast)
         g_out = grad_loss.to(alpha.dtype)[:, None]
-        g_head = g_head.masked_fill_(~valid, 0.0) * g_out
-        g = (rest_e * (rest_weight[:, None] * g_out / rest_total[:, None])).scatter_add_(1, head_idx, g_head)
+        g = (g_rest * g_out).scatter_add_(1, head_idx, g_head.masked_fill_(~valid, 0.0) * g_out)
         return g.to(ctx.in_dtype), None, None, None
 
 
