@@ -330,19 +330,19 @@ class _PlackettLuceFull(torch.autograd.Function):
     cumulative sum, ``D_j - s_j = log S_j - z_j``, and the backward is one forward cumulative sum:
     ``dL/ds_j = e_j * (alpha_y / S'_0 + sum_{k<=j} alpha_k / S_k) - alpha_j`` (``S'_0`` counts the label too);
     the label gets ``alpha_y (softmax(s)_y - 1)``. The label is removed by scatters at its position (B
-    elements), not masks over B x C. Takes the weights as log-probabilities (what the cache stores). Rows whose
-    smallest ``S`` falls below ``exp(-spread limit)`` (see ``_EXP_SPACE_MAX_SPREAD``), where exp leaves the normal
-    range, take logcumsumexp instead.
+    elements), not masks over B x C. Takes the weights as probabilities, so ``pld_loss`` gets them from one
+    softmax (one exp over B x C, where log-probabilities would need two), and the label's position ``pos`` [B, 1]
+    in ``order``. Rows whose smallest ``S`` falls below ``exp(-spread limit)`` (see ``_EXP_SPACE_MAX_SPREAD``),
+    where exp leaves the normal range, take logcumsumexp instead (a weight below float's normal range then counts
+    as 0: its terms are bounded by the weight itself).
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, log_alpha: Tensor, log_alpha_y: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, pos: Tensor, alpha: Tensor, alpha_y: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype
-        s, log_alpha, log_alpha_y = s.to(dtype), log_alpha.to(dtype), log_alpha_y.to(dtype)
-        pos = _label_position(order, labels)
-        alpha = log_alpha.exp().scatter_(1, pos, 0.0)  # the label's own slot takes no later step
-        alpha_y = log_alpha_y.exp()
+        s, alpha_y = s.to(dtype), alpha_y.to(dtype)
+        alpha = alpha.to(dtype).scatter(1, pos, 0.0)  # the label's own slot takes no later step
         s_o = s.gather(1, order)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         hi = s.amax(1)
@@ -365,14 +365,12 @@ class _PlackettLuceFull(torch.autograd.Function):
             return loss, torch.exp(s_y - d0)
 
         loss, label_p = _where_rare(wide, exact, fast)
-        ctx.save_for_backward(s, order, labels, pos, log_alpha, log_alpha_y, alpha, alpha_y, e, suffix, suffix0,
-                              label_p, wide)
+        ctx.save_for_backward(s, order, pos, alpha, alpha_y, e, suffix, suffix0, label_p, wide)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        s, order, labels, pos, log_alpha, log_alpha_y, alpha, alpha_y, e, suffix, suffix0, label_p, wide = \
-            ctx.saved_tensors
+        s, order, pos, alpha, alpha_y, e, suffix, suffix0, label_p, wide = ctx.saved_tensors
         w = alpha / suffix  # alpha_k exp(max - D_k)
         w[:, 0] += alpha_y / suffix0  # step 0 (the label) reaches every class
         fast = (w.cumsum_(1).mul_(e).sub_(alpha),)
@@ -381,8 +379,8 @@ class _PlackettLuceFull(torch.autograd.Function):
             s_o = s.to(alpha.dtype).gather(1, order)
             s_y = s_o.gather(1, pos).squeeze(1)
             d = _reverse_logcumsumexp(s_o.scatter(1, pos, -math.inf))
-            log_w = log_alpha.scatter(1, pos, -math.inf) - d
-            log_w0 = log_alpha_y - torch.logaddexp(d[:, 0], s_y)
+            log_w = alpha.log() - d  # the label's slot: alpha 0, log -inf
+            log_w0 = alpha_y.log() - torch.logaddexp(d[:, 0], s_y)
             cum_log = torch.logaddexp(torch.logcumsumexp(log_w, dim=1), log_w0[:, None])
             return (torch.exp(s_o + cum_log) - alpha,)
 
@@ -390,7 +388,7 @@ class _PlackettLuceFull(torch.autograd.Function):
         # the label: only step 0 reaches it (absent from every later suffix)
         g_o = g_o.scatter(1, pos, (alpha_y * (label_p - 1.0))[:, None]).mul_(grad_loss.to(alpha.dtype)[:, None])
         g = torch.empty_like(g_o).scatter_(1, order, g_o)
-        return g.to(ctx.in_dtype), None, None, None, None
+        return g.to(ctx.in_dtype), None, None, None, None, None
 
 
 def _log_weights(logp: Tensor, logz: Tensor, temperature: float) -> Tensor:
@@ -411,9 +409,9 @@ def pld_loss_from_ranking(
     _check_student(student_logits, labels, targets.num_classes)
     labels, topk_idx, temp = labels.long(), targets.topk_idx.long(), targets.temperature
     if targets.k == targets.num_classes:  # a whole ranking: no head to build, no rest block
-        loss = _PlackettLuceFull.apply(student_logits, topk_idx, labels,
-                                       _log_weights(targets.topk_logp, targets.logz[:, None], temp),
-                                       _log_weights(targets.label_logp, targets.logz, temp))
+        loss = _PlackettLuceFull.apply(student_logits, topk_idx, labels, _label_position(topk_idx, labels),
+                                       _log_weights(targets.topk_logp, targets.logz[:, None], temp).exp_(),
+                                       _log_weights(targets.label_logp, targets.logz, temp).exp_())
         return _reduce(loss, reduction)
     # The head: slot 0 the label, slots 1..K the top-k in teacher order; a top-k slot holding the label takes no
     # step (the label went first), so no slot is moved and no sort is needed.
@@ -442,11 +440,9 @@ def pld_loss(
     t_sorted = t.gather(1, order)
     _check_student(student_logits, labels, teacher=t_sorted[:, [0, -1]])
     labels = labels.long()
-    t_y = t.gather(1, labels[:, None]).squeeze(1)
-    if temperature != 1.0:
-        t_sorted, t_y = t_sorted / temperature, t_y / temperature
-    log_z = torch.logsumexp(t_sorted, dim=1)  # log-probabilities from the sorted values: no second pass over t
-    loss = _PlackettLuceFull.apply(student_logits, order, labels, t_sorted - log_z[:, None], t_y - log_z)
+    pos = _label_position(order, labels)
+    alpha = torch.softmax(t_sorted if temperature == 1.0 else t_sorted / temperature, dim=1)  # in teacher order
+    loss = _PlackettLuceFull.apply(student_logits, order, labels, pos, alpha, alpha.gather(1, pos).squeeze(1))
     return _reduce(loss, reduction)
 
 
