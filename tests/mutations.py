@@ -682,6 +682,27 @@ MUTATIONS = [
     Mutation("class maps: a largest label equal to the map's size is not read as a teacher label", "pld_pipeline/class_map.py",
              "if given == \"teacher\" or top >= c_s or", "if given == \"teacher\" or top > c_s or",
              (SUBSET + "test_the_label_space_is_decided_or_the_ambiguity_refused_in_one_line",)),
+    # Loss kernels without host syncs (issue 32, item 3)
+    Mutation("loss kernels: a value check read on the host under torch.compile (a graph break)", "pld_pipeline/losses.py",
+             "    if bad.is_cuda or torch.compiler.is_compiling():", "    if bad.is_cuda:",
+             ("tests/test_losses.py::test_the_kernels_compile_as_one_graph_match_eager_on_rows_of_every_spread_and_still_refuse_bad_input",)),
+    Mutation("loss kernels: the wide rows' branch a Python if under torch.compile (a graph break)", "pld_pipeline/losses.py",
+             "    if torch.compiler.is_compiling():\n        return tuple(torch.cond(",
+             "    if False:\n        return tuple(torch.cond(",
+             ("tests/test_losses.py::test_the_kernels_compile_as_one_graph_match_eager_on_rows_of_every_spread_and_still_refuse_bad_input",)),
+    Mutation("loss kernels: bad labels pass on CPU in eager mode", "pld_pipeline/losses.py",
+             "    elif bool(bad):\n        raise ValueError(explain())", "    elif False:\n        raise ValueError(explain())",
+             ("tests/test_losses.py::test_bad_input_gets_a_clear_value_error",)),
+    Mutation("loss kernels: teacher_order breaks ties by the higher class index", "pld_pipeline/teacher_order.py",
+             "keys |= np.arange(t.shape[1], dtype=np.int64)", "keys |= np.arange(t.shape[1], dtype=np.int64)[::-1]",
+             ("tests/test_losses.py::test_teacher_order_is_torchs_stable_descending_sort",)),
+    Mutation("loss kernels: teacher_order ranks -0.0 below 0.0", "pld_pipeline/teacher_order.py",
+             "bits = (t + np.float32(0.0)).view(np.int32)", "bits = t.view(np.int32)",
+             ("tests/test_losses.py::test_teacher_order_is_torchs_stable_descending_sort",)),
+    Mutation("loss kernels: the head's wide rows keep the exp-space suffix", "pld_pipeline/losses.py",
+             "        log_suffix, = _where_rare(wide, exact, (suffix.log(),))",
+             "        log_suffix, = (suffix.log(),)",
+             ("tests/test_losses.py::test_float32_rows_of_every_spread_in_one_batch_match_the_float64_reference",)),
 ]
 
 
