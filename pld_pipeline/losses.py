@@ -241,14 +241,15 @@ _EXP_SPACE_MAX_SPREAD = {torch.float32: 60.0, torch.float64: 600.0}
 def _where_rare(rare: Tensor, exact: Callable[[], tuple[Tensor, ...]], fast: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """``fast`` with the rows flagged in ``rare`` [B] taken from ``exact()``, which runs only when a row is flagged.
 
-    Eager: a Python branch (on CPU reading the flag costs nothing: CPU ops run synchronously). Under
-    ``torch.compile``: ``torch.cond``, so the kernel stays one graph with no host sync in it."""
+    Eager on CPU: a Python branch (reading the flag costs nothing: CPU ops run synchronously). Under
+    ``torch.compile``: ``torch.cond``, so the kernel stays one graph with no host sync in it. Eager on CUDA, where
+    reading the flag would stall the GPU: ``exact()`` always runs and its rows are selected on the device."""
     def patched() -> tuple[Tensor, ...]:
         return tuple(torch.where(rare.view(-1, *[1] * (f.ndim - 1)), x, f) for x, f in zip(exact(), fast))
 
     if torch.compiler.is_compiling():
         return tuple(torch.cond(rare.any(), patched, lambda: tuple(f.clone() for f in fast), ()))
-    return patched() if bool(rare.any()) else fast
+    return patched() if rare.is_cuda or bool(rare.any()) else fast
 
 
 def _reverse_cumsum(x: Tensor) -> Tensor:
