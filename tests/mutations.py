@@ -702,7 +702,10 @@ MUTATIONS = [
     Mutation("loss kernels: the head's wide rows keep the exp-space suffix", "pld_pipeline/losses.py",
              "        log_suffix, = _where_rare(wide, exact, (suffix.log(),))",
              "        log_suffix, = (suffix.log(),)",
-             ("tests/test_losses.py::test_float32_rows_of_every_spread_in_one_batch_match_the_float64_reference",)),
+             ("tests/test_losses.py::test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails",)),
+    Mutation("loss kernels: the head's wide rows keep the exp-space gradient", "pld_pipeline/losses.py",
+             "        g_head, g_rest = _where_rare(wide, exact, fast)", "        g_head, g_rest = fast",
+             ("tests/test_losses.py::test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails",)),
 ]
 
 

@@ -119,6 +119,26 @@ def test_float32_rows_of_every_spread_in_one_batch_match_the_float64_reference(k
         torch.testing.assert_close(l64, brute_pld(s, t, y), atol=1e-6, rtol=1e-9)
 
 
+@pytest.mark.parametrize("k", [4, None])
+def test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails(k):
+    """Every class but the label 150 below it: in float32 each later suffix sum (the rest's too) leaves exp's normal
+    range, so the head and the whole-ranking kernels must take their exact branch; float64 (limit 600) need not."""
+    s, t, y = make(6, 12, seed=44)
+    for b in range(3):  # rows 3-5 stay ordinary
+        s[b] = torch.where(torch.arange(12) == y[b], 0.0, s[b] - 150)
+    tg64, tg32 = TeacherTargets.from_logits(t, y, k=k), TeacherTargets.from_logits(t.float(), y, k=k)
+    x64, x32 = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+    l64, l32 = (pld_loss_from_ranking(x, y, tg, reduction="none") for x, tg in ((x64, tg64), (x32, tg32)))
+    l64.sum().backward()
+    l32.sum().backward()
+    torch.testing.assert_close(l32.double(), l64, rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    steps = None if k is None else [k if int(y[b]) in tg64.topk_idx[b].tolist() else k + 1 for b in range(6)]
+    want = torch.cat([brute_pld(s[b:b + 1], t[b:b + 1], y[b:b + 1], steps=None if steps is None else steps[b])
+                      for b in range(6)])
+    torch.testing.assert_close(l64.detach(), want, atol=1e-6, rtol=1e-9)
+
+
 def test_pld_is_translation_invariant_in_student_and_teacher():
     s, t, y = make(8, 20, seed=6)
     base = pld_loss(s, t, y, reduction="none")
@@ -356,6 +376,7 @@ def test_the_kernels_compile_as_one_graph_match_eager_on_rows_of_every_spread_an
     from torch._dynamo.testing import CompileCounter
     s, t, y = make(4, 10, seed=41, dtype=torch.float32)
     s = s * torch.tensor([0.3, 1.0, 40.0, 300.0])[:, None]  # the last two rows spread past exp space
+    s[0] = torch.where(torch.arange(10) == y[0], 0.0, s[0] - 150)  # sure of its label: the head's exact branch too
     graphs = CompileCounter()
     compiled = torch.compile(_all_kernels, backend=graphs, fullgraph=True)
     want, want_grad = value_and_grad(lambda x: _all_kernels(x, t, y), s)
