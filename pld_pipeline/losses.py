@@ -281,7 +281,7 @@ class _PlackettLuceHead(torch.autograd.Function):
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype (bf16 under autocast)
         s, alpha = s.to(dtype), alpha.to(dtype)
         hi = s.amax(1, keepdim=True)
-        rest_e = torch.exp(s - hi).scatter_(1, head_idx, 0.0)  # exp(s - hi) outside the head, 0 inside
+        rest_e = (s - hi).exp_().scatter_(1, head_idx, 0.0)  # exp(s - hi) outside the head, 0 inside
         e_rest = rest_e.sum(1, keepdim=True)  # exp(R - hi); 0 when the head covers every class
         z = s.gather(1, head_idx) - hi
         e = z.exp() * valid
@@ -344,22 +344,22 @@ class _PlackettLuceFull(torch.autograd.Function):
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype
         s, alpha_y = s.to(dtype), alpha_y.to(dtype)
         alpha = alpha.to(dtype).scatter(1, pos, 0.0)  # the label's own slot takes no later step
-        s_o = s.gather(1, order)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         hi = s.amax(1)
-        z = s_o - hi[:, None]
+        z = s.gather(1, order).sub_(hi[:, None])  # in place: each fresh B x C tensor costs its page faults too
         e = z.exp().scatter_(1, pos, 0.0)
-        suffix = _reverse_cumsum(e)
+        suffix = e.flip(1).cumsum_(1).flip(1)
         e_y = torch.exp(s_y - hi)
         suffix0 = suffix[:, 0] + e_y  # exp(D_0 - max): every class
         suffix.scatter_(1, pos, 1.0)  # keeps the label's slot (alpha 0) finite
         # S falls along the ranking, so its last two entries (one may be the label's 1) hold its minimum: below
         # exp(-max spread) some e_j left the normal range and the row's 1/S sums could overflow.
         wide = suffix[:, -2:].amin(1) < math.exp(-_EXP_SPACE_MAX_SPREAD[dtype])
-        fast = (torch.linalg.vecdot(alpha, suffix.log().sub_(z)) + alpha_y * (suffix0.log() + hi - s_y),
+        fast = ((alpha * suffix.log().sub_(z)).sum(1) + alpha_y * (suffix0.log() + hi - s_y),
                 e_y / suffix0)  # the loss, softmax(s)_y
 
         def exact() -> tuple[Tensor, Tensor]:
+            s_o = s.gather(1, order)
             d = _reverse_logcumsumexp(s_o.scatter(1, pos, -math.inf))
             d0 = torch.logaddexp(d[:, 0], s_y)
             loss = torch.linalg.vecdot(alpha, (d - s_o).scatter_(1, pos, 0.0)) + alpha_y * (d0 - s_y)
@@ -379,6 +379,7 @@ class _PlackettLuceFull(torch.autograd.Function):
         def exact() -> tuple[Tensor]:
             s_o = s.to(alpha.dtype).gather(1, order)
             s_y = s_o.gather(1, pos).squeeze(1)
+            s_o = s.gather(1, order)
             d = _reverse_logcumsumexp(s_o.scatter(1, pos, -math.inf))
             log_w = alpha.log() - d  # the label's slot: alpha 0, log -inf
             log_w0 = alpha_y.log() - torch.logaddexp(d[:, 0], s_y)
@@ -387,7 +388,7 @@ class _PlackettLuceFull(torch.autograd.Function):
 
         g_o, = _where_rare(wide, exact, fast)
         # the label: only step 0 reaches it (absent from every later suffix)
-        g_o = g_o.scatter(1, pos, (alpha_y * (label_p - 1.0))[:, None]).mul_(grad_loss.to(alpha.dtype)[:, None])
+        g_o = g_o.scatter_(1, pos, (alpha_y * (label_p - 1.0))[:, None]).mul_(grad_loss.to(alpha.dtype)[:, None])
         g = torch.empty_like(g_o).scatter_(1, order, g_o)
         return g.to(ctx.in_dtype), None, None, None, None, None
 
