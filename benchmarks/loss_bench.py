@@ -8,7 +8,7 @@ Cases: PLD from a precomputed ranking with k=32 (the top-k head a cache provides
 `pld_loss` from full teacher logits (one sort per batch), the sort alone (so "after the sort" is `pld_loss` minus
 it), the project's KD from a top-32 cache and CE. `--before PATH` adds the same PLD cases from another checkout
 (`git archive <commit> | tar -x -C PATH`), imported under another name into this process, so before and after run
-interleaved. `--compile` adds every case (and plain KD) through `torch.compile`; the graph count of each kernel
+interleaved (a checkout with `teacher_order.py` cannot be one: its custom op registers once per process). `--compile` adds every case (and plain KD) through `torch.compile`; the graph count of each kernel
 (`torch._dynamo.explain`: 1 graph, 0 breaks means it compiles whole) is reported either way. `--loop` adds the
 paper's per-sample loop (slow).
 
