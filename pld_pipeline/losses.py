@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .loss_names import BUILTIN_LOSSES
+from .teacher_order import teacher_order
 
 __all__ = [
     "TeacherTargets", "pld_loss", "pld_loss_from_ranking", "kd_loss", "dist_loss", "ce_loss",
@@ -50,7 +51,13 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
 
 
-def _check_student(student_logits: Tensor, labels: Tensor, num_classes: int | None = None) -> None:
+_NON_FINITE_TEACHER = "teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs."
+
+
+def _check_student(student_logits: Tensor, labels: Tensor, num_classes: int | None = None, *,
+                   teacher: Tensor | None = None) -> None:
+    """Shapes and dtypes, then every value check of the call at once: labels in [0, C) and, given ``teacher``
+    (logits, or the sorted logits' first and last columns, which hold any NaN or Inf), a finite teacher."""
     if student_logits.ndim != 2:
         raise ValueError(f"student_logits must be [batch, classes], got shape {tuple(student_logits.shape)}.")
     batch, classes = student_logits.shape
@@ -64,11 +71,24 @@ def _check_student(student_logits: Tensor, labels: Tensor, num_classes: int | No
             "build the student with the teacher's num_classes.")
     if not batch:
         return
-    if labels.is_cuda:  # a host sync per step would stall the GPU: checked asynchronously (a device-side assert)
-        torch._assert_async(((labels >= 0) & (labels < classes)).all(), f"labels must lie in [0, {classes})")
-    elif int(labels.min()) < 0 or int(labels.max()) >= classes:
-        raise ValueError(
-            f"labels must lie in [0, {classes}), got min {int(labels.min())} max {int(labels.max())}.")
+    bad_labels = ((labels < 0) | (labels >= classes)).any()
+    bad = bad_labels if teacher is None else bad_labels | ~torch.isfinite(teacher).all()
+    _refuse(bad, f"labels must lie in [0, {classes})" + ("" if teacher is None else " and teacher_logits be finite"),
+            lambda: (f"labels must lie in [0, {classes}), got min {int(labels.min())} max {int(labels.max())}."
+                     if bool(bad_labels) else _NON_FINITE_TEACHER))
+
+
+def _refuse(bad: Tensor, message: str, explain: Callable[[], str]) -> None:
+    """Refuse a call whose value checks, folded into one 0-dim bool ``bad``, failed: one check per call.
+
+    Eager on CPU: one host read (CPU ops run synchronously, so it costs nothing) and a ValueError with
+    ``explain()``, which may read the inputs again to name the offending values. On CUDA and under
+    ``torch.compile``: a device-side assert with ``message`` (a RuntimeError when the step's result is next
+    read), so a GPU never waits on the host and a compiled kernel stays one graph. Never a silent result."""
+    if bad.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad, message)
+    elif bool(bad):
+        raise ValueError(explain())
 
 
 @dataclass(frozen=True)
@@ -115,12 +135,10 @@ class TeacherTargets:
         if not 1 <= k <= num_classes:
             raise ValueError(f"k must lie in [1, num_classes={num_classes}], got k={k}.")
         t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
-        if not torch.isfinite(t).all():
-            raise ValueError("teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs.")
-        _check_student(t, labels)
+        _check_student(t, labels, teacher=t)
         logp = torch.log_softmax(t, dim=1)
-        # A stable sort pins the order of tied logits (lower class index first); topk() does not.
-        order = torch.sort(t, dim=1, descending=True, stable=True).indices[:, :k]
+        # A stable order of tied logits (lower class index first); topk() does not pin one.
+        order = teacher_order(t)[:, :k]
         return cls(
             topk_idx=order,
             topk_logp=logp.gather(1, order),
@@ -214,107 +232,87 @@ def _label_ce(s: Tensor, labels: Tensor, mix: MixedLabels | None) -> Tensor:
     return lam * ce + (1.0 - lam) * F.cross_entropy(s, mix.other.long(), reduction="none")
 
 
-def _ranking_head(topk_idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Head of the PLD ranking: [label, top-k minus label], padded to K+1 slots without a sort.
-
-    Returns ``head_idx`` [B, K+1] (class per slot), ``valid`` [B, K+1] (False for the pad slot left when
-    the label was inside the top-k) and ``src`` [B, K] (top-k position feeding slots 1..K).
-    """
-    batch, k = topk_idx.shape
-    topk_idx = topk_idx.long()
-    labels = labels.long()
-    is_label = topk_idx == labels[:, None]
-    label_pos = torch.where(is_label.any(1), is_label.int().argmax(1), k)
-    slot = torch.arange(k, device=topk_idx.device)[None, :]
-    src = slot + (slot >= label_pos[:, None]).long()  # skip over the label's own position
-    valid_tail = src < k
-    src = src.clamp(max=k - 1)
-    head_idx = torch.cat([labels[:, None], topk_idx.gather(1, src)], dim=1)
-    valid = torch.cat([torch.ones_like(valid_tail[:, :1]), valid_tail], dim=1)
-    return head_idx, valid, src
-
-
-#: Widest spread of student logits within a row for which the head's cumulative sums can run in exp space in
-#: the compute dtype: every exp(s - max) stays a normal number (float32: exp(-87) is the smallest normal;
-#: float64: exp(-708)) and the backward's products stay finite. Wider rows, rare, take logcumsumexp.
+#: Widest spread of student logits within a row for which the cumulative sums can run in exp space in the
+#: compute dtype: every exp(s - max) that matters stays a normal number (float32: exp(-87) is the smallest normal;
+#: float64: exp(-708)) and the backward's products stay finite. Rows past it, rare, take logcumsumexp.
 _EXP_SPACE_MAX_SPREAD = {torch.float32: 60.0, torch.float64: 600.0}
 
 
-def _rest_softmax(s: Tensor, head_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """logsumexp R of the student logits outside the head, and ``exp(s - R)`` there (zero inside the head),
-    the softmax over the rest, computed as ``exp(s - max) / total`` with the division left to a per-row scale.
+def _where_rare(rare: Tensor, exact: Callable[[], tuple[Tensor, ...]], fast: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``fast`` with the rows flagged in ``rare`` [B] taken from ``exact()``, which runs only when a row is flagged.
 
-    Pad slots of the head repeat classes that are in the head anyway, so one scatter of -inf over every slot
-    masks exactly the head. A row whose head covers every class gets R = -inf and an all-zero softmax.
-    """
-    rest = s.scatter(1, head_idx, -math.inf)
-    top = rest.amax(1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    e = torch.exp(rest - top)
-    total = e.sum(1)
-    return total.log() + top.squeeze(1), (e, torch.where(total > 0, total, 1.0))
+    Eager on CPU: a Python branch (reading the flag costs nothing: CPU ops run synchronously). Under
+    ``torch.compile``: ``torch.cond``, so the kernel stays one graph with no host sync in it. Eager on CUDA, where
+    reading the flag would stall the GPU: ``exact()`` always runs and its rows are selected on the device."""
+    def patched() -> tuple[Tensor, ...]:
+        return tuple(torch.where(rare.view(-1, *[1] * (f.ndim - 1)), x, f) for x, f in zip(exact(), fast))
+
+    if torch.compiler.is_compiling():
+        return tuple(torch.cond(rare.any(), patched, lambda: tuple(f.clone() for f in fast), ()))
+    return patched() if rare.is_cuda or bool(rare.any()) else fast
 
 
-def _suffix_lse(s_head: Tensor, rest_lse: Tensor, hi: Tensor, wide: Tensor) -> Tensor:
-    """``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))`` per slot: a reversed cumulative sum of ``exp(s - hi)``
-    (one flip each way), rows in ``wide`` recomputed with logcumsumexp."""
-    suffix = torch.exp(s_head - hi[:, None]).flip(1).cumsum(1).flip(1) + torch.exp(rest_lse - hi)[:, None]
-    out = suffix.log_() + hi[:, None]
-    if bool(wide.any()):  # one host sync; on CPU free
-        rows = wide.nonzero().squeeze(1)
-        exact = torch.logcumsumexp(s_head[rows].flip(1), dim=1).flip(1)
-        out[rows] = torch.logaddexp(rest_lse[rows, None], exact)
-    return out
+def _reverse_cumsum(x: Tensor) -> Tensor:
+    return x.flip(1).cumsum(1).flip(1)
+
+
+def _reverse_logcumsumexp(x: Tensor) -> Tensor:
+    return torch.logcumsumexp(x.flip(1), dim=1).flip(1)
 
 
 class _PlackettLuceHead(torch.autograd.Function):
-    """Per-sample NLL of the first K' steps of a weighted Plackett-Luce ranking.
+    """Per-sample NLL of the first steps of a weighted Plackett-Luce ranking: ``head_idx`` [B, K+1] lists the
+    classes of the steps in order (slots with ``valid`` False take no step and weigh ``alpha`` 0: the top-k
+    slot that repeats the label); the classes outside the head enter through their logsumexp ``R``.
 
-    Forward: ``D_k = log(exp(R) + sum_{j>=k} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
-    Backward, closed form (autograd through a reversed logcumsumexp is several times slower):
-    ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a class c outside the
-    head (present in every suffix) ``softmax_rest(s)_c * sum_k alpha_k exp(R - D_k)``. Cumulative sums run in
-    exp space in the compute dtype with a per-row shift (a cumsum is far cheaper than logcumsumexp); only rows
-    whose logits spread wider than ``_EXP_SPACE_MAX_SPREAD`` take logcumsumexp. Whole rankings use
-    :class:`_PlackettLuceFull`, which needs no rest block and no masks.
+    Forward: ``D_k = log(exp(R) + sum_{j>=k, valid} exp(s_head_j))``, ``L = sum_k alpha_k (D_k - s_head_k)``.
+    Backward, closed form: ``dL/ds_head_j = exp(s_head_j) * sum_{k<=j} alpha_k exp(-D_k) - alpha_j``, and for a
+    class c outside the head (present in every suffix) ``exp(s_c) * sum_k alpha_k exp(-D_k)``. Everything runs in
+    exp space shifted by the row's maximum ``hi``: over B x C one max, one exp (no -inf in it: masked entries are
+    zeroed after, exp of -inf is a slow path), one sum forward and one product backward, against plain KD's
+    four exps. A row whose smallest suffix falls below ``exp(-spread limit)`` (see ``_EXP_SPACE_MAX_SPREAD``),
+    where exp leaves the normal range, takes logcumsumexp instead. A rest class whose exp(s - hi) leaves the
+    normal range has a true gradient below ``exp(limit - 87)`` (2e-12 in float32): computed as 0 or subnormal.
     """
 
     @staticmethod
     def forward(ctx, s: Tensor, head_idx: Tensor, valid: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype (bf16 under autocast)
-        s = s.to(dtype)
-        alpha = alpha.to(dtype)
-        s_head = s.gather(1, head_idx).masked_fill(~valid, -math.inf)
-        rest_lse, rest_p = _rest_softmax(s, head_idx)
-        hi = torch.maximum(s_head.amax(1), rest_lse)
-        lo = s_head.masked_fill(~valid, math.inf).amin(1)
-        lo = torch.where(torch.isfinite(rest_lse), torch.minimum(lo, rest_lse), lo)
-        wide = (hi - lo) >= _EXP_SPACE_MAX_SPREAD[dtype]
-        lse_remaining = _suffix_lse(s_head, rest_lse, hi, wide)
-        loss = (alpha * (lse_remaining - s_head)).masked_fill(~valid, 0.0).sum(1)
-        ctx.save_for_backward(head_idx, alpha, s_head, lse_remaining, wide, rest_lse)
-        ctx.rest_p = rest_p  # (exp, total); not inputs, so plain attributes are fine
+        s, alpha = s.to(dtype), alpha.to(dtype)
+        hi = s.amax(1, keepdim=True)
+        rest_e = (s - hi).exp_().scatter_(1, head_idx, 0.0)  # exp(s - hi) outside the head, 0 inside
+        e_rest = rest_e.sum(1, keepdim=True)  # exp(R - hi); 0 when the head covers every class
+        z = s.gather(1, head_idx) - hi
+        e = z.exp() * valid
+        suffix = _reverse_cumsum(e) + e_rest  # exp(D - hi): falls along the slots, its last is its least
+        wide = suffix[:, -1] < math.exp(-_EXP_SPACE_MAX_SPREAD[dtype])
+
+        def exact() -> tuple[Tensor]:
+            rest_lse = torch.logsumexp(s.scatter(1, head_idx, -math.inf), dim=1, keepdim=True)
+            d = torch.logaddexp(_reverse_logcumsumexp((z + hi).masked_fill(~valid, -math.inf)), rest_lse)
+            return ((d - hi).masked_fill_(~valid, 0.0),)  # a slot without a step: any finite value (alpha 0)
+
+        log_suffix, = _where_rare(wide, exact, (suffix.log(),))
+        loss = torch.linalg.vecdot(alpha, log_suffix - z)
+        ctx.save_for_backward(s, head_idx, valid, alpha, z, e, suffix, log_suffix, wide, hi, rest_e)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        head_idx, alpha, s_head, lse_remaining, wide, rest_lse = ctx.saved_tensors
-        dtype = alpha.dtype
-        log_w = torch.where(alpha > 0, alpha.log() - lse_remaining, -math.inf)  # pad slots: alpha = 0
-        shift = log_w.amax(1, keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, 0.0)
-        g_head = torch.exp(s_head + shift) * torch.exp(log_w - shift).cumsum(1)
-        if bool(wide.any()):
-            rows = wide.nonzero().squeeze(1)
-            g_head[rows] = torch.exp(s_head[rows] + torch.logcumsumexp(log_w[rows], dim=1))
-        g_out = grad_loss.to(dtype)[:, None]
-        g_head = torch.where(torch.isfinite(s_head), g_head - alpha, 0.0) * g_out  # pad slots: no gradient
-        # Weight of the rest block: sum_k alpha_k exp(R - D_k) <= sum alpha, computed in log space.
-        rest_weight = torch.exp(torch.logsumexp(log_w, dim=1, keepdim=True) + rest_lse[:, None])
-        rest_weight = torch.where(torch.isfinite(rest_weight), rest_weight, 0.0)
-        rest_exp, rest_total = ctx.rest_p
-        g = (rest_exp * (rest_weight * g_out / rest_total[:, None])).scatter_add_(1, head_idx, g_head)
+        s, head_idx, valid, alpha, z, e, suffix, log_suffix, wide, hi, rest_e = ctx.saved_tensors
+        cum_w = (alpha / suffix).cumsum_(1)  # sum_{k<=j} alpha_k exp(hi - D_k)
+        fast = (e * cum_w - alpha, rest_e * cum_w[:, -1:])
+
+        def exact() -> tuple[Tensor, Tensor]:
+            log_w = torch.where(alpha > 0, alpha.log() - log_suffix, -math.inf)  # alpha_k exp(hi - D_k), logged
+            g = torch.exp(z + torch.logcumsumexp(log_w, dim=1)) - alpha
+            rest = s.scatter(1, head_idx, -math.inf) - hi
+            return g, torch.exp(rest + torch.logsumexp(log_w, dim=1, keepdim=True))
+
+        g_head, g_rest = _where_rare(wide, exact, fast)
+        g_out = grad_loss.to(alpha.dtype)[:, None]
+        g = (g_rest * g_out).scatter_add_(1, head_idx, g_head.masked_fill_(~valid, 0.0) * g_out)
         return g.to(ctx.in_dtype), None, None, None
 
 
@@ -333,61 +331,73 @@ class _PlackettLuceFull(torch.autograd.Function):
     cumulative sum, ``D_j - s_j = log S_j - z_j``, and the backward is one forward cumulative sum:
     ``dL/ds_j = e_j * (alpha_y / S'_0 + sum_{k<=j} alpha_k / S_k) - alpha_j`` (``S'_0`` counts the label too);
     the label gets ``alpha_y (softmax(s)_y - 1)``. The label is removed by scatters at its position (B
-    elements), not masks over B x C: about 13 passes over B x C forward and 6 backward. Takes the weights as
-    log-probabilities (what the cache stores). Rows whose smallest ``S`` falls below ``exp(-spread limit)``
-    (see ``_EXP_SPACE_MAX_SPREAD``), where exp leaves the normal range, are recomputed with logcumsumexp.
+    elements), not masks over B x C. Takes the weights as probabilities, so ``pld_loss`` gets them from one
+    softmax (one exp over B x C, where log-probabilities would need two), and the label's position ``pos`` [B, 1]
+    in ``order``. Rows whose smallest ``S`` falls below ``exp(-spread limit)`` (see ``_EXP_SPACE_MAX_SPREAD``),
+    where exp leaves the normal range, take logcumsumexp instead (a weight below float's normal range then counts
+    as 0: its terms are bounded by the weight itself).
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, log_alpha: Tensor, log_alpha_y: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, order: Tensor, labels: Tensor, pos: Tensor, alpha: Tensor, alpha_y: Tensor) -> Tensor:  # type: ignore[override]
         dtype = _compute_dtype(s)
         ctx.in_dtype = s.dtype  # before the cast: the gradient goes back in the student's dtype
-        s, log_alpha, log_alpha_y = s.to(dtype), log_alpha.to(dtype), log_alpha_y.to(dtype)
-        pos = _label_position(order, labels)
-        alpha = log_alpha.exp().scatter_(1, pos, 0.0)  # the label's own slot takes no later step
-        alpha_y = log_alpha_y.exp()
-        s_o = s.gather(1, order)
+        s, alpha_y = s.to(dtype), alpha_y.to(dtype)
+        alpha = alpha.to(dtype).scatter(1, pos, 0.0)  # the label's own slot takes no later step
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         hi = s.amax(1)
-        z = s_o - hi[:, None]
+        z = s.gather(1, order).sub_(hi[:, None])  # in place: each fresh B x C tensor costs its page faults too
         e = z.exp().scatter_(1, pos, 0.0)
-        suffix = e.flip(1).cumsum(1).flip(1)
+        suffix = e.flip(1).cumsum_(1).flip(1)
         e_y = torch.exp(s_y - hi)
         suffix0 = suffix[:, 0] + e_y  # exp(D_0 - max): every class
         suffix.scatter_(1, pos, 1.0)  # keeps the label's slot (alpha 0) finite
-        loss = torch.linalg.vecdot(alpha, suffix.log().sub_(z)) + alpha_y * (suffix0.log() + hi - s_y)
-        label_p = e_y / suffix0  # softmax(s)_y
         # S falls along the ranking, so its last two entries (one may be the label's 1) hold its minimum: below
         # exp(-max spread) some e_j left the normal range and the row's 1/S sums could overflow.
         wide = suffix[:, -2:].amin(1) < math.exp(-_EXP_SPACE_MAX_SPREAD[dtype])
-        rows = wide.nonzero().squeeze(1) if bool(wide.any()) else None  # one host sync; on CPU free
-        exact = None
-        if rows is not None:
-            s_r, pos_r, log_alpha_r = s_o[rows], pos[rows], log_alpha[rows].scatter(1, pos[rows], -math.inf)
-            d = torch.logcumsumexp(s_r.scatter(1, pos_r, -math.inf).flip(1), dim=1).flip(1)
-            d0 = torch.logaddexp(d[:, 0], s_y[rows])
-            loss[rows] = (torch.linalg.vecdot(alpha[rows], (d - s_r).scatter_(1, pos_r, 0.0))
-                          + alpha_y[rows] * (d0 - s_y[rows]))
-            label_p[rows] = torch.exp(s_y[rows] - d0)
-            exact = (rows, s_r, log_alpha_r - d, log_alpha_y[rows] - d0)
-        ctx.save_for_backward(order, pos, alpha, alpha_y, e, suffix, suffix0, label_p)
-        ctx.exact = exact
+        fast = ((alpha * suffix.log().sub_(z)).sum(1) + alpha_y * (suffix0.log() + hi - s_y),
+                e_y / suffix0)  # the loss, softmax(s)_y
+
+        def exact() -> tuple[Tensor, Tensor]:
+            s_o = s.gather(1, order)
+            d = _reverse_logcumsumexp(s_o.scatter(1, pos, -math.inf))
+            d0 = torch.logaddexp(d[:, 0], s_y)
+            loss = torch.linalg.vecdot(alpha, (d - s_o).scatter_(1, pos, 0.0)) + alpha_y * (d0 - s_y)
+            return loss, torch.exp(s_y - d0)
+
+        loss, label_p = _where_rare(wide, exact, fast)
+        ctx.save_for_backward(s, order, pos, alpha, alpha_y, e, suffix, suffix0, label_p, wide)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        order, pos, alpha, alpha_y, e, suffix, suffix0, label_p = ctx.saved_tensors
+        s, order, pos, alpha, alpha_y, e, suffix, suffix0, label_p, wide = ctx.saved_tensors
         w = alpha / suffix  # alpha_k exp(max - D_k)
         w[:, 0] += alpha_y / suffix0  # step 0 (the label) reaches every class
-        g_o = w.cumsum_(1).mul_(e).sub_(alpha)
-        if ctx.exact is not None:
-            rows, s_r, log_w, log_w0 = ctx.exact
+        fast = (w.cumsum_(1).mul_(e).sub_(alpha),)
+
+        def exact() -> tuple[Tensor]:
+            s_o = s.to(alpha.dtype).gather(1, order)
+            s_y = s_o.gather(1, pos).squeeze(1)
+            s_o = s.gather(1, order)
+            d = _reverse_logcumsumexp(s_o.scatter(1, pos, -math.inf))
+            log_w = alpha.log() - d  # the label's slot: alpha 0, log -inf
+            log_w0 = alpha_y.log() - torch.logaddexp(d[:, 0], s_y)
             cum_log = torch.logaddexp(torch.logcumsumexp(log_w, dim=1), log_w0[:, None])
-            g_o[rows] = torch.exp(s_r + cum_log) - alpha[rows]
+            return (torch.exp(s_o + cum_log) - alpha,)
+
+        g_o, = _where_rare(wide, exact, fast)
         # the label: only step 0 reaches it (absent from every later suffix)
-        g_o.scatter_(1, pos, (alpha_y * (label_p - 1.0))[:, None]).mul_(grad_loss.to(alpha.dtype)[:, None])
+        g_o = g_o.scatter_(1, pos, (alpha_y * (label_p - 1.0))[:, None]).mul_(grad_loss.to(alpha.dtype)[:, None])
         g = torch.empty_like(g_o).scatter_(1, order, g_o)
-        return g.to(ctx.in_dtype), None, None, None, None
+        return g.to(ctx.in_dtype), None, None, None, None, None
+
+
+def _log_weights(logp: Tensor, logz: Tensor, temperature: float) -> Tensor:
+    """``logp / T - logz``: the teacher's exact log-probabilities at T (no division at T = 1: one pass fewer)."""
+    dtype = _compute_dtype(logp)
+    logp = logp.to(dtype)
+    return (logp if temperature == 1.0 else logp / temperature) - logz.to(dtype)
 
 
 def pld_loss_from_ranking(
@@ -399,13 +409,19 @@ def pld_loss_from_ranking(
     loss (the exact Plackett-Luce likelihood of the top-K' ordering, the rest unordered).
     """
     _check_student(student_logits, labels, targets.num_classes)
+    labels, topk_idx, temp = labels.long(), targets.topk_idx.long(), targets.temperature
     if targets.k == targets.num_classes:  # a whole ranking: no head to build, no rest block
-        loss = _PlackettLuceFull.apply(student_logits, targets.topk_idx.long(), labels.long(),
-                                       targets.topk_log_probs(), targets.label_log_prob())
+        loss = _PlackettLuceFull.apply(student_logits, topk_idx, labels, _label_position(topk_idx, labels),
+                                       _log_weights(targets.topk_logp, targets.logz[:, None], temp).exp_(),
+                                       _log_weights(targets.label_logp, targets.logz, temp).exp_())
         return _reduce(loss, reduction)
-    head_idx, valid, src = _ranking_head(targets.topk_idx, labels)
-    topk_p = targets.topk_log_probs().exp().gather(1, src)
-    alpha = torch.cat([targets.label_log_prob().exp()[:, None], topk_p], dim=1) * valid
+    # The head: slot 0 the label, slots 1..K the top-k in teacher order; a top-k slot holding the label takes no
+    # step (the label went first), so no slot is moved and no sort is needed.
+    head_idx = torch.cat([labels[:, None], topk_idx], dim=1)
+    valid = head_idx != labels[:, None]
+    valid[:, 0] = True
+    logp = torch.cat([targets.label_logp[:, None], targets.topk_logp], dim=1)
+    alpha = _log_weights(logp, targets.logz[:, None], temp).exp_() * valid
     return _reduce(_PlackettLuceHead.apply(student_logits, head_idx, valid, alpha), reduction)
 
 
@@ -418,23 +434,17 @@ def pld_loss(
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
             "must have the same shape.")
-    _check_student(student_logits, labels)
     _check_temperature(temperature)
     t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
-    # One stable sort gives the teacher order (ties: lower index first), the order TeacherTargets stores; the
-    # kernel puts the label first itself.
+    # The teacher order (ties: lower index first), the order TeacherTargets stores; the kernel puts the label
+    # first itself. NaN and +inf sort first, -inf last: two columns tell, not a pass over B x C.
+    order = teacher_order(t)
+    t_sorted = t.gather(1, order)
+    _check_student(student_logits, labels, teacher=t_sorted[:, [0, -1]])
     labels = labels.long()
-    t_sorted, order = torch.sort(t, dim=1, descending=True, stable=True)
-    ends = t_sorted[:, [0, -1]]  # NaN and +inf sort first, -inf last: two columns tell, not a pass over B x C
-    if t.is_cuda:
-        torch._assert_async(torch.isfinite(ends).all(), "teacher_logits contain NaN or Inf")
-    elif not torch.isfinite(ends).all():
-        raise ValueError("teacher_logits contain NaN or Inf; check the teacher checkpoint and its inputs.")
-    if temperature != 1.0:
-        t, t_sorted = t / temperature, t_sorted / temperature
-    log_z = torch.logsumexp(t, dim=1, keepdim=True)  # log-probabilities from the sorted values: no gather
-    loss = _PlackettLuceFull.apply(student_logits, order, labels, t_sorted - log_z,
-                                   (t.gather(1, labels[:, None]) - log_z).squeeze(1))
+    pos = _label_position(order, labels)
+    alpha = torch.softmax(t_sorted if temperature == 1.0 else t_sorted / temperature, dim=1)  # in teacher order
+    loss = _PlackettLuceFull.apply(student_logits, order, labels, pos, alpha, alpha.gather(1, pos).squeeze(1))
     return _reduce(loss, reduction)
 
 

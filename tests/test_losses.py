@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pld_pipeline import losses
+from pld_pipeline.teacher_order import teacher_order
 from pld_pipeline.losses import (
     PLDLoss, TeacherTargets, create_loss, dist_loss, kd_loss, pld_loss, pld_loss_from_ranking,
 )
@@ -116,6 +117,26 @@ def test_float32_rows_of_every_spread_in_one_batch_match_the_float64_reference(k
         torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
     if k is None:
         torch.testing.assert_close(l64, brute_pld(s, t, y), atol=1e-6, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [4, None])
+def test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails(k):
+    """Every class but the label 150 below it: in float32 each later suffix sum (the rest's too) leaves exp's normal
+    range, so the head and the whole-ranking kernels must take their exact branch; float64 (limit 600) need not."""
+    s, t, y = make(6, 12, seed=44)
+    for b in range(3):  # rows 3-5 stay ordinary
+        s[b] = torch.where(torch.arange(12) == y[b], 0.0, s[b] - 150)
+    tg64, tg32 = TeacherTargets.from_logits(t, y, k=k), TeacherTargets.from_logits(t.float(), y, k=k)
+    x64, x32 = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+    l64, l32 = (pld_loss_from_ranking(x, y, tg, reduction="none") for x, tg in ((x64, tg64), (x32, tg32)))
+    l64.sum().backward()
+    l32.sum().backward()
+    torch.testing.assert_close(l32.double(), l64, rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    steps = None if k is None else [k if int(y[b]) in tg64.topk_idx[b].tolist() else k + 1 for b in range(6)]
+    want = torch.cat([brute_pld(s[b:b + 1], t[b:b + 1], y[b:b + 1], steps=None if steps is None else steps[b])
+                      for b in range(6)])
+    torch.testing.assert_close(l64.detach(), want, atol=1e-6, rtol=1e-9)
 
 
 def test_pld_is_translation_invariant_in_student_and_teacher():
@@ -288,6 +309,9 @@ def test_losses_are_picked_by_name_with_checked_parameters():
     (lambda s, t, y: pld_loss_from_ranking(s[:, :9], y.clamp(max=8), TeacherTargets.from_logits(t, y)),
      "student has 9 classes"),
     (lambda s, t, y: pld_loss(s, t, y.float()), "integer tensor"),
+    (lambda s, t, y: TeacherTargets.from_logits(t.index_fill(1, torch.tensor([3]), -math.inf), y), "NaN or Inf"),
+    (lambda s, t, y: pld_loss_from_ranking(s, y.index_fill(0, torch.tensor([1]), -1), TeacherTargets.from_logits(
+        t, y, k=3)), r"labels must lie in \[0, 10\), got min -1"),
 ])
 def test_bad_input_gets_a_clear_value_error(case, match):
     s, t, y = make(4, 10, seed=18)
@@ -335,3 +359,68 @@ def test_bf16_student_logits_get_bf16_gradients_equal_to_the_float32_ones(k):
     pld_loss_from_ranking(s32, y, targets).backward()
     assert s16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(s16.grad, s32.grad.bfloat16())
+
+
+def _all_kernels(x, t, y):
+    """The three PLD kernels in one function of student logits, teacher logits and labels: the top-k head, the
+    whole ranking (both from TeacherTargets built inside, sort included) and pld_loss."""
+    head, whole = TeacherTargets.from_logits(t, y, k=3), TeacherTargets.from_logits(t, y)
+    return pld_loss_from_ranking(x, y, head) + 2 * pld_loss_from_ranking(x, y, whole) + 3 * pld_loss(x, t, y)
+
+
+def test_the_kernels_compile_as_one_graph_match_eager_on_rows_of_every_spread_and_still_refuse_bad_input():
+    """No host read (.item(), bool(tensor)) or branch on a value is left to break torch.compile's graph (fullgraph
+    refuses any break: the check of ``torch._dynamo.explain(...).graph_break_count == 0`` with one trace instead of
+    two). torch.cond takes the exact branch for the wide rows inside the graph; the value checks become device-side
+    asserts, a RuntimeError naming the problem, instead of host reads."""
+    from torch._dynamo.testing import CompileCounter
+    s, t, y = make(4, 10, seed=41, dtype=torch.float32)
+    s = s * torch.tensor([0.3, 1.0, 40.0, 300.0])[:, None]  # the last two rows spread past exp space
+    s[0] = torch.where(torch.arange(10) == y[0], 0.0, s[0] - 150)  # sure of its label: the head's exact branch too
+    graphs = CompileCounter()
+    compiled = torch.compile(_all_kernels, backend=graphs, fullgraph=True)
+    want, want_grad = value_and_grad(lambda x: _all_kernels(x, t, y), s)
+    got, got_grad = value_and_grad(lambda x: compiled(x, t, y), s)
+    assert graphs.frame_count == 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    x = s.clone().requires_grad_(True)  # as traced: no second trace
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 10\)"):
+        compiled(x, t, y + 10)
+    with pytest.raises(RuntimeError, match="teacher_logits be finite"):
+        compiled(x, t.index_fill(1, torch.tensor([2]), math.nan), y)
+    assert graphs.frame_count == 1  # the bad inputs ran the same graph
+    torch._dynamo.reset()
+
+
+def value_and_grad(fn, s):
+    x = s.clone().requires_grad_(True)
+    loss = fn(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_a_head_covering_every_class_has_exact_gradients():
+    """k = C - 1 with the label outside the top-k: nothing is left outside the head (R = -inf, an empty rest)."""
+    s, t, y = make(4, 6, seed=42)
+    y = t.argmin(1)  # the label is the teacher's last class: outside its top-5
+    tg = TeacherTargets.from_logits(t, y, k=5)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: pld_loss_from_ranking(x, y, tg, reduction="none"), (s,))
+    torch.testing.assert_close(pld_loss_from_ranking(s, y, tg, reduction="none"), brute_pld(s.detach(), t, y))
+
+
+def test_teacher_order_is_torchs_stable_descending_sort():
+    """The CPU float32 path sorts int64 keys in numpy: ties (lower index first), -0.0 against 0.0, infinities and
+    wide magnitudes come out exactly as torch's stable sort; other dtypes take torch's sort itself."""
+    g = torch.Generator().manual_seed(43)
+    t = torch.randint(-3, 4, (16, 40), generator=g).float() * 0.5  # many ties
+    t[0, :6] = torch.tensor([0.0, -0.0, math.inf, -math.inf, 0.0, -0.0])
+    t[1] = torch.randn(40, generator=g) * 1e30
+    t[2] = -torch.rand(40, generator=g) * 1e-40  # subnormal negatives
+    for x in (t, t.double()):
+        assert torch.equal(teacher_order(x), torch.sort(x, dim=1, descending=True, stable=True).indices)
+    nan = t.clone()
+    nan[3, 5], nan[4, 7] = math.nan, -math.nan
+    ends = nan.gather(1, teacher_order(nan))[:, [0, -1]]
+    assert (~torch.isfinite(ends).all(1)).nonzero().flatten().tolist() == [0, 3, 4]  # row 0 holds inf, 3 and 4 NaN
