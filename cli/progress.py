@@ -157,7 +157,8 @@ class ProgressReporter:
         self._log(f"distill: {e['loss']} | student {e['student']} ({e['params'] / 1e6:.2f}M params) | "
                   f"{e['epochs']} epoch(s) | device {e['device']} | world {e['world_size']}")
         if e.get("resumed_epoch"):
-            self._log(f"resumed after epoch {e['resumed_epoch']}")
+            done = e["resumed_epoch"]  # epochs already trained; the epoch lines count from 0
+            self._log(f"resumed: {done} epoch(s) already trained, continuing with epoch {done}")
 
     def _on_epoch_start(self, e: dict[str, Any]) -> None:
         if self.live:

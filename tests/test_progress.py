@@ -26,6 +26,18 @@ def test_the_distill_bar_counts_batches_not_progress_events(monkeypatch):
     reporter.progress.stop()
 
 
+def test_a_resumed_run_names_the_epoch_it_continues_with_as_the_epoch_lines_count(capsys):
+    """Epoch lines count from 0 (`epoch 0: ...`, `epoch 1: ...`); after two trained epochs the next line is
+    `epoch 2`, and the resume line must say so (it said "resumed after epoch 2": one too many)."""
+    reporter = ProgressReporter()
+    reporter({"event": "train_start", "loss": "pld", "student": "s", "params": 1e6, "epochs": 4, "device": "cpu",
+              "world_size": 1, "resumed_epoch": 2})
+    reporter({"event": "epoch_end", "epoch": 2, "train_loss": 1.0, "val_top1": float("nan"), "epoch_seconds": 1.0,
+              "samples_per_s": 1.0})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == "resumed: 2 epoch(s) already trained, continuing with epoch 2" and lines[2].startswith("epoch 2:")
+
+
 def run_in_terminal(argv, columns=80, timeout=120, env=None, signal_after=None):
     """Run ``argv`` in a pseudo-terminal ``columns`` wide (what a user's terminal gives rich); its output, with
     ANSI escapes removed, and its exit status. ``signal_after=(text, signum)``: send signum once text appeared."""
