@@ -98,7 +98,9 @@ def test_a_crash_mid_shard_resumes_from_its_saved_rows_to_the_uninterrupted_cach
     with pytest.raises(Crash):  # 7 rows into the first of 3 shards: rows 0-3 saved
         cache_teacher(config(data, out, teacher_ckpt), crash_after(7))
     [record] = records(str(out)).values()
-    assert record["rows"] == 4 and not verify_cache(str(out)).ok  # readers see an incomplete cache, nothing more
+    report = verify_cache(str(out))  # readers see an incomplete cache, nothing more
+    assert record["rows"] == 4 and not report.ok and report.damaged == []
+    assert any("saved rows of an interrupted `pld cache-teacher` (progress/s0000" in w for w in report.warnings)
     left = rows_left(str(out))
     forwards[0] = 0
     again = cache_teacher(config(data, out, teacher_ckpt))
