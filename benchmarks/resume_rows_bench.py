@@ -87,7 +87,7 @@ def main() -> None:
         views_total = None
         for r in range(args.rounds):
             for name, save in MODES.items():
-                res = run(args, os.path.join(tmp, f"c{r}-{len(results['modes'])}.zarr"), save)
+                res = run(args, os.path.join(tmp, f"c{r}-{list(MODES).index(name)}.zarr"), save)
                 views_total = res["forwards"]
                 results["modes"].setdefault(name, []).append(res)
                 print(f"round {r} {name}: {res['cpu_s'] / res['forwards'] * 1e3:.3f} ms CPU/view, "

@@ -50,8 +50,8 @@ class ProgressReporter:
         rows, of = (sum(r[i] for r in self.rows_kept.values()) for i in (0, 1))
         partial = (f", and {rows:,} of {of:,} rows of the {len(self.rows_kept)} shard(s) in progress (every finished "
                    "row: at most one row's views per shard are computed again)") if self.rows_kept else ""
-        self.interrupted(f"interrupted: {kept} of {self.shards_total} shard(s) cached and kept{partial}; rerun the same "
-                         "command to resume")
+        self.interrupted(f"interrupted: {kept} of {self.shards_total} shard(s) cached and kept{partial}; rerun the "
+                         "same command to resume")
 
     def distill_interrupted(self, out: str) -> None:
         if not self.epochs_kept:

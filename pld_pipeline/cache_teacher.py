@@ -106,7 +106,8 @@ class _Job:
         """The units this job writes, in writing order (samples, views, teachers)."""
         return (([UnitName(self.shard, "samples")] if self.write_samples else [])
                 + [UnitName(self.shard, "views", views=run) for run in self.param_runs]
-                + [UnitName(self.shard, "teacher", tid, run) for tid, runs in self.teacher_runs.items() for run in runs])
+                + [UnitName(self.shard, "teacher", tid, run)
+                   for tid, runs in self.teacher_runs.items() for run in runs])
 
 
 def _runs(views: Sequence[int]) -> list[tuple[int, int]]:
@@ -245,7 +246,7 @@ class _ShardBuffer:
             self.done += 1
 
     def due(self, rows: int, seconds: float) -> bool:
-        """Whether to save now: ``rows`` finished rows unsaved, or ``seconds`` since the last save (and something new)."""
+        """Whether to save now: ``rows`` finished rows unsaved, or ``seconds`` since the last save (and a new row)."""
         if self.remaining == 0 or self.done == self.saved:
             return False
         return self.done - self.saved >= rows or time.monotonic() - self.saved_at >= seconds

@@ -17,6 +17,7 @@ from pld_pipeline.cache import format as fmt
 from pld_pipeline.cache import progress
 from pld_pipeline.cache.integrity import block_sha256
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
+from pld_pipeline.data import iter_shard
 from pld_pipeline.shards import encode_png, write_split
 from pld_pipeline.views import MixRecipe
 
@@ -151,27 +152,38 @@ def _resign(url, doc):
     return doc
 
 
-def _edit_saved_rows(url, doc, value):
-    """Overwrite row 0 of the shard's teacher log-probs in the arrays (as a bad disk or an editor would)."""
+def _edit_saved_rows(url, doc, edit):
+    """Change row 0 of the shard's teacher logz in the arrays (as a bad disk or an editor would). Raised by 0.5,
+    every value still passes the readers' checks: only the record's checksums can tell."""
     cache = Cache(url, mode="r+")
-    arr = cache.array("teachers/r8/top1_logp")
+    arr = cache.array("teachers/r8/logz")
     row = doc["shard"] * cache.meta.rows_per_shard
-    arr[row:row + 1, 0:VIEWS] = value
+    arr[row:row + 1, 0:VIEWS] = edit(arr[row:row + 1, 0:VIEWS])
+    return doc
+
+
+def _copy_arrays(whole, url, doc):
+    """Every array of the uninterrupted cache into this one (no marker): valid data for every row of the shard."""
+    for group in ("samples", "views", "teachers"):
+        shutil.copytree(os.path.join(whole, group), os.path.join(url, group), dirs_exist_ok=True)
     return doc
 
 
 HOSTILE = {
-    "more rows than were written": lambda url, doc: {**doc, "rows": 6},
-    "more rows, re-signed over rows never written": lambda url, doc: _resign(url, {**doc, "rows": 6}),
-    "saved rows edited after the record": lambda url, doc: _edit_saved_rows(url, doc, -0.5),
-    "saved rows edited to NaN and re-signed": lambda url, doc: _resign(url, _edit_saved_rows(url, doc, np.nan)),
-    "written for other units": lambda url, doc: {**doc, "binding": "0" * 64},
-    "checksums of another shard's units": lambda url, doc: {**doc, "checksums": {
+    "more rows than were written": lambda url, doc, whole: {**doc, "rows": 6},
+    "more rows, re-signed over rows never written": lambda url, doc, whole: _resign(url, {**doc, "rows": 6}),
+    "saved rows edited after the record": lambda url, doc, whole: _edit_saved_rows(url, doc, lambda x: x + 0.5),
+    "saved rows edited to NaN and re-signed": lambda url, doc, whole: _resign(url, _edit_saved_rows(url, doc,
+                                                                                             lambda x: x * np.nan)),
+    "written for other units": lambda url, doc, whole: {**doc, "binding": "0" * 64},
+    "checksums of another shard's units": lambda url, doc, whole: {**doc, "checksums": {
         k.replace("s000000", "s000001"): v for k, v in doc["checksums"].items()}},
-    "rows negative": lambda url, doc: {**doc, "rows": -4},
-    "rows the whole shard": lambda url, doc: {**doc, "rows": 8},
-    "not JSON": lambda url, doc: b"\x80not json",
-    "oversized": lambda url, doc: json.dumps(doc).encode() + b" " * progress.MAX_RECORD_BYTES,
+    "rows negative": lambda url, doc, whole: {**doc, "rows": -4},
+    "rows the whole shard": lambda url, doc, whole: {**doc, "rows": 8},
+    "the whole shard, re-signed over a complete copy": lambda url, doc, whole: _resign(url, {
+        **_copy_arrays(whole, url, doc), "rows": 8}),
+    "not JSON": lambda url, doc, whole: b"\x80not json",
+    "oversized": lambda url, doc, whole: json.dumps(doc).encode() + b" " * progress.MAX_RECORD_BYTES,
 }
 
 
@@ -193,7 +205,7 @@ def test_a_forged_stale_or_oversized_progress_record_never_lets_a_row_be_skipped
     shutil.copytree(crashed[0], url)
     [(name, doc)] = records(url).items()
     assert doc["rows"] == 4
-    forged = HOSTILE[case](url, doc)
+    forged = HOSTILE[case](url, doc, crashed[1])
     with open(os.path.join(url, progress.GROUP, name), "wb") as f:
         f.write(forged if isinstance(forged, bytes) else json.dumps(forged).encode())
     events = []
@@ -233,6 +245,14 @@ def test_a_shard_changed_between_runs_starts_over(tmp_path, teacher_ckpt, forwar
     cache_teacher(config(str(path), out, teacher_ckpt, save_rows=2), events.append)
     assert forwards[0] == 6 * VIEWS
     assert any(e["event"] == "progress_refused" and "shard changed" in e["why"] for e in events), events
-    sample = next(s for s in __import__("pld_pipeline.data", fromlist=["x"]).iter_shard(str(path)) if s["__key__"] == "k2")
+    sample = next(s for s in iter_shard(str(path)) if s["__key__"] == "k2")
     assert Cache(str(out)).samples(0)["samples/digest"][2].tobytes() == fmt.sample_digest(sample)
     assert verify_cache(str(out)).ok
+
+
+def test_overwrite_replaces_a_cache_that_holds_progress_records(one_shard, teacher_ckpt, crashed, tmp_path):
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(crashed[0], url)
+    assert records(url)
+    summary = cache_teacher(config(one_shard, url, teacher_ckpt, overwrite=True))
+    assert summary["items"] == 8 * VIEWS and summary["complete"] and records(url) == {}
