@@ -83,9 +83,11 @@ class CacheTeacherConfig:
     part: tuple[int, int] = (0, 1)  # (I, N): this independent worker does shards s with s % N == I
     part_wait: float = 1800.0  # seconds parts I > 0 wait for part 0 to create (or extend) the cache
     claim_ttl: float = 600.0  # seconds a worker's claim on a shard lasts without a refresh (cache/claims.py)
-    # A shard in progress saves its finished rows every save_rows rows or save_seconds seconds, whichever comes
-    # first (cache/progress.py): an interruption loses at most that much teacher work per shard in progress.
-    save_rows: int = 256
+    # A shard in progress saves its finished rows every save_seconds seconds (and every save_rows rows when set),
+    # whichever comes first (cache/progress.py): a kill loses at most that much teacher work (plus one batch) per
+    # shard in progress. By time by default: a save rewrites the shard's objects, so its cost grows with the shard,
+    # and a time bound costs the same fraction of any teacher's time (docs/results.md, "Resuming inside a shard").
+    save_rows: int | None = None
     save_seconds: float = 60.0
 
 
@@ -245,11 +247,11 @@ class _ShardBuffer:
         while self.done < len(self.left) and self.left[self.done] == 0:
             self.done += 1
 
-    def due(self, rows: int, seconds: float) -> bool:
+    def due(self, rows: int | None, seconds: float) -> bool:
         """Whether to save now: ``rows`` finished rows unsaved, or ``seconds`` since the last save (and a new row)."""
         if self.remaining == 0 or self.done == self.saved:
             return False
-        return self.done - self.saved >= rows or time.monotonic() - self.saved_at >= seconds
+        return (rows is not None and self.done - self.saved >= rows) or time.monotonic() - self.saved_at >= seconds
 
     def unit_arrays(self, unit: UnitName, key_bytes: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [0, stop) of one of this job's units in stored form (restored rows as they were read back: a
@@ -524,7 +526,7 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
             or not 0 < cfg.claim_ttl <= claims.MAX_TTL):
         raise ValueError(f"--batch-size must be >= 1, --workers >= 0 and --claim-ttl in (0, {claims.MAX_TTL:.0f}] "
                          f"seconds, got {cfg.batch_size}, {cfg.workers} and {cfg.claim_ttl}.")
-    if cfg.save_rows < 1 or not cfg.save_seconds > 0:
+    if (cfg.save_rows is not None and cfg.save_rows < 1) or not cfg.save_seconds > 0:
         raise ValueError(f"--save-rows must be >= 1 and --save-seconds > 0, got {cfg.save_rows} and "
                          f"{cfg.save_seconds}.")
     if cfg.precision not in ("fp32", "bf16"):
