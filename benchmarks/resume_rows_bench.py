@@ -7,7 +7,7 @@
    a kill) after ``--crash-at`` of the shard's teacher batches; the rerun's teacher forwards minus the views the
    crashed run had not reached = teacher work done twice. ``off`` is the behaviour before rows were saved (a
    whole-shard unit: ``--save-rows`` larger than the shard, no time trigger).
-2. Cost. Whole runs with saving off, at the default (256 rows / 60 s) and at a tighter 64 rows, interleaved
+2. Cost. Whole runs with saving off, at the default (every 60 s) and by rows (256, 64), interleaved
    rounds in this process: CPU seconds per view (process time, every thread: decode workers are separate
    processes and not counted, the same in every mode) and views/s, plus the wall time of each save (rows written
    into the arrays + the record), which is what a faster teacher (a GPU) would pay in proportion.
@@ -27,14 +27,15 @@ from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_te
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
 
-MODES = {"off": (10**9, 1e9), "default (256 rows / 60 s)": (256, 60.0), "64 rows": (64, 60.0)}
+MODES = {"off": (None, 1e9), "60 s (default)": (None, 60.0), "256 rows or 60 s": (256, 60.0),
+         "64 rows or 60 s": (64, 60.0)}
 
 
 class Crash(Exception):
     pass
 
 
-def run(args, out: str, save: tuple[int, float], crash_at: int | None = None) -> dict:
+def run(args, out: str, save: tuple[int | None, float], crash_at: int | None = None) -> dict:
     forwards, saves = [0], []
     real_encode, real_save = ct.encode_teacher_logits, progress_mod.save
 
@@ -79,14 +80,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--crash-at", type=float, default=0.95, help="fraction of the shard's teacher batches")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated names of MODES to run ('off' first)")
     ap.add_argument("--json", default="benchmarks/results/resume_rows.json")
     args = ap.parse_args()
+    modes = {name: MODES[name] for name in args.modes.split(",")}
     tmp = tempfile.mkdtemp(prefix="pld-resume-bench-")
     results: dict = {"load_before": os.getloadavg(), "modes": {}, "lost": {}}
     try:
         views_total = None
         for r in range(args.rounds):
-            for name, save in MODES.items():
+            for name, save in modes.items():
                 res = run(args, os.path.join(tmp, f"c{r}-{list(MODES).index(name)}.zarr"), save)
                 views_total = res["forwards"]
                 results["modes"].setdefault(name, []).append(res)
@@ -95,10 +98,10 @@ def main() -> None:
                       f"{os.getloadavg()[0]:.1f}", flush=True)
         n_batches = -(-views_total // args.batch_size)
         crash = max(1, int(args.crash_at * n_batches))
-        for name in ("off", "default (256 rows / 60 s)"):
-            out = os.path.join(tmp, f"lost-{name[:3]}.zarr")
-            first = run(args, out, MODES[name], crash_at=crash)
-            again = run(args, out, MODES[name])
+        for name, save in modes.items():
+            out = os.path.join(tmp, f"lost-{list(MODES).index(name)}.zarr")
+            first = run(args, out, save, crash_at=crash)
+            again = run(args, out, save)
             results["lost"][name] = {"computed_before_crash": first["forwards"], "rerun": again["forwards"],
                                      "redone": first["forwards"] + again["forwards"] - views_total}
             print(f"lost work, saving {name}: crash after {first['forwards']} of {views_total} views, rerun computes "

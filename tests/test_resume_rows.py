@@ -256,3 +256,11 @@ def test_overwrite_replaces_a_cache_that_holds_progress_records(one_shard, teach
     assert records(url)
     summary = cache_teacher(config(one_shard, url, teacher_ckpt, overwrite=True))
     assert summary["items"] == 8 * VIEWS and summary["complete"] and records(url) == {}
+
+
+def test_the_default_saves_by_time_alone(one_shard, teacher_ckpt, tmp_path):
+    """No --save-rows: rows are saved once --save-seconds have passed (here: at once, after every batch)."""
+    out = tmp_path / "c.zarr"
+    with pytest.raises(Crash):
+        cache_teacher(config(one_shard, out, teacher_ckpt, save_rows=None, save_seconds=1e-9), crash_after(5))
+    assert [r["rows"] for r in records(str(out)).values()] == [5]
