@@ -91,6 +91,7 @@ def one_shard(tmp_path_factory):
                        str(tmp_path_factory.mktemp("one_shard")), "one", 8).pattern
 
 
+@pytest.mark.slow
 def test_a_crash_mid_shard_resumes_from_its_saved_rows_to_the_uninterrupted_cache(tiny_data, teacher_ckpt, tmp_path,
                                                                                   frozen_clock, forwards):
     data = tiny_data["train"].pattern
