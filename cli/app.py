@@ -180,6 +180,8 @@ def cache_teacher_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=RUN)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Delete what is at --out and start over.", rich_help_panel=CACHE)] = False,
     claim_ttl: Annotated[float, typer.Option(help="Seconds a worker's claim on a shard lasts unless refreshed: overlapping workers skip shards claimed by a live worker and take over those of a dead one after this.", rich_help_panel=RUN)] = 600.0,
+    save_seconds: Annotated[float, typer.Option(help="A shard in progress saves its finished rows every this many seconds: a crash or kill loses at most that much teacher work (plus one batch) per shard in progress; Ctrl-C keeps every finished row.", rich_help_panel=RUN)] = 60.0,
+    save_rows: Annotated[Optional[int], typer.Option(help="Also save every this many finished rows, whichever comes first (each save rewrites the shard's stored objects: see docs/results.md for the cost).", rich_help_panel=RUN)] = None,
     part: Annotated[str, typer.Option(help="I/N: this independent worker (SLURM array task, Kubernetes indexed job, another machine) caches shards s with s % N == I (0-based); part 0 creates the cache, the others wait for it.", rich_help_panel=RUN)] = "0/1",
     quiet: Annotated[bool, typer.Option(help="No progress output.", rich_help_panel=RUN)] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=RUN)] = False,
@@ -194,7 +196,8 @@ def cache_teacher_cmd(
     temps = _floats(temperatures, "--temperatures")
     options.check_cache_teacher(data=data, teachers=teacher, checkpoints=checkpoints, names=names,
                                 class_names=None if class_names is None else str(class_names), temperatures=temps,
-                                top_k=None if full else top_k, views=views, recipe=recipe)
+                                top_k=None if full else top_k, views=views, recipe=recipe,
+                                save_rows=save_rows, save_seconds=save_seconds)
     from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher  # seconds: after the checks
 
     specs = [TeacherSpec(source=t, checkpoint=(checkpoints[i] or None) if checkpoints else None,
@@ -214,7 +217,8 @@ def cache_teacher_cmd(
         clean_view=clean_view, seed=seed, k=None if full else top_k, temperatures=temps,
         num_classes=num_classes, class_names=_class_names(class_names, data), batch_size=batch_size, workers=workers,
         device=device, image_field=image_field, label_field=label_field, on_bad_sample=on_bad_sample,
-        overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl)
+        overwrite=overwrite, precision=teacher_precision, part=_part(part), claim_ttl=claim_ttl,
+        save_rows=save_rows, save_seconds=save_seconds)
     reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
     try:
         summary = cache_teacher(cfg, reporter)

@@ -34,6 +34,7 @@ class ProgressReporter:
         self.skipped_shards = 0
         self.shards_total = 0
         self.epochs_kept = 0  # distill: epochs finished, whose checkpoints are in the run folder
+        self.rows_kept: dict[str, tuple[int, int]] = {}  # cache-teacher: shard in progress -> (rows saved, of)
 
     def interrupted(self, message: str) -> None:
         """Ctrl-C: stop the bar and say what was kept and how to go on, on a line of its own (not glued to the
@@ -46,8 +47,11 @@ class ProgressReporter:
 
     def cache_teacher_interrupted(self) -> None:
         kept = self.skipped_shards + self.shards
-        self.interrupted(f"interrupted: {kept} of {self.shards_total} shard(s) cached and kept (each with all its views; "
-                         "the shards in progress start over); rerun the same command to resume")
+        rows, of = (sum(r[i] for r in self.rows_kept.values()) for i in (0, 1))
+        partial = (f", and {rows:,} of {of:,} rows of the {len(self.rows_kept)} shard(s) in progress (every finished "
+                   "row: at most one row's views per shard are computed again)") if self.rows_kept else ""
+        self.interrupted(f"interrupted: {kept} of {self.shards_total} shard(s) cached and kept{partial}; rerun the "
+                         "same command to resume")
 
     def distill_interrupted(self, out: str) -> None:
         if not self.epochs_kept:
@@ -73,6 +77,9 @@ class ProgressReporter:
             self.shards_total = e.get("shards_total", self.n_shards + self.skipped_shards)
         elif kind == "shard_done":
             self.shards += 1
+            self.rows_kept.pop(e["shard"], None)
+        elif kind in ("rows_saved", "resuming_shard"):
+            self.rows_kept[e["shard"]] = (e["rows"], e["of"])
         elif kind == "train_start":
             self.epochs_kept = e.get("resumed_epoch") or 0
         elif kind == "epoch_end":
@@ -94,6 +101,12 @@ class ProgressReporter:
         if time.perf_counter() - self.last_log > 30:
             self.last_log = time.perf_counter()
             self._log(f"waiting for {e['for']}")
+
+    def _on_resuming_shard(self, e: dict[str, Any]) -> None:
+        self._log(f"resuming shard {e['shard']} at row {e['rows']:,} of {e['of']:,} (rows saved by an earlier run)")
+
+    def _on_progress_refused(self, e: dict[str, Any]) -> None:
+        self._log(f"shard {e['shard']}: the saved rows of an earlier run are not used ({e['why']}); computing it whole")
 
     def _on_start(self, e: dict[str, Any]) -> None:
         self.total, self.t0 = e["items"], time.perf_counter()

@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import distributed as D
-from .cache import Cache, CacheMeta, SampleStatus, TeacherBlock, TeacherRecord, teacher_id_from_name
-from .cache import claims, schema
+from .cache import Cache, CacheMeta, SampleStatus, TeacherBlock, TeacherRecord, UnitName, teacher_id_from_name
+from .cache import claims, progress, schema, values
 from .cache import format as fmt
 from .cache.encode import encode_teacher_logits
-from .cache.check import chance_warning, check_unit
+from .cache.check import _check_views, chance_warning, check_unit
 from .cache.format import CacheError, ShardRecord, index_dtype
 from .cache.cache import class_names_problem
 from .data import (
@@ -33,7 +33,7 @@ from .data import (
 )
 from .models import file_sha256, load_model, output_width, preprocessing_of, pretrained_identity, require_teacher_input
 from .views import (
-    IMAGE_FIELDS, KIND_PLAIN, MixRecipe, ViewRecipe, decode_image, mix_draw, mixed_params, normalize,
+    IMAGE_FIELDS, KIND_PLAIN, MixRecipe, ViewRecipe, decode_image, first_labels, mix_draw, mixed_params, normalize,
     own_label_dominates, replay_mixed, replay_view, stable_int, view_params,
 )
 
@@ -83,6 +83,12 @@ class CacheTeacherConfig:
     part: tuple[int, int] = (0, 1)  # (I, N): this independent worker does shards s with s % N == I
     part_wait: float = 1800.0  # seconds parts I > 0 wait for part 0 to create (or extend) the cache
     claim_ttl: float = 600.0  # seconds a worker's claim on a shard lasts without a refresh (cache/claims.py)
+    # A shard in progress saves its finished rows every save_seconds seconds (and every save_rows rows when set),
+    # whichever comes first (cache/progress.py): a kill loses at most that much teacher work (plus one batch) per
+    # shard in progress. By time by default: a save rewrites the shard's objects, so its cost grows with the shard,
+    # and a time bound costs the same fraction of any teacher's time (docs/results.md, "Resuming inside a shard").
+    save_rows: int | None = None
+    save_seconds: float = 60.0
 
 
 @dataclass
@@ -95,6 +101,15 @@ class _Job:
     write_samples: bool
     param_runs: list[tuple[int, int]]
     teacher_runs: dict[str, list[tuple[int, int]]]
+    start: int = 0  # rows [0, start) are restored from a progress record: read (and checked), not computed
+    prefix: "_Expected | None" = None  # those rows' keys and content digests
+
+    def units(self) -> list[UnitName]:
+        """The units this job writes, in writing order (samples, views, teachers)."""
+        return (([UnitName(self.shard, "samples")] if self.write_samples else [])
+                + [UnitName(self.shard, "views", views=run) for run in self.param_runs]
+                + [UnitName(self.shard, "teacher", tid, run)
+                   for tid, runs in self.teacher_runs.items() for run in runs])
 
 
 def _runs(views: Sequence[int]) -> list[tuple[int, int]]:
@@ -140,6 +155,18 @@ class _ViewItems(IterableDataset):
                 if expected is not None and expected.digests is not None and expected.digests[i].tobytes() != digest:
                     raise DataError(f"Sample {key!r} of shard {job.url} differs from the one already cached (content "
                                     "digest): the shard was edited. Use the original shard, or --overwrite to re-cache.")
+                if i < job.start:  # restored from the progress record: no view, no teacher forward
+                    if job.prefix is None or job.prefix.keys[i] != key or job.prefix.digests[i].tobytes() != digest:
+                        raise DataError(f"Shard {job.url} changed while it was being read (sample {i} is {key!r}); "
+                                        "rerun the same command.")
+                    image = None
+                    if mix is not None and i >= job.start - mix.window:  # a partner of the rows still to compute
+                        try:
+                            image = decode_image(pick_field(sample, self.recipe.image_field))
+                        except Exception:  # noqa: BLE001 - undecodable partners leave views plain, as when computed
+                            image = None
+                    recent.append((i, key, parse_label(sample, self.cfg.label_field, self.num_classes), image))
+                    continue
                 digest_t = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
                 label = parse_label(sample, self.cfg.label_field, self.num_classes)
                 status, image = SampleStatus.OK, None
@@ -203,6 +230,44 @@ class _ShardBuffer:
                           "logz": np.full((n, v, len(t.temperatures)), np.nan, np.float32),
                           "correct": np.zeros((n, v), bool)} for tid, t in teachers.items()}
         self.remaining = n * v
+        self.left = np.full(n, v, np.int32)  # views still to come, per row
+        self.done = 0  # rows [0, done) have every view: what a save can write
+        self.saved = 0  # rows [0, saved) are in the arrays and named by the shard's progress record
+        self.saved_at = time.monotonic()
+        self.restored: progress.Blocks = {}  # stored form of rows [0, job.start), by unit, as read back
+
+    def restore(self, rows: int, blocks: progress.Blocks) -> None:
+        """Rows [0, rows) come from the progress record: nothing more to compute for them."""
+        self.left[:rows] = 0
+        self.done = self.saved = rows
+        self.remaining -= rows * len(self.job.views)
+        self.restored = blocks
+
+    def advance(self) -> None:
+        while self.done < len(self.left) and self.left[self.done] == 0:
+            self.done += 1
+
+    def due(self, rows: int | None, seconds: float) -> bool:
+        """Whether to save now: ``rows`` finished rows unsaved, or ``seconds`` since the last save (and a new row)."""
+        if self.remaining == 0 or self.done == self.saved:
+            return False
+        return (rows is not None and self.done - self.saved >= rows) or time.monotonic() - self.saved_at >= seconds
+
+    def unit_arrays(self, unit: UnitName, key_bytes: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [0, stop) of one of this job's units in stored form (restored rows as they were read back: a
+        float32 -> float16-delta round trip could move a value)."""
+        if unit.kind == "samples":
+            out = {"key": schema.encode_keys(self.keys[:stop], key_bytes), "label": self.labels[:stop],
+                   "status": self.status[:stop], "digest": self.digests[:stop]}
+        elif unit.kind == "views":
+            out = {"params": self.params[:stop, [self.pos[v] for v in range(*unit.views)]]}
+        else:
+            b = self.teacher_block(unit.teacher, unit.views)
+            out = schema.encode_teacher(b.topk_idx[:stop], b.topk_logp[:stop], b.label_logp[:stop], b.logz[:stop])
+        out = {name: np.array(arr) for name, arr in out.items()}  # copies: the main thread goes on filling rows
+        for name, rows in self.restored.get(unit.name, {}).items():
+            out[name][:len(rows)] = rows
+        return out
 
     def add(self, rows: np.ndarray, views: np.ndarray, keys: list[str], labels: np.ndarray, status: np.ndarray,
             params: np.ndarray, digests: np.ndarray, encoded: dict[str, dict[str, np.ndarray]], sel: np.ndarray) -> None:
@@ -216,6 +281,8 @@ class _ShardBuffer:
             for name, arr in enc.items():
                 self.out[tid][name][r, pos] = arr[sel]
         self.remaining -= int(sel.sum())
+        np.subtract.at(self.left, r, 1)
+        self.advance()
 
     def teacher_block(self, tid: str, run: tuple[int, int]) -> TeacherBlock:
         cols = [self.pos[v] for v in range(*run)]
@@ -229,7 +296,8 @@ class _ShardBuffer:
         return block
 
 
-def _write_shard(cache: Cache, buf: _ShardBuffer) -> str:
+def _write_shard(cache: Cache, buf: _ShardBuffer) -> tuple[str, int | None, int]:
+    """Every unit of the shard, each whole with its marker (as without progress), then drop its progress record."""
     job = buf.job
     if job.write_samples:
         cache.write_samples(job.shard, buf.keys, buf.labels, buf.status, buf.digests)
@@ -237,8 +305,97 @@ def _write_shard(cache: Cache, buf: _ShardBuffer) -> str:
         cache.write_views(job.shard, run, buf.params[:, [buf.pos[v] for v in range(*run)]])
     for tid, runs in job.teacher_runs.items():
         for run in runs:
-            cache.write_teacher(job.shard, tid, run, buf.teacher_block(tid, run))
-    return cache.meta.shards[job.shard].name
+            block, unit = buf.teacher_block(tid, run), UnitName(job.shard, "teacher", tid, run)
+            # Cache.write_teacher's record, from the stored form (restored rows exactly as they were read back)
+            cache.write(unit, buf.unit_arrays(unit, cache.meta.key_bytes, job.nsamples), teacher=tid, views=list(run),
+                        correct=block.correct, count=block.count)
+    if buf.saved or job.start:
+        progress.discard(cache.root, job.shard)
+    return cache.meta.shards[job.shard].name, None, job.nsamples
+
+
+def _resume(cache: Cache, buf: _ShardBuffer, emit: ProgressFn) -> None:
+    """Take the rows a previous run saved for this job's units (cache/progress.py), when every check passes:
+    the record's own (binding, sha256 of the rows as read back), the values every reader checks, and the shard's
+    first rows read again (keys and content digests). Otherwise the record is deleted and the shard starts over."""
+    job = buf.job
+    name = cache.meta.shards[job.shard].name
+    rows, blocks, why = progress.load(cache.root, cache.meta, job.units(), job.nsamples)
+    if rows:
+        why = _restored_problem(cache, buf, rows, blocks)
+    if why:
+        if why != "none":
+            progress.discard(cache.root, job.shard)
+            emit({"event": "progress_refused", "shard": name, "why": why})
+        return
+    buf.restore(rows, blocks)
+    job.start, job.prefix = rows, _Expected(buf.keys[:rows], buf.digests[:rows].copy())
+    emit({"event": "resuming_shard", "shard": name, "rows": rows, "of": job.nsamples})
+
+
+def _restored_problem(cache: Cache, buf: _ShardBuffer, rows: int, blocks: progress.Blocks) -> str:
+    """Fill the buffer's rows [0, rows) from restored blocks (and the shard's complete units); what is wrong
+    with them, or "" when they pass the checks every reader runs and match the shard as it reads now."""
+    job, meta = buf.job, cache.meta
+    try:
+        samples = blocks.get(fmt.samples_unit(job.shard))
+        if samples is None:  # the samples unit is complete: its checked read
+            complete = cache.samples(job.shard)
+            samples = {spec.name: complete[spec.path()] for spec in schema.BY_KIND["samples"]}
+        keys, labels = samples["key"][:rows], samples["label"][:rows]
+        status, digests = samples["status"][:rows], samples["digest"][:rows]
+        problems = values.sample_problems(status, labels, keys, rows, meta.num_classes)
+        if problems:
+            return f"its rows hold {problems[0]}"
+        buf.keys[:rows], buf.labels[:rows] = schema.decode_keys(keys), labels
+        buf.status[:rows], buf.digests[:rows] = status, digests
+        for unit in cache.units(job.shard, "views"):  # the params of views whose views unit is already complete
+            done = cache.read_unit(unit)[schema.PARAMS.path()]
+            for v in range(*unit.views):
+                if v in buf.pos:
+                    buf.params[:rows, buf.pos[v]] = done[:rows, v - unit.views[0]]
+    except (CacheError, KeyError, ValueError, UnicodeDecodeError) as e:
+        return f"its shard's complete units cannot be read ({e})"
+    ok = status == SampleStatus.OK
+    for unit in job.units():
+        if unit.kind == "views":
+            cols = [buf.pos[v] for v in range(*unit.views)]
+            buf.params[:rows, cols] = blocks[unit.name]["params"]
+            problems = _check_views(buf.params[:rows, cols], ok, meta.recipe.get("size", 0))
+            if problems:
+                return f"its rows hold {problems[0]}"
+    for unit in job.units():
+        if unit.kind != "teacher":
+            continue
+        b, cols = blocks[unit.name], [buf.pos[v] for v in range(*unit.views)]
+        first = first_labels(buf.params[:rows, cols], buf.labels[:rows])
+        found = values.first_problem(b["topk_idx"].astype(np.int64), schema.join_logp(b["topk_dlogp"], b["top1_logp"]),
+                                     b["label_logp"], b["logz"], ok, meta.num_classes,
+                                     meta.teachers[unit.teacher].temperatures, first)
+        if found is not None:
+            return f"its rows of {unit.name} hold {found[0]}"
+        buf.out[unit.teacher]["correct"][:rows, cols] = b["topk_idx"][..., 0] == first
+    if not _prefix_matches(job.url, buf.keys[:rows], buf.digests[:rows]):
+        return "its shard changed since (a sample's key or content differs)"
+    return ""
+
+
+def _prefix_matches(url: str, keys: list[str], digests: np.ndarray) -> bool:
+    """Whether the shard's first samples are still these (keys and content digests): read, not decoded."""
+    i = -1
+    for i, sample in enumerate(iter_shard(url)):
+        if i >= len(keys):
+            break
+        if sample["__key__"] != keys[i] or fmt.sample_digest(sample) != digests[i].tobytes():
+            return False
+    return i >= len(keys) - 1
+
+
+def _save_rows(cache: Cache, shard: int, blocks: progress.Blocks, start: int, stop: int,
+               opened: dict[str, Any]) -> tuple[str, int | None, int]:
+    """Rows [start, stop) of a shard in progress into its units' arrays, then its progress record (writer thread)."""
+    progress.save(cache.root, cache.meta, blocks, start, stop, opened)
+    return cache.meta.shards[shard].name, stop, cache.meta.shards[shard].nsamples
 
 
 def _index(urls: list[str], known: list[ShardRecord], known_key_bytes: int, dist: D.DistInfo) -> tuple[list[ShardRecord], int, dict[int, list[str]]]:
@@ -275,6 +432,15 @@ def _recheck(cache: Cache, shards: Sequence[int]) -> list[tuple[str, str]]:
             damaged.append((unit.name, found.problems[0]))
             cache.withdraw(unit)
     return damaged
+
+
+def _drop_stale_progress(cache: Cache, complete: set[int]) -> None:
+    """Progress records of shards whose units are all complete (a crash between the last marker and the record's
+    deletion): nothing reads them; delete them so `pld verify` does not report a shard in progress."""
+    for name in progress.found(cache.root):
+        shard = int(name[1:7]) if name[1:7].isdigit() and len(name) == 12 else -1
+        if shard in complete:
+            progress.discard(cache.root, shard)
 
 
 def _plan(cache: Cache, shards: Sequence[int], num_views: int,
@@ -360,6 +526,9 @@ def cache_teacher(cfg: CacheTeacherConfig, progress: ProgressFn | None = None) -
             or not 0 < cfg.claim_ttl <= claims.MAX_TTL):
         raise ValueError(f"--batch-size must be >= 1, --workers >= 0 and --claim-ttl in (0, {claims.MAX_TTL:.0f}] "
                          f"seconds, got {cfg.batch_size}, {cfg.workers} and {cfg.claim_ttl}.")
+    if (cfg.save_rows is not None and cfg.save_rows < 1) or not cfg.save_seconds > 0:
+        raise ValueError(f"--save-rows must be >= 1 and --save-seconds > 0, got {cfg.save_rows} and "
+                         f"{cfg.save_seconds}.")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--teacher-precision must be fp32 or bf16, got {cfg.precision!r}.")
     if os.path.isfile(cfg.out):
@@ -437,9 +606,11 @@ def _run(cfg: CacheTeacherConfig, device: torch.device, dist: D.DistInfo, emit: 
         emit({"event": "repairing", "units": repaired})
     user_urls = [r.url for r in records]  # the user's --data, never the urls recorded in the cache
     jobs = _plan(cache, my_shards, cfg.views, list(teachers), expected, user_urls)
+    _drop_stale_progress(cache, set(my_shards) - {j.shard for j in jobs})
     total_items = sum(j.nsamples * len(j.views) for j in jobs)
     emit({"event": "start", "items": total_items, "shards": len(jobs), "shards_total": len(records),
-          "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank})
+          "skipped_shards": len(my_shards) - len(jobs), "rank": dist.rank, "save_rows": cfg.save_rows,
+          "save_seconds": cfg.save_seconds})
     stats = _empty_stats(teachers)
     owner = claims.new_owner()
     while jobs:  # rounds: claim a share of the free shards, write them, re-plan (other workers may have done some)
@@ -510,12 +681,14 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], cache: Cache, models: di
     stats = _empty_stats(teachers)
     if not jobs:
         return stats
+    buffers = {j.shard: _ShardBuffer(j, teachers, recipe.params_width) for j in jobs}
+    for job in jobs:  # before the loader copies the jobs into its workers
+        _resume(cache, buffers[job.shard], emit)
     dataset = _ViewItems(jobs, recipe, cfg.seed, cfg, num_classes, expected)
     workers = min(D.loader_workers(cfg.workers, device), len(jobs))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None)
-    buffers = {j.shard: _ShardBuffer(j, teachers, recipe.params_width) for j in jobs}
     # fp32 by default: bf16 logits reorder the top-k of most rows of a 1000-class batch (ties and near-ties) and
     # move log-probs by up to ~0.08, so a GPU-built cache would differ from a CPU-built one. bf16 is an opt-in,
     # recorded in the teacher record (and so bound to every unit).
@@ -524,50 +697,72 @@ def _process(cfg: CacheTeacherConfig, jobs: list[_Job], cache: Cache, models: di
         torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round inputs to 10 mantissa bits
         torch.backends.cuda.matmul.allow_tf32 = False
     pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
-        for shard_ids, rows, views, keys, labels, firsts, status, images, params, digests in worker_errors(loader):
-            x = images.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            labels_dev = firsts.to(device, non_blocking=True).long()  # label_logp: the label ranked first
-            ok_dev = status.to(device, non_blocking=True) == SampleStatus.OK
-            encoded: dict[str, dict[str, np.ndarray]] = {}
-            with torch.inference_mode(), autocast:
-                for tid, model in models.items():
-                    logits = model(normalize(x, prep[tid]["mean"], prep[tid]["std"])).float()
-                    bad = ~torch.isfinite(logits).all(1) & ok_dev
-                    if bad.any():
-                        i = int(bad.nonzero()[0])
-                        raise DataError(f"Teacher '{tid}' produced NaN/Inf logits for sample {keys[i]!r} view "
-                                        f"{int(views[i])}; check the checkpoint and preprocessing.")
-                    logits = torch.nan_to_num(logits)
-                    enc = encode_teacher_logits(logits, labels_dev, k=teachers[tid].k,
-                                                temperatures=teachers[tid].temperatures)
-                    encoded[tid] = {name: t.cpu().numpy() for name, t in enc.items()}
-            shard_np, rows_np, views_np = shard_ids.numpy(), rows.numpy(), views.numpy()
-            status_np, labels_np = status.numpy().astype(np.uint8), labels.numpy().astype(np.int32)
-            params_np, digests_np = params.numpy(), digests.numpy()
-            keys = list(keys)
-            for shard in np.unique(shard_np):
-                sel = shard_np == shard
-                buf = buffers[int(shard)]
-                buf.add(rows_np, views_np, keys, labels_np, status_np, params_np, digests_np, encoded, sel)
-                if buf.remaining == 0:
-                    ok = buf.status == SampleStatus.OK
-                    for tid in teachers:
-                        stats["correct"][tid] += int(buf.out[tid]["correct"][ok].sum())
-                        stats["count"][tid] += int(ok.sum()) * len(buf.job.views)
-                    stats["skipped"] += int((buf.status == SampleStatus.SKIPPED).sum())
-                    pending.append(pool.submit(_write_shard, cache, buffers.pop(int(shard))))
-            stats["items"] += len(keys)
-            emit({"event": "batch", "items": len(keys)})
-            while pending and (pending[0].done() or len(pending) > 2):  # bounded memory; surface write errors
-                name = pending.pop(0).result()
-                stats["shards"] += 1
-                emit({"event": "shard_done", "shard": name})
-        for fut in pending:
-            emit({"event": "shard_done", "shard": fut.result()})
+    opened: dict[str, Any] = {}  # arrays the writer thread has opened for saves
+
+    def save(buf: _ShardBuffer) -> None:  # the finished rows of a shard in progress, in the writer thread
+        blocks = {u.name: buf.unit_arrays(u, cache.meta.key_bytes, buf.done) for u in buf.job.units()}
+        pending.append(pool.submit(_save_rows, cache, buf.job.shard, blocks, buf.saved, buf.done, opened))
+        buf.saved, buf.saved_at = buf.done, time.monotonic()
+
+    def finished(result: tuple[str, int | None, int]) -> None:
+        name, rows, of = result
+        if rows is None:
             stats["shards"] += 1
+            emit({"event": "shard_done", "shard": name})
+        else:
+            emit({"event": "rows_saved", "shard": name, "rows": rows, "of": of})
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pld-cache-writer") as pool:
+        try:
+            for shard_ids, rows, views, keys, labels, firsts, status, images, params, digests in worker_errors(loader):
+                x = images.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                labels_dev = firsts.to(device, non_blocking=True).long()  # label_logp: the label ranked first
+                ok_dev = status.to(device, non_blocking=True) == SampleStatus.OK
+                encoded: dict[str, dict[str, np.ndarray]] = {}
+                with torch.inference_mode(), autocast:
+                    for tid, model in models.items():
+                        logits = model(normalize(x, prep[tid]["mean"], prep[tid]["std"])).float()
+                        bad = ~torch.isfinite(logits).all(1) & ok_dev
+                        if bad.any():
+                            i = int(bad.nonzero()[0])
+                            raise DataError(f"Teacher '{tid}' produced NaN/Inf logits for sample {keys[i]!r} view "
+                                            f"{int(views[i])}; check the checkpoint and preprocessing.")
+                        logits = torch.nan_to_num(logits)
+                        enc = encode_teacher_logits(logits, labels_dev, k=teachers[tid].k,
+                                                    temperatures=teachers[tid].temperatures)
+                        encoded[tid] = {name: t.cpu().numpy() for name, t in enc.items()}
+                shard_np, rows_np, views_np = shard_ids.numpy(), rows.numpy(), views.numpy()
+                status_np, labels_np = status.numpy().astype(np.uint8), labels.numpy().astype(np.int32)
+                params_np, digests_np = params.numpy(), digests.numpy()
+                keys = list(keys)
+                for shard in np.unique(shard_np):
+                    sel = shard_np == shard
+                    buf = buffers[int(shard)]
+                    buf.add(rows_np, views_np, keys, labels_np, status_np, params_np, digests_np, encoded, sel)
+                    if buf.remaining == 0:
+                        ok = buf.status == SampleStatus.OK
+                        for tid in teachers:
+                            stats["correct"][tid] += int(buf.out[tid]["correct"][ok].sum())
+                            stats["count"][tid] += int(ok.sum()) * len(buf.job.views)
+                        stats["skipped"] += int((buf.status == SampleStatus.SKIPPED).sum())
+                        pending.append(pool.submit(_write_shard, cache, buffers.pop(int(shard))))
+                    elif buf.due(cfg.save_rows, cfg.save_seconds):
+                        save(buf)
+                stats["items"] += len(keys)
+                emit({"event": "batch", "items": len(keys)})
+                while pending and (pending[0].done() or len(pending) > 2):  # bounded memory; surface write errors
+                    finished(pending.pop(0).result())
+        except KeyboardInterrupt:  # Ctrl-C: keep every finished row (writes complete before the executor exits)
+            for buf in buffers.values():
+                if buf.done > buf.saved:
+                    save(buf)
+            for fut in pending:
+                finished(fut.result())
+            raise
+        for fut in pending:
+            finished(fut.result())
     if buffers:
         raise DataError(f"Shards ended early: {', '.join(cache.meta.shards[s].name for s in buffers)}.")
     return stats

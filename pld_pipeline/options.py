@@ -288,8 +288,11 @@ def check_distill(*, data: str, student: str, loss: str, cache: str | None = Non
 def check_cache_teacher(*, data: str, teachers: Sequence[str], checkpoints: Sequence[str] = (),
                         names: Sequence[str] = (), class_names: str | None = None,
                         temperatures: Sequence[float] = (1.0,), top_k: int | None = None, views: int = 1,
-                        recipe: str = "cifar") -> None:
+                        recipe: str = "cifar", save_rows: int | None = None,
+                        save_seconds: float = 60.0) -> None:
     """What `pld cache-teacher` can refuse before importing torch (cache_teacher refuses it again, later)."""
+    if (save_rows is not None and save_rows < 1) or not save_seconds > 0:
+        raise OptionError(f"--save-rows must be >= 1 and --save-seconds > 0, got {save_rows} and {save_seconds:g}.")
     if not temperatures or any(not t > 0 for t in temperatures):
         raise OptionError(f"--temperatures must be positive numbers, got {', '.join(f'{t:g}' for t in temperatures)}.")
     if top_k is not None and top_k < 1:

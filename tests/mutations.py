@@ -42,6 +42,8 @@ SUBSET = "tests/test_class_map_subset.py::"
 EARLY = "tests/test_early_refusals.py::"
 CACHE_ATTACK = "tests/test_hostile_cache.py::"
 CMAP = "tests/test_class_map.py::"
+ROWS = "tests/test_resume_rows.py::"
+FORGED = ROWS + "test_a_forged_stale_or_oversized_progress_record_never_lets_a_row_be_skipped"
 MUTATIONS = [
     Mutation("halving keeps the worst runs (study minimises top-1)", "pld_pipeline/halving.py",
              'direction="maximize"', 'direction="minimize"',
@@ -706,6 +708,43 @@ MUTATIONS = [
     Mutation("loss kernels: the head's wide rows keep the exp-space gradient", "pld_pipeline/losses.py",
              "        g_head, g_rest = _where_rare(wide, exact, fast)", "        g_head, g_rest = fast",
              ("tests/test_losses.py::test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails",)),
+    # Resuming inside a shard (issue 31, item 4): saved rows are reused only when the data proves them
+    Mutation("resume rows: a progress record's checksums are not compared with the rows read back", "pld_pipeline/cache/progress.py",
+             "            if block_sha256(block) != sums[name][path]:", "            if False:",
+             (FORGED + "[saved rows edited after the record]",)),
+    Mutation("resume rows: a record written for other units is taken", "pld_pipeline/cache/progress.py",
+             '    if doc.get("binding") != binding(meta, units):', "    if False:",
+             (FORGED + "[written for other units]",)),
+    Mutation("resume rows: a record may claim the whole shard", "pld_pipeline/cache/progress.py",
+             "not 0 < rows < nsamples:", "not 0 < rows <= nsamples:",
+             (FORGED + "[the whole shard, re-signed over a complete copy]",)),
+    Mutation("resume rows: restored rows skip the readers' value checks", "pld_pipeline/cache_teacher.py",
+             "        if found is not None:\n            return f\"its rows of", "        if False:\n            return f\"its rows of",
+             (FORGED + "[saved rows edited to NaN and re-signed]",)),
+    Mutation("resume rows: the saved rows are not compared with the shard read again", "pld_pipeline/cache_teacher.py",
+             "    if not _prefix_matches(job.url, buf.keys[:rows], buf.digests[:rows]):", "    if False:",
+             (ROWS + "test_a_shard_changed_between_runs_starts_over",)),
+    Mutation("resume rows: the saved rows are computed again", "pld_pipeline/cache_teacher.py",
+             "                if i < job.start:  # restored", "                if i < 0:  # restored",
+             (ROWS + "test_a_crash_mid_shard_resumes_from_its_saved_rows_to_the_uninterrupted_cache",)),
+    Mutation("resume rows: saved rows are not decoded as partners of mixed views", "pld_pipeline/cache_teacher.py",
+             "if mix is not None and i >= job.start - mix.window:", "if False:",
+             (ROWS + "test_mixed_views_resume_with_the_saved_rows_as_partners",)),
+    Mutation("resume rows: Ctrl-C keeps only the last regular save", "pld_pipeline/cache_teacher.py",
+             "                if buf.done > buf.saved:\n                    save(buf)", "                if False:\n                    save(buf)",
+             (ROWS + "test_ctrl_c_keeps_every_finished_row_and_the_rerun_computes_only_the_rest",)),
+    Mutation("resume rows: a finished shard leaves its progress record behind", "pld_pipeline/cache_teacher.py",
+             "    if buf.saved or job.start:\n        progress.discard", "    if False:\n        progress.discard",
+             (ROWS + "test_a_crash_mid_shard_resumes_from_its_saved_rows_to_the_uninterrupted_cache",)),
+    Mutation("resume rows: --overwrite refuses a cache holding progress records (not pld's files)", "pld_pipeline/cache/target.py",
+             '               "progress"}', "               }",
+             (ROWS + "test_overwrite_replaces_a_cache_that_holds_progress_records",)),
+    Mutation("resume rows: no save by time (a slow teacher loses whole shards again)", "pld_pipeline/cache_teacher.py",
+             " or time.monotonic() - self.saved_at >= seconds", " or False",
+             (ROWS + "test_the_default_saves_by_time_alone",)),
+    Mutation("resume rows: Ctrl-C does not count the saved rows of the shards in progress", "cli/progress.py",
+             '        elif kind in ("rows_saved", "resuming_shard"):', '        elif False:',
+             ("tests/test_progress.py::test_ctrl_c_in_cache_teacher_counts_the_saved_rows_of_the_shards_in_progress",)),
 ]
 
 

@@ -137,3 +137,18 @@ def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_comman
     written = text.count(" written (")  # the shards finished before the signal landed (1, rarely 2)
     assert f"interrupted: {written} of 3 shard(s) cached and kept" in text and text.endswith(
         "rerun the same command to resume\n"), text
+
+
+def test_ctrl_c_in_cache_teacher_counts_the_saved_rows_of_the_shards_in_progress(capsys):
+    reporter = ProgressReporter(quiet=True)
+    for event in ({"event": "start", "items": 1, "shards": 3, "shards_total": 4, "skipped_shards": 1},
+                  {"event": "rows_saved", "shard": "a.tar", "rows": 256, "of": 2000},
+                  {"event": "resuming_shard", "shard": "b.tar", "rows": 512, "of": 2000},
+                  {"event": "rows_saved", "shard": "a.tar", "rows": 768, "of": 2000},
+                  {"event": "rows_saved", "shard": "c.tar", "rows": 1000, "of": 1500},
+                  {"event": "shard_done", "shard": "c.tar"}):
+        reporter(event)
+    reporter.cache_teacher_interrupted()
+    assert capsys.readouterr().err == (
+        "\ninterrupted: 2 of 4 shard(s) cached and kept, and 1,280 of 4,000 rows of the 2 shard(s) in progress (every "
+        "finished row: at most one row's views per shard are computed again); rerun the same command to resume\n")

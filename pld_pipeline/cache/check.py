@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from . import schema, values
+from . import progress, schema, values
 from .cache import Cache
 from .format import CacheError, SampleStatus, UnitName
 from .integrity import REPAIR, DamagedUnit
@@ -149,6 +149,11 @@ def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
         if warning:
             report.warnings.append(warning)
     report.warnings.extend(index_warnings(cache))
+    saved = progress.found(cache.root)
+    if saved:  # a writer's notes, not data: nothing here is read as data (docs/cache-format.md, "Progress records")
+        report.warnings.append(f"{len(saved)} shard(s) hold the saved rows of an interrupted `pld cache-teacher` "
+                               f"({progress.GROUP}/{saved[0]}, ...): not data, never read; rerun the same command "
+                               "to finish them.")
     index_problems = cache.check_key_index({s: a for s, a in samples_of.items() if a is not None})
     if index_problems:
         report.problems.extend(index_problems)

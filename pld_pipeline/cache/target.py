@@ -17,9 +17,11 @@ from typing import Any
 from .format import CREATING_ATTR, ROOT_ATTR, UNIT_INDEX_GROUP, UNITS_GROUP, CacheError
 from .store import local_path
 
-#: Top-level entries of a pld cache (claims.CLAIMS_GROUP and key_index.GROUP included).
-PLD_ENTRIES = {"zarr.json", "samples", "views", "teachers", UNITS_GROUP, UNIT_INDEX_GROUP, "key_index", "claims"}
-#: Every file a pld cache holds, relative to its root: zarr documents, chunk objects (``.../c/0/3``), claims, and
+#: Top-level entries of a pld cache (claims.CLAIMS_GROUP, key_index.GROUP and progress.GROUP included).
+PLD_ENTRIES = {"zarr.json", "samples", "views", "teachers", UNITS_GROUP, UNIT_INDEX_GROUP, "key_index", "claims",
+               "progress"}
+#: Every file a pld cache holds, relative to its root: zarr documents, chunk objects (``.../c/0/3``), claims and
+#: progress records (``s000003.json``), and
 #: the temporary files of zarr's local writes that a killed writer leaves (``NAME.<32 hex>.partial``).
 PLD_FILE = re.compile(r"(?:[\w.-]+/)*(?:zarr\.json|c(?:/\d+)+|s\d{6}\.json"
                       r"|(?:zarr|c(?:/\d+)+|s\d{6})\.[0-9a-f]{32}\.partial)")
