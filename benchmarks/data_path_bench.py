@@ -44,7 +44,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR = os.path.join(HERE, "..", "..", "shared", "data", "cifar10")
+#: the CIFAR-10 JPEG shards (experiments only, never committed); PLD_CIFAR10 overrides
+CIFAR = os.environ.get("PLD_CIFAR10", "/work/shared/data/cifar10")
 BATCH = 128
 
 
