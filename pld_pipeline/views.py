@@ -190,16 +190,19 @@ def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[in
     view of an image smaller than the crop pads past ``pad``)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
-    problem = box_problem(params, image.shape[1], image.shape[2], recipe) if check else None
+    box = [int(x) for x in (params.tolist() if hasattr(params, "tolist") else params)]  # one conversion, not ten
+    problem = box_problem(box, image.shape[1], image.shape[2], recipe) if check else None
     if problem is not None:
         raise ViewError(f"stored view parameters hold {problem}")
-    top, left, h, w, flip = (int(x) for x in params)
-    out = TF.crop(image, top, left, h, w)  # pads with zeros where the box leaves the image
+    top, left, h, w, flip = box
+    # the image kernels themselves (what TF.crop/resize/horizontal_flip dispatch a plain tensor to): crop first,
+    # so only the view's pixels are resized and laid out [3, size, size]
+    out = TF.crop_image(image, top, left, h, w)  # pads with zeros where the box leaves the image
     if (h, w) != (recipe.size, recipe.size):
-        out = TF.resize(out, [recipe.size, recipe.size], interpolation=InterpolationMode(recipe.interpolation),
-                        antialias=True)
+        out = TF.resize_image(out, [recipe.size, recipe.size], interpolation=InterpolationMode(recipe.interpolation),
+                              antialias=True)
     if flip:
-        out = TF.horizontal_flip(out)
+        out = TF.horizontal_flip_image(out)
     return out.contiguous()
 
 
@@ -355,7 +358,8 @@ class ImageTooLarge(ValueError):
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides). An image of more
+    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides), channels-last in
+    memory (call ``.contiguous()`` where a copy in [3, H, W] order is needed). An image of more
     than PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; raise it in Python to allow larger ones) is an
     error, checked from the header before anything is decoded; PIL itself only warns below twice that."""
     import torch
@@ -369,8 +373,10 @@ def decode_image(data: bytes) -> torch.Tensor:
         if cap is not None and img.width * img.height > cap:
             raise ImageTooLarge(f"{img.width}x{img.height} pixels, more than the {cap:,} pld decodes "
                                 "(PIL.Image.MAX_IMAGE_PIXELS)")
-        arr = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        arr = np.array(img if img.mode == "RGB" else img.convert("RGB"))  # writable, row-major [H, W, 3]
+    # a [3, H, W] view of the [H, W, 3] pixels (channels-last strides), not a copy: replay crops first, so only
+    # the view's pixels ever change layout (resizing reads channels-last input at least as fast, same bytes)
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

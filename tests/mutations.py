@@ -682,6 +682,18 @@ MUTATIONS = [
     Mutation("class maps: a largest label equal to the map's size is not read as a teacher label", "pld_pipeline/class_map.py",
              "if given == \"teacher\" or top >= c_s or", "if given == \"teacher\" or top > c_s or",
              (SUBSET + "test_the_label_space_is_decided_or_the_ambiguity_refused_in_one_line",)),
+    # issue 32: the student data path at the plain loader's cost (benchmarks/data_path_bench.py)
+    Mutation("data path: a block's targets gathered for view 0, not each row's chosen view", "pld_pipeline/student_data.py",
+             "np.stack([b.topk_idx[rows, views, k] for b in blocks], 1)", "np.stack([b.topk_idx[rows, 0, k] for b in blocks], 1)",
+             ("tests/test_library.py::test_each_sample_carries_the_cached_targets_of_the_view_it_replays_on_one_loader_thread",)),
+    Mutation("data path: the caller's torch threads not given back while it holds a batch (workers=0)",
+             "pld_pipeline/student_data.py", "                torch.set_num_threads(threads)\n                yield item",
+             "                yield item",
+             ("tests/test_library.py::test_each_sample_carries_the_cached_targets_of_the_view_it_replays_on_one_loader_thread",)),
+    Mutation("data path: decode_image's [3, H, W] view reads the [H, W, 3] pixels in the wrong order", "pld_pipeline/views.py",
+             "return torch.from_numpy(arr).permute(2, 0, 1)", "return torch.from_numpy(arr).reshape(3, *arr.shape[:2])",
+             ("tests/test_cache_teacher.py::test_a_decoded_image_is_its_rgb_pixels_and_replays_as_a_contiguous_copy_of_them",
+              "tests/test_cache_teacher.py::test_replayed_views_keep_the_bytes_every_earlier_cache_was_made_with")),
 ]
 
 
