@@ -1,6 +1,7 @@
 """The student data path (StudentData) against a plain webdataset + torchvision loader: CPU per sample and samples/s.
 
     python benchmarks/data_path_bench.py [--quick] [--rounds 3] [--workers 0 2] [--work DIR] [--profile-only]
+                                         [--before TREE]
 
 Issue #32's comparison, on the same shards, same workers, batch 128, one epoch per measurement:
 
@@ -166,10 +167,13 @@ def child(spec: dict) -> dict:
     return {"cpu_s": cpu_seconds() - cpu0, "wall_s": time.perf_counter() - wall0, "samples": n}
 
 
-def measure(case_name: str, case: dict, side: str, workers: int) -> dict:
-    spec = json.dumps({"case": case, "side": side, "workers": workers})
+def measure(case_name: str, case: dict, side: str, workers: int, before: str | None = None) -> dict:
+    spec = json.dumps({"case": case, "side": "pld" if side == "before" else side, "workers": workers})
+    env = dict(os.environ)
+    if side == "before":  # that tree's pld_pipeline ahead of the installed one
+        env["PYTHONPATH"] = os.path.abspath(before) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], check=True,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     return {"case": case_name, "side": side, "workers": workers, **got, "load1": os.getloadavg()[0]}
 
@@ -220,7 +224,9 @@ def profile(case: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, 1 round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    ap.add_argument("--before", default=None, help="a source tree of an earlier pld (git archive of a commit): its "
+                    "StudentData is measured too, as side 'before', in the same rounds")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--cases", nargs="+", default=["cifar32", "in224", "in224to160"])
     ap.add_argument("--work", default=None, help="where shards and caches are made (default: a temp dir)")
@@ -231,7 +237,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    rounds = 1 if args.quick and args.rounds == 3 else args.rounds
+    rounds = args.rounds or (1 if args.quick else 3)
     work = args.work or tempfile.mkdtemp(prefix="pld-data-path-")
     cases = {k: v for k, v in setup(work, args.quick).items() if k in args.cases}
     result = {"load_before": os.getloadavg(), "cpus": os.cpu_count(), "quick": args.quick, "profile": {}, "runs": []}
@@ -242,23 +248,24 @@ def main() -> None:
             for label, us in prof["us_per_sample"].items():
                 print(f"  {label:52s} {us:8.1f} us")
     if not args.profile_only:
-        plan = [(n, side, w) for n in cases for side in ("plain", "pld") for w in args.workers]
+        sides = ("plain", "pld") + (("before",) if args.before else ())
+        plan = [(n, side, w) for n in cases for side in sides for w in args.workers]
         for r in range(rounds):
             random.Random(r).shuffle(plan)
             for name, side, w in plan:
-                got = measure(name, cases[name], side, w)
+                got = measure(name, cases[name], side, w, args.before)
                 got["round"] = r
                 result["runs"].append(got)
                 print(f"round {r} {name:10s} {side:5s} w{w}: {1e6 * got['cpu_s'] / got['samples']:7.0f} us CPU/sample "
                       f"{got['samples'] / got['wall_s']:7.0f} samples/s  load {got['load1']:.1f}", flush=True)
         result["summary"] = summary(result["runs"], cases, args.workers, rounds)
-        print("\n| case | workers | plain CPU us/sample | pld CPU us/sample | CPU ratio (median, range) | plain samples/s "
-              "| pld samples/s | load1 |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| case | workers | plain CPU us/sample | pld CPU us/sample | CPU ratio pld/plain (median, range) | "
+              "--before/plain | plain samples/s | pld samples/s | load1 |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in result["summary"]:
             print(f"| {row['case']} | {row['workers']} | {row['plain_us']:.0f} | {row['pld_us']:.0f} | "
-                  f"{row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | {row['plain_sps']:.0f} | "
-                  f"{row['pld_sps']:.0f} | {row['load']:.1f} |")
+                  f"{row['ratio']:.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | {row['before_ratio']:.2f}x | "
+                  f"{row['plain_sps']:.0f} | {row['pld_sps']:.0f} | {row['load']:.1f} |")
     result["load_after"] = os.getloadavg()
     from _results import write_results
     write_results(args.out, result)
@@ -272,12 +279,18 @@ def summary(runs: list[dict], cases: dict, workers: list[int], rounds: int) -> l
                                         == (name, side, w, r))
             per = [(pick("plain", r), pick("pld", r)) for r in range(rounds)]
             ratios = [(b["cpu_s"] / b["samples"]) / (a["cpu_s"] / a["samples"]) for a, b in per]
+            if any(x["side"] == "before" for x in runs):
+                old = [pick("before", r) for r in range(rounds)]
+                before = [(o["cpu_s"] / o["samples"]) / (a["cpu_s"] / a["samples"]) for (a, _), o in zip(per, old)]
+            else:
+                before = [float("nan")]
             med = lambda f: statistics.median(f(a, b) for a, b in per)  # noqa: E731
             rows.append({"case": name, "workers": w, "ratio": statistics.median(ratios), "ratio_min": min(ratios),
                          "ratio_max": max(ratios), "plain_us": med(lambda a, b: 1e6 * a["cpu_s"] / a["samples"]),
                          "pld_us": med(lambda a, b: 1e6 * b["cpu_s"] / b["samples"]),
                          "plain_sps": med(lambda a, b: a["samples"] / a["wall_s"]),
                          "pld_sps": med(lambda a, b: b["samples"] / b["wall_s"]),
+                         "before_ratio": statistics.median(before),
                          "load": statistics.mean(x["load1"] for pair in per for x in pair)})
     return rows
 

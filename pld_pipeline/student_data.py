@@ -129,10 +129,10 @@ class TrainSamples(IterableDataset):
         return {**self.__dict__, "_reader": None}
 
     def _replay(self, replay: Callable[..., torch.Tensor], key: str, shard: TrainShard, view: int,
-                *args: Any) -> torch.Tensor:
+                *args: Any, **kwargs: Any) -> torch.Tensor:
         """A cached view replayed, or one line naming the sample when its stored parameters are not drawable."""
         try:
-            return replay(*args, self.recipe)
+            return replay(*args, self.recipe, **kwargs)
         except ViewError as e:
             raise CacheError(f"View {view} of sample {key!r} (cache shard {shard.cache_shard}): {e}; the cache is "
                              "damaged or was edited (run `pld verify`), nothing was trained on it.") from None
@@ -216,7 +216,7 @@ class TrainSamples(IterableDataset):
                         item.update(label2=label, lam=1.0)
                     view_image = self._replay(replay_mixed, key, shard, v, image, partner, params)
                 else:
-                    view_image = self._replay(replay_view, key, shard, v, image, params)
+                    view_image = self._replay(replay_view, key, shard, v, image, params, contiguous=False)
                 item.update(__key__=key, image=at_size(view_image, self.student_size), label=label)
                 yield item
                 continue
@@ -232,7 +232,7 @@ class TrainSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {key!r} of {shard.url}; set --image-field.")
                 image = decode_image(data)
                 params = view_params(self.recipe, self.seed, key, self.epoch, image.shape[1], image.shape[2])
-                view = replay_view(image, params, self.recipe, check=False)  # drawn here, not read from a cache
+                view = replay_view(image, params, self.recipe, check=False, contiguous=False)  # drawn here
                 item.update(__key__=key, image=at_size(view, self.student_size), label=label)
             yield item
         if block is not None and used + 1 < part.stop:  # every OK row the range needs was streamed, once
@@ -292,8 +292,9 @@ class EvalSamples(IterableDataset):
 
 def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
     """The student's input: the replayed view, resized to ``size`` (antialiased bilinear on uint8) when the student
-    trains at its own resolution. The teacher's targets belong to the full-resolution view; distilling them into
-    a low-resolution student is the usual way to get a fast one (see docs/quickstart.md)."""
+    trains at its own resolution (fastest on a channels-last view: ``replay_view(..., contiguous=False)``). The
+    teacher's targets belong to the full-resolution view; distilling them into a low-resolution student is the
+    usual way to get a fast one (see docs/quickstart.md)."""
     if size is None or view.shape[-1] == size and view.shape[-2] == size:
         return view
     return TF.resize_image(view, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)

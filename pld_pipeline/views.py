@@ -183,11 +183,13 @@ def box_problem(params: np.ndarray | torch.Tensor | list[int], height: int, widt
 
 
 def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe,
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, contiguous: bool = True) -> torch.Tensor:
     """The view's uint8 [3, size, size] tensor from a decoded uint8 [3, H, W] image and stored params.
     Deterministic CPU ops only, so teacher and student get identical bytes. Raises :class:`ViewError` for a
     box the recipe cannot draw (:func:`box_problem`); ``check=False`` for params drawn in this process (an eval
-    view of an image smaller than the crop pads past ``pad``)."""
+    view of an image smaller than the crop pads past ``pad``). ``contiguous=False`` leaves the view in the
+    image's memory layout (channels-last from :func:`decode_image`): the same values, for a caller that resizes
+    or stacks it next and would otherwise pay for the layout change twice."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
     box = [int(x) for x in (params.tolist() if hasattr(params, "tolist") else params)]  # one conversion, not ten
@@ -203,7 +205,7 @@ def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[in
                               antialias=True)
     if flip:
         out = TF.horizontal_flip_image(out)
-    return out.contiguous()
+    return out.contiguous() if contiguous else out
 
 
 #: Layout of one stored view of a mixing recipe (``views/params[..., i]``); the first five are a plain view's.
