@@ -148,6 +148,13 @@ def test_a_decoded_image_is_its_rgb_pixels_and_replays_as_a_contiguous_copy_of_t
         cifar = ViewRecipe("cifar", size=32, pad=4)
         for params in ([-4, -3, 32, 32, 1], [1, 13, 32, 32, 0]):
             assert torch.equal(replay_view(image, params, cifar), replay_view(flat, params, cifar))
+    # views.crop is torchvision's crop (zero padding) for boxes inside and across the edges of the image (a box
+    # wholly outside is one box_problem refuses and no draw makes)
+    from torchvision.transforms.v2 import functional as TF
+    from pld_pipeline.views import crop
+    image = decode_image(_png(rgb))
+    for box in ((0, 0, 29, 41), (3, 5, 10, 7), (-4, -3, 32, 32), (20, 30, 16, 16), (-4, 2, 5, 50), (25, -6, 8, 8)):
+        assert torch.equal(crop(image, *box), TF.crop(image.contiguous(), *box)), box
 
 
 def test_cifar_views_pad_with_zeros_and_flip():
