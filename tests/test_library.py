@@ -96,11 +96,12 @@ def test_each_sample_carries_the_cached_targets_of_the_view_it_replays_on_one_lo
     data = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0, seed=5)
     reader = Cache(cache)
     images = {s.cache_shard: [decode_image(x["png"]) for x in iter_shard(s.url)] for s in data.shards}
+    blocks = {shard: reader.read(shard, "r14", 1.0) for shard in images}
     seen = 0
     for batch in data.epoch(2):
         assert torch.get_num_threads() == 2
         for i, (shard, view) in enumerate(batch.source.tolist()):
-            block = reader.read(shard, "r14", 1.0)
+            block = blocks[shard]
             rows = [r for r, image in enumerate(images[shard])
                     if torch.equal(replay_view(image, block.params[r, view], data.recipe), batch.images[i])]
             assert len(rows) == 1
