@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .cache import Cache
 from .class_map import (
@@ -129,13 +129,36 @@ class TrainSamples(IterableDataset):
         return {**self.__dict__, "_reader": None}
 
     def _replay(self, replay: Callable[..., torch.Tensor], key: str, shard: TrainShard, view: int,
-                *args: Any) -> torch.Tensor:
+                *args: Any, **kwargs: Any) -> torch.Tensor:
         """A cached view replayed, or one line naming the sample when its stored parameters are not drawable."""
         try:
-            return replay(*args, self.recipe)
+            return replay(*args, self.recipe, **kwargs)
         except ViewError as e:
             raise CacheError(f"View {view} of sample {key!r} (cache shard {shard.cache_shard}): {e}; the cache is "
                              "damaged or was edited (run `pld verify`), nothing was trained on it.") from None
+
+    def _block_rows(self, blocks: list[Any]) -> dict[str, Any]:
+        """Per-block work done once per shard in numpy instead of once per sample: each row's view this epoch,
+        its (mapped) label and the targets of exactly that view from every teacher (rows are then views into
+        these arrays)."""
+        block = blocks[0]
+        views = np.array([choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
+                          for key in block.keys], np.int64).reshape(-1)
+        rows = np.arange(len(views))
+        labels = block.labels.astype(np.int64)
+        if self.label_map is not None:  # mapped where the row trains (other rows' labels may be -1)
+            ok = block.status == SampleStatus.OK
+            labels = np.where(ok, 0, -1)
+            labels[ok] = self.label_map[block.labels[ok].astype(np.int64)]
+        out: dict[str, Any] = {"views": views.tolist(), "status": block.status.tolist(), "labels": labels.tolist(),
+                               "source": np.stack([np.full(len(views), block.shard, np.int64), views], 1)}
+        if self.teachers:  # [n, teachers, k]: --loss ce reads no teacher arrays
+            k = slice(0, self.k)
+            out.update(topk_idx=np.stack([b.topk_idx[rows, views, k] for b in blocks], 1).astype(np.int64),
+                       topk_logp=np.stack([b.topk_logp[rows, views, k] for b in blocks], 1),
+                       label_logp=np.stack([b.label_logp[rows, views] for b in blocks], 1),
+                       logz=np.stack([b.logz[rows, views] for b in blocks], 1))
+        return out
 
     def _samples(self, part: ShardRange) -> Iterator[dict[str, Any]]:
         shard, used = part.shard, -1  # used: index of the current sample among the shard's usable ones
@@ -144,6 +167,9 @@ class TrainSamples(IterableDataset):
             blocks = [self._cache().read(shard.cache_shard, tid, self.temperature, self.num_views)
                       for tid in self.teachers or [None]]
             block = blocks[0]
+            per = self._block_rows(blocks)
+            status, labels, views = per["status"], per["labels"], per["views"]
+            targets = [name for name in ("topk_idx", "topk_logp", "label_logp", "logz") if name in per]
         mix = self.recipe.mixing if block is not None else None
         recent: dict[int, bytes] = {}  # mixed views: encoded images of the last `window` rows (partners come from there)
         for i, sample in enumerate(iter_shard(shard.url)):
@@ -155,8 +181,7 @@ class TrainSamples(IterableDataset):
                     cached = repr(block.keys[row]) if row < len(block.keys) else "no sample"
                     raise CacheError(f"Sample {i} of {shard.url} is {key!r} where the cache holds {cached}: the shard "
                                      "was reordered, edited or repeats a sample; train on the cached shards.")
-                if self.label_map is not None and (block.status[row] != SampleStatus.OK
-                                                   or self.label_map[block.labels[row]] < 0):
+                if self.label_map is not None and (status[row] != SampleStatus.OK or labels[row] < 0):
                     continue  # not in this student's classes: not hashed, not decoded, not counted
                 if block.digests[row].tobytes() != sample_digest(sample):
                     raise CacheError(f"Sample {key!r} of {shard.url} is not the sample cached under that key (content "
@@ -165,42 +190,34 @@ class TrainSamples(IterableDataset):
                 if mix is not None:
                     recent[row] = pick_field(sample, self.image_field)
                     recent.pop(row - mix.window - 1, None)
-                if block.status[row] != SampleStatus.OK:
+                if status[row] != SampleStatus.OK:
                     continue  # skipped at cache time (undecodable): skipped here too
                 used += 1
                 if used < part.start:
                     continue
                 if used >= part.stop:
                     return
-                v = choose_view(self.view_policy, self.seed, key, self.epoch, self.num_views)
-                item["source"] = np.array([shard.cache_shard, v], np.int64)  # where its targets came from
+                v, label = views[row], labels[row]
+                item["source"] = per["source"][row]  # where its targets came from: (cache shard, view)
                 params = block.params[row, v]
-                label = int(block.labels[row] if self.label_map is None else self.label_map[block.labels[row]])
-                if self.teachers:  # [teachers, k]: --loss ce reads no teacher arrays
-                    k = slice(0, self.k)
-                    item.update(topk_idx=np.stack([b.topk_idx[row, v, k] for b in blocks]).astype(np.int64),
-                                topk_logp=np.stack([b.topk_logp[row, v, k] for b in blocks]),
-                                label_logp=np.stack([b.label_logp[row, v] for b in blocks]),
-                                logz=np.stack([b.logz[row, v] for b in blocks]))
+                item.update((name, per[name][row]) for name in targets)
                 image = decode_image(pick_field(sample, self.image_field))
                 if mix is not None:
                     partner = None
                     if view_kind(params) != KIND_PLAIN:
                         partner_row = int(params[6])
                         if partner_row not in recent:
-                            raise CacheError(f"Mixed view {v} of sample {key!r} names partner row {partner_row}, not "
-                                             f"one of the {mix.window} rows before it in {shard.url}: the cache is "
-                                             "damaged (run `pld verify`).")
+                            raise CacheError(f"Mixed view {v} of sample {key!r} names partner row {partner_row}, "
+                                             f"not one of the {mix.window} rows before it in {shard.url}: the "
+                                             "cache is damaged (run `pld verify`).")
                         partner = decode_image(recent[partner_row])
                         item.update(label2=int(block.labels[partner_row]), lam=view_lambda(params))
                     else:
                         item.update(label2=label, lam=1.0)
                     view_image = self._replay(replay_mixed, key, shard, v, image, partner, params)
-                    item.update(__key__=key, image=at_size(view_image, self.student_size), label=label)
-                    yield item
-                    continue
-                item.update(__key__=key, image=at_size(self._replay(replay_view, key, shard, v, image, params),
-                                                       self.student_size), label=label)
+                else:
+                    view_image = self._replay(replay_view, key, shard, v, image, params, contiguous=False)
+                item.update(__key__=key, image=at_size(view_image, self.student_size), label=label)
                 yield item
                 continue
             else:
@@ -215,8 +232,8 @@ class TrainSamples(IterableDataset):
                     raise DataError(f"No '{self.image_field}' image in sample {key!r} of {shard.url}; set --image-field.")
                 image = decode_image(data)
                 params = view_params(self.recipe, self.seed, key, self.epoch, image.shape[1], image.shape[2])
-            view = replay_view(image, params, self.recipe, check=False)  # drawn here, not read from a cache
-            item.update(__key__=key, image=at_size(view, self.student_size), label=label)
+                view = replay_view(image, params, self.recipe, check=False, contiguous=False)  # drawn here
+                item.update(__key__=key, image=at_size(view, self.student_size), label=label)
             yield item
         if block is not None and used + 1 < part.stop:  # every OK row the range needs was streamed, once
             raise CacheError(f"{shard.url} yielded {used + 1} usable samples, fewer than the {part.stop} the cache "
@@ -228,9 +245,17 @@ class TrainSamples(IterableDataset):
         mine = ranges_for(self.shards, self.epoch, self.seed, self.rank, self.world)[wid::nworkers]
         stream = (item for part in mine for item in self._samples(part))
         rng = random.Random(stable_int(self.seed, "shuffle", self.epoch, self.rank, wid))
-        for item in wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream):
-            item.pop("__key__")
-            yield item
+        threads = torch.get_num_threads() if info is None else 1
+        try:  # DataLoader workers run on one intra-op thread (torch sets it); in the caller's process (workers=0)
+            # decoding and replay do too, and the caller gets its threads back whenever it holds an item
+            torch.set_num_threads(1)
+            for item in wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream):
+                item.pop("__key__")
+                torch.set_num_threads(threads)
+                yield item
+                torch.set_num_threads(1)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class EvalSamples(IterableDataset):
@@ -267,11 +292,12 @@ class EvalSamples(IterableDataset):
 
 def at_size(view: torch.Tensor, size: int | None) -> torch.Tensor:
     """The student's input: the replayed view, resized to ``size`` (antialiased bilinear on uint8) when the student
-    trains at its own resolution. The teacher's targets belong to the full-resolution view; distilling them into
-    a low-resolution student is the usual way to get a fast one (see docs/quickstart.md)."""
+    trains at its own resolution (fastest on a channels-last view: ``replay_view(..., contiguous=False)``). The
+    teacher's targets belong to the full-resolution view; distilling them into a low-resolution student is the
+    usual way to get a fast one (see docs/quickstart.md)."""
     if size is None or view.shape[-1] == size and view.shape[-2] == size:
         return view
-    return TF.resize(view, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.resize_image(view, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_targets(batch: dict[str, torch.Tensor], temperature: float, num_classes: int,
@@ -464,7 +490,7 @@ class StudentData:
         """This rank's ``len(self)`` batches of one epoch, in an order fixed by (seed, epoch)."""
         self.dataset.set_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers, pin_memory=False,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False, collate_fn=collate)
         for step, batch in enumerate(rebatch(worker_errors(loader), self.batch_size, pin=self.pin_memory)):
             if step >= self.steps_per_epoch:
                 return
@@ -497,6 +523,22 @@ def _class_map(spec: str | list | ClassMap, num_teacher_classes: int, names: lis
     if isinstance(spec, (str, os.PathLike)):
         return load_class_map(os.fspath(spec), num_teacher_classes, names)
     return parse_class_map(spec, num_teacher_classes, names)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``default_collate`` of TrainSamples' items, cheaper: each array field (targets, source) is one ``np.stack``
+    (rows are views into a block's arrays) instead of a tensor per sample; images go through ``default_collate``,
+    which stacks them straight into shared memory in a worker. Same dtypes as ``default_collate``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, first in items[0].items():
+        values = [item[name] for item in items]
+        if isinstance(first, torch.Tensor):
+            out[name] = default_collate(values)
+        elif isinstance(first, np.ndarray):
+            out[name] = torch.from_numpy(np.stack(values))
+        else:  # labels (int64) and mixing weights (float64), as default_collate makes them
+            out[name] = torch.tensor(values, dtype=torch.float64 if isinstance(first, float) else torch.int64)
+    return out
 
 
 def rebatch(batches: Any, batch_size: int, pin: bool = False) -> Iterator[dict[str, torch.Tensor]]:

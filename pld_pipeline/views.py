@@ -183,24 +183,43 @@ def box_problem(params: np.ndarray | torch.Tensor | list[int], height: int, widt
 
 
 def replay_view(image: torch.Tensor, params: np.ndarray | torch.Tensor | list[int], recipe: ViewRecipe,
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, contiguous: bool = True) -> torch.Tensor:
     """The view's uint8 [3, size, size] tensor from a decoded uint8 [3, H, W] image and stored params.
     Deterministic CPU ops only, so teacher and student get identical bytes. Raises :class:`ViewError` for a
     box the recipe cannot draw (:func:`box_problem`); ``check=False`` for params drawn in this process (an eval
-    view of an image smaller than the crop pads past ``pad``)."""
+    view of an image smaller than the crop pads past ``pad``). ``contiguous=False`` leaves the view in the
+    image's memory layout (channels-last from :func:`decode_image`): the same values, for a caller that resizes
+    or stacks it next and would otherwise pay for the layout change twice."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
-    problem = box_problem(params, image.shape[1], image.shape[2], recipe) if check else None
+    box = [int(x) for x in (params.tolist() if hasattr(params, "tolist") else params)]  # one conversion, not ten
+    problem = box_problem(box, image.shape[1], image.shape[2], recipe) if check else None
     if problem is not None:
         raise ViewError(f"stored view parameters hold {problem}")
-    top, left, h, w, flip = (int(x) for x in params)
-    out = TF.crop(image, top, left, h, w)  # pads with zeros where the box leaves the image
+    top, left, h, w, flip = box
+    # the image kernels themselves (what TF.crop/resize/horizontal_flip dispatch a plain tensor to): crop first,
+    # so only the view's pixels are resized and laid out [3, size, size]
+    out = crop(image, top, left, h, w)
     if (h, w) != (recipe.size, recipe.size):
-        out = TF.resize(out, [recipe.size, recipe.size], interpolation=InterpolationMode(recipe.interpolation),
-                        antialias=True)
+        out = TF.resize_image(out, [recipe.size, recipe.size], interpolation=InterpolationMode(recipe.interpolation),
+                              antialias=True)
     if flip:
-        out = TF.horizontal_flip(out)
-    return out.contiguous()
+        out = TF.horizontal_flip_image(out)
+    return out.contiguous() if contiguous else out
+
+
+def crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """``TF.crop``'s result (zeros where the box leaves the image) at half its cost on small images: a view when
+    the box lies inside, else the overlap copied into zeros (torchvision pads through ``torch.nn.functional.pad``).
+    A box wholly outside the image (which :func:`box_problem` refuses and no draw makes) gives zeros."""
+    rows, cols = image.shape[-2:]
+    if top >= 0 and left >= 0 and top + height <= rows and left + width <= cols:
+        return image[..., top:top + height, left:left + width]
+    out = image.new_zeros((*image.shape[:-2], height, width))
+    y0, y1, x0, x1 = max(top, 0), min(top + height, rows), max(left, 0), min(left + width, cols)
+    if y0 < y1 and x0 < x1:
+        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = image[..., y0:y1, x0:x1]
+    return out
 
 
 #: Layout of one stored view of a mixing recipe (``views/params[..., i]``); the first five are a plain view's.
@@ -355,7 +374,8 @@ class ImageTooLarge(ValueError):
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides). An image of more
+    """Encoded image bytes -> uint8 [3, H, W] RGB tensor (PIL; the same decoder on both sides), channels-last in
+    memory (call ``.contiguous()`` where a copy in [3, H, W] order is needed). An image of more
     than PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; raise it in Python to allow larger ones) is an
     error, checked from the header before anything is decoded; PIL itself only warns below twice that."""
     import torch
@@ -369,8 +389,10 @@ def decode_image(data: bytes) -> torch.Tensor:
         if cap is not None and img.width * img.height > cap:
             raise ImageTooLarge(f"{img.width}x{img.height} pixels, more than the {cap:,} pld decodes "
                                 "(PIL.Image.MAX_IMAGE_PIXELS)")
-        arr = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        arr = np.array(img if img.mode == "RGB" else img.convert("RGB"))  # writable, row-major [H, W, 3]
+    # a [3, H, W] view of the [H, W, 3] pixels (channels-last strides), not a copy: replay crops first, so only
+    # the view's pixels ever change layout (resizing reads channels-last input at least as fast, same bytes)
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -105,6 +105,58 @@ def test_view_params_come_from_a_stable_hash_and_replay_bit_for_bit():
     assert a.dtype == torch.uint8 and a.shape == (3, 24, 24) and torch.equal(a, b)
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_replayed_views_keep_the_bytes_every_earlier_cache_was_made_with():
+    # a cache's recipe fixes its views' pixels: students replay views cached by earlier versions, so the decode +
+    # crop + resize + flip path must give these exact bytes (sha256 taken with the code before it was optimised)
+    import hashlib
+    image = decode_image(_png(np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8)))
+    views = []
+    for interpolation in ("bilinear", "bicubic", "nearest"):
+        recipe = ViewRecipe("imagenet", size=24, interpolation=interpolation)
+        views += [replay_view(image, view_params(recipe, 0, "k", v, 37, 53), recipe) for v in range(6)]
+        views.append(replay_view(image, eval_params(recipe, 37, 53), recipe))
+    cifar = ViewRecipe("cifar", size=32, pad=4)
+    views += [replay_view(image, view_params(cifar, 0, "k", v, 37, 53), cifar) for v in range(6)]
+    assert all(v.is_contiguous() for v in views)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in views)).hexdigest()
+    assert digest == "610bf60a24e16052a0a72e1c571e55d56fd94e6c5e5476168a94ce80ab4b429b"
+
+
+def test_a_decoded_image_is_its_rgb_pixels_and_replays_as_a_contiguous_copy_of_them():
+    # decode_image hands out a channels-last view (no whole-image layout copy); every view of it is byte-for-byte
+    # the view of the same pixels laid out [3, H, W], for every interpolation and for boxes padded past the edge
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (29, 41, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    for pixels, want in ((rgb, rgb), (grey, np.repeat(grey[..., None], 3, 2))):
+        image = decode_image(_png(pixels))
+        assert image.shape == (3, 29, 41) and torch.equal(image.permute(1, 2, 0), torch.from_numpy(want))
+        flat = image.contiguous()
+        for interpolation in ("bilinear", "bicubic", "nearest"):
+            recipe = ViewRecipe("imagenet", size=16, interpolation=interpolation)
+            for v in range(8):
+                params = view_params(recipe, 1, "k", v, 29, 41)
+                assert torch.equal(replay_view(image, params, recipe), replay_view(flat, params, recipe))
+        cifar = ViewRecipe("cifar", size=32, pad=4)
+        for params in ([-4, -3, 32, 32, 1], [1, 13, 32, 32, 0]):
+            assert torch.equal(replay_view(image, params, cifar), replay_view(flat, params, cifar))
+    # views.crop is torchvision's crop (zero padding) for boxes inside and across the edges of the image (a box
+    # wholly outside is one box_problem refuses and no draw makes)
+    from torchvision.transforms.v2 import functional as TF
+    from pld_pipeline.views import crop
+    image = decode_image(_png(rgb))
+    for box in ((0, 0, 29, 41), (3, 5, 10, 7), (-4, -3, 32, 32), (20, 30, 16, 16), (-4, 2, 5, 50), (25, -6, 8, 8)):
+        assert torch.equal(crop(image, *box), TF.crop(image.contiguous(), *box)), box
+
+
 def test_cifar_views_pad_with_zeros_and_flip():
     recipe = ViewRecipe("cifar", size=8, pad=2)
     image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)

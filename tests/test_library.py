@@ -78,3 +78,37 @@ def test_distill_from_an_ensemble_of_cached_teachers(tiny_data, cache, teacher_c
     summary = distill(DistillConfig(data=tiny_data["train"].pattern, cache=url, teacher="r14,r8", out=str(tmp_path / "run"),
                                     student="cifar_resnet8", epochs=1, batch_size=8, workers=0, device="cpu"))
     assert summary["epochs"] == 1
+
+
+def test_each_sample_carries_the_cached_targets_of_the_view_it_replays_on_one_loader_thread(tiny_data, cache,
+                                                                                           monkeypatch):
+    """Targets are gathered per cache block, then sliced per sample: each image still comes with its own row's
+    targets for the view it shows. In the caller's process (workers=0) decoding and replay run on one torch
+    thread, and the caller has its own thread count back whenever it holds a batch."""
+    from pld_pipeline import student_data
+    from pld_pipeline.cache import Cache
+    from pld_pipeline.data import iter_shard
+    from pld_pipeline.views import decode_image, replay_view
+    threads = []
+    monkeypatch.setattr(student_data, "replay_view",
+                        lambda *a, **kw: (threads.append(torch.get_num_threads()), replay_view(*a, **kw))[1])
+    torch.set_num_threads(2)
+    data = StudentData(tiny_data["train"].pattern, cache=cache, batch_size=8, workers=0, seed=5)
+    reader = Cache(cache)
+    images = {s.cache_shard: [decode_image(x["png"]) for x in iter_shard(s.url)] for s in data.shards}
+    blocks = {shard: reader.read(shard, "r14", 1.0) for shard in images}
+    seen = 0
+    for batch in data.epoch(2):
+        assert torch.get_num_threads() == 2
+        for i, (shard, view) in enumerate(batch.source.tolist()):
+            block = blocks[shard]
+            rows = [r for r, image in enumerate(images[shard])
+                    if torch.equal(replay_view(image, block.params[r, view], data.recipe), batch.images[i])]
+            assert len(rows) == 1
+            row = rows[0]
+            assert batch.labels[i] == int(block.labels[row])
+            assert torch.equal(batch.targets.topk_idx[i], torch.as_tensor(block.topk_idx[row, view]).long())
+            assert torch.equal(batch.targets.logz[i], torch.as_tensor(block.logz[row, view]).float())
+            seen += 1
+    assert seen == 40 and threads and set(threads) == {1}
+    assert torch.get_num_threads() == 2
