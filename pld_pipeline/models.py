@@ -217,16 +217,17 @@ def load_model(source: str, *, num_classes: int | None = None, checkpoint: str |
                 raise _weights_not_found(source, e) from None
             raise
     if state is not None:
-        misfit = _misfit(model.state_dict(), state)
-        if misfit:
-            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {misfit}.")
-        model.load_state_dict(state)
+        try:  # torch decides what fits (old checkpoints without BatchNorm's num_batches_tracked do)
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            misfit = _misfit(model.state_dict(), state) or " ".join(str(e).split())[:300]
+            raise ValueError(f"Checkpoint {checkpoint} does not fit model {source!r}: {misfit}.") from None
     return model
 
 
 def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
     """Why a checkpoint does not fit a model, in one line (torch lists every key: kilobytes for a wrong depth)."""
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # optional for torch
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
     classifier = next((k for k in reversed(list(own)) if k.endswith("weight") and own[k].ndim == 2), None)

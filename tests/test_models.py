@@ -19,8 +19,10 @@ def test_cifar_resnet_keys_follow_the_published_checkpoints():
     assert not any("shortcut" in k or "downsample" in k for k in keys)  # option A has no shortcut weights
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module_prefix", "safetensors"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module_prefix", "safetensors", "published"])
 def test_checkpoints_load_through_wrappers_and_prefixes(tmp_path, wrap):
+    """"published": the CIFAR ResNet .th files (saved by torch 0.3, before BatchNorm's num_batches_tracked), which
+    the quickstart tells users to load as teachers."""
     torch.manual_seed(0)
     src = load_model("cifar_resnet8", num_classes=7)
     state = src.state_dict()
@@ -34,6 +36,9 @@ def test_checkpoints_load_through_wrappers_and_prefixes(tmp_path, wrap):
             obj = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 91.7, "epoch": 3}
         elif wrap == "module_prefix":
             obj = {f"module.{k}": v for k, v in state.items()}
+        elif wrap == "published":
+            obj = {"state_dict": {f"module.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+                   "best_prec1": 91.7}
         else:
             obj = state
         torch.save(obj, str(path))
