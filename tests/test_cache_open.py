@@ -1,6 +1,8 @@
 """Opening a cache reads its shards' markers, unit indexes and samples units in a few round trips, not ~9 per shard
 one after another (issue 32): counted with a wrapped store, never timed. The batched reads check every unit
 exactly as a read of one does, and report the first damaged unit in the order a loop would have."""
+import asyncio
+import contextvars
 import shutil
 
 import numpy as np
@@ -14,17 +16,17 @@ from pld_pipeline.student_data import StudentData
 from conftest import swap_objects
 
 
-#: Round trips two more shards may add: a get that ends just before a gathered neighbour starts counts as a round
-#: of its own, so ``rounds`` wobbles by one or two; reading a shard's samples unit one request after another adds 9.
-WOBBLE = 4
+#: How many store reads came before this one, one after another (in this task and the tasks it was started from)
+DEPTH = contextvars.ContextVar("depth", default=0)
 
 
 class Requests:
-    """Store gets, and ``rounds``: how often the requests in flight rose from none (round trips one after
-    another: a loop of blocking reads makes one per get, a gather one per batch)."""
+    """Store gets, and ``rounds``: the longest chain of gets each of which was issued after the one before it had
+    returned (a loop of blocking reads: one per get; a gather: one per batch), counted through zarr's ``sync``
+    calls in order. Causal, so it does not depend on how fast anything ran."""
 
     def __init__(self):
-        self.gets, self.rounds, self.in_flight, self.keys = 0, 0, 0, []
+        self.gets, self.rounds, self.keys = 0, 0, []
 
     def reset(self):
         self.gets, self.rounds, self.keys = 0, 0, []
@@ -33,19 +35,24 @@ class Requests:
 @pytest.fixture
 def requests(monkeypatch):
     counted = Requests()
-    original = zarr.storage.LocalStore.get  # LocalObjects (a local cache) reads each object through it once
+    original_get = zarr.storage.LocalStore.get  # LocalObjects (a local cache) reads each object through it once
+    original_submit = asyncio.run_coroutine_threadsafe  # how zarr's sync() hands a coroutine to its event loop
 
     async def get(store, key, *args, **kwargs):
-        counted.gets += 1
-        counted.rounds += counted.in_flight == 0
+        depth = DEPTH.get() + 1
+        DEPTH.set(depth)  # the caller's context: its next get comes after this one
+        counted.gets, counted.rounds = counted.gets + 1, max(counted.rounds, depth)
         counted.keys.append(key)
-        counted.in_flight += 1
-        try:
-            return await original(store, key, *args, **kwargs)
-        finally:
-            counted.in_flight -= 1
+        return await original_get(store, key, *args, **kwargs)
+
+    def submit(coro, loop):
+        async def after_the_calls_before():  # sync() blocks: everything read so far came before this call
+            DEPTH.set(counted.rounds)
+            return await coro
+        return original_submit(after_the_calls_before(), loop)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", submit)
     return counted
 
 
@@ -59,7 +66,7 @@ def test_opening_a_student_takes_as_many_round_trips_for_three_shards_as_for_one
     one_shard = open_student(tiny_data["train"].shards[0], cache, requests)
     three_shards = open_student(tiny_data["train"].pattern, cache, requests)
     assert three_shards[1] >= one_shard[1] + 2 * 5  # two more markers and samples units (5 objects each) ...
-    assert three_shards[0] <= one_shard[0] + WOBBLE  # ... in the same round trips: one by one it was 18 more
+    assert three_shards[0] == one_shard[0]  # ... in the same round trips: one by one it was 18 more
 
 
 def test_a_student_under_a_class_map_reads_each_samples_unit_once_at_start_up(tiny_data, cache, requests):
@@ -79,7 +86,7 @@ def test_verify_takes_as_many_round_trips_for_three_shards_as_for_two(cache, tmp
         report = verify_cache(where)
         rounds[where] = (requests.rounds, report.units_checked)
     assert rounds[cache][1] == 9 and rounds[url][1] == 6
-    assert rounds[cache][0] <= rounds[url][0] + WOBBLE  # one after another it was ~9 more per unit
+    assert rounds[cache][0] == rounds[url][0]  # one after another it was ~9 more per unit
 
 
 def test_reading_units_together_gives_what_reading_each_alone_gives_and_names_each_damaged_one(cache, tmp_path):
