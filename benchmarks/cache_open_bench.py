@@ -12,9 +12,11 @@ teacher), made once with the current tree, so the time is the per-shard overhead
 measurement is a fresh process (imports excluded from the figures); trees and cases run round-robin within each
 round, so they share the machine's load; medians over rounds are reported, with `uptime`'s load beside them.
 
-``requests``: store ``get`` calls one operation made; ``rounds``: how many times the number of requests in flight
-rose from zero, i.e. round trips one after another (a loop of blocking reads makes one per request; a gather,
-one per batch).
+``requests``: store ``get`` calls one operation made; ``rounds``: round trips one after another, the longest chain
+of gets each issued after the one before it returned (a loop of blocking reads makes one per request; a gather,
+one per batch; it misses the link from a get in one task to a get issued after awaiting that task, so it can
+undercount: an opened array's chunk read shows at the open's depth). ``busy``: how often the number of requests
+in flight rose from zero (an upper figure: a get that ends just before a gathered neighbour starts counts twice).
 """
 from __future__ import annotations
 
@@ -42,26 +44,43 @@ OPS = ("cache", "student", "inspect", "verify")
 
 # -- the child: one process per (tree, shard count, place) -----------------------------------------------------
 class Requests:
-    """Counts store gets and the busy periods between them (``rounds``), patched into zarr's store classes."""
+    """Counts store gets and ``rounds``: the longest chain of gets each issued after the one before it returned
+    (in its task and the tasks it was started from), chained through zarr's ``sync`` calls in order, as
+    tests/test_cache_open.py counts them. Causal, so it does not depend on the machine's load."""
 
     def __init__(self) -> None:
-        self.gets = self.rounds = self.in_flight = self.peak = 0
+        import contextvars
+        self.gets = self.rounds = self.busy = self.in_flight = 0
+        self.depth: contextvars.ContextVar[int] = contextvars.ContextVar("depth", default=0)
 
     def patch(self, cls: type) -> None:
         original = cls.get
 
         @functools.wraps(original)
         async def get(store, *args, **kwargs):
-            self.gets += 1
-            self.rounds += self.in_flight == 0
+            depth = self.depth.get() + 1
+            self.depth.set(depth)
+            self.gets, self.rounds = self.gets + 1, max(self.rounds, depth)
+            self.busy += self.in_flight == 0
             self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
             try:
                 return await original(store, *args, **kwargs)
             finally:
                 self.in_flight -= 1
 
         cls.get = get
+
+    def chain_sync_calls(self) -> None:
+        import asyncio
+        submit = asyncio.run_coroutine_threadsafe  # how zarr's sync() hands a coroutine to its event loop
+
+        def chained(coro, loop):
+            async def after_the_calls_before():
+                self.depth.set(self.rounds)
+                return await coro
+            return submit(after_the_calls_before(), loop)
+
+        asyncio.run_coroutine_threadsafe = chained
 
 
 def child(url: str, data: str, names: list[str]) -> None:
@@ -70,6 +89,7 @@ def child(url: str, data: str, names: list[str]) -> None:
     counter = Requests()
     counter.patch(zarr.storage.LocalStore)  # LocalObjects (local folders) calls it once per object
     counter.patch(zarr.storage.FsspecStore)  # HTTP and S3
+    counter.chain_sync_calls()
     import pld_pipeline
     from pld_pipeline.cache import Cache, inspect_cache, verify_cache
     from pld_pipeline.student_data import StudentData
@@ -78,14 +98,14 @@ def child(url: str, data: str, names: list[str]) -> None:
            "inspect": lambda: inspect_cache(url), "verify": lambda: verify_cache(url)}
     out = {"module": pld_pipeline.__file__}
     for name in names:
-        counter.gets = counter.rounds = counter.peak = 0
+        counter.gets = counter.rounds = counter.busy = 0
         wall, cpu = time.perf_counter(), time.process_time()
         result = ops[name]()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if name == "verify":
             assert result.ok, result.problems
         out[name] = {"wall": wall, "cpu": cpu, "requests": counter.gets, "rounds": counter.rounds,
-                     "peak": counter.peak}
+                     "busy": counter.busy}
     print("RESULT " + json.dumps(out))
 
 
@@ -223,7 +243,7 @@ def main() -> None:
                             results.setdefault(f"{name}|{n}|{where}", []).append(got)
                             print(f"round {r} {name:>7} {n:4d} shards {where:5s} load {got['load']}: " + "  ".join(
                                 f"{op} {got[op]['wall']:.2f}s/{got[op]['cpu']:.2f}s cpu {got[op]['requests']} req "
-                                f"{got[op]['rounds']} rounds" for op in args.ops), flush=True)
+                                f"{got[op]['rounds']}/{got[op]['busy']} rounds" for op in args.ops), flush=True)
         finally:
             for server in servers:
                 server.shutdown()
@@ -239,7 +259,7 @@ def main() -> None:
 def summarise(results: dict[str, list], trees: dict[str, str], args: argparse.Namespace) -> str:
     """Medians per (op, shards, place, tree): wall / CPU seconds, requests, rounds; then after/before ratios."""
     names = list(trees)
-    head = "| op | shards | where | " + " | ".join(f"{t} wall s / CPU s / requests / rounds" for t in names)
+    head = "| op | shards | where | " + " | ".join(f"{t} wall s / CPU s / requests / rounds (busy)" for t in names)
     head += " | load (1 min) |" + ("".join(f" {names[0]}/{t} wall |" for t in names[1:]))
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for op in args.ops:
@@ -249,10 +269,10 @@ def summarise(results: dict[str, list], trees: dict[str, str], args: argparse.Na
                 for t in names:
                     runs = results[f"{t}|{n}|{where}"]
                     med = {k: statistics.median(run[op][k] for run in runs) for k in ("wall", "cpu", "requests",
-                                                                                       "rounds")}
+                                                                                       "rounds", "busy")}
                     walls.append(med["wall"])
                     loads += [float(run["load"]) for run in runs]
-                    cells.append(f"{med['wall']:.2f} / {med['cpu']:.2f} / {med['requests']:.0f} / {med['rounds']:.0f}")
+                    cells.append(f"{med['wall']:.2f} / {med['cpu']:.2f} / {med['requests']:.0f} / {med['rounds']:.0f} ({med['busy']:.0f})")
                 ratio = "".join(f" {walls[0] / w:.1f}x |" if w else " - |" for w in walls[1:])
                 rows.append(f"| {op} | {n} | {where} | " + " | ".join(cells)
                             + f" | {statistics.median(loads):.1f} |" + ratio)
