@@ -414,7 +414,7 @@ class StudentData:
         shard's count comes from its cached labels, so every rank's share (and step count) is exact before any
         image is read, and a resumed run gets the same subset."""
         assert self.reader is not None and self.class_map is not None
-        cached = [self._ok_labels[s.cache_shard] for s in self.shards]
+        cached = [self._usable_labels[s.cache_shard] for s in self.shards]
         classes = read_classes(expand_shards(data)[0])  # the dataset's own classes, when make-shards wrote them
         meta = self.reader.meta
         self.label_space = label_space(self.class_map, np.concatenate(cached) if cached else np.zeros(0, np.int64),
@@ -450,8 +450,8 @@ class StudentData:
             found.append((url, idx))
         #: each training shard's cached labels of its usable samples (``samples/label``; no image is read): every
         #: samples unit read and checked once, all at once (_subset counts a class map's samples from them)
-        self._ok_labels = self.reader.samples_of([idx for _, idx in found], keep=_ok_labels)
-        return [TrainShard(url, len(self._ok_labels[idx]), idx) for url, idx in found]
+        self._usable_labels = self.reader.samples_of([idx for _, idx in found], keep=_ok_labels)
+        return [TrainShard(url, len(self._usable_labels[idx]), idx) for url, idx in found]
 
     def __len__(self) -> int:
         return self.steps_per_epoch

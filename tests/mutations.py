@@ -689,7 +689,7 @@ MUTATIONS = [
              (OPEN + "test_opening_a_student_takes_as_many_round_trips_for_three_shards_as_for_one",
               OPEN + "test_verify_takes_as_many_round_trips_for_three_shards_as_for_two")),
     Mutation("cache open: a class-mapped student reads each samples unit twice", "pld_pipeline/student_data.py",
-             "        cached = [self._ok_labels[s.cache_shard] for s in self.shards]",
+             "        cached = [self._usable_labels[s.cache_shard] for s in self.shards]",
              "        cached = [self.reader.samples_of([s.cache_shard], keep=_ok_labels)[s.cache_shard] for s in self.shards]",
              (OPEN + "test_a_student_under_a_class_map_reads_each_samples_unit_once_at_start_up",)),
     Mutation("cache open: batched reads name the last damaged unit, not the first", "pld_pipeline/cache/cache.py",
