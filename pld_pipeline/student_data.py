@@ -440,7 +440,7 @@ class StudentData:
         shard's count comes from its cached labels, so every rank's share (and step count) is exact before any
         image is read, and a resumed run gets the same subset."""
         assert self.reader is not None and self.class_map is not None
-        cached = [self._ok_labels(s.cache_shard) for s in self.shards]
+        cached = [self._usable_labels[s.cache_shard] for s in self.shards]
         classes = read_classes(expand_shards(data)[0])  # the dataset's own classes, when make-shards wrote them
         meta = self.reader.meta
         self.label_space = label_space(self.class_map, np.concatenate(cached) if cached else np.zeros(0, np.int64),
@@ -460,19 +460,12 @@ class StudentData:
             raise ClassMapError("no training sample has a label in the class map's groups; check the map (or "
                                 "--labels).")
 
-    def _ok_labels(self, shard: int | None) -> np.ndarray:
-        """The cached labels of a shard's usable samples (``samples/label``; no image is read)."""
-        assert self.reader is not None and shard is not None
-        samples = self.reader.samples(shard)
-        ok = samples[schema.STATUS.path()] == SampleStatus.OK
-        return samples[schema.LABEL.path()][ok].astype(np.int64)
-
     def _shards(self, data: str | Sequence[str]) -> list[TrainShard]:
         """The training shards, matched to the cache by content (quick hash): a subset of the cached ones is fine."""
         urls = expand_shards(data)
         if self.reader is None:
             return [TrainShard(u, index_shard(u).record.nsamples, None) for u in urls]
-        shards = []
+        found = []
         for url in urls:
             qh = quick_hash(url)
             try:
@@ -480,8 +473,11 @@ class StudentData:
             except CacheError:
                 raise CacheError(f"Training shard {url} is not one the cache {self.reader.url} covers (by content hash); "
                                  "train on the cached shards (a subset is fine) or cache these first.") from None
-            shards.append(TrainShard(url, self.reader.ok_samples(idx), idx))
-        return shards
+            found.append((url, idx))
+        #: each training shard's cached labels of its usable samples (``samples/label``; no image is read): every
+        #: samples unit read and checked once, all at once (_subset counts a class map's samples from them)
+        self._usable_labels = self.reader.samples_of([idx for _, idx in found], keep=_ok_labels)
+        return [TrainShard(url, len(self._usable_labels[idx]), idx) for url, idx in found]
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -511,6 +507,11 @@ class StudentData:
                 "ensemble": [rec.to_dict() for rec in self.teachers] if len(self.teachers) > 1 else None,
                 **({"class_map": {**self.class_map.to_dict(), "labels": self.label_space,
                                   "train_samples": self.train_samples}} if self.class_map else {})}
+
+
+def _ok_labels(samples: dict[str, np.ndarray]) -> np.ndarray:
+    """The labels of a shard's usable samples, from its checked samples unit."""
+    return samples[schema.LABEL.path()][samples[schema.STATUS.path()] == SampleStatus.OK].astype(np.int64)
 
 
 def _class_map(spec: str | list | ClassMap, num_teacher_classes: int, names: list[str] | None) -> ClassMap:

@@ -38,6 +38,7 @@ MIX = "tests/test_mix.py::"
 SWEEP = "tests/test_sweep.py::"
 TRACK = "tests/test_tracking.py::"
 HOSTILE = "tests/test_hostile_folders.py::"
+OPEN = "tests/test_cache_open.py::"
 SUBSET = "tests/test_class_map_subset.py::"
 EARLY = "tests/test_early_refusals.py::"
 CACHE_ATTACK = "tests/test_hostile_cache.py::"
@@ -435,8 +436,8 @@ MUTATIONS = [
              '(lambda: np.zeros(lab.shape, bool), "a repeated class',
              (CACHE_ATTACK + "test_values_no_honest_writer_stores_are_refused_where_they_are_read",)),
     Mutation("values: samples unit read unchecked", "pld_pipeline/cache/cache.py",
-             "        if problems:  # what no honest writer stores, whatever its checksums say\n            raise DamagedUnit(self.url, unit.name",
-             "        if False:\n            raise DamagedUnit(self.url, unit.name",
+             "            if problems:  # what no honest writer stores, whatever its checksums say\n                raise DamagedUnit(self.url, name",
+             "            if False:\n                raise DamagedUnit(self.url, name",
              (CACHE_ATTACK + "test_samples_marked_as_padding_never_silently_leave_training",)),
     Mutation("verify: marker counts not recounted", "pld_pipeline/cache/check.py",
              '            if found.counted and recorded != (found.correct, found.count):', '            if False:',
@@ -758,6 +759,26 @@ MUTATIONS = [
              "return torch.from_numpy(arr).permute(2, 0, 1)", "return torch.from_numpy(arr).reshape(3, *arr.shape[:2])",
              ("tests/test_cache_teacher.py::test_a_decoded_image_is_its_rgb_pixels_and_replays_as_a_contiguous_copy_of_them",
               "tests/test_cache_teacher.py::test_replayed_views_keep_the_bytes_every_earlier_cache_was_made_with")),
+    Mutation("cache open: units read one after another (~9 round trips per shard)", "pld_pipeline/cache/cache.py",
+             "        return sync(_gather_all([one(name) for name in names]))",
+             "        return [sync(_gather_all([one(name)]))[0] for name in names]",
+             (OPEN + "test_opening_a_student_takes_as_many_round_trips_for_three_shards_as_for_one",
+              OPEN + "test_verify_takes_as_many_round_trips_for_three_shards_as_for_two")),
+    Mutation("cache open: a class-mapped student reads each samples unit twice", "pld_pipeline/student_data.py",
+             "        cached = [self._usable_labels[s.cache_shard] for s in self.shards]",
+             "        cached = [self.reader.samples_of([s.cache_shard], keep=_ok_labels)[s.cache_shard] for s in self.shards]",
+             (OPEN + "test_a_student_under_a_class_map_reads_each_samples_unit_once_at_start_up",)),
+    Mutation("cache open: batched reads name the last damaged unit, not the first", "pld_pipeline/cache/cache.py",
+             "    for item in results:\n        if isinstance(item, BaseException):",
+             "    for item in reversed(results):\n        if isinstance(item, BaseException):",
+             (OPEN + "test_reading_units_together_gives_what_reading_each_alone_gives_and_names_each_damaged_one",)),
+    Mutation("cache open: a missing samples unit skipped in a batched read", "pld_pipeline/cache/cache.py",
+             "            if shard not in got:", "            if False:",
+             (OPEN + "test_a_missing_samples_unit_after_a_damaged_one_is_reported_in_shard_order",)),
+    Mutation("cache open: verify checks units read together without their checksums", "pld_pipeline/cache/integrity.py",
+             "    for path, arr in arrays.items():\n        if isinstance(arr, Exception):",
+             "    for path, arr in list(arrays.items())[:0]:\n        if isinstance(arr, Exception):",
+             (OPEN + "test_reading_units_together_gives_what_reading_each_alone_gives_and_names_each_damaged_one",)),
 ]
 
 

@@ -54,8 +54,14 @@ class NoRanges(NoListing):
     ranges = False
 
 
+class Host(ThreadingHTTPServer):
+    """A listen backlog like a real web server's (nginx: 511; http.server's 5 drops the connections of a reader
+    with many requests in flight, and the client's kernel retries each after a second)."""
+    request_queue_size = 512
+
+
 def serve(directory, handler=NoListing):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    server = Host(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

@@ -19,7 +19,7 @@ import zarr
 from . import schema
 from .codecs import check_codecs
 from .format import _TEACHER_ID, CacheError, CacheMeta, TeacherRecord, index_dtype
-from .store import read_document
+from .store import parse_document, read_objects
 from ..views import ViewRecipe
 
 MAX_CLASSES = 1 << 20  # a student's classifier is allocated from this
@@ -159,20 +159,23 @@ def check_array(doc: dict[str, Any], path: str, dtype: np.dtype, shape: tuple[in
                            f"pld's limit of {MAX_CHUNK_BYTES}")
 
 
-def check_arrays(root: zarr.Group, meta: CacheMeta, url: str) -> None:
-    """Every array the metadata implies (where it exists) against its expected layout, before any chunk read."""
-    for path, (dtype, shape, chunk, obj) in expected_arrays(meta).items():
-        doc = read_document(root, f"{path}/zarr.json")
+def check_arrays(root: zarr.Group, meta: CacheMeta, url: str, at_once: int = 1) -> None:
+    """Every array the metadata implies (where it exists) against its expected layout, before any chunk read.
+    The documents are fetched ``at_once`` at a time, then checked in order as if read one after another."""
+    expected = expected_arrays(meta)
+    keys = [f"{path}/zarr.json" for path in expected]
+    for key, buf, (path, (dtype, shape, chunk, obj)) in zip(keys, read_objects(root, keys, at_once), expected.items()):
+        doc = parse_document(key, buf)
         if doc is not None and not isinstance(doc, dict):
             raise _refuse(url, f"array {path}'s zarr.json is not a JSON object")
         if doc is not None:
             check_array(doc, path, dtype, shape, chunk, obj, url, views_axis=len(shape) > 1 and obj is not None)
 
 
-def check(root: zarr.Group, meta: CacheMeta, url: str) -> None:
+def check(root: zarr.Group, meta: CacheMeta, url: str, at_once: int = 1) -> None:
     """The metadata's sizes, then every array's stored metadata (see module doc)."""
     check_meta(meta, url)
-    check_arrays(root, meta, url)
+    check_arrays(root, meta, url, at_once)
 
 
 def _zstd_bound(n: int) -> int:

@@ -11,14 +11,16 @@ and metadata binding); anything else is reported as incomplete or damaged, never
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from ..faults import kill_point
 from . import bounds, values
@@ -27,12 +29,12 @@ from . import format as fmt
 from . import key_index
 from . import schema
 from .format import CacheError, CacheMeta, SampleStatus, ShardRecord, TeacherRecord, UnitName
-from .integrity import DamagedUnit, block_sha256, read_unit, units_under_other_metadata
+from .integrity import DamagedUnit, UnitReads, block_sha256, units_under_other_metadata
 from .target import check_empty, check_replaceable, refuse_symlinks
 from ..views import first_labels
 from .store import (
-    cache_exists, delete_marker, delete_object, find_markers, limit_objects, list_markers, open_root, read_index,
-    read_marker, write_index, write_marker,
+    cache_exists, delete_marker, delete_object, find_markers, get_marker, limit_objects, list_markers, open_root,
+    read_index, read_indexes, read_marker, write_index, write_marker,
 )
 
 
@@ -92,7 +94,7 @@ class Cache:
         if fmt.ROOT_ATTR not in self.root.attrs:
             raise CacheError(f"{self.url} is a zarr group but not a pld cache (no '{fmt.ROOT_ATTR}' attribute).")
         self.meta = parse_meta(self.root.attrs[fmt.ROOT_ATTR], self.url)
-        bounds.check(self.root, self.meta, self.url)  # sizes and array metadata, before any chunk is read
+        bounds.check(self.root, self.meta, self.url, self._reads_at_once())  # sizes, array metadata: before any chunk
         if mode != "r":
             refuse_symlinks(self.url)
         limit_objects(self.root, bounds.object_caps(self.meta))
@@ -224,7 +226,7 @@ class Cache:
         #: marker names that are no unit of this cache (verify reports them)
         self._by_shard: dict[int, set[UnitName]] = {}
         self.strays: list[str] = []
-        for name in find_markers(self.root, self.url, len(self.meta.shards)):
+        for name in find_markers(self.root, self.url, len(self.meta.shards), self._reads_at_once()):
             unit = fmt.parse_unit_name(name)
             if unit is None or unit.shard >= len(self.meta.shards) or not _views_within(unit, self.meta.num_views):
                 self.strays.append(name)
@@ -325,27 +327,53 @@ class Cache:
             return self._pinned[name]
         return read_marker(self.root, name)
 
+    def markers(self, units: Iterable[UnitName | str]) -> list[Any]:
+        """:meth:`marker` of many units, in their order, read concurrently: each one's attributes, or the
+        CacheError :meth:`marker` would raise for it (pass the list to :func:`first_error` to raise the first)."""
+        names = [u if isinstance(u, str) else u.name for u in units]
+
+        async def one(name: str) -> dict[str, Any]:
+            return self.marker(name) if self._pinned is not None else await get_marker(self.root, name)
+
+        return sync(_gather_all([one(name) for name in names], self._reads_at_once()))
+
     def unit_index(self, shard: int) -> list[str] | None:
         """The shard's stored unit index (what hosts that cannot list see), None where there is none."""
         return read_index(self.root, shard)
 
+    def unit_indexes(self, shards: Iterable[int]) -> list[list[str] | None]:
+        """:meth:`unit_index` of many shards, in their order, read concurrently."""
+        return read_indexes(self.root, shards, self._reads_at_once())
+
     # -- checked reads --------------------------------------------------------------------------------
     def read_unit(self, unit: UnitName | str) -> dict[str, np.ndarray]:
         """One unit's arrays over its region, checked against its marker (raises integrity.DamagedUnit)."""
-        name = unit if isinstance(unit, str) else unit.name
-        record = None if self._pinned is None else self._pinned.get(name, {})
-        return read_unit(self.root, self.meta, name, self.url, record)
+        return first_error(self.read_units([unit]))[0]
+
+    def read_units(self, units: Iterable[UnitName | str],
+                   keep: Callable[[str, dict[str, np.ndarray]], Any] | None = None) -> list[Any]:
+        """:meth:`read_unit` of many units at once (their markers and arrays in a few round trips, not ~9 per
+        unit), in their order: each unit's checked arrays, passed through ``keep(name, arrays)`` as it arrives (to
+        hold less), or the exception its read or ``keep`` raised (a :class:`DamagedUnit` for damage)."""
+        reads = UnitReads(self.root, self._reads_at_once())
+        names = [u if isinstance(u, str) else u.name for u in units]
+
+        async def one(name: str) -> Any:
+            record = None if self._pinned is None else self._pinned.get(name, {})
+            arrays = await reads.unit(self.meta, name, self.url, record)
+            return arrays if keep is None else keep(name, arrays)
+
+        return sync(_gather_all([one(name) for name in names]))
 
     def _gather(self, shard: int, kind: str, teacher: str | None, views: int) -> dict[str, np.ndarray]:
         """Views [0, views) of a shard's view-indexed arrays, assembled from the (checked) units that hold them."""
         n = self.meta.shards[shard].nsamples
         out: dict[str, np.ndarray] = {}
-        for unit in self.units(shard, kind, teacher):
+        units = [unit for unit in self.units(shard, kind, teacher) if unit.views[0] < views]
+        for unit, arrays in zip(units, first_error(self.read_units(units))):
             a, b = unit.views
-            if a >= views:
-                continue
             stop = min(b, views)
-            for path, arr in self.read_unit(unit).items():
+            for path, arr in arrays.items():
                 if path not in out:
                     out[path] = np.empty((n, views) + arr.shape[2:], arr.dtype)
                 out[path][:, a:stop] = arr[:n, : stop - a]
@@ -353,17 +381,31 @@ class Cache:
 
     def samples(self, shard: int) -> dict[str, np.ndarray]:
         """The shard's checked samples unit, cut to its sample count: path -> array."""
-        if not self.has_samples(shard):
-            raise CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; rerun "
-                             "`pld cache-teacher` to finish it.")
-        n = self.meta.shards[shard].nsamples
-        unit = UnitName(shard, "samples")
-        arrays = self.read_unit(unit)
-        problems = values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
-                                          arrays[schema.KEY.path()], n, self.meta.num_classes)
-        if problems:  # what no honest writer stores, whatever its checksums say
-            raise DamagedUnit(self.url, unit.name, f"it holds {problems[0]}")
-        return {path: arr[:n] for path, arr in arrays.items()}
+        return self.samples_of([shard])[shard]
+
+    def samples_of(self, shards: Iterable[int], keep: Callable[[dict[str, np.ndarray]], Any] | None = None
+                   ) -> dict[int, Any]:
+        """:meth:`samples` of many shards, read at once; ``keep(arrays)`` is applied to each shard's as it arrives
+        (so a start-up over thousands of shards holds only what it keeps). Raises what :meth:`samples` of the
+        first failing shard (in the given order) raises."""
+        shards = list(dict.fromkeys(shards))
+
+        def cut(name: str, arrays: dict[str, np.ndarray]) -> Any:
+            n = self.meta.shards[fmt.parse_unit_name(name).shard].nsamples
+            problems = values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
+                                              arrays[schema.KEY.path()], n, self.meta.num_classes)
+            if problems:  # what no honest writer stores, whatever its checksums say
+                raise DamagedUnit(self.url, name, f"it holds {problems[0]}")
+            arrays = {path: arr[:n] for path, arr in arrays.items()}
+            return arrays if keep is None else keep(arrays)
+
+        present = [shard for shard in shards if self.has_samples(shard)]
+        got = dict(zip(present, self.read_units([UnitName(shard, "samples") for shard in present], cut)))
+        for shard in shards:
+            if shard not in got:
+                got[shard] = CacheError(f"Shard {self.meta.shards[shard].name} has no samples unit in {self.url}; "
+                                        "rerun `pld cache-teacher` to finish it.")
+        return dict(zip(shards, first_error([got[shard] for shard in shards])))
 
     def read(self, shard: int, teacher: str | None = None, temperature: float | None = None,
              views: int | None = None) -> ShardBlock:
@@ -404,8 +446,7 @@ class Cache:
     def key_index(self) -> dict[str, tuple[int, int]]:
         """key -> (shard, row within shard), built in RAM from one checked read of each samples unit."""
         index: dict[str, tuple[int, int]] = {}
-        for shard in sorted(self.samples_done):
-            samples = self.samples(shard)
+        for shard, samples in self.samples_of(sorted(self.samples_done)).items():
             keys, status = schema.decode_keys(samples[schema.KEY.path()]), samples[schema.STATUS.path()]
             index.update((k, (shard, i)) for i, k in enumerate(keys) if status[i] != SampleStatus.EMPTY)
         return index
@@ -441,7 +482,7 @@ class Cache:
         it), and again after the shards changed. Idempotent: workers finishing together write the same bytes."""
         self.refresh()
         if len(self.samples_done) == len(self.meta.shards) and self.key_index_state() != "current":
-            key_index.build(self.root, self.meta, {s: self.samples(s) for s in range(len(self.meta.shards))},
+            key_index.build(self.root, self.meta, self.samples_of(range(len(self.meta.shards))),
                             level)
 
     def array(self, path: str) -> zarr.Array:
@@ -607,3 +648,29 @@ def _check_compatible(meta: CacheMeta, request: CacheMeta, url: str) -> None:
         refuse("view recipe", meta.recipe, request.recipe)
     if meta.seed != request.seed:
         refuse("view seed", meta.seed, request.seed)
+
+
+async def _gather_all(coros: list[Any], at_once: int | None = None) -> list[Any]:
+    """Each awaitable's result or the exception it raised, in order (``at_once``: how many run at a time); an
+    interrupt or cancellation is raised, not returned."""
+    limit = asyncio.Semaphore(at_once) if at_once else None
+
+    async def one(coro: Any) -> Any:
+        if limit is None:
+            return await coro
+        async with limit:
+            return await coro
+
+    got = await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+    for item in got:
+        if isinstance(item, BaseException) and not isinstance(item, Exception):
+            raise item
+    return got
+
+
+def first_error(results: list[Any]) -> list[Any]:
+    """``results`` when none is an exception; else raise the first (in order), as a loop of reads would have."""
+    for item in results:
+        if isinstance(item, BaseException):
+            raise item
+    return results

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from . import format as fmt
 from . import progress, schema, values
-from .cache import Cache
+from .cache import Cache, first_error
 from .format import CacheError, SampleStatus, UnitName
 from .integrity import REPAIR, DamagedUnit
 from .store import can_list, store_nbytes
@@ -45,18 +45,24 @@ class UnitCheck:
     counted: bool = False  # correct/count recounted from the data (False: its samples or views unit is damaged)
 
 
-def check_unit(cache: Cache, unit: UnitName, samples_of: dict[int, dict[str, np.ndarray] | None]) -> UnitCheck:
+def check_unit(cache: Cache, unit: UnitName, samples_of: dict[int, dict[str, np.ndarray] | None],
+               read: dict[str, np.ndarray] | Exception | None = None) -> UnitCheck:
     """Integrity (checksums, metadata binding) and then meaning: labels in range, view boxes non-empty, teacher
     values valid and consistent with the shard's labels. ``samples_of`` caches each shard's checked samples
-    unit (None where it is damaged or missing) across calls. No teacher forward: cheap enough for every rerun."""
+    unit (None where it is damaged or missing) across calls. No teacher forward: cheap enough for every rerun.
+    ``read``: the unit's :meth:`Cache.read_units` result when already read (else it is read here)."""
     try:
-        arrays = cache.read_unit(unit)
+        arrays = cache.read_unit(unit) if read is None else first_error([read])[0]
     except DamagedUnit as e:
+        if unit.kind == "samples":
+            samples_of[unit.shard] = None
         return UnitCheck([e.why])
     n = cache.meta.shards[unit.shard].nsamples
     if unit.kind == "samples":
-        return UnitCheck(values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
-                                                arrays[schema.KEY.path()], n, cache.meta.num_classes))
+        problems = values.sample_problems(arrays[schema.STATUS.path()], arrays[schema.LABEL.path()],
+                                          arrays[schema.KEY.path()], n, cache.meta.num_classes)
+        samples_of[unit.shard] = None if problems else {path: arr[:n] for path, arr in arrays.items()}
+        return UnitCheck(problems)
     if unit.shard not in samples_of:
         try:
             samples_of[unit.shard] = cache.samples(unit.shard)
@@ -128,16 +134,16 @@ def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
         report.damaged.append(name)
     samples_of: dict[int, dict[str, np.ndarray] | None] = {}
     hits = {tid: [0, 0] for tid in cache.meta.teachers}
-    for unit in cache.units():
+    for unit, read, marker in _read_ahead(cache, cache.units()):
         report.units_checked += 1
-        found = check_unit(cache, unit, samples_of)
+        found = check_unit(cache, unit, samples_of, read)
         if found.problems:
             report.damaged.append(unit.name)
             report.problems.extend(f"{unit.name}: {p}" for p in found.problems)
         elif unit.kind == "teacher" and unit.teacher in hits:
             hits[unit.teacher][0] += found.correct
             hits[unit.teacher][1] += found.count
-            rec = cache.marker(unit)  # its counts are not checksummed: recounted here from the data
+            rec = first_error([marker])[0]  # its counts are not checksummed: recounted here from the data
             recorded = (rec.get("correct"), rec.get("count")) if isinstance(rec, dict) else None
             if found.counted and recorded != (found.correct, found.count):
                 report.damaged.append(unit.name)
@@ -164,13 +170,24 @@ def verify_cache(url: str, expect_digest: str | None = None) -> VerifyReport:
     return report
 
 
+def _read_ahead(cache: Cache, units: list[UnitName], window: int = 64) -> Iterator[tuple[UnitName, Any, Any]]:
+    """Each unit with its :meth:`Cache.read_units` result and its :meth:`Cache.markers` one, ``window`` units read
+    at once (a few round trips per window, not ~9 per unit; at most a window's arrays held)."""
+    for start in range(0, len(units), window):
+        part = units[start:start + window]
+        teacher = [unit for unit in part if unit.kind == "teacher"]  # verify compares their recorded counts
+        markers = dict(zip(teacher, cache.markers(teacher)))
+        yield from ((unit, read, markers.get(unit)) for unit, read in zip(part, cache.read_units(part)))
+
+
 def index_warnings(cache: Cache) -> list[str]:
     """Where the store can list, compare each shard's unit index with its markers: readers on hosts without
     listing (plain HTTP) see exactly what the index lists. Not damage (nothing wrong is ever read), so warnings."""
     if not can_list(cache.url):
         return []
     by_shard = fmt.units_by_shard([u.name for u in cache.done], range(len(cache.meta.shards)))
-    stale = [s for s, names in by_shard.items() if set(cache.unit_index(s) or []) != names]
+    stale = [s for (s, names), index in zip(by_shard.items(), cache.unit_indexes(by_shard))
+             if set(index or []) != names]
     if not stale:
         return []
     return [f"the unit index of {len(stale)} shard(s) (e.g. {cache.meta.shards[stale[0]].name}) does not list "
@@ -223,8 +240,8 @@ def inspect_cache(url: str, expect_digest: str | None = None) -> dict[str, Any]:
     teachers, warnings = {}, []
     for tid, t in meta.teachers.items():
         correct = count = 0
-        for unit in cache.units(kind="teacher", teacher=tid):
-            rec = cache.marker(unit)
+        units = cache.units(kind="teacher", teacher=tid)
+        for unit, rec in zip(units, first_error(cache.markers(units))):
             hits = (rec.get("correct"), rec.get("count")) if isinstance(rec, dict) else (0, 0)
             most = meta.shards[unit.shard].nsamples * (unit.views[1] - unit.views[0])
             if all(isinstance(x, int) and not isinstance(x, bool) for x in hits) and 0 <= hits[0] <= hits[1] <= most:

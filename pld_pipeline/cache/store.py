@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -476,14 +476,12 @@ def can_list(url: str) -> bool:
     return not _normalise(str(url)).startswith(("http://", "https://"))
 
 
-def find_markers(root: zarr.Group, url: str, num_shards: int) -> list[str]:
-    """Names of complete units: listed where the store can list, else from the per-shard unit index."""
+def find_markers(root: zarr.Group, url: str, num_shards: int, at_once: int = 64) -> list[str]:
+    """Names of complete units: listed where the store can list, else from the per-shard unit indexes (read
+    ``at_once`` at a time: one round trip for a cache's shards, not one per shard)."""
     if can_list(url):
         return list_markers(root)
-    names = []
-    for shard in range(num_shards):
-        names += read_index(root, shard) or []
-    return sorted(names)
+    return sorted(name for units in read_indexes(root, range(num_shards), at_once) for name in units or [])
 
 
 def list_markers(root: zarr.Group) -> list[str]:
@@ -520,7 +518,27 @@ def read_index(root: zarr.Group, shard: int) -> list[str] | None:
     """The shard's unit index (names of its complete units), None where there is none (caches from before it)
     or what is stored is not one (a stranger's edit): readers then see the shard's units as missing, writers
     rewrite it, verify warns."""
-    buf = sync(root.store.get(_index_key(root, shard), default_buffer_prototype()))
+    return _parse_index(sync(root.store.get(_index_key(root, shard), default_buffer_prototype())))
+
+
+def read_indexes(root: zarr.Group, shards: Iterable[int], at_once: int = 64) -> list[list[str] | None]:
+    """:func:`read_index` of many shards, in their order, ``at_once`` requests in flight."""
+    keys = [_index_key(root, shard) for shard in shards]
+    return [_parse_index(buf) for buf in sync(_get_all(root, keys, at_once))]
+
+
+async def _get_all(root: zarr.Group, keys: list[str], at_once: int) -> list[Any]:
+    """The stored objects at ``keys`` (store keys), None where absent, at most ``at_once`` requests in flight."""
+    limit = asyncio.Semaphore(at_once)
+
+    async def one(key: str) -> Any:
+        async with limit:
+            return await root.store.get(key, default_buffer_prototype())
+
+    return list(await asyncio.gather(*(one(key) for key in keys)))
+
+
+def _parse_index(buf: Any) -> list[str] | None:
     try:
         units = None if buf is None else json.loads(buf.to_bytes())["attributes"]["units"]
     except (ValueError, KeyError, TypeError, RecursionError):
@@ -538,8 +556,14 @@ def write_index(root: zarr.Group, shard: int, names: list[str]) -> None:
 
 
 def read_marker(root: zarr.Group, name: str) -> dict[str, Any]:
+    """A unit marker's attributes; CacheError where it is missing or not a group document with attributes."""
+    return sync(get_marker(root, name))
+
+
+async def get_marker(root: zarr.Group, name: str) -> dict[str, Any]:
+    """:func:`read_marker`, awaitable (to read many markers and arrays in one round trip)."""
     key = _marker_key(root, name)
-    doc = _parse_document(key, sync(root.store.get(key, default_buffer_prototype())))
+    doc = parse_document(key, await root.store.get(key, default_buffer_prototype()))
     if doc is None:
         raise CacheError(f"Unit marker {name} is missing.")
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
@@ -559,26 +583,22 @@ def store_nbytes(url: str) -> int | None:
 def read_document(root: zarr.Group, key: str) -> Any:
     """The parsed JSON of the object at ``key`` (relative to the root group), None where there is none."""
     buf = sync(root.store.get(f"{root.store_path.path}/{key}".lstrip("/"), default_buffer_prototype()))
-    return _parse_document(key, buf)
+    return parse_document(key, buf)
 
 
 def read_documents(root: zarr.Group, keys: list[str], at_once: int = 64) -> dict[str, Any]:
     """:func:`read_document` of many keys, ``at_once`` requests in flight: a remote cache's thousands of
     markers in seconds rather than one round trip each."""
-    import asyncio
-    limit = asyncio.Semaphore(at_once)
-
-    async def one(key: str) -> Any:
-        async with limit:
-            return await root.store.get(f"{root.store_path.path}/{key}".lstrip("/"), default_buffer_prototype())
-
-    async def every() -> list[Any]:
-        return await asyncio.gather(*(one(key) for key in keys))
-
-    return {key: _parse_document(key, buf) for key, buf in zip(keys, sync(every()))}
+    return {key: parse_document(key, buf) for key, buf in zip(keys, read_objects(root, keys, at_once))}
 
 
-def _parse_document(key: str, buf: Any) -> Any:
+def read_objects(root: zarr.Group, keys: list[str], at_once: int = 64) -> list[Any]:
+    """The raw stored objects at ``keys`` (relative to the root group), None where absent, in order, ``at_once``
+    requests in flight."""
+    return sync(_get_all(root, [f"{root.store_path.path}/{key}".lstrip("/") for key in keys], at_once))
+
+
+def parse_document(key: str, buf: Any) -> Any:
     if buf is None:
         return None
     try:
