@@ -779,6 +779,14 @@ MUTATIONS = [
              "    for path, arr in arrays.items():\n        if isinstance(arr, Exception):",
              "    for path, arr in list(arrays.items())[:0]:\n        if isinstance(arr, Exception):",
              (OPEN + "test_reading_units_together_gives_what_reading_each_alone_gives_and_names_each_damaged_one",)),
+    # outside audit of this round's loss kernels (written without reading the tests): its two survivors
+    Mutation("outside audit: a label equal to the class count is not refused by the loss check",
+             "pld_pipeline/losses.py", "(labels < 0) | (labels >= classes)).any()",
+             "(labels < 0) | (labels > classes)).any()",
+             ("tests/test_losses.py::test_bad_input_gets_a_clear_value_error",)),
+    Mutation("outside audit: the whole-ranking wide-row check reads only the label's slot",
+             "pld_pipeline/losses.py", "wide = suffix[:, -2:].amin(1) <", "wide = suffix[:, -1] <",
+             ("tests/test_losses.py::test_a_label_the_teacher_ranks_last_on_a_wide_float32_row_matches_float64",)),
 ]
 
 

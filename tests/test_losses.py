@@ -119,6 +119,23 @@ def test_float32_rows_of_every_spread_in_one_batch_match_the_float64_reference(k
         torch.testing.assert_close(l64, brute_pld(s, t, y), atol=1e-6, rtol=1e-9)
 
 
+def test_a_label_the_teacher_ranks_last_on_a_wide_float32_row_matches_float64():
+    """The label's slot of the whole-ranking suffix holds 1, so only the entries before it say whether exp left
+    float32's range: with the label ranked last and one earlier class 200 below the rest, a check of the last
+    entry alone kept exp space and gave -inf and a NaN gradient (outside audit)."""
+    t = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.5, 2.0, 1.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([3, 1])
+    s = torch.tensor([[0.0, 0.0, -200.0, 0.0], [0.3, -0.2, 0.1, 0.0]], dtype=torch.float64)
+    x64, x32 = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+    l64, l32 = pld_loss(x64, t, y, reduction="none"), pld_loss(x32, t.float(), y, reduction="none")
+    l64.sum().backward()
+    l32.sum().backward()
+    assert torch.isfinite(l32).all() and torch.isfinite(x32.grad).all()
+    torch.testing.assert_close(l32.double(), l64, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(l64, brute_pld(s, t, y), atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("k", [4, None])
 def test_a_student_sure_of_its_label_matches_float64_where_float32_exp_space_fails(k):
     """Every class but the label 150 below it: in float32 each later suffix sum (the rest's too) leaves exp's normal
@@ -302,6 +319,7 @@ def test_losses_are_picked_by_name_with_checked_parameters():
 @pytest.mark.parametrize("case, match", [
     (lambda s, t, y: pld_loss(s[:, :5], t, y), "same shape"),
     (lambda s, t, y: pld_loss(s, t, y + 10), r"labels must lie in \[0, 10\)"),
+    (lambda s, t, y: pld_loss(s, t, torch.full_like(y, 10)), r"labels must lie in \[0, 10\), got min 10 max 10"),
     (lambda s, t, y: pld_loss(s, t, y[:2]), "labels must be"),
     (lambda s, t, y: pld_loss(s, t.index_fill(1, torch.tensor([0]), float("nan")), y), "NaN or Inf"),
     (lambda s, t, y: pld_loss(s, t, y, temperature=0.0), "temperature must be"),
