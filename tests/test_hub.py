@@ -53,33 +53,38 @@ def pld(*args, hf_home):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["test_resnet.r160_in1k", "hf-hub:timm/test_resnet.r160_in1k"])
-def test_a_pretrained_hub_teacher_is_cached_offline_with_its_identity(tiny_data, tmp_path, name):
-    weights, sha = hf_cache(tmp_path / "hf", with_config=name.startswith("hf-hub:"))
+def test_pretrained_hub_teachers_are_cached_offline_with_their_identity(tiny_data, tmp_path):
+    """A timm pretrained tag and an hf-hub: name of the same weights, as two teachers of one pass."""
+    weights, sha = hf_cache(tmp_path / "hf", with_config=True)
     out = tmp_path / "c.zarr"
-    run = pld("cache-teacher", "--data", tiny_data["train"].pattern, "--teacher", name, "--teacher-name", "hub",
-              "--pretrained", "--views", "1", "--recipe", "imagenet", "--size", "48", "--top-k", "5", "--workers", "0", "--device", "cpu",
-              "--quiet", "--out", str(out), hf_home=tmp_path / "hf")
+    names = {"tag": "test_resnet.r160_in1k", "hub": "hf-hub:timm/test_resnet.r160_in1k"}
+    teachers = [arg for tid, name in names.items() for arg in ("--teacher", name, "--teacher-name", tid)]
+    run = pld("cache-teacher", "--data", tiny_data["train"].pattern, *teachers,
+              "--pretrained", "--views", "1", "--recipe", "imagenet", "--size", "48", "--top-k", "5", "--workers", "0",
+              "--device", "cpu", "--quiet", "--out", str(out), hf_home=tmp_path / "hf")
     assert run.returncode == 0, run.stderr
     reader = Cache(str(out))
-    rec = reader.teacher("hub")
-    assert rec.pretrained == {"hub_id": REPO, "tag": TAG, "revision": REV, "file": "model.safetensors", "sha256": sha}
-    assert rec.checkpoint_sha256 == sha and reader.meta.num_classes == 1000
-    assert rec.preprocessing["mean"] == [0.5, 0.5, 0.5]  # from the model's pretrained_cfg
     # the cached targets are those of a model loaded from the same file directly
     model = timm.create_model("test_resnet", num_classes=1000)
     model.load_state_dict(load_file(weights))
     model.eval()
     recipe = ViewRecipe.from_dict(reader.meta.recipe)
-    block = reader.read(0, "hub")
     samples = list(iter_shard(tiny_data["train"].shards[0]))
-    x = torch.stack([replay_view(decode_image(s["png"]), block.params[i, 0], recipe) for i, s in enumerate(samples)])
-    assert x.shape[-1] == 48
-    with torch.no_grad():
-        logits = model(normalize(x, rec.preprocessing["mean"], rec.preprocessing["std"]))
-    want = TeacherTargets.from_logits(logits, torch.as_tensor(block.labels).long(), k=5)
-    np.testing.assert_array_equal(block.topk_idx[:, 0], want.topk_idx.numpy())
-    np.testing.assert_allclose(block.topk_logp[:, 0], want.topk_logp.numpy(), atol=2e-3)
+    assert reader.meta.num_classes == 1000
+    for tid in names:
+        rec = reader.teacher(tid)
+        assert rec.pretrained == {"hub_id": REPO, "tag": TAG, "revision": REV, "file": "model.safetensors",
+                                  "sha256": sha}, tid
+        assert rec.checkpoint_sha256 == sha
+        assert rec.preprocessing["mean"] == [0.5, 0.5, 0.5]  # from the model's pretrained_cfg
+        block = reader.read(0, tid)
+        x = torch.stack([replay_view(decode_image(s["png"]), block.params[i, 0], recipe) for i, s in enumerate(samples)])
+        assert x.shape[-1] == 48
+        with torch.no_grad():
+            logits = model(normalize(x, rec.preprocessing["mean"], rec.preprocessing["std"]))
+        want = TeacherTargets.from_logits(logits, torch.as_tensor(block.labels).long(), k=5)
+        np.testing.assert_array_equal(block.topk_idx[:, 0], want.topk_idx.numpy())
+        np.testing.assert_allclose(block.topk_logp[:, 0], want.topk_logp.numpy(), atol=2e-3)
 
 
 def test_missing_hub_weights_are_one_line_naming_where_it_looked_and_the_fix(tiny_data, tmp_path):
