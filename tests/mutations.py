@@ -246,7 +246,7 @@ MUTATIONS = [
              ("tests/test_digest.py::test_expect_digest_refuses_in_one_line_before_anything_is_trained_or_written",
               "tests/test_digest.py::test_student_data_refuses_another_cache_before_reading_it")),
     Mutation("a pinned cache re-reads its markers", "pld_pipeline/cache/cache.py",
-             "record = None if self._pinned is None else self._pinned.get(name, {})", "record = None",
+             "record = None if self._pinned is None else self._pinned[name]", "record = None",
              ("tests/test_digest.py::test_a_pinned_cache_reads_only_against_the_markers_it_hashed",)),
     Mutation("DataLoader workers hash the pinned cache again", "pld_pipeline/student_data.py",
              "                                 pinned=self._pins)", "                                 pinned=None)",
@@ -787,6 +787,14 @@ MUTATIONS = [
     Mutation("outside audit: the whole-ranking wide-row check reads only the label's slot",
              "pld_pipeline/losses.py", "wide = suffix[:, -2:].amin(1) <", "wide = suffix[:, -1] <",
              ("tests/test_losses.py::test_a_label_the_teacher_ranks_last_on_a_wide_float32_row_matches_float64",)),
+    Mutation("outside audit: every teacher of an ensemble gets the first teacher's logz",
+             "pld_pipeline/student_data.py", "logz=np.stack([b.logz[rows, views] for b in blocks], 1))",
+             "logz=np.stack([blocks[0].logz[rows, views] for b in blocks], 1))",
+             ("tests/test_library.py::test_distill_from_an_ensemble_of_cached_teachers",)),
+    Mutation("outside audit: a pinned reader reads a unit the host added after the digest check",
+             "pld_pipeline/cache/cache.py", "            if self._pinned is not None and name not in self._pinned:",
+             "            if False:",
+             ("tests/test_digest.py::test_a_pinned_cache_never_reads_a_unit_that_appeared_after_its_digest_was_checked",)),
 ]
 
 

@@ -123,6 +123,19 @@ def test_a_pinned_cache_reads_only_against_the_markers_it_hashed(cache, tmp_path
         pinned.read(1, "r14")
 
 
+def test_a_pinned_cache_never_reads_a_unit_that_appeared_after_its_digest_was_checked(cache, tmp_path):
+    """A host that adds a unit (a valid, honestly signed marker) once the digest has matched: a pinned reader
+    refuses it by name instead of trusting the live marker."""
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(cache, url)
+    Cache(url, mode="r+").withdraw(UNIT)
+    pinned = Cache(url, expect_digest=Cache(url).digest())
+    shutil.copy(os.path.join(cache, "units", UNIT, "zarr.json"), os.path.join(url, "units", UNIT, "zarr.json"))
+    assert Cache(url).read_unit(UNIT)  # unpinned: the restored unit is intact
+    with pytest.raises(CacheError, match=f"Unit marker {UNIT} is not in the cache whose digest was checked"):
+        pinned.read_unit(UNIT)
+
+
 def test_student_data_refuses_another_cache_before_reading_it(cache, tiny_data):
     from pld_pipeline.student_data import StudentData
     with pytest.raises(CacheError, match="not the expected " + WRONG):

@@ -68,12 +68,17 @@ def test_distill_from_an_ensemble_of_cached_teachers(tiny_data, cache, teacher_c
     cache_teacher(CacheTeacherConfig(data=tiny_data["train"].pattern, out=url, views=4, size=16, k=5,
                                      temperatures=(1.0, 2.0), teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
                                      recipe_overrides={"pad": 2}, workers=0, device="cpu"))
-    pair = StudentData(tiny_data["train"].pattern, cache=url, teacher="r14,r8", batch_size=8, workers=0, seed=1)
-    singles = [StudentData(tiny_data["train"].pattern, cache=url, teacher=t, batch_size=8, workers=0, seed=1)
-               for t in ("r14", "r8")]
+    # at temperature 2 each teacher's logz differs from the other's (at 1 every logz of a log-softmax is 0)
+    pair = StudentData(tiny_data["train"].pattern, cache=url, teacher="r14,r8", temperature=2.0, batch_size=8,
+                       workers=0, seed=1)
+    singles = [StudentData(tiny_data["train"].pattern, cache=url, teacher=t, temperature=2.0, batch_size=8, workers=0,
+                           seed=1) for t in ("r14", "r8")]
     got = next(pair.epoch(0)).targets
-    want = TeacherTargets.ensemble([next(d.epoch(0)).targets for d in singles])  # same views, same order
+    members = [next(d.epoch(0)).targets for d in singles]  # same views, same order
+    assert not torch.allclose(members[0].logz, members[1].logz)
+    want = TeacherTargets.ensemble(members)
     assert torch.equal(got.topk_idx, want.topk_idx) and torch.allclose(got.topk_logp, want.topk_logp)
+    assert torch.allclose(got.logz, want.logz) and torch.allclose(got.label_logp, want.label_logp)
     assert [t.id for t in pair.teachers] == ["r14", "r8"] and pair.fingerprint()["ensemble"] is not None
     summary = distill(DistillConfig(data=tiny_data["train"].pattern, cache=url, teacher="r14,r8", out=str(tmp_path / "run"),
                                     student="cifar_resnet8", epochs=1, batch_size=8, workers=0, device="cpu"))

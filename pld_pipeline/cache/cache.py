@@ -359,7 +359,9 @@ class Cache:
         names = [u if isinstance(u, str) else u.name for u in units]
 
         async def one(name: str) -> Any:
-            record = None if self._pinned is None else self._pinned.get(name, {})
+            if self._pinned is not None and name not in self._pinned:  # a unit the host added after the check
+                raise CacheError(f"Unit marker {name} is not in the cache whose digest was checked.")
+            record = None if self._pinned is None else self._pinned[name]
             arrays = await reads.unit(self.meta, name, self.url, record)
             return arrays if keep is None else keep(name, arrays)
 
