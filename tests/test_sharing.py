@@ -62,7 +62,7 @@ def test_two_torchrun_processes_write_to_s3_the_cache_one_process_writes_then_ve
     from test_cache_teacher import _cli_here, assert_same_cache
     url = "s3://pld-bucket/team-a/cache.zarr"
     args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
-            "--teacher-name", "r8", "--views", "3", "--size", "16", "--top-k", "4", "--batch-size", "10",
+            "--teacher-name", "r8", "--views", "2", "--size", "16", "--top-k", "4", "--batch-size", "10",
             "--workers", "0", "--device", "cpu", "--quiet"]
     run = subprocess.run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
