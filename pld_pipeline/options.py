@@ -122,11 +122,17 @@ def registered_model_names() -> frozenset[str]:
         if spec is None or not spec.origin:
             return frozenset()
         folder = os.path.join(os.path.dirname(spec.origin), sub)
-        files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+        try:
+            files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+        except OSError:  # not a folder of sources (a zipped install)
+            return frozenset()
     names: set[str] = set()
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return frozenset()
         names.update(_REGISTERED.findall(text))
         for block in _DEPRECATIONS.findall(text):
             names.update(_DEPRECATED_NAME.findall(block))
