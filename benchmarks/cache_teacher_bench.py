@@ -50,13 +50,7 @@ def bare_forward(args: argparse.Namespace) -> float:
     device = torch.device(args.device)
     model = load_model(args.teacher, checkpoint=args.checkpoint).eval().to(device, memory_format=torch.channels_last)
     prep = preprocessing_of(model)
-    recipe = ViewRecipe("cifar", size=32)
-    views = []
-    for url in expand_shards(args.data):
-        for s in iter_shard(url):
-            image = decode_image(pick_field(s, IMAGE_FIELDS))
-            views += [replay_view(image, view_params(recipe, 0, s["__key__"], v, 32, 32), recipe) for v in range(args.views)]
-    batches = [torch.stack(views[i:i + args.batch_size]).to(device) for i in range(0, len(views), args.batch_size)]
+    batches = [b.to(device) for b in replayed_batches(args)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if device.type == "cuda" and args.precision == "fp32":  # as cache-teacher does: exact fp32, no TF32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -67,7 +61,7 @@ def bare_forward(args: argparse.Namespace) -> float:
         for b in batches:
             model(normalize(b, prep["mean"], prep["std"]).contiguous(memory_format=torch.channels_last)).float()
         _sync(device)
-        return len(views) / (time.perf_counter() - t0)
+        return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
 def cpu_seconds() -> float:

@@ -89,6 +89,25 @@ def make_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+def big_shard(path: Path) -> Path:
+    """A 6-sample shard over 2 MiB (a 600 kB `.bin` beside each image), so a same-size edit in its middle is out
+    of the quick hash's reach (size, first and last MiB): only the per-sample digests can see it."""
+    import io
+    import tarfile
+
+    from pld_pipeline.shards import encode_png
+    images, labels = make_images(6, seed=3)
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            for ext, data in (("png", encode_png(images[i])), ("cls", str(int(labels[i])).encode()),
+                              ("bin", rng.bytes(600_000))):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def build_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """The folder ``build(folder)`` filled, built once per test run. Under pytest-xdist each worker is a session
     of its own: the first worker to ask builds under a file lock and the others wait and reuse its files (the

@@ -1,15 +1,12 @@
 """Fault injection, CI-sized: real SIGKILLs at named points of both stages; damaged and edited caches against
 verify, distill and a repairing rerun; and each bad input a user reported getting silently wrong results from."""
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +18,7 @@ from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import encode_png, write_split
 from pld_pipeline_cli.app import app
 
-from conftest import NUM_CLASSES, make_images, stored_object, swap_objects, swap_views_in_object
+from conftest import NUM_CLASSES, big_shard, make_images, stored_object, swap_objects, swap_views_in_object
 from test_cache_teacher import assert_same_cache
 
 pytestmark = pytest.mark.slow
@@ -201,16 +198,7 @@ def test_edited_root_metadata_is_caught_by_every_reader_and_never_laundered(tiny
 def test_a_shard_edited_in_the_middle_is_refused_naming_the_sample(tmp_path, teacher_ckpt):
     """Shards larger than 2 MiB: the quick hash (size, first and last MiB) cannot see a same-size edit in the
     middle; the per-sample content digest does."""
-    images, labels = make_images(6, seed=3)
-    rng = np.random.default_rng(0)
-    path = tmp_path / "big-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        for i in range(6):
-            for ext, data in (("png", encode_png(images[i])), ("cls", str(int(labels[i])).encode()),
-                              ("bin", rng.bytes(600_000))):
-                info = tarfile.TarInfo(f"k{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    path = big_shard(tmp_path / "big-000000.tar")
     cache = str(tmp_path / "c.zarr")
     cache_teacher(CacheTeacherConfig(data=str(path), out=cache, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, "r8")],
                                      views=2, size=16, k=4, num_classes=NUM_CLASSES, workers=0, device="cpu"))

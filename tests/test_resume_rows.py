@@ -1,11 +1,9 @@
 """Resuming inside a shard: an interrupted cache-teacher keeps the rows it saved (cache/progress.py), a rerun
 computes only the rest and ends with the uninterrupted cache, and no progress record, however made, lets a row be
 skipped that the arrays do not hold."""
-import io
 import json
 import os
 import shutil
-import tarfile
 import time
 
 import numpy as np
@@ -21,7 +19,7 @@ from pld_pipeline.data import iter_shard
 from pld_pipeline.shards import encode_png, write_split
 from pld_pipeline.views import MixRecipe
 
-from conftest import NUM_CLASSES, make_images
+from conftest import NUM_CLASSES, big_shard, make_images
 
 VIEWS = 2
 MIX = {"pad": 2, "mix": MixRecipe(mode="both", prob=0.75, window=4).to_dict()}
@@ -222,16 +220,7 @@ def test_a_forged_stale_or_oversized_progress_record_never_lets_a_row_be_skipped
 def test_a_shard_changed_between_runs_starts_over(tmp_path, teacher_ckpt, forwards):
     """Shards over 2 MiB: a same-size edit in the middle keeps the quick hash, so the cache takes the shard as the
     same one; the saved rows' sample digests no longer match it and the shard is computed again, whole."""
-    images, labels = make_images(6, seed=3)
-    rng = np.random.default_rng(0)
-    path = tmp_path / "big-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        for i in range(6):
-            for ext, data in (("png", encode_png(images[i])), ("cls", str(int(labels[i])).encode()),
-                              ("bin", rng.bytes(600_000))):
-                info = tarfile.TarInfo(f"k{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    path = big_shard(tmp_path / "big-000000.tar")
     out = tmp_path / "c.zarr"
     with pytest.raises(Crash):
         cache_teacher(config(str(path), out, teacher_ckpt, save_rows=2), crash_after(5))
