@@ -201,10 +201,17 @@ _WRAPPED = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\nOrigin
 def worker_errors(loader: Iterable[T]) -> Iterator[T]:
     """Iterate a DataLoader, re-raising an error from a worker process as the main process would have raised it:
     same type, the original one-line message (torch wraps it in "Caught X in DataLoader worker process N" and
-    the worker's whole traceback)."""
+    the worker's whole traceback). On an error the workers are stopped at once: left to the garbage collector (the
+    iterator sits in the error's traceback), torch waits 5 s for each one."""
+    batches = iter(loader)
     try:
-        yield from loader
-    except Exception as e:  # noqa: BLE001 - only torch's wrapped worker errors are rewritten
+        yield from batches
+    except GeneratorExit:  # the caller stopped early: the iterator is freed (and its workers stopped) with us
+        raise
+    except BaseException as e:  # noqa: BLE001 - only torch's wrapped worker errors are rewritten
+        getattr(batches, "_shutdown_workers", lambda: None)()  # torch's own clean-up, now instead of at collection
+        if not isinstance(e, Exception):
+            raise
         text = str(e.args[0]) if e.args else ""
         match = _WRAPPED.match(text)
         if match is None:

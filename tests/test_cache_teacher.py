@@ -18,6 +18,7 @@ from pld_pipeline.models import load_model, preprocessing_of
 from pld_pipeline.shards import write_split
 from pld_pipeline.views import ViewError, ViewRecipe, decode_image, eval_params, normalize, replay_view, view_params
 
+import forked
 from conftest import NUM_CLASSES, free_port, make_images
 
 
@@ -222,10 +223,6 @@ def test_rerun_resumes_and_refuses_a_changed_teacher_or_recipe(tiny_data, teache
     assert summary["items"] == 120
 
 
-def _cli(*args):
-    return [sys.executable, "-m", "pld_pipeline", "cache-teacher", *args]
-
-
 def _cli_here(*args):
     """The same `pld cache-teacher` line run in this process (for the runs no signal is sent to): a fresh
     interpreter costs ~6 s of CPU."""
@@ -248,7 +245,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     ref = str(tmp_path / "ref.zarr")
     _cli_here("--out", ref, *args)
     killed = str(tmp_path / "killed.zarr")
-    proc = subprocess.Popen(_cli("--out", killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = forked.Forked(["cache-teacher", "--out", killed, *args], stdout=forked.DEVNULL)  # a process to kill
     units = os.path.join(killed, "units")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

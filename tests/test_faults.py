@@ -3,8 +3,6 @@ verify, distill and a repairing rerun; and each bad input a user reported gettin
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +16,7 @@ from pld_pipeline.distill import DistillConfig, distill
 from pld_pipeline.shards import encode_png, write_split
 from pld_pipeline_cli.app import app
 
+import forked
 from conftest import NUM_CLASSES, big_shard, make_images, stored_object, swap_objects, swap_views_in_object
 from test_cache_teacher import assert_same_cache
 
@@ -25,10 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args, kill_at=None):
-    """`pld ARGS` in a fresh process: the runs a fault point kills, and errors that start in loader workers."""
+    """`pld ARGS` in a process of its own (forked: no interpreter to start): the runs a fault point kills, and
+    errors that start in loader workers."""
     env = {**os.environ, "PLD_KILL_AT": kill_at} if kill_at else {k: v for k, v in os.environ.items() if k != "PLD_KILL_AT"}
-    return subprocess.run([sys.executable, "-m", "pld_pipeline", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return forked.run(*args, env=env, timeout=300)
 
 
 def cli_here(*args):

@@ -38,22 +38,23 @@ def test_a_resumed_run_names_the_epoch_it_continues_with_as_the_epoch_lines_coun
     assert lines[1] == "resumed: 2 epoch(s) already trained, continuing with epoch 2" and lines[2].startswith("epoch 2:")
 
 
-def run_in_terminal(argv, columns=80, timeout=120, env=None, signal_after=None):
-    """Run ``argv`` in a pseudo-terminal ``columns`` wide (what a user's terminal gives rich); its output, with
-    ANSI escapes removed, and its exit status. ``signal_after=(text, signum)``: send signum once text appeared."""
+def run_in_terminal(args, columns=80, timeout=120, env=None, signal_after=None):
+    """Run `pld ARGS` (forked: tests/forked.py) in a pseudo-terminal ``columns`` wide (what a user's terminal gives
+    rich); its output, with ANSI escapes removed, and its exit status. ``timeout`` only guards against a hang.
+    ``signal_after=(text, signum)``: send signum once text appeared."""
     import fcntl
     import os
     import pty
     import re
     import select
     import struct
-    import subprocess
     import termios
     import time
+
+    import forked
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                            env={**os.environ, "TERM": "xterm", **(env or {})})
+    proc = forked.Forked(args, env={**os.environ, "TERM": "xterm", **(env or {})}, terminal=slave)
     os.close(slave)
     chunks, sent, deadline = [], False, time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,15 +79,13 @@ def run_in_terminal(argv, columns=80, timeout=120, env=None, signal_after=None):
 
 
 def test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal(tiny_data, teacher_ckpt, tmp_path):
-    import sys
     from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
     tid = "cifar_resnet8_from_the_long_named_checkpoint_v2"
     url = str(tmp_path / "c.zarr")
     digest = cache_teacher(CacheTeacherConfig(
         data=tiny_data["train"].shards[0], out=url, teachers=[TeacherSpec("cifar_resnet8", teacher_ckpt, tid)],
         views=1, size=16, k=3, batch_size=16, workers=0, device="cpu", recipe_overrides={"pad": 2}))["digest"]
-    text, code = run_in_terminal([sys.executable, "-c", "from pld_pipeline_cli.app import main; main()",
-                                  "inspect", url], columns=80)
+    text, code = run_in_terminal(["inspect", url], columns=80)
     assert code == 0, text
     assert f"digest: {digest}" in text and "…" not in text, text
     assert f"teacher {tid}" in text
@@ -94,8 +93,7 @@ def test_inspect_never_cuts_the_digest_or_a_teacher_id_in_an_80_column_terminal(
 
 
 def _pld(*args):
-    import sys
-    return [sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", *map(str, args)]
+    return [str(a) for a in args]
 
 
 @pytest.mark.slow
@@ -119,11 +117,12 @@ def test_ctrl_c_in_distill_says_what_was_kept_and_to_rerun_with_resume(tiny_data
 def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_command(tiny_data, teacher_ckpt, tmp_path):
     """Off a terminal (plain log lines), so the test can wait for the first shard to be written."""
     import signal
-    import subprocess
-    proc = subprocess.Popen(_pld("cache-teacher", "--data", tiny_data["train"].pattern, "--out", tmp_path / "c.zarr",
-                                 "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--views", 256,
-                                 "--size", 16, "--top-k", 3, "--workers", 0, "--device", "cpu", "--batch-size", 64),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    import forked
+    proc = forked.Forked(_pld("cache-teacher", "--data", tiny_data["train"].pattern, "--out", tmp_path / "c.zarr",
+                              "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--views", 256,
+                              "--size", 16, "--top-k", 3, "--workers", 0, "--device", "cpu", "--batch-size", 64),
+                         stdout=forked.PIPE, stderr=forked.STDOUT)
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from pld_pipeline.cache import Cache, inspect_cache, verify_cache
 from pld_pipeline.distill import DistillConfig, distill
+import forked
 from conftest import free_port
 from pld_pipeline_cli.app import app
 
@@ -56,19 +57,19 @@ def s3_endpoint():
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_write_to_s3_the_cache_one_process_writes_then_verify_inspect_and_distill(
+def test_two_ranks_write_to_s3_the_cache_one_process_writes_then_verify_inspect_and_distill(
         tiny_data, teacher_ckpt, s3_endpoint, tmp_path):
-    """Ranks split the shards and write them to an object store; the cache equals one process's local one."""
+    """Ranks split the shards and write them to an object store; the cache equals one process's local one. (The
+    ranks are forked with torchrun's environment: tests/test_class_map_subset.py starts a real torchrun.)"""
     from test_cache_teacher import _cli_here, assert_same_cache
     url = "s3://pld-bucket/team-a/cache.zarr"
     args = ["--data", tiny_data["train"].pattern, "--teacher", "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt,
             "--teacher-name", "r8", "--views", "2", "--size", "16", "--top-k", "4", "--batch-size", "10",
             "--workers", "0", "--device", "cpu", "--quiet"]
-    run = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(free_port()), "-m", "pld_pipeline", "cache-teacher", *args, "--out", url],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **s3_endpoint})
-    assert run.returncode == 0, run.stderr[-3000:]
+    procs = forked.ranks(["cache-teacher", *args, "--out", url], 2, free_port(), env={**os.environ, **s3_endpoint},
+                         stdout=forked.PIPE, stderr=forked.PIPE)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
     assert verify_cache(url).ok
     one = str(tmp_path / "one.zarr")
     _cli_here("--out", one, *args)
@@ -157,7 +158,7 @@ def test_a_cache_served_over_plain_http_is_read_only_and_trainable(tiny_data, ca
 
 
 def _cache_args(tiny_data, teacher_ckpt):
-    return [sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern, "--teacher",
+    return ["cache-teacher", "--data", tiny_data["train"].pattern, "--teacher",
             "cifar_resnet8", "--teacher-checkpoint", teacher_ckpt, "--teacher-name", "r8", "--views", "2", "--size",
             "16", "--top-k", "4", "--num-classes", "10", "--workers", "0", "--device", "cpu", "--json"]
 
@@ -166,7 +167,7 @@ def _cache_args(tiny_data, teacher_ckpt):
 def whole(tiny_data, teacher_ckpt, tmp_path_factory):
     """The cache one uninterrupted worker makes: what cooperating workers must produce together."""
     out = str(tmp_path_factory.mktemp("whole") / "whole.zarr")
-    run = CliRunner().invoke(app, _cache_args(tiny_data, teacher_ckpt)[3:] + ["--out", out], catch_exceptions=False)
+    run = CliRunner().invoke(app, _cache_args(tiny_data, teacher_ckpt) + ["--out", out], catch_exceptions=False)
     assert run.exit_code == 0, run.output[-2000:]  # the same command line, in this process: no interpreter to start
     return out
 
@@ -185,9 +186,8 @@ def test_independent_parts_split_the_shards_and_equal_one_run(tiny_data, teacher
     env = {**os.environ, **s3_endpoint}
     # part 1 in its own process, started first (it waits for the cache unless part 0 has created it by then); part 0,
     # which creates the cache, in this one (the same command line, no interpreter to start)
-    waiting = subprocess.Popen(args + ["--part", "1/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)
-    here = CliRunner().invoke(app, args[3:] + ["--part", "0/2"], catch_exceptions=False)
+    waiting = forked.Forked(args + ["--part", "1/2"], env=env, stdout=forked.PIPE, stderr=forked.PIPE)
+    here = CliRunner().invoke(app, args + ["--part", "0/2"], catch_exceptions=False)
     out, err = waiting.communicate(timeout=600)
     assert waiting.returncode == 0 and here.exit_code == 0, (err[-2000:], here.output[-2000:])
     written = [json.loads(out)["shards_written"], json.loads(here.stdout)["shards_written"]]
@@ -207,10 +207,9 @@ def test_overlapping_workers_split_the_shards_by_claims_and_take_over_a_dead_one
     args = _cache_args(tiny_data, teacher_ckpt) + ["--claim-ttl", "4", "--out", url]
     env = {**os.environ, **s3_endpoint}
     # A worker killed inside its first shard leaves that shard claimed (for up to --claim-ttl) and unfinished.
-    dead = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**env, "PLD_KILL_AT": "unit.array:2"})
+    dead = forked.run(*args, env={**env, "PLD_KILL_AT": "unit.array:2"}, timeout=300)
     assert dead.returncode == -9, dead.stderr[-2000:]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [forked.Forked(args, env=env, stdout=forked.PIPE, stderr=forked.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     written = [json.loads(o[0])["shards_written"] for o in outs]

@@ -379,10 +379,9 @@ def test_the_sweep_watch_reports_only_what_resumed_runs_add_and_skips_broken_fil
 
 
 def test_a_sweep_in_a_terminal_shows_a_live_line_per_run(tiny_data, cache, tmp_path):
-    import sys
     from test_progress import run_in_terminal
     text, code = run_in_terminal([
-        sys.executable, "-c", "from pld_pipeline_cli.app import main; main()", "sweep", "--data",
+        "sweep", "--data",
         tiny_data["train"].pattern, "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student",
         "cifar_resnet8", "--set", "epochs=2", "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu",
         "--grid", "loss=ce,kd", "--out", str(tmp_path / "sw")], columns=120, timeout=300)
