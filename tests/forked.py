@@ -30,7 +30,7 @@ class Forked:
     """The forked command, driven like :class:`subprocess.Popen` (text streams)."""
 
     def __init__(self, args: Sequence[Any], env: Mapping[str, str] | None = None, stdin: Any = DEVNULL,
-                 stdout: Any = None, stderr: Any = None, terminal: int | None = None) -> None:
+                 stdout: Any = None, stderr: Any = None, terminal: int | None = None, cwd: str | None = None) -> None:
         """``stdout``/``stderr``: PIPE, DEVNULL, STDOUT (stderr only), a file object or descriptor, or None (this
         process's). ``terminal``: a pseudo-terminal's follower descriptor, made the child's controlling terminal
         and its three standard streams (as a shell starts a command)."""
@@ -61,12 +61,16 @@ class Forked:
             fds[2] = fds[1] if stderr is STDOUT else target(stderr, True)
         sys.stdout.flush()
         sys.stderr.flush()
+        self._rss_at_fork = _rss_kib()
+        self.peak_rss_kib: int | None = None  # the child's own peak resident set, less what it shared at the fork
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
             code = 1
             try:
                 for fd in ours:
                     os.close(fd)
+                if cwd is not None:
+                    os.chdir(cwd)
                 code = _run_command(self.args, env, fds, terminal is not None)
             except BaseException:  # noqa: BLE001 - nothing may escape into the test process's code
                 traceback.print_exc()
@@ -85,9 +89,11 @@ class Forked:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
+                # a forked child starts with this process's resident pages (its high-water mark too)
+                self.peak_rss_kib = max(0, usage.ru_maxrss - self._rss_at_fork)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -134,6 +140,11 @@ def run(*args: Any, env: Mapping[str, str] | None = None, timeout: float | None 
     child = Forked(args, env=env, stdout=stdout, stderr=stderr)
     out, err = child.communicate(timeout)
     return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def _run_command(args: list[str], env: dict[str, str], fds: list[int | None], terminal: bool) -> int:

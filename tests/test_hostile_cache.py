@@ -24,6 +24,7 @@ from pld_pipeline.cache.integrity import block_sha256
 from pld_pipeline.cache_teacher import CacheTeacherConfig, TeacherSpec, cache_teacher
 from pld_pipeline.student_data import StudentData
 
+import forked
 from conftest import stored_object
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -455,11 +456,14 @@ def test_a_hostile_box_through_distill_is_one_line_and_bounded_memory(copy, tiny
         for view in range(4):
             zarr.open_group(copy, mode="r+")[schema.PARAMS.path()][row, view] = np.array([0, 0, 60_000, 60_000, 0])
     resign(copy, arrays=True)
-    code, stderr, rss = run_cli("distill", "--data", tiny_data["train"].pattern, "--cache", copy, "--out",
-                                tmp_path / "run", "--student", "cifar_resnet8", "--epochs", "1", "--batch-size", "4",
-                                "--workers", "0", "--device", "cpu", "--quiet")
-    assert code == 2 and len(stderr.splitlines()) == 1 and "box where the cifar recipe crops 16x16" in stderr, stderr
-    assert rss < 2 << 20, rss  # KiB: one such crop alone is 10.8 GB
+    run = forked.Forked(["distill", "--data", tiny_data["train"].pattern, "--cache", copy, "--out", tmp_path / "run",
+                         "--student", "cifar_resnet8", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                         "--device", "cpu", "--quiet"], env={**os.environ, "COLUMNS": "10000"}, cwd=ROOT,
+                        stdout=forked.DEVNULL, stderr=forked.PIPE)  # forked: no interpreter to start
+    stderr = run.communicate()[1].strip()
+    assert run.returncode == 2 and len(stderr.splitlines()) == 1, stderr
+    assert "box where the cifar recipe crops 16x16" in stderr, stderr
+    assert run.peak_rss_kib < 2 << 20, run.peak_rss_kib  # KiB: one such crop alone is 10.8 GB
 
 
 @pytest.mark.parametrize("status, what", [

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("ray")
 
+import forked  # noqa: E402
 from conftest import free_port  # noqa: E402
 from pld_pipeline.sweep import parse_grid, run_sweep  # noqa: E402
 
@@ -71,11 +72,10 @@ def test_a_sweep_on_a_ray_cluster_survives_a_killed_worker_and_resumes_the_run(r
     address, session = ray_cluster
     out = tmp_path / "sw"
     settings = ["--set", "epochs=4", "--set", "batch_size=8", "--set", "workers=0", "--set", "device=cpu"]
-    sweep = subprocess.Popen([sys.executable, "-m", "pld_pipeline", "sweep", "--data", tiny_data["train"].pattern,
-                              "--cache", cache, "--val-data", tiny_data["val"].pattern, "--student", "cifar_resnet8",
-                              *settings, "--grid", "loss=ce,kd", "--launcher", "ray", "--ray-address", address,
-                              "--cpus-per-run", "2", "--out", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=RAY_ENV)
+    sweep = forked.Forked(["sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--val-data",
+                           tiny_data["val"].pattern, "--student", "cifar_resnet8", *settings, "--grid", "loss=ce,kd",
+                           "--launcher", "ray", "--ray-address", address, "--cpus-per-run", "2", "--out", str(out)],
+                          env=RAY_ENV, stdout=forked.PIPE, stderr=forked.STDOUT)  # the driver, forked
     victim = None
     while victim is None and sweep.poll() is None:  # until a run is caught mid-way, or the sweep has ended
         for name in ("loss=ce", "loss=kd"):  # one run at a time (2 CPUs each): kill the worker after its first epoch
