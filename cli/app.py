@@ -221,7 +221,8 @@ def cache_teacher_cmd(
         save_rows=save_rows, save_seconds=save_seconds)
     reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
     try:
-        summary = cache_teacher(cfg, reporter)
+        with reporter.keeping_ctrl_c():
+            summary = cache_teacher(cfg, reporter)
     except KeyboardInterrupt:
         reporter.cache_teacher_interrupted()
         raise typer.Exit(code=130) from None
@@ -554,7 +555,8 @@ def distill_cmd(
         pretrained=pretrained, student_size=student_size, log=log, sweep=sweep)
     reporter = ProgressReporter(quiet=quiet or json_, rank=_rank())
     try:
-        summary = distill(cfg, reporter)
+        with reporter.keeping_ctrl_c():
+            summary = distill(cfg, reporter)
     except KeyboardInterrupt:
         reporter.distill_interrupted(out_)
         raise typer.Exit(code=130) from None

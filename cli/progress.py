@@ -1,9 +1,12 @@
 """Render the library's progress events: a rich bar on a terminal, plain log lines otherwise, or nothing."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -35,13 +38,36 @@ class ProgressReporter:
         self.shards_total = 0
         self.epochs_kept = 0  # distill: epochs finished, whose checkpoints are in the run folder
         self.rows_kept: dict[str, tuple[int, int]] = {}  # cache-teacher: shard in progress -> (rows saved, of)
+        self.ctrl_c_pending = False  # a Ctrl-C not yet seen handled: see keeping_ctrl_c
+
+    @contextlib.contextmanager
+    def keeping_ctrl_c(self) -> Iterator[None]:
+        """Ctrl-C raises KeyboardInterrupt in whatever Python runs at that moment; inside a finalizer or a weakref
+        callback (the garbage collector runs them anywhere) Python prints "Exception ignored" and carries on, and
+        a run the user stopped ran to its end. Here the signal is also remembered, and the next progress event
+        raises it again unless that KeyboardInterrupt is already being handled (the run saving what it has)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_ctrl_c(signum: int, frame: Any) -> None:
+            self.ctrl_c_pending = True
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def interrupted(self, message: str) -> None:
         """Ctrl-C: stop the bar and say what was kept and how to go on, on a line of its own (not glued to the
         bar, and ending in a newline so the shell prompt starts on the next line)."""
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        bar, self.progress = self.progress, None
+        if bar is not None:
+            try:
+                bar.stop()
+            except Exception:  # noqa: BLE001 - Ctrl-C cut the bar's own start or stop short: rich finds its render
+                err.show_cursor(True)  # hook already gone (IndexError); the message below is what must get out
         if self.rank == 0:
             print(f"\n{message}", file=sys.stderr, flush=True)
 
@@ -62,6 +88,10 @@ class ProgressReporter:
                              f"to continue from there")
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if self.ctrl_c_pending:
+            self.ctrl_c_pending = False
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the first one was swallowed
+                raise KeyboardInterrupt
         kind = event["event"]
         self._count(kind, event)
         if self.quiet:

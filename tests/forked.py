@@ -11,6 +11,7 @@ code being absent) start a fresh interpreter instead.
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import io
 import logging
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 PIPE, STDOUT, DEVNULL = subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL
 
@@ -30,10 +31,12 @@ class Forked:
     """The forked command, driven like :class:`subprocess.Popen` (text streams)."""
 
     def __init__(self, args: Sequence[Any], env: Mapping[str, str] | None = None, stdin: Any = DEVNULL,
-                 stdout: Any = None, stderr: Any = None, terminal: int | None = None, cwd: str | None = None) -> None:
+                 stdout: Any = None, stderr: Any = None, terminal: int | None = None, cwd: str | None = None,
+                 target: Callable[[], Any] | None = None) -> None:
         """``stdout``/``stderr``: PIPE, DEVNULL, STDOUT (stderr only), a file object or descriptor, or None (this
         process's). ``terminal``: a pseudo-terminal's follower descriptor, made the child's controlling terminal
-        and its three standard streams (as a shell starts a command)."""
+        and its three standard streams (as a shell starts a command). ``target``: a function the child runs
+        instead of the command line (a `python -c` script); ``args`` then only names it."""
         self.args = [str(a) for a in args]
         self.returncode: int | None = None
         self.stdout: IO[str] | None = None
@@ -41,7 +44,7 @@ class Forked:
         env = dict(os.environ if env is None else env)
         ours, theirs = [], []  # pipe ends to close in the child / in this process after the fork
 
-        def target(spec: Any, write: bool) -> int | None:
+        def stream(spec: Any, write: bool) -> int | None:
             if spec is PIPE:
                 r, w = os.pipe()
                 ours.append(r if write else w)
@@ -56,9 +59,9 @@ class Forked:
             return spec if isinstance(spec, int) else spec.fileno()
 
         fds = [terminal, terminal, terminal] if terminal is not None else [
-            target(stdin, False), target(stdout, True), None]
+            stream(stdin, False), stream(stdout, True), None]
         if terminal is None:
-            fds[2] = fds[1] if stderr is STDOUT else target(stderr, True)
+            fds[2] = fds[1] if stderr is STDOUT else stream(stderr, True)
         sys.stdout.flush()
         sys.stderr.flush()
         self._rss_at_fork = _rss_kib()
@@ -71,7 +74,7 @@ class Forked:
                     os.close(fd)
                 if cwd is not None:
                     os.chdir(cwd)
-                code = _run_command(self.args, env, fds, terminal is not None)
+                code = _run_command(self.args, env, fds, terminal is not None, target)
             except BaseException:  # noqa: BLE001 - nothing may escape into the test process's code
                 traceback.print_exc()
             finally:
@@ -147,7 +150,8 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def _run_command(args: list[str], env: dict[str, str], fds: list[int | None], terminal: bool) -> int:
+def _run_command(args: list[str], env: dict[str, str], fds: list[int | None], terminal: bool,
+                 target: Callable[[], Any] | None) -> int:
     """In the child: a process as `python -m pld_pipeline ARGS` starts it, then the command; its exit status."""
     if terminal:
         import fcntl
@@ -181,11 +185,16 @@ def _run_command(args: list[str], env: dict[str, str], fds: list[int | None], te
     root.setLevel(logging.WARNING)
     for name in [m for m in sys.modules if m == "pld_pipeline_cli" or m.startswith("pld_pipeline_cli.")]:
         del sys.modules[name]
+    if "huggingface_hub.constants" in sys.modules:  # read from the environment at import (HF_HOME, HF_HUB_OFFLINE,
+        importlib.reload(sys.modules["huggingface_hub.constants"])  # HF_ENDPOINT); the hub client reads them there
     sys.argv = ["pld", *args]
     code: Any = 0
     try:
-        from pld_pipeline_cli.app import main
-        main()
+        if target is not None:
+            target()
+        else:
+            from pld_pipeline_cli.app import main
+            main()
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # as Python ends on one: the traceback, then death by SIGINT

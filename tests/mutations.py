@@ -795,6 +795,24 @@ MUTATIONS = [
              "pld_pipeline/cache/cache.py", "            if self._pinned is not None and name not in self._pinned:",
              "            if False:",
              ("tests/test_digest.py::test_a_pinned_cache_never_reads_a_unit_that_appeared_after_its_digest_was_checked",)),
+    # this round: Ctrl-C that Python drops in a finalizer, and loader workers stopped with an error
+    Mutation("Ctrl-C: one dropped inside a finalizer is not raised again", "cli/progress.py",
+             "            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the first one was swallowed",
+             "            if False:",
+             ("tests/test_progress.py::test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run_and_one_"
+              "being_handled_is_not_raised_twice",)),
+    Mutation("Ctrl-C: one being handled is raised a second time", "cli/progress.py",
+             "            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the first one was swallowed",
+             "            if True:",
+             ("tests/test_progress.py::test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run_and_one_"
+              "being_handled_is_not_raised_twice",)),
+    Mutation("a worker error leaves the loader's workers to the garbage collector", "pld_pipeline/data.py",
+             '        getattr(batches, "_shutdown_workers", lambda: None)()', "        pass",
+             (HOSTILE + "test_a_network_error_in_a_worker_is_one_line",)),
+    Mutation("Ctrl-C: a bar whose start it cut short fails the interrupted message", "cli/progress.py",
+             "            try:\n                bar.stop()\n            except Exception:",
+             "            bar.stop()\n            if False:",
+             ("tests/test_progress.py::test_a_ctrl_c_that_cuts_the_bar_s_start_short_still_says_what_was_kept",)),
 ]
 
 

@@ -10,6 +10,7 @@ import functools
 import http.server
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -434,10 +435,14 @@ def test_a_network_error_in_a_worker_is_one_line():
             raise ClientConnectorError("bucket.example:443", "Connect call failed")
             yield
 
+    before = set(multiprocessing.active_children())
     with pytest.raises(errors.RemoteError) as caught:
         list(worker_errors(torch.utils.data.DataLoader(Remote(), num_workers=1)))
     assert errors.one_line(caught.value).startswith("Cannot connect to host bucket.example:443 [Connect call failed] "
                                                     "(ClientConnectorError in a data-loading worker)")
+    # the worker is stopped with the error, not when the garbage collector frees the iterator (torch then waits
+    # 5 s for it)
+    assert set(multiprocessing.active_children()) <= before
 
 
 def _failing_fdopen(code, after):

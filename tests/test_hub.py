@@ -1,11 +1,10 @@
 """Hub teachers and students through timm's own `pretrained=True` path, offline: each test builds a Hugging Face
 cache directory in the layout the hub client uses (blobs, snapshot links, refs) and runs `pld` with HF_HOME
-pointing at it and HF_HUB_OFFLINE=1, in a fresh process (huggingface_hub reads both at import)."""
+pointing at it and HF_HUB_OFFLINE=1, in a process of its own (forked: tests/forked.py has the hub client read
+its environment again, as it does at import)."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from pld_pipeline.cache import Cache
 from pld_pipeline.data import iter_shard
 from pld_pipeline.losses import TeacherTargets
 from pld_pipeline.views import ViewRecipe, decode_image, normalize, replay_view
+
+import forked
 
 pytestmark = pytest.mark.slow
 REPO, TAG, REV = "timm/test_resnet.r160_in1k", "r160_in1k", "4c6b2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"
@@ -48,8 +49,7 @@ def hf_cache(root, with_config=False):
 def pld(*args, hf_home):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "pld_pipeline", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return forked.run(*args, env=env, timeout=300)
 
 
 @pytest.mark.slow
@@ -102,12 +102,15 @@ def test_missing_hub_weights_are_one_line_naming_where_it_looked_and_the_fix(tin
 
 def test_a_student_starts_from_its_hub_weights_with_a_new_head(tmp_path):
     weights, _ = hf_cache(tmp_path / "hf")
-    code = ("import torch; from safetensors.torch import load_file; from pld_pipeline.models import load_model; "
-            f"m = load_model('test_resnet.r160_in1k', num_classes=10, pretrained=True); s = load_file({weights!r}); "
-            "print(torch.equal(m.state_dict()['conv1.0.weight'], s['conv1.0.weight']), m.num_classes)")
+
+    def student():
+        from pld_pipeline.models import load_model
+        m = load_model("test_resnet.r160_in1k", num_classes=10, pretrained=True)
+        print(torch.equal(m.state_dict()["conv1.0.weight"], load_file(weights)["conv1.0.weight"]), m.num_classes)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert run.stdout.split() == ["True", "10"], run.stderr
+    run = forked.Forked(["load_model"], env=env, target=student, stdout=forked.PIPE, stderr=forked.PIPE)
+    out, err = run.communicate(timeout=120)
+    assert out.split() == ["True", "10"], err
 
 
 def test_an_unreachable_hub_without_hf_hub_offline_fails_fast_naming_the_switch(tiny_data, tmp_path):
@@ -117,10 +120,9 @@ def test_an_unreachable_hub_without_hf_hub_offline_fails_fast_naming_the_switch(
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
     env.update(HF_HOME=str(tmp_path / "empty"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # nothing listens
-    run = subprocess.run([sys.executable, "-m", "pld_pipeline", "cache-teacher", "--data", tiny_data["train"].pattern,
-                          "--teacher", "test_resnet.r160_in1k", "--pretrained", "--workers", "0", "--device", "cpu",
-                          "--quiet", "--out", str(tmp_path / "c.zarr")], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = forked.run("cache-teacher", "--data", tiny_data["train"].pattern, "--teacher", "test_resnet.r160_in1k",
+                     "--pretrained", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "c.zarr"),
+                     env=env, timeout=300)
     line = " ".join(run.stderr.split())
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "cannot be reached (ConnectionRefusedError within 3 s)" in line and "set HF_HUB_OFFLINE=1" in line, line

@@ -1,5 +1,6 @@
 """What `pld` shows while it works: the distill bar counts batches (its ETA is right), Ctrl-C says how to resume."""
 import io
+import sys
 
 import pytest
 from rich.console import Console
@@ -136,6 +137,65 @@ def test_ctrl_c_in_cache_teacher_says_what_was_kept_and_to_rerun_the_same_comman
     written = text.count(" written (")  # the shards finished before the signal landed (1, rarely 2)
     assert f"interrupted: {written} of 3 shard(s) cached and kept" in text and text.endswith(
         "rerun the same command to resume\n"), text
+
+
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run_and_one_being_handled_is_not_raised_twice(
+        monkeypatch):
+    """Ctrl-C landing in a weakref callback is printed as "Exception ignored" and dropped by Python (a forked
+    cache-teacher run went on to its end): the next progress event raises it again."""
+    import gc
+    import os
+    import signal
+    import weakref
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+
+    class Batch:
+        pass
+
+    def ctrl_c_in_callback(_):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs here, inside the callback
+            pass
+    before = signal.getsignal(signal.SIGINT)
+    reporter = ProgressReporter(quiet=True)
+    with reporter.keeping_ctrl_c():
+        batch = Batch()
+        ref = weakref.ref(batch, ctrl_c_in_callback)
+        del batch
+        gc.collect()
+        assert ref() is None and dropped == [KeyboardInterrupt]  # what Python did with it
+        with pytest.raises(KeyboardInterrupt):
+            reporter({"event": "batch", "items": 1})
+        reporter({"event": "batch", "items": 1})  # once
+        try:  # delivered: the run handles it (saves rows, emitting events) without a second interrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):
+                pass
+            pytest.fail("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            reporter({"event": "rows_saved", "shard": "a.tar", "rows": 3, "of": 9})
+        reporter({"event": "batch", "items": 1})
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_that_cuts_the_bar_s_start_short_still_says_what_was_kept(monkeypatch, capsys):
+    """Ctrl-C inside rich's Live.start (an epoch's bar starting) left a bar whose stop() raised IndexError: the
+    user read "internal error: IndexError: pop from empty list" instead of how to resume."""
+    from rich.console import Console as RichConsole
+    terminal(monkeypatch)
+    reporter = ProgressReporter()
+    reporter({"event": "epoch_end", "epoch": 0, "train_loss": 1.0, "val_top1": float("nan"), "epoch_seconds": 1.0,
+              "samples_per_s": 1.0})
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RichConsole, "push_render_hook", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        reporter({"event": "epoch_start", "epoch": 1, "steps": 5})
+    reporter.distill_interrupted("run")
+    assert capsys.readouterr().err.endswith(
+        "interrupted: 1 finished epoch(s) kept in run; rerun with --resume to continue from there\n")
 
 
 def test_ctrl_c_in_cache_teacher_counts_the_saved_rows_of_the_shards_in_progress(capsys):
