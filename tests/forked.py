@@ -37,6 +37,8 @@ class Forked:
         process's). ``terminal``: a pseudo-terminal's follower descriptor, made the child's controlling terminal
         and its three standard streams (as a shell starts a command). ``target``: a function the child runs
         instead of the command line (a `python -c` script); ``args`` then only names it."""
+        if stdin is PIPE:
+            raise ValueError("stdin=PIPE is not supported: pass a file or descriptor")
         self.args = [str(a) for a in args]
         self.returncode: int | None = None
         self.stdout: IO[str] | None = None
@@ -83,8 +85,6 @@ class Forked:
         for fd in theirs:
             os.close(fd)
         pipes = iter(ours)
-        if stdin is PIPE:
-            raise ValueError("stdin=PIPE is not supported")
         if stdout is PIPE and terminal is None:
             self.stdout = open(next(pipes), encoding="utf-8", errors="replace")
         if stderr is PIPE and terminal is None:
