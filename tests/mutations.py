@@ -813,6 +813,18 @@ MUTATIONS = [
              "            try:\n                bar.stop()\n            except Exception:",
              "            bar.stop()\n            if False:",
              ("tests/test_progress.py::test_a_ctrl_c_that_cuts_the_bar_s_start_short_still_says_what_was_kept",)),
+    # outside audit of this round's changes (written without reading the tests): its two survivors, and a third
+    Mutation("outside audit: Ctrl-C while waiting for a batch leaves the loader's workers running",
+             "pld_pipeline/data.py", "    except BaseException as e:  # noqa", "    except Exception as e:  # noqa",
+             (HOSTILE + "test_ctrl_c_while_waiting_for_a_batch_stops_the_loader_s_workers_at_once",)),
+    Mutation("outside audit: a sweep job's DataLoader keeps the pool's start method", "pld_pipeline/launch.py",
+             "multiprocessing.get_all_start_methods()[0], force=True",
+             "multiprocessing.get_all_start_methods()[-1], force=True",
+             (SWEEP + "test_parallel_jobs_fork_from_a_clean_server_and_their_loaders_fork",)),
+    Mutation("outside audit: sweep jobs fork from the sweep process itself", "pld_pipeline/launch.py",
+             'ctx = get_context("forkserver" if "forkserver" in methods else "spawn")',
+             'ctx = get_context("fork" if "fork" in methods else "spawn")',
+             (SWEEP + "test_parallel_jobs_fork_from_a_clean_server_and_their_loaders_fork",)),
 ]
 
 

@@ -9,6 +9,7 @@ import errno
 import functools
 import http.server
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -443,6 +444,21 @@ def test_a_network_error_in_a_worker_is_one_line():
     # the worker is stopped with the error, not when the garbage collector frees the iterator (torch then waits
     # 5 s for it)
     assert set(multiprocessing.active_children()) <= before
+
+
+def test_ctrl_c_while_waiting_for_a_batch_stops_the_loader_s_workers_at_once():
+    """While a KeyboardInterrupt is handled (the run saving what it has, the message) its traceback holds the
+    loader's iterator: its workers are stopped when it arrives, not when that traceback is freed."""
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return itertools.count()
+
+    before = set(multiprocessing.active_children())
+    batches = worker_errors(torch.utils.data.DataLoader(Endless(), num_workers=1))
+    assert int(next(batches)) == 0
+    with pytest.raises(KeyboardInterrupt) as caught:
+        batches.throw(KeyboardInterrupt)  # Ctrl-C, where the main process waits for the next batch
+    assert set(multiprocessing.active_children()) <= before, caught.traceback[-1]
 
 
 def _failing_fdopen(code, after):

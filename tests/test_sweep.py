@@ -99,6 +99,48 @@ def test_parallel_jobs_give_the_same_runs_as_sequential(tiny_data, cache, tmp_pa
         pytest.approx(_metrics(tmp_path / "seq" / "loss=pld")[0]["train_loss"], rel=1e-3)
 
 
+def test_parallel_jobs_fork_from_a_clean_server_and_their_loaders_fork(monkeypatch):
+    """Jobs start from a forkserver (not forked from the sweep process and its threads, nor each a spawned
+    interpreter importing torch again), and a job's DataLoader workers fork (a job that kept its pool's start
+    method started a fresh interpreter for every loader worker of every epoch: 4.2x slower, docs/results.md)."""
+    from concurrent.futures import Future
+
+    import forked
+    from pld_pipeline import launch
+    pool = {}
+
+    class Recorder:  # the pool as _in_pool builds it; its jobs are run below, in a process like theirs
+        def __init__(self, max_workers, mp_context, initializer, initargs):
+            pool.update(jobs=max_workers, method=mp_context.get_start_method(), init=initializer, initargs=initargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, settings):
+            done = Future()
+            done.set_result(None)
+            return done
+    monkeypatch.setattr(launch, "ProcessPoolExecutor", Recorder)
+    finished = []
+    launch._in_pool({"a": {"device": "cpu"}, "b": {"device": "cpu"}}, 2, finished.append)
+    assert pool["method"] == "forkserver" and pool["jobs"] == 2
+    assert sorted(e["name"] for e in finished) == ["a", "b"]
+
+    def job():
+        import multiprocessing
+
+        import torch
+        multiprocessing.set_start_method("forkserver", force=True)  # what a job inherits from its pool
+        pool["init"](*pool["initargs"])
+        print(multiprocessing.get_start_method(), torch.get_num_threads())
+    run = forked.Forked(["job"], target=job, stdout=forked.PIPE, stderr=forked.PIPE)
+    out, err = run.communicate(timeout=300)
+    assert out.split() == ["fork", str(pool["initargs"][0])], err  # Linux: fork is the platform's default
+
+
 def test_sweep_command_line(tiny_data, cache, tmp_path):
     result = CliRunner().invoke(app, [
         "sweep", "--data", tiny_data["train"].pattern, "--cache", cache, "--student", "cifar_resnet8",
