@@ -2,11 +2,12 @@
 descriptors and environment) without a fresh interpreter's ~10 s of CPU importing torch, torchvision and timm.
 
 For the tests that need a process to kill, interrupt or run beside another (kill points, Ctrl-C, workers sharing
-a cache, torchrun's ranks): the command runs exactly as `python -m pld_pipeline ARGS` would, after the child drops
-what pytest installed in this process (captured streams, warning capture, log handlers, hooks). The command-line
-package is imported afresh in the child, so its consoles see the child's streams and terminal; the library stays
-imported, as it would be after the command's own imports. Tests about imports (what a command loads, a teacher's
-code being absent) start a fresh interpreter instead.
+a cache, torchrun's ranks, a Ray driver): the command runs as `python -m pld_pipeline ARGS` would, after the child
+drops what pytest installed in this process (captured streams, warning capture, log handlers, hooks). The
+command-line package is imported afresh in the child, so its consoles see the child's streams and terminal, and
+the Hugging Face client reads its environment again (it reads it at import); the library stays imported, as it
+would be after the command's own imports. Tests about imports (what a command loads, a teacher's code being
+absent) start a fresh interpreter instead.
 """
 from __future__ import annotations
 
