@@ -19,7 +19,7 @@ from pld_pipeline.shards import write_split
 from pld_pipeline.views import ViewError, ViewRecipe, decode_image, eval_params, normalize, replay_view, view_params
 
 import forked
-from conftest import NUM_CLASSES, free_port, make_images
+from conftest import NUM_CLASSES, make_images
 
 
 def config(tiny_data, out, teacher_ckpt=None, **kw):

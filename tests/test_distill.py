@@ -18,7 +18,7 @@ from pld_pipeline.student_data import rebatch
 from pld_pipeline.student_data import TrainSamples, TrainShard, choose_view
 from pld_pipeline.views import ViewRecipe, decode_image, replay_view
 
-from conftest import NUM_CLASSES, free_port
+from conftest import NUM_CLASSES
 
 
 def cfg(tiny_data, cache_url, out, **kw):
