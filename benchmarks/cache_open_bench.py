@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
+from _servers import start_s3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -170,23 +170,6 @@ def make_caches(tmp: str, counts: list[int]) -> dict[int, dict[str, str]]:
     return out
 
 
-def start_moto(tmp: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    return proc, env
-
-
 def run_child(tree: str, url: str, data: str, env: dict[str, str], ops: list[str]) -> dict:
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([tree, HERE, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", url, data, "--ops", *ops],
@@ -231,8 +214,7 @@ def main() -> None:
             urls.update({(n, "http"): f"http://127.0.0.1:{server.server_port}/{c['rel']}" for n, c in caches.items()})
         moto = None
         if "s3" in args.where:
-            moto, env = start_moto(tmp)
-            os.environ.update(env)
+            moto, env = start_s3()
             import s3fs
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
             fs.mkdir("bench")

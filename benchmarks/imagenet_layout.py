@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -33,8 +30,10 @@ import torch
 from pld_pipeline.cache import CacheMeta, Cache, SampleStatus, ShardRecord, TeacherBlock, TeacherRecord
 from pld_pipeline.cache import schema
 from pld_pipeline.cache.encode import encode_teacher_logits
+from pld_pipeline.views import ViewRecipe
 
 from _results import write_results  # benchmarks/ helper (scripts run from this folder)
+from _servers import start_s3
 from cache_bench import teacher_logits
 
 IMAGES, SHARDS, CLASSES, TEMPS = 1_281_167, 1024, 1000, (1.0, 2.0, 4.0)
@@ -45,9 +44,11 @@ def write_cache(url: str, shards: int, views: int, k: int) -> CacheMeta:
     g = torch.Generator().manual_seed(0)
     records = [ShardRecord(f"imagenet-train-{i:06d}.tar", f"/x/imagenet-train-{i:06d}.tar", rows, 0, f"{i:064x}",
                            f"q{i}") for i in range(shards)]
-    teacher = TeacherRecord("t", "synthetic", None, None, {}, k, TEMPS, "int16")
+    prep = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": [3, 224, 224]}
+    teacher = TeacherRecord("t", "synthetic", None, None, prep, k, TEMPS, "int16")
     meta = CacheMeta(num_classes=CLASSES, rows_per_shard=rows, key_bytes=24, shards=records,
-                     recipe={"name": "imagenet", "size": 224}, num_views=views, seed=0, teachers={"t": teacher})
+                     recipe=ViewRecipe(name="imagenet", size=224).to_dict(), num_views=views, seed=0,
+                     teachers={"t": teacher})
     writer = Cache.create_or_extend(url, meta, overwrite=True)
     for s in range(shards):
         labels = torch.randint(0, CLASSES, (rows,), generator=g)
@@ -78,28 +79,6 @@ def objects_by_array(url: str, shards: int) -> dict[str, list[int]]:
                 else rel.split("/c")[0] if "/c" in rel else rel
             out[group].append(os.path.getsize(os.path.join(folder, f)))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_s3() -> tuple[subprocess.Popen, dict[str, str]]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    os.environ.update(env)
-    return proc, env
 
 
 def one_chunk_per_object(src: str, dst: str, meta: CacheMeta) -> list[str]:
